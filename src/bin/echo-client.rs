@@ -1,0 +1,2 @@
+//! echo-client binary (placeholder).
+fn main() {}

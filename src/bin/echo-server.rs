@@ -1,0 +1,2 @@
+//! echo-server binary (placeholder).
+fn main() {}

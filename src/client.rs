@@ -1,0 +1,1 @@
+//! The echo client (placeholder; see the client issue).

@@ -1,0 +1,1 @@
+//! echo-chamber: a byte-exact RFC 862 echo server and client.
