@@ -1,2 +1,566 @@
-//! Benchmarks (placeholder).
-fn main() {}
+//! The performance bench (`cargo bench`): our server side by side with the
+//! two designs a Rust engineer would otherwise pick, a blocking
+//! thread-per-connection server and tokio's canonical echo server.
+//!
+//! Flow: [`servers`] starts each server under test (in-process, or as a
+//! child process where a whole process is measured), [`load`] drives it
+//! and checks every echoed byte, [`procfs`] charges CPU and memory to the
+//! server alone, and [`report`] prints ours next to the ratio to each peer.
+//! The peers themselves live in [`peers`].
+//!
+//! Cases (issue 4):
+//! 1. one connection, ping-pong of 64 B, 4 KiB, 64 KiB, 1 MiB: RTT p50, p99;
+//! 2. 1, 16, 64, 256 connections, 64 B ping-pong, 2 workers: echoes/s and
+//!    server CPU per echo;
+//! 3. 4 connections x 64 KiB messages: MB/s each way;
+//! 4. 10,000 open connections, 50 active, 4 workers, separate processes:
+//!    echoes/s and the server's peak RSS;
+//! 5. idle server, separate process: SIGINT to exit, and idle CPU.
+//!
+//! Usage: `cargo bench [-- --quick] [--cases 1,2] [--load-threads N]`.
+//! Everything runs on loopback, bounded in count and time.
+
+#[path = "echo/load.rs"]
+mod load;
+#[path = "echo/peers.rs"]
+mod peers;
+#[path = "echo/procfs.rs"]
+mod procfs;
+#[path = "echo/report.rs"]
+mod report;
+#[path = "echo/servers.rs"]
+mod servers;
+
+use std::process::ExitCode;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use load::{Load, Spec};
+use report::{Better, Report, Row};
+use servers::{InProcess, Kind, ServerProcess};
+
+/// Workers for the in-process cases (the machine has 2 cores).
+const WORKERS: usize = 2;
+/// Workers for the 10,000-connection case, as issue 4 asks.
+const MANY_WORKERS: usize = 4;
+
+/// Run-wide choices, from the command line.
+struct Options {
+    quick: bool,
+    cases: Vec<u32>,
+    load_threads: usize,
+}
+
+const USAGE: &str =
+    "usage: cargo bench --bench echo -- [--quick] [--cases 1,2,3,4,5] [--load-threads N]";
+
+impl Options {
+    fn parse(args: impl Iterator<Item = String>) -> Result<Options, String> {
+        let mut options = Options {
+            quick: false,
+            cases: vec![1, 2, 3, 4, 5],
+            load_threads: 2,
+        };
+        let mut args = args.peekable();
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                // cargo bench passes this to every bench binary.
+                "--bench" => {}
+                "--quick" => options.quick = true,
+                "--cases" => {
+                    let list = args.next().ok_or("--cases needs a list such as 1,2")?;
+                    options.cases = list
+                        .split(',')
+                        .map(|c| match c.trim().parse() {
+                            Ok(n @ 1..=5) => Ok(n),
+                            _ => Err(format!("--cases: {c:?} is not a case 1-5")),
+                        })
+                        .collect::<Result<_, _>>()?;
+                }
+                "--load-threads" => {
+                    let n = args.next().ok_or("--load-threads needs a number")?;
+                    options.load_threads = match n.parse() {
+                        Ok(n @ 1..=64) => n,
+                        _ => return Err(format!("--load-threads: {n:?} is not 1-64")),
+                    };
+                }
+                "-h" | "--help" => return Err(USAGE.to_string()),
+                other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+            }
+        }
+        Ok(options)
+    }
+
+    /// How long each load case warms up, then measures.
+    fn load_window(&self) -> (Duration, Duration) {
+        if self.quick {
+            (Duration::from_millis(200), Duration::from_millis(500))
+        } else {
+            (Duration::from_millis(500), Duration::from_secs(2))
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    if let Ok(kind) = std::env::var(servers::SERVE_ENV) {
+        serve_as_peer(&kind);
+    }
+    let options = match Options::parse(std::env::args().skip(1)) {
+        Ok(options) => options,
+        Err(message) => {
+            eprintln!("echo bench: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    println!("{}", machine_line());
+    let started = Instant::now();
+    let mut report = Report::default();
+    for case in &options.cases {
+        eprintln!("case {case} ({:.0} s in)", started.elapsed().as_secs_f64());
+        match case {
+            1 => case_round_trips(&options, &mut report),
+            2 => case_connection_scaling(&options, &mut report),
+            3 => case_throughput(&options, &mut report),
+            4 => case_many_idle(&options, &mut report),
+            5 => case_shutdown(&options, &mut report),
+            _ => unreachable!("Options::parse accepts only cases 1-5"),
+        }
+    }
+    print!("{}", report.render());
+    println!("took {:.0} s", started.elapsed().as_secs_f64());
+    if report.failed() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// The re-executed bench binary, serving as a peer in its own process.
+fn serve_as_peer(kind: &str) -> ! {
+    let workers = std::env::var(servers::WORKERS_ENV)
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(WORKERS);
+    match kind {
+        "blocking" => peers::serve(peers::PeerKind::Blocking, workers),
+        "tokio" => peers::serve(peers::PeerKind::Tokio, workers),
+        other => {
+            eprintln!(
+                "echo bench: {}={other:?} is not blocking or tokio",
+                servers::SERVE_ENV
+            );
+            std::process::exit(2);
+        }
+    }
+}
+
+/// `machine: 2 cores, Linux 6.x, <cpu model>`.
+fn machine_line() -> String {
+    let cores = thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("model name")?.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown cpu".to_string());
+    format!(
+        "machine: {cores} cores (nproc), Linux {} ({cpu})",
+        kernel.trim()
+    )
+}
+
+/// Nearest-rank percentile of sorted `times`, in microseconds.
+fn percentile_us(sorted: &[Duration], p: f64) -> f64 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1].as_secs_f64() * 1e6
+}
+
+/// Case 1: one connection, one message in flight, each round trip timed.
+fn case_round_trips(options: &Options, report: &mut Report) {
+    let sizes = [
+        (64, "64 B"),
+        (4096, "4 KiB"),
+        (65536, "64 KiB"),
+        (1 << 20, "1 MiB"),
+    ];
+    // Short rounds, servers taking turns: where the scheduler happens to put
+    // the client and server threads (same core or not) moves one-connection
+    // RTT a lot on this VM, so several placements are pooled per server.
+    let (rounds, round_time) = if options.quick {
+        (2, Duration::from_millis(150))
+    } else {
+        (6, Duration::from_millis(250))
+    };
+    for (size, label) in sizes {
+        let warmup = if size >= 1 << 20 { 10 } else { 100 };
+        let mut times: [Vec<Duration>; 3] = Default::default();
+        let mut failed = [false; 3];
+        for _ in 0..rounds {
+            for (at, kind) in Kind::ALL.into_iter().enumerate() {
+                if failed[at] {
+                    continue;
+                }
+                let outcome = InProcess::start(kind, WORKERS).and_then(|server| {
+                    let taken = load::round_trips(server.addr(), size, warmup, 200_000, round_time);
+                    server.stop()?;
+                    taken
+                });
+                match outcome {
+                    Ok(taken) => times[at].extend(taken),
+                    Err(e) => {
+                        failed[at] = true;
+                        report.failure(format!("case 1 {label} {}: {e}", kind.name()));
+                    }
+                }
+            }
+        }
+        let mut p50 = [None; 3];
+        let mut p99 = [None; 3];
+        let mut counts = Vec::new();
+        for (at, kind) in Kind::ALL.into_iter().enumerate() {
+            let times = &mut times[at];
+            if failed[at] || times.is_empty() {
+                continue;
+            }
+            times.sort();
+            p50[at] = Some(percentile_us(times, 50.0));
+            p99[at] = Some(percentile_us(times, 99.0));
+            counts.push(format!("{} {}", kind.name(), times.len()));
+        }
+        report.row(Row {
+            case: format!("1. RTT p50 {label}"),
+            unit: "us",
+            better: Better::Lower,
+            values: p50,
+        });
+        report.row(Row {
+            case: format!("1. RTT p99 {label}"),
+            unit: "us",
+            better: Better::Lower,
+            values: p99,
+        });
+        eprintln!("    round trips timed: {}", counts.join(", "));
+    }
+    report.note(format!(
+        "case 1: one connection per round, {rounds} rounds of {:.2} s per server taking turns, \
+         pooled; warm-up round trips untimed; <= 4 KiB uses a blocking client, larger sizes \
+         a nonblocking one around poll(2)",
+        round_time.as_secs_f64()
+    ));
+}
+
+/// What one load window measured.
+struct Window {
+    secs: f64,
+    echoes: u64,
+    bytes: u64,
+    server_cpu: procfs::CpuUsed,
+    load_cpu: procfs::CpuUsed,
+    /// Shares of the machine's CPU left idle and spent in softirq.
+    machine_idle: f64,
+    machine_softirq: f64,
+}
+
+/// Drives `streams` with `spec` on `load_threads` threads, warms up, then
+/// measures one window. `server_cpu` snapshots the server's threads.
+fn measure_window(
+    streams: Vec<std::net::TcpStream>,
+    spec: Spec,
+    options: &Options,
+    server_cpu: &dyn Fn() -> std::io::Result<procfs::CpuSnapshot>,
+) -> Result<Window, String> {
+    let (warmup, measure) = options.load_window();
+    let load = Load::start(streams, spec, options.load_threads)?;
+    let load_cpu = || procfs::snapshot(None, &|comm| comm.starts_with("load-"));
+    let measured = (|| {
+        thread::sleep(warmup);
+        let cpu_error = |e: std::io::Error| format!("reading CPU time: {e}");
+        let (server0, load0) = (
+            server_cpu().map_err(cpu_error)?,
+            load_cpu().map_err(cpu_error)?,
+        );
+        let machine0 = procfs::machine_cpu().map_err(cpu_error)?;
+        let totals0 = load.totals();
+        let started = Instant::now();
+        thread::sleep(measure);
+        let totals1 = load.totals();
+        let secs = started.elapsed().as_secs_f64();
+        let (server1, load1) = (
+            server_cpu().map_err(cpu_error)?,
+            load_cpu().map_err(cpu_error)?,
+        );
+        let (machine_idle, machine_softirq) = procfs::machine_cpu()
+            .map_err(cpu_error)?
+            .shares_since(&machine0);
+        Ok(Window {
+            machine_idle,
+            machine_softirq,
+            secs,
+            echoes: totals1.echoes - totals0.echoes,
+            bytes: totals1.bytes - totals0.bytes,
+            server_cpu: server1.used_since(&server0),
+            load_cpu: load1.used_since(&load0),
+        })
+    })();
+    let early_end = load.any_finished();
+    // Stopping reports the load's own failure (such as a wrong echo) first.
+    load.stop()?;
+    if early_end {
+        return Err("a load thread ended early".to_string());
+    }
+    measured
+}
+
+/// Case 2: connection scaling, 64 B ping-pong, 2 workers.
+fn case_connection_scaling(options: &Options, report: &mut Report) {
+    let spec = Spec {
+        message_len: 64,
+        window: 1,
+    };
+    let mut details = Vec::new();
+    for conns in [1, 16, 64, 256] {
+        let mut rate = [None; 3];
+        let mut cpu_per_echo = [None; 3];
+        for (at, kind) in Kind::ALL.into_iter().enumerate() {
+            let outcome = InProcess::start(kind, WORKERS).and_then(|server| {
+                let window = load::connect(server.addr(), conns).and_then(|streams| {
+                    measure_window(streams, spec, options, &|| {
+                        procfs::snapshot(None, &|comm| kind.owns_thread(comm))
+                    })
+                });
+                server.stop()?;
+                window
+            });
+            match outcome {
+                Ok(w) if w.echoes > 0 => {
+                    rate[at] = Some(w.echoes as f64 / w.secs);
+                    cpu_per_echo[at] = Some(w.server_cpu.secs() / w.echoes as f64 * 1e6);
+                    let detail = format!(
+                        "case 2 {conns} conns {}: {} echoes in {:.2} s; server CPU {:.3} s \
+                         (schedstat) / {:.2} s (utime+stime); load CPU {:.2} s = {:.0}% of {} load threads; machine {:.0}% idle, {:.0}% softirq",
+                        kind.name(),
+                        w.echoes,
+                        w.secs,
+                        w.server_cpu.run_secs.unwrap_or(f64::NAN),
+                        w.server_cpu.ticks_secs,
+                        w.load_cpu.secs(),
+                        w.load_cpu.secs() / w.secs / options.load_threads as f64 * 100.0,
+                        options.load_threads,
+                        w.machine_idle * 100.0,
+                        w.machine_softirq * 100.0,
+                    );
+                    eprintln!("    {detail}");
+                    details.push(detail);
+                }
+                Ok(_) => report.failure(format!("case 2 {conns} conns {}: no echoes", kind.name())),
+                Err(e) => report.failure(format!("case 2 {conns} conns {}: {e}", kind.name())),
+            }
+        }
+        report.row(Row {
+            case: format!("2. echoes/s, {conns} conns"),
+            unit: "/s",
+            better: Better::Higher,
+            values: rate,
+        });
+        report.row(Row {
+            case: format!("2. CPU/echo, {conns} conns"),
+            unit: "us",
+            better: Better::Lower,
+            values: cpu_per_echo,
+        });
+    }
+    let (warmup, measure) = options.load_window();
+    report.note(format!(
+        "case 2: {} load threads (mio), one 64 B message in flight per connection; \
+         {:.1} s warm-up then {:.1} s measured; server CPU = run time of the server's \
+         threads only (/proc/self/task/*/schedstat, ns; utime+stime in 10 ms ticks \
+         agrees, see details), so a window must last >= 1 s",
+        options.load_threads,
+        warmup.as_secs_f64(),
+        measure.as_secs_f64()
+    ));
+    for detail in details {
+        report.note(detail);
+    }
+}
+
+/// Case 3: 4 connections streaming 64 KiB messages.
+fn case_throughput(options: &Options, report: &mut Report) {
+    let spec = Spec {
+        message_len: 64 * 1024,
+        window: 4,
+    };
+    let mut rate = [None; 3];
+    for (at, kind) in Kind::ALL.into_iter().enumerate() {
+        let outcome = InProcess::start(kind, WORKERS).and_then(|server| {
+            let window = load::connect(server.addr(), 4).and_then(|streams| {
+                measure_window(streams, spec, options, &|| {
+                    procfs::snapshot(None, &|comm| kind.owns_thread(comm))
+                })
+            });
+            server.stop()?;
+            window
+        });
+        match outcome {
+            Ok(w) if w.bytes > 0 => {
+                rate[at] = Some(w.bytes as f64 / w.secs / 1e6);
+                eprintln!(
+                    "    case 3 {}: {} MB echoed in {:.2} s; server CPU {:.2} s, load CPU {:.2} s",
+                    kind.name(),
+                    w.bytes / 1_000_000,
+                    w.secs,
+                    w.server_cpu.secs(),
+                    w.load_cpu.secs()
+                );
+            }
+            Ok(_) => report.failure(format!("case 3 {}: nothing echoed", kind.name())),
+            Err(e) => report.failure(format!("case 3 {}: {e}", kind.name())),
+        }
+    }
+    report.row(Row {
+        case: "3. MB/s each way, 4 x 64 KiB".to_string(),
+        unit: "MB/s",
+        better: Better::Higher,
+        values: rate,
+    });
+    report.note(
+        "case 3: each of 4 connections keeps 4 messages of 64 KiB in flight; \
+         MB/s = echoed (= sent) bytes per second, 1 MB = 10^6 B"
+            .to_string(),
+    );
+}
+
+/// Case 4: 10,000 open connections, 50 active, each server its own process.
+fn case_many_idle(options: &Options, report: &mut Report) {
+    const OPEN: usize = 10_000;
+    const ACTIVE: usize = 50;
+    let spec = Spec {
+        message_len: 64,
+        window: 1,
+    };
+    let mut rate = [None; 3];
+    let mut peak = [None; 3];
+    for (at, kind) in Kind::ALL.into_iter().enumerate() {
+        let outcome = ServerProcess::spawn(kind, MANY_WORKERS).and_then(|server| {
+            let opened = Instant::now();
+            let mut idle = load::open_idle(server.addr(), OPEN, 100)?;
+            let open_secs = opened.elapsed().as_secs_f64();
+            // Spread the active ones over the whole set, so they land on
+            // every worker whatever the placement policy.
+            let active: Vec<_> = (0..ACTIVE)
+                .rev()
+                .map(|i| idle.swap_remove(i * (OPEN / ACTIVE)))
+                .collect();
+            let pid = server.pid();
+            let window = measure_window(active, spec, options, &|| {
+                procfs::snapshot(Some(pid), &|_| true)
+            })
+            .map_err(|e| format!("{e}; server stderr: {:?}", server.log()))?;
+            let hwm = procfs::status_kib(pid, "VmHWM").map_err(|e| e.to_string())?;
+            let rss = procfs::status_kib(pid, "VmRSS").map_err(|e| e.to_string())?;
+            // Afterwards every idle connection must still be served.
+            load::check_one_byte_echoes(&mut idle, 0)
+                .map_err(|e| format!("idle connections after the run: {e}"))?;
+            Ok((window, hwm, rss, open_secs))
+        });
+        match outcome {
+            Ok((w, hwm, rss, open_secs)) if w.echoes > 0 => {
+                rate[at] = Some(w.echoes as f64 / w.secs);
+                peak[at] = Some(hwm as f64 / 1024.0);
+                eprintln!(
+                    "    case 4 {}: opened {OPEN} in {open_secs:.1} s; {} echoes in {:.2} s; \
+                     VmHWM {hwm} KiB, VmRSS {rss} KiB; server CPU/echo {:.2} us",
+                    kind.name(),
+                    w.echoes,
+                    w.secs,
+                    w.server_cpu.secs() / w.echoes as f64 * 1e6
+                );
+            }
+            Ok(_) => report.failure(format!("case 4 {}: no echoes", kind.name())),
+            Err(e) => report.failure(format!("case 4 {}: {e}", kind.name())),
+        }
+    }
+    report.row(Row {
+        case: "4. echoes/s, 50 of 10k active".to_string(),
+        unit: "/s",
+        better: Better::Higher,
+        values: rate,
+    });
+    report.row(Row {
+        case: "4. peak RSS, 10k conns".to_string(),
+        unit: "MiB",
+        better: Better::Lower,
+        values: peak,
+    });
+    report.note(format!(
+        "case 4: each server a separate process with {MANY_WORKERS} workers; {OPEN} connections, \
+         each first proves itself served with a 1-byte echo, then {ACTIVE} spread over them \
+         ping-pong 64 B while the rest idle; afterwards every idle one echoes again; \
+         peak RSS = VmHWM of the server process"
+    ));
+}
+
+/// Case 5: an idle server's exit after SIGINT, and its idle CPU.
+fn case_shutdown(options: &Options, report: &mut Report) {
+    let reps = if options.quick { 5 } else { 20 };
+    let idle_for = if options.quick {
+        Duration::from_millis(300)
+    } else {
+        Duration::from_secs(1)
+    };
+    let mut p50 = [None; 3];
+    let mut max = [None; 3];
+    let mut idle_cpu = [None; 3];
+    for (at, kind) in Kind::ALL.into_iter().enumerate() {
+        let mut times = Vec::with_capacity(reps);
+        let outcome = (0..reps).try_for_each(|rep| {
+            let server = ServerProcess::spawn(kind, WORKERS)?;
+            if rep == 0 {
+                let pid = server.pid();
+                let cpu = || procfs::snapshot(Some(pid), &|_| true).map_err(|e| e.to_string());
+                // Let start-up work finish before the idle window.
+                thread::sleep(Duration::from_millis(100));
+                let before = cpu()?;
+                thread::sleep(idle_for);
+                idle_cpu[at] = Some(cpu()?.used_since(&before).secs() * 1e3);
+            } else {
+                thread::sleep(Duration::from_millis(20));
+            }
+            times.push(server.interrupt_and_time_exit(Duration::from_secs(10))?);
+            Ok::<(), String>(())
+        });
+        if let Err(e) = outcome {
+            report.failure(format!("case 5 {}: {e}", kind.name()));
+            continue;
+        }
+        times.sort();
+        p50[at] = Some(percentile_us(&times, 50.0) / 1e3);
+        max[at] = times.last().map(|t| t.as_secs_f64() * 1e3);
+    }
+    report.row(Row {
+        case: "5. SIGINT to exit p50, idle".to_string(),
+        unit: "ms",
+        better: Better::Lower,
+        values: p50,
+    });
+    report.row(Row {
+        case: "5. SIGINT to exit max, idle".to_string(),
+        unit: "ms",
+        better: Better::Lower,
+        values: max,
+    });
+    report.row(Row {
+        case: format!("5. idle CPU over {:.1} s", idle_for.as_secs_f64()),
+        unit: "ms",
+        better: Better::Lower,
+        values: idle_cpu,
+    });
+    report.note(format!(
+        "case 5: {reps} fresh processes each; time from kill(SIGINT) to waitpid's return; \
+         the peers have no drain and take SIGINT's default action (terminate), so theirs is \
+         the floor of process exit"
+    ));
+}

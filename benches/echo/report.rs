@@ -1,0 +1,127 @@
+//! The bench's output: one row per measured figure, ours next to the
+//! ratio to each peer, plus notes on how the figures were taken.
+
+use std::fmt::Write as _;
+
+use crate::servers::Kind;
+
+/// Which direction of a figure is good.
+#[derive(Clone, Copy, Debug)]
+pub enum Better {
+    Higher,
+    Lower,
+}
+
+/// One measured figure for every server.
+pub struct Row {
+    /// What was measured, e.g. `2. echoes/s, 256 conns`.
+    pub case: String,
+    /// Unit printed after each value.
+    pub unit: &'static str,
+    pub better: Better,
+    /// Indexed like [`Kind::ALL`]; `None` where that server failed.
+    pub values: [Option<f64>; 3],
+}
+
+/// Everything the run printed at the end.
+#[derive(Default)]
+pub struct Report {
+    rows: Vec<Row>,
+    notes: Vec<String>,
+    failures: Vec<String>,
+}
+
+impl Report {
+    /// Adds a row and echoes it to stderr as progress.
+    pub fn row(&mut self, row: Row) {
+        eprintln!("  {}", render_row(&row));
+        self.rows.push(row);
+    }
+
+    /// Adds a note printed under the table.
+    pub fn note(&mut self, note: String) {
+        eprintln!("  note: {note}");
+        self.notes.push(note);
+    }
+
+    /// Records a failure; the run then exits non-zero.
+    pub fn failure(&mut self, failure: String) {
+        eprintln!("  FAILED: {failure}");
+        self.failures.push(failure);
+    }
+
+    /// True if anything failed.
+    pub fn failed(&self) -> bool {
+        !self.failures.is_empty()
+    }
+
+    /// The whole table, notes and failures.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let header = format!(
+            "{:<34} | {:>12} | {:>8} | {:>11} | {:>12} | {:>12}",
+            "case", "ours", "vs tokio", "vs blocking", "tokio", "blocking"
+        );
+        let _ = writeln!(out, "{header}");
+        let _ = writeln!(out, "{}", "-".repeat(header.chars().count()));
+        for row in &self.rows {
+            let _ = writeln!(out, "{}", render_row(row));
+        }
+        let _ = writeln!(
+            out,
+            "ratios are ours / peer; (higher) or (lower) marks which way is better"
+        );
+        for note in &self.notes {
+            let _ = writeln!(out, "note: {note}");
+        }
+        for failure in &self.failures {
+            let _ = writeln!(out, "FAILED: {failure}");
+        }
+        out
+    }
+}
+
+fn render_row(row: &Row) -> String {
+    let value = |kind: Kind| {
+        let at = Kind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .expect("ALL lists every kind");
+        row.values[at]
+    };
+    let ours = value(Kind::Ours);
+    let ratio = |peer: Option<f64>| match (ours, peer) {
+        (Some(ours), Some(peer)) if peer > 0.0 => format!("{:.2}x", ours / peer),
+        _ => "-".to_string(),
+    };
+    let shown = |v: Option<f64>| v.map_or("-".to_string(), |v| format_value(v, row.unit));
+    let direction = match row.better {
+        Better::Higher => "(higher)",
+        Better::Lower => "(lower)",
+    };
+    format!(
+        "{:<34} | {:>12} | {:>8} | {:>11} | {:>12} | {:>12}",
+        format!("{} {direction}", row.case),
+        shown(ours),
+        ratio(value(Kind::Tokio)),
+        ratio(value(Kind::Blocking)),
+        shown(value(Kind::Tokio)),
+        shown(value(Kind::Blocking)),
+    )
+}
+
+/// Three significant figures or so, with k/M for large counts.
+pub fn format_value(v: f64, unit: &str) -> String {
+    let number = if v >= 1e6 {
+        format!("{:.2}M", v / 1e6)
+    } else if v >= 1e4 {
+        format!("{:.1}k", v / 1e3)
+    } else if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    };
+    format!("{number} {unit}")
+}

@@ -1,0 +1,254 @@
+//! The servers under test, started either inside the bench process (cases
+//! 1–3, CPU charged per thread) or as separate processes (cases 4–5, memory
+//! and exit measured per process).
+//!
+//! Ours runs in-process through `echo_chamber::server::Server` and out of
+//! process as the `echo-server` binary. The peers run in-process from
+//! [`crate::peers`] and out of process by re-executing this bench binary
+//! with [`SERVE_ENV`] set.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::peers::{self, BlockingPeer, TokioPeer};
+
+/// Environment variable that makes this binary serve as a peer
+/// (`blocking` or `tokio`) instead of benchmarking.
+pub const SERVE_ENV: &str = "ECHO_BENCH_SERVE";
+/// Environment variable giving that peer's worker-thread count.
+pub const WORKERS_ENV: &str = "ECHO_BENCH_WORKERS";
+
+/// Our server's binary, built by cargo for benches.
+const ECHO_SERVER: &str = env!("CARGO_BIN_EXE_echo-server");
+
+/// Which server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Ours,
+    Tokio,
+    Blocking,
+}
+
+impl Kind {
+    /// Every server, ours first.
+    pub const ALL: [Kind; 3] = [Kind::Ours, Kind::Tokio, Kind::Blocking];
+
+    /// Short name for tables and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Ours => "ours",
+            Kind::Tokio => "tokio",
+            Kind::Blocking => "blocking",
+        }
+    }
+
+    /// Whether a thread of this process named `comm` belongs to this server
+    /// when it runs in-process.
+    pub fn owns_thread(self, comm: &str) -> bool {
+        match self {
+            Kind::Ours => comm.starts_with("echo-acceptor") || comm.starts_with("echo-worker"),
+            Kind::Tokio => comm.starts_with(peers::TOKIO_THREADS),
+            Kind::Blocking => comm.starts_with(peers::BLOCKING_THREADS),
+        }
+    }
+}
+
+/// A server running on threads of this process.
+pub enum InProcess {
+    Tokio(TokioPeer),
+    Blocking(BlockingPeer),
+}
+
+impl InProcess {
+    /// Starts `kind` on 127.0.0.1 port 0 with `workers` worker threads
+    /// (the blocking peer has a thread per connection instead).
+    ///
+    /// # Errors
+    /// The server could not start.
+    pub fn start(kind: Kind, workers: usize) -> Result<InProcess, String> {
+        let started = match kind {
+            Kind::Ours => return Err("ours: server not yet available on this branch".to_string()),
+            Kind::Tokio => TokioPeer::start(workers).map(InProcess::Tokio),
+            Kind::Blocking => BlockingPeer::start().map(InProcess::Blocking),
+        };
+        started.map_err(|e| format!("{}: cannot start: {e}", kind.name()))
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            InProcess::Tokio(peer) => peer.addr(),
+            InProcess::Blocking(peer) => peer.addr(),
+        }
+    }
+
+    /// Stops it and waits for its threads.
+    ///
+    /// # Errors
+    /// Our server reported a failure while joining.
+    pub fn stop(self) -> Result<(), String> {
+        drop(self);
+        Ok(())
+    }
+}
+
+/// A server running as a child process.
+pub struct ServerProcess {
+    kind: Kind,
+    child: Option<Child>,
+    addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+}
+
+impl ServerProcess {
+    /// Starts `kind` as a child on 127.0.0.1 port 0 with `workers` workers
+    /// and waits (bounded) for its `listening on ADDR` line.
+    ///
+    /// # Errors
+    /// Spawn failure, or no `listening on` line in time.
+    pub fn spawn(kind: Kind, workers: usize) -> Result<ServerProcess, String> {
+        let mut command = match kind {
+            Kind::Ours => {
+                let mut command = Command::new(ECHO_SERVER);
+                command.args(["--bind", "127.0.0.1", "--port", "0", "-q"]);
+                command.args(["--workers", &workers.to_string()]);
+                command
+            }
+            Kind::Tokio | Kind::Blocking => {
+                let exe = std::env::current_exe()
+                    .map_err(|e| format!("cannot find the bench binary: {e}"))?;
+                let mut command = Command::new(exe);
+                command.env(SERVE_ENV, kind.name());
+                command.env(WORKERS_ENV, workers.to_string());
+                command
+            }
+        };
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command
+            .spawn()
+            .map_err(|e| format!("{}: spawn {command:?}: {e}", kind.name()))?;
+        let stderr = child.stderr.take().expect("stderr was set to piped");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        {
+            let log = Arc::clone(&log);
+            // Keeps draining stderr after the first line, so the child never
+            // blocks on a full pipe; the text is kept for error messages.
+            thread::spawn(move || {
+                let mut tx = Some(tx);
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(at) = line.find("listening on ")
+                        && let Some(tx) = tx.take()
+                    {
+                        let addr = line[at + "listening on ".len()..]
+                            .split_whitespace()
+                            .next()
+                            .unwrap_or("")
+                            .to_string();
+                        // The spawner may have given up waiting; nothing to do.
+                        let _ = tx.send(addr);
+                    }
+                    let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+        }
+        let mut process = ServerProcess {
+            kind,
+            child: Some(child),
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            log,
+        };
+        let addr = rx.recv_timeout(Duration::from_secs(10)).map_err(|_| {
+            format!(
+                "{}: no `listening on` line within 10 s; stderr: {:?}",
+                kind.name(),
+                process.log()
+            )
+        })?;
+        process.addr = addr
+            .parse()
+            .map_err(|e| format!("{}: bad address {addr:?}: {e}", kind.name()))?;
+        Ok(process)
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// What it has written to stderr so far.
+    pub fn log(&self) -> String {
+        self.log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Sends SIGINT and times until the process has exited (reaped by
+    /// `waitpid`), giving up and killing it after `limit`.
+    ///
+    /// # Errors
+    /// The signal could not be sent, or the process outlived `limit`.
+    pub fn interrupt_and_time_exit(mut self, limit: Duration) -> Result<Duration, String> {
+        let mut child = self.child.take().expect("child is present until waited");
+        let pid = child.id() as libc::pid_t;
+        let (tx, rx) = mpsc::channel();
+        let sent_at = Instant::now();
+        // SAFETY: kill has no memory preconditions; pid is our unreaped child.
+        if unsafe { libc::kill(pid, libc::SIGINT) } != 0 {
+            let err = std::io::Error::last_os_error();
+            self.child = Some(child);
+            return Err(format!("{}: SIGINT: {err}", self.kind.name()));
+        }
+        let waiter = thread::spawn(move || {
+            let status = child.wait();
+            // The timer may have given up already.
+            let _ = tx.send((sent_at.elapsed(), status));
+        });
+        match rx.recv_timeout(limit) {
+            Ok((took, Ok(_status))) => {
+                // The waiter has finished sending; joining cannot block long.
+                let _ = waiter.join();
+                Ok(took)
+            }
+            Ok((_, Err(e))) => Err(format!("{}: waitpid: {e}", self.kind.name())),
+            Err(_) => {
+                // SAFETY: as above; the waiter thread reaps it.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                // Reaped now that it is killed.
+                let _ = waiter.join();
+                Err(format!(
+                    "{}: still running {limit:?} after SIGINT; stderr: {:?}",
+                    self.kind.name(),
+                    self.log()
+                ))
+            }
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Either may fail only if the child is already gone and reaped.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
