@@ -49,10 +49,14 @@ struct Options {
     quick: bool,
     cases: Vec<u32>,
     load_threads: usize,
+    /// Instead of the cases, drive an already running server (on loopback)
+    /// with `conns` 64 B ping-pong connections: for profiling it.
+    drive: Option<std::net::SocketAddr>,
+    conns: usize,
 }
 
-const USAGE: &str =
-    "usage: cargo bench --bench echo -- [--quick] [--cases 1,2,3,4,5] [--load-threads N]";
+const USAGE: &str = "usage: cargo bench --bench echo -- [--quick] [--cases 1,2,3,4,5] \
+     [--load-threads N] [--drive 127.0.0.1:PORT [--conns N]]";
 
 impl Options {
     fn parse(args: impl Iterator<Item = String>) -> Result<Options, String> {
@@ -60,6 +64,8 @@ impl Options {
             quick: false,
             cases: vec![1, 2, 3, 4, 5],
             load_threads: 2,
+            drive: None,
+            conns: 256,
         };
         let mut args = args.peekable();
         while let Some(arg) = args.next() {
@@ -82,6 +88,23 @@ impl Options {
                     options.load_threads = match n.parse() {
                         Ok(n @ 1..=64) => n,
                         _ => return Err(format!("--load-threads: {n:?} is not 1-64")),
+                    };
+                }
+                "--drive" => {
+                    let addr = args.next().ok_or("--drive needs an address")?;
+                    let addr: std::net::SocketAddr = addr
+                        .parse()
+                        .map_err(|e| format!("--drive: {addr:?}: {e}"))?;
+                    if !addr.ip().is_loopback() {
+                        return Err(format!("--drive: {addr} is not a loopback address"));
+                    }
+                    options.drive = Some(addr);
+                }
+                "--conns" => {
+                    let n = args.next().ok_or("--conns needs a number")?;
+                    options.conns = match n.parse() {
+                        Ok(n @ 1..=10_000) => n,
+                        _ => return Err(format!("--conns: {n:?} is not 1-10000")),
                     };
                 }
                 "-h" | "--help" => return Err(USAGE.to_string()),
@@ -113,6 +136,9 @@ fn main() -> ExitCode {
         }
     };
     println!("{}", machine_line());
+    if let Some(addr) = options.drive {
+        return drive_external(addr, &options);
+    }
     let started = Instant::now();
     let mut report = Report::default();
     for case in &options.cases {
@@ -132,6 +158,37 @@ fn main() -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// Drives a server started by hand (under strace or perf, say) and prints
+/// what the load side saw.
+fn drive_external(addr: std::net::SocketAddr, options: &Options) -> ExitCode {
+    let spec = Spec {
+        message_len: 64,
+        window: 1,
+    };
+    let no_server_threads = || Ok(procfs::CpuSnapshot::default());
+    let window = load::connect(addr, options.conns)
+        .and_then(|streams| measure_window(streams, spec, options, &no_server_threads));
+    match window {
+        Ok(w) => {
+            println!(
+                "drove {addr}: {} conns, {} echoes of 64 B in {:.2} s = {:.0}/s; \
+                 load CPU {:.2} s; machine {:.0}% idle",
+                options.conns,
+                w.echoes,
+                w.secs,
+                w.echoes as f64 / w.secs,
+                w.load_cpu.secs(),
+                w.machine_idle * 100.0
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("echo bench: driving {addr}: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
