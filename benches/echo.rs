@@ -397,13 +397,14 @@ fn case_connection_scaling(options: &Options, report: &mut Report) {
                     cpu_per_echo[at] = Some(w.server_cpu.secs() / w.echoes as f64 * 1e6);
                     let detail = format!(
                         "case 2 {conns} conns {}: {} echoes in {:.2} s; server CPU {:.3} s \
-                         (schedstat) / {:.2} s (utime+stime); load CPU {:.2} s = {:.0}% of {} load threads; machine {:.0}% idle, {:.0}% softirq",
+                         (schedstat) / {:.2} s (utime+stime); load CPU {:.2} s = {:.2} us/echo, {:.0}% of {} load threads; machine {:.0}% idle, {:.0}% softirq",
                         kind.name(),
                         w.echoes,
                         w.secs,
                         w.server_cpu.run_secs.unwrap_or(f64::NAN),
                         w.server_cpu.ticks_secs,
                         w.load_cpu.secs(),
+                        w.load_cpu.secs() / w.echoes as f64 * 1e6,
                         w.load_cpu.secs() / w.secs / options.load_threads as f64 * 100.0,
                         options.load_threads,
                         w.machine_idle * 100.0,
@@ -432,9 +433,11 @@ fn case_connection_scaling(options: &Options, report: &mut Report) {
     let (warmup, measure) = options.load_window();
     report.note(format!(
         "case 2: {} load threads (mio), one 64 B message in flight per connection; \
-         {:.1} s warm-up then {:.1} s measured; server CPU = run time of the server's \
-         threads only (/proc/self/task/*/schedstat, ns; utime+stime in 10 ms ticks \
-         agrees, see details), so a window must last >= 1 s",
+         {:.1} s warm-up then {:.1} s measured (CPU figures need >= 1 s: ticks are 10 ms); \
+         server CPU = on-CPU time of the server's threads only, summed from \
+         /proc/self/task/<tid>/schedstat (ns). utime+stime from .../stat (shown in the \
+         details) undercounts threads that run in bursts shorter than a tick, such as the \
+         blocking peer's. Neither counts softirq work the kernel defers to ksoftirqd",
         options.load_threads,
         warmup.as_secs_f64(),
         measure.as_secs_f64()
