@@ -15,6 +15,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use echo_chamber::config::{LogLevel, ServerConfig};
+use echo_chamber::server::Server;
+
 use crate::peers::{self, BlockingPeer, TokioPeer};
 
 /// Environment variable that makes this binary serve as a peer
@@ -60,6 +63,7 @@ impl Kind {
 
 /// A server running on threads of this process.
 pub enum InProcess {
+    Ours(Server),
     Tokio(TokioPeer),
     Blocking(BlockingPeer),
 }
@@ -72,7 +76,11 @@ impl InProcess {
     /// The server could not start.
     pub fn start(kind: Kind, workers: usize) -> Result<InProcess, String> {
         let started = match kind {
-            Kind::Ours => return Err("ours: server not yet available on this branch".to_string()),
+            Kind::Ours => {
+                return start_ours(workers)
+                    .map(InProcess::Ours)
+                    .map_err(|e| format!("ours: cannot start: {e}"));
+            }
             Kind::Tokio => TokioPeer::start(workers).map(InProcess::Tokio),
             Kind::Blocking => BlockingPeer::start().map(InProcess::Blocking),
         };
@@ -82,6 +90,7 @@ impl InProcess {
     /// Where it listens.
     pub fn addr(&self) -> SocketAddr {
         match self {
+            InProcess::Ours(server) => server.local_addr(),
             InProcess::Tokio(peer) => peer.addr(),
             InProcess::Blocking(peer) => peer.addr(),
         }
@@ -92,9 +101,30 @@ impl InProcess {
     /// # Errors
     /// Our server reported a failure while joining.
     pub fn stop(self) -> Result<(), String> {
-        drop(self);
-        Ok(())
+        match self {
+            InProcess::Ours(server) => {
+                server.shutdown_handle().shutdown();
+                server
+                    .join()
+                    .map(|_summary| ())
+                    .map_err(|e| format!("ours: {e}"))
+            }
+            // The peers stop and join in their Drop.
+            InProcess::Tokio(_) | InProcess::Blocking(_) => Ok(()),
+        }
     }
+}
+
+/// Our server on 127.0.0.1 port 0, quiet, `workers` workers, the rest default.
+fn start_ours(workers: usize) -> Result<Server, String> {
+    let listener = echo_chamber::listener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .map_err(|e| format!("bind: {e}"))?;
+    let config = ServerConfig {
+        workers,
+        log_level: LogLevel::Quiet,
+        ..ServerConfig::default()
+    };
+    Server::start(listener, config).map_err(|e| e.to_string())
 }
 
 /// A server running as a child process.
