@@ -311,14 +311,57 @@ fn case_round_trips(options: &Options, report: &mut Report) {
 
 /// What one load window measured.
 struct Window {
+    /// Wall time over which `echoes` and `bytes` were counted.
     secs: f64,
     echoes: u64,
     bytes: u64,
+    /// Wall time between the CPU snapshots' midpoints. Reading 10,000
+    /// threads' /proc files takes a while, so this differs from `secs`.
+    cpu_secs: f64,
     server_cpu: procfs::CpuUsed,
     load_cpu: procfs::CpuUsed,
     /// Shares of the machine's CPU left idle and spent in softirq.
     machine_idle: f64,
     machine_softirq: f64,
+}
+
+impl Window {
+    /// CPU time per echo, in microseconds: CPU rate over echo rate, each
+    /// over its own interval.
+    fn per_echo_us(&self, cpu: procfs::CpuUsed) -> f64 {
+        let echo_rate = self.echoes as f64 / self.secs;
+        cpu.secs() / self.cpu_secs / echo_rate * 1e6
+    }
+
+    /// Cores' worth of CPU used, on average.
+    fn cores(&self, cpu: procfs::CpuUsed) -> f64 {
+        cpu.secs() / self.cpu_secs
+    }
+}
+
+/// CPU snapshots of the server, the load threads and the machine, stamped
+/// with the middle of the time they took to read.
+struct Snapshots {
+    at: Instant,
+    server: procfs::CpuSnapshot,
+    load: procfs::CpuSnapshot,
+    machine: procfs::MachineCpu,
+}
+
+fn take_snapshots(
+    server_cpu: &dyn Fn() -> std::io::Result<procfs::CpuSnapshot>,
+) -> Result<Snapshots, String> {
+    let cpu_error = |e: std::io::Error| format!("reading CPU time: {e}");
+    let begun = Instant::now();
+    let server = server_cpu().map_err(cpu_error)?;
+    let load = procfs::snapshot(None, &|comm| comm.starts_with("load-")).map_err(cpu_error)?;
+    let machine = procfs::machine_cpu().map_err(cpu_error)?;
+    Ok(Snapshots {
+        at: begun + begun.elapsed() / 2,
+        server,
+        load,
+        machine,
+    })
 }
 
 /// Drives `streams` with `spec` on `load_threads` threads, warms up, then
@@ -331,35 +374,25 @@ fn measure_window(
 ) -> Result<Window, String> {
     let (warmup, measure) = options.load_window();
     let load = Load::start(streams, spec, options.load_threads)?;
-    let load_cpu = || procfs::snapshot(None, &|comm| comm.starts_with("load-"));
     let measured = (|| {
         thread::sleep(warmup);
-        let cpu_error = |e: std::io::Error| format!("reading CPU time: {e}");
-        let (server0, load0) = (
-            server_cpu().map_err(cpu_error)?,
-            load_cpu().map_err(cpu_error)?,
-        );
-        let machine0 = procfs::machine_cpu().map_err(cpu_error)?;
+        let before = take_snapshots(server_cpu)?;
         let totals0 = load.totals();
         let started = Instant::now();
         thread::sleep(measure);
         let totals1 = load.totals();
         let secs = started.elapsed().as_secs_f64();
-        let (server1, load1) = (
-            server_cpu().map_err(cpu_error)?,
-            load_cpu().map_err(cpu_error)?,
-        );
-        let (machine_idle, machine_softirq) = procfs::machine_cpu()
-            .map_err(cpu_error)?
-            .shares_since(&machine0);
+        let after = take_snapshots(server_cpu)?;
+        let (machine_idle, machine_softirq) = after.machine.shares_since(&before.machine);
         Ok(Window {
-            machine_idle,
-            machine_softirq,
             secs,
             echoes: totals1.echoes - totals0.echoes,
             bytes: totals1.bytes - totals0.bytes,
-            server_cpu: server1.used_since(&server0),
-            load_cpu: load1.used_since(&load0),
+            cpu_secs: (after.at - before.at).as_secs_f64(),
+            server_cpu: after.server.used_since(&before.server),
+            load_cpu: after.load.used_since(&before.load),
+            machine_idle,
+            machine_softirq,
         })
     })();
     let early_end = load.any_finished();
@@ -394,7 +427,7 @@ fn case_connection_scaling(options: &Options, report: &mut Report) {
             match outcome {
                 Ok(w) if w.echoes > 0 => {
                     rate[at] = Some(w.echoes as f64 / w.secs);
-                    cpu_per_echo[at] = Some(w.server_cpu.secs() / w.echoes as f64 * 1e6);
+                    cpu_per_echo[at] = Some(w.per_echo_us(w.server_cpu));
                     let detail = format!(
                         "case 2 {conns} conns {}: {} echoes in {:.2} s; server CPU {:.3} s \
                          (schedstat) / {:.2} s (utime+stime); load CPU {:.2} s = {:.2} us/echo, {:.0}% of {} load threads; machine {:.0}% idle, {:.0}% softirq",
@@ -404,8 +437,8 @@ fn case_connection_scaling(options: &Options, report: &mut Report) {
                         w.server_cpu.run_secs.unwrap_or(f64::NAN),
                         w.server_cpu.ticks_secs,
                         w.load_cpu.secs(),
-                        w.load_cpu.secs() / w.echoes as f64 * 1e6,
-                        w.load_cpu.secs() / w.secs / options.load_threads as f64 * 100.0,
+                        w.per_echo_us(w.load_cpu),
+                        w.cores(w.load_cpu) / options.load_threads as f64 * 100.0,
                         options.load_threads,
                         w.machine_idle * 100.0,
                         w.machine_softirq * 100.0,
@@ -515,10 +548,8 @@ fn case_many_idle(options: &Options, report: &mut Report) {
                 .map(|i| idle.swap_remove(i * (OPEN / ACTIVE)))
                 .collect();
             let pid = server.pid();
-            let window = measure_window(active, spec, options, &|| {
-                procfs::snapshot(Some(pid), &|_| true)
-            })
-            .map_err(|e| format!("{e}; server stderr: {:?}", server.log()))?;
+            let window = measure_window(active, spec, options, &|| procfs::process_cpu(pid))
+                .map_err(|e| format!("{e}; server stderr: {:?}", server.log()))?;
             let hwm = procfs::status_kib(pid, "VmHWM").map_err(|e| e.to_string())?;
             let rss = procfs::status_kib(pid, "VmRSS").map_err(|e| e.to_string())?;
             // Afterwards every idle connection must still be served.
@@ -532,11 +563,14 @@ fn case_many_idle(options: &Options, report: &mut Report) {
                 peak[at] = Some(hwm as f64 / 1024.0);
                 eprintln!(
                     "    case 4 {}: opened {OPEN} in {open_secs:.1} s; {} echoes in {:.2} s; \
-                     VmHWM {hwm} KiB, VmRSS {rss} KiB; server CPU/echo {:.2} us",
+                     VmHWM {hwm} KiB, VmRSS {rss} KiB; server CPU/echo {:.2} us, load CPU/echo {:.2} us; \
+                     machine {:.0}% idle",
                     kind.name(),
                     w.echoes,
                     w.secs,
-                    w.server_cpu.secs() / w.echoes as f64 * 1e6
+                    w.per_echo_us(w.server_cpu),
+                    w.per_echo_us(w.load_cpu),
+                    w.machine_idle * 100.0
                 );
             }
             Ok(_) => report.failure(format!("case 4 {}: no echoes", kind.name())),
