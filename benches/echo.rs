@@ -53,10 +53,12 @@ struct Options {
     /// with `conns` 64 B ping-pong connections: for profiling it.
     drive: Option<std::net::SocketAddr>,
     conns: usize,
+    /// Case 4 makes every Nth connection active.
+    active_stride: usize,
 }
 
 const USAGE: &str = "usage: cargo bench --bench echo -- [--quick] [--cases 1,2,3,4,5] \
-     [--load-threads N] [--drive 127.0.0.1:PORT [--conns N]]";
+     [--load-threads N] [--active-stride N] [--drive 127.0.0.1:PORT [--conns N]]";
 
 impl Options {
     fn parse(args: impl Iterator<Item = String>) -> Result<Options, String> {
@@ -66,6 +68,7 @@ impl Options {
             load_threads: 2,
             drive: None,
             conns: 256,
+            active_stride: 199,
         };
         let mut args = args.peekable();
         while let Some(arg) = args.next() {
@@ -107,6 +110,13 @@ impl Options {
                         _ => return Err(format!("--conns: {n:?} is not 1-10000")),
                     };
                 }
+                "--active-stride" => {
+                    let n = args.next().ok_or("--active-stride needs a number")?;
+                    options.active_stride = match n.parse() {
+                        Ok(n @ 1..=200) => n,
+                        _ => return Err(format!("--active-stride: {n:?} is not 1-200")),
+                    };
+                }
                 "-h" | "--help" => return Err(USAGE.to_string()),
                 other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
             }
@@ -114,13 +124,18 @@ impl Options {
         Ok(options)
     }
 
-    /// How long each load case warms up, then measures.
+    /// How long each load window warms up, then measures.
     fn load_window(&self) -> (Duration, Duration) {
         if self.quick {
             (Duration::from_millis(200), Duration::from_millis(500))
         } else {
-            (Duration::from_millis(500), Duration::from_secs(2))
+            (Duration::from_millis(300), Duration::from_millis(1200))
         }
+    }
+
+    /// Windows per server in cases 2 and 3, taken in turns.
+    fn rounds(&self) -> usize {
+        if self.quick { 1 } else { 3 }
     }
 }
 
@@ -143,6 +158,7 @@ fn main() -> ExitCode {
     let mut report = Report::default();
     for case in &options.cases {
         eprintln!("case {case} ({:.0} s in)", started.elapsed().as_secs_f64());
+        let before = outside_load_mark();
         match case {
             1 => case_round_trips(&options, &mut report),
             2 => case_connection_scaling(&options, &mut report),
@@ -150,6 +166,13 @@ fn main() -> ExitCode {
             4 => case_many_idle(&options, &mut report),
             5 => case_shutdown(&options, &mut report),
             _ => unreachable!("Options::parse accepts only cases 1-5"),
+        }
+        if let (Some(before), Some(after)) = (before, outside_load_mark()) {
+            note_foreign(
+                &mut report,
+                &format!("case {case} overall"),
+                after.cores_since(&before),
+            );
         }
     }
     print!("{}", report.render());
@@ -169,19 +192,28 @@ fn drive_external(addr: std::net::SocketAddr, options: &Options) -> ExitCode {
         window: 1,
     };
     let no_server_threads = || Ok(procfs::CpuSnapshot::default());
-    let window = load::connect(addr, options.conns)
-        .and_then(|streams| measure_window(streams, spec, options, &no_server_threads));
+    let window = load::connect(addr, options.conns).and_then(|streams| {
+        measure_window(
+            streams,
+            spec,
+            options,
+            Placement::OwnProcess,
+            &no_server_threads,
+        )
+    });
     match window {
         Ok(w) => {
             println!(
                 "drove {addr}: {} conns, {} echoes of 64 B in {:.2} s = {:.0}/s; \
-                 load CPU {:.2} s; machine {:.0}% idle",
+                 load CPU {:.2} s; machine {:.0}% idle; other processes (the server \
+                 included) {:.2} cores",
                 options.conns,
                 w.echoes,
                 w.secs,
                 w.echoes as f64 / w.secs,
                 w.load_cpu.secs(),
-                w.machine_idle * 100.0
+                w.machine_idle * 100.0,
+                w.foreign_cores
             );
             ExitCode::SUCCESS
         }
@@ -189,6 +221,33 @@ fn drive_external(addr: std::net::SocketAddr, options: &Options) -> ExitCode {
             eprintln!("echo bench: driving {addr}: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A point from which to measure how much CPU other processes used.
+struct OutsideLoadMark {
+    at: Instant,
+    machine: procfs::MachineCpu,
+    ours_secs: f64,
+}
+
+/// None if /proc cannot be read; the check is then skipped.
+fn outside_load_mark() -> Option<OutsideLoadMark> {
+    Some(OutsideLoadMark {
+        at: Instant::now(),
+        machine: procfs::machine_cpu().ok()?,
+        ours_secs: procfs::self_and_children_secs().ok()?,
+    })
+}
+
+impl OutsideLoadMark {
+    /// Average cores used since `earlier` by anything but this process and
+    /// its reaped children (the server processes).
+    fn cores_since(&self, earlier: &OutsideLoadMark) -> f64 {
+        let busy = self.machine.busy_secs_since(&earlier.machine);
+        let ours = self.ours_secs - earlier.ours_secs;
+        let secs = (self.at - earlier.at).as_secs_f64().max(1e-3);
+        (busy - ours).max(0.0) / secs
     }
 }
 
@@ -323,6 +382,10 @@ struct Window {
     /// Shares of the machine's CPU left idle and spent in softirq.
     machine_idle: f64,
     machine_softirq: f64,
+    /// Cores' worth of CPU that neither this process nor the server used:
+    /// other processes, or kernel threads such as ksoftirqd. Above about
+    /// 0.1 the figures were disturbed.
+    foreign_cores: f64,
 }
 
 impl Window {
@@ -343,6 +406,8 @@ impl Window {
 /// with the middle of the time they took to read.
 struct Snapshots {
     at: Instant,
+    /// This whole process (load threads, and the server if in-process).
+    bench: procfs::CpuSnapshot,
     server: procfs::CpuSnapshot,
     load: procfs::CpuSnapshot,
     machine: procfs::MachineCpu,
@@ -356,12 +421,21 @@ fn take_snapshots(
     let server = server_cpu().map_err(cpu_error)?;
     let load = procfs::snapshot(None, &|comm| comm.starts_with("load-")).map_err(cpu_error)?;
     let machine = procfs::machine_cpu().map_err(cpu_error)?;
+    let bench = procfs::process_cpu(std::process::id()).map_err(cpu_error)?;
     Ok(Snapshots {
         at: begun + begun.elapsed() / 2,
+        bench,
         server,
         load,
         machine,
     })
+}
+
+/// Where the server under test runs, for telling its CPU from others'.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    InProcess,
+    OwnProcess,
 }
 
 /// Drives `streams` with `spec` on `load_threads` threads, warms up, then
@@ -370,6 +444,7 @@ fn measure_window(
     streams: Vec<std::net::TcpStream>,
     spec: Spec,
     options: &Options,
+    placement: Placement,
     server_cpu: &dyn Fn() -> std::io::Result<procfs::CpuSnapshot>,
 ) -> Result<Window, String> {
     let (warmup, measure) = options.load_window();
@@ -384,12 +459,21 @@ fn measure_window(
         let secs = started.elapsed().as_secs_f64();
         let after = take_snapshots(server_cpu)?;
         let (machine_idle, machine_softirq) = after.machine.shares_since(&before.machine);
+        let cpu_secs = (after.at - before.at).as_secs_f64();
+        let server_used = after.server.used_since(&before.server);
+        let mut ours_secs = after.bench.used_since(&before.bench).secs();
+        if placement == Placement::OwnProcess {
+            ours_secs += server_used.secs();
+        }
+        let foreign_cores =
+            (after.machine.busy_secs_since(&before.machine) - ours_secs).max(0.0) / cpu_secs;
         Ok(Window {
+            foreign_cores,
             secs,
             echoes: totals1.echoes - totals0.echoes,
             bytes: totals1.bytes - totals0.bytes,
-            cpu_secs: (after.at - before.at).as_secs_f64(),
-            server_cpu: after.server.used_since(&before.server),
+            cpu_secs,
+            server_cpu: server_used,
             load_cpu: after.load.used_since(&before.load),
             machine_idle,
             machine_softirq,
@@ -404,20 +488,26 @@ fn measure_window(
     measured
 }
 
-/// Case 2: connection scaling, 64 B ping-pong, 2 workers.
-fn case_connection_scaling(options: &Options, report: &mut Report) {
-    let spec = Spec {
-        message_len: 64,
-        window: 1,
-    };
-    let mut details = Vec::new();
-    for conns in [1, 16, 64, 256] {
-        let mut rate = [None; 3];
-        let mut cpu_per_echo = [None; 3];
+/// Runs `rounds` windows per server against fresh in-process servers, the
+/// servers taking turns so that a burst of outside load does not land on
+/// one server's figures only. A server that fails is reported and skipped.
+fn in_process_rounds(
+    options: &Options,
+    conns: usize,
+    spec: Spec,
+    label: &str,
+    report: &mut Report,
+) -> [Vec<Window>; 3] {
+    let mut windows: [Vec<Window>; 3] = Default::default();
+    let mut failed = [false; 3];
+    for _ in 0..options.rounds() {
         for (at, kind) in Kind::ALL.into_iter().enumerate() {
+            if failed[at] {
+                continue;
+            }
             let outcome = InProcess::start(kind, WORKERS).and_then(|server| {
                 let window = load::connect(server.addr(), conns).and_then(|streams| {
-                    measure_window(streams, spec, options, &|| {
+                    measure_window(streams, spec, options, Placement::InProcess, &|| {
                         procfs::snapshot(None, &|comm| kind.owns_thread(comm))
                     })
                 });
@@ -425,29 +515,87 @@ fn case_connection_scaling(options: &Options, report: &mut Report) {
                 window
             });
             match outcome {
-                Ok(w) if w.echoes > 0 => {
-                    rate[at] = Some(w.echoes as f64 / w.secs);
-                    cpu_per_echo[at] = Some(w.per_echo_us(w.server_cpu));
-                    let detail = format!(
-                        "case 2 {conns} conns {}: {} echoes in {:.2} s; server CPU {:.3} s \
-                         (schedstat) / {:.2} s (utime+stime); load CPU {:.2} s = {:.2} us/echo, {:.0}% of {} load threads; machine {:.0}% idle, {:.0}% softirq",
-                        kind.name(),
-                        w.echoes,
-                        w.secs,
-                        w.server_cpu.run_secs.unwrap_or(f64::NAN),
-                        w.server_cpu.ticks_secs,
-                        w.load_cpu.secs(),
-                        w.per_echo_us(w.load_cpu),
-                        w.cores(w.load_cpu) / options.load_threads as f64 * 100.0,
-                        options.load_threads,
-                        w.machine_idle * 100.0,
-                        w.machine_softirq * 100.0,
-                    );
-                    eprintln!("    {detail}");
-                    details.push(detail);
+                Ok(w) if w.echoes > 0 => windows[at].push(w),
+                Ok(_) => {
+                    failed[at] = true;
+                    report.failure(format!("{label} {}: no echoes", kind.name()));
                 }
-                Ok(_) => report.failure(format!("case 2 {conns} conns {}: no echoes", kind.name())),
-                Err(e) => report.failure(format!("case 2 {conns} conns {}: {e}", kind.name())),
+                Err(e) => {
+                    failed[at] = true;
+                    report.failure(format!("{label} {}: {e}", kind.name()));
+                }
+            }
+        }
+    }
+    for at in 0..3 {
+        if failed[at] {
+            windows[at].clear();
+        }
+    }
+    windows
+}
+
+/// The median of `values` (the upper one of an even count); None if empty.
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied()
+}
+
+/// The highest share of a core that other processes took in any window.
+fn most_foreign(windows: &[Vec<Window>; 3]) -> f64 {
+    windows
+        .iter()
+        .flatten()
+        .map(|w| w.foreign_cores)
+        .fold(0.0, f64::max)
+}
+
+/// Case 2: connection scaling, 64 B ping-pong, 2 workers.
+fn case_connection_scaling(options: &Options, report: &mut Report) {
+    let spec = Spec {
+        message_len: 64,
+        window: 1,
+    };
+    let mut details = Vec::new();
+    let mut foreign: f64 = 0.0;
+    for conns in [1, 16, 64, 256] {
+        let label = format!("case 2 {conns} conns");
+        let windows = in_process_rounds(options, conns, spec, &label, report);
+        foreign = foreign.max(most_foreign(&windows));
+        let mut rate = [None; 3];
+        let mut cpu_per_echo = [None; 3];
+        for (at, kind) in Kind::ALL.into_iter().enumerate() {
+            rate[at] = median(
+                windows[at]
+                    .iter()
+                    .map(|w| w.echoes as f64 / w.secs)
+                    .collect(),
+            );
+            cpu_per_echo[at] = median(
+                windows[at]
+                    .iter()
+                    .map(|w| w.per_echo_us(w.server_cpu))
+                    .collect(),
+            );
+            for w in &windows[at] {
+                let detail = format!(
+                    "{label} {}: {} echoes in {:.2} s; server CPU {:.3} s (schedstat) / {:.2} s \
+                     (utime+stime); load CPU {:.2} us/echo, {:.0}% of {} load threads; \
+                     machine {:.0}% idle, {:.0}% softirq; other processes {:.2} cores",
+                    kind.name(),
+                    w.echoes,
+                    w.secs,
+                    w.server_cpu.run_secs.unwrap_or(f64::NAN),
+                    w.server_cpu.ticks_secs,
+                    w.per_echo_us(w.load_cpu),
+                    w.cores(w.load_cpu) / options.load_threads as f64 * 100.0,
+                    options.load_threads,
+                    w.machine_idle * 100.0,
+                    w.machine_softirq * 100.0,
+                    w.foreign_cores,
+                );
+                eprintln!("    {detail}");
+                details.push(detail);
             }
         }
         report.row(Row {
@@ -465,18 +613,31 @@ fn case_connection_scaling(options: &Options, report: &mut Report) {
     }
     let (warmup, measure) = options.load_window();
     report.note(format!(
-        "case 2: {} load threads (mio), one 64 B message in flight per connection; \
-         {:.1} s warm-up then {:.1} s measured (CPU figures need >= 1 s: ticks are 10 ms); \
-         server CPU = on-CPU time of the server's threads only, summed from \
-         /proc/self/task/<tid>/schedstat (ns). utime+stime from .../stat (shown in the \
-         details) undercounts threads that run in bursts shorter than a tick, such as the \
-         blocking peer's. Neither counts softirq work the kernel defers to ksoftirqd",
+        "case 2: {} load threads (mio), one 64 B message in flight per connection; medians \
+         of {} rounds per server, servers taking turns, each {:.1} s warm-up then {:.1} s \
+         measured (CPU needs >= 1 s windows: ticks are 10 ms); server CPU = on-CPU time of \
+         the server's threads only, summed from /proc/self/task/<tid>/schedstat (ns). \
+         utime+stime from .../stat (in the details) undercounts threads that run in bursts \
+         shorter than a tick, such as the blocking peer's. Neither counts softirq work the \
+         kernel defers to ksoftirqd",
         options.load_threads,
+        options.rounds(),
         warmup.as_secs_f64(),
         measure.as_secs_f64()
     ));
+    note_foreign(report, "case 2", foreign);
     for detail in details {
         report.note(detail);
+    }
+}
+
+/// Warns when other processes took enough CPU to disturb a case.
+fn note_foreign(report: &mut Report, case: &str, cores: f64) {
+    if cores > 0.1 {
+        report.note(format!(
+            "{case}: DISTURBED: other processes used up to {cores:.2} cores during a window; \
+             rerun on a quiet machine"
+        ));
     }
 }
 
@@ -486,33 +647,29 @@ fn case_throughput(options: &Options, report: &mut Report) {
         message_len: 64 * 1024,
         window: 4,
     };
+    let windows = in_process_rounds(options, 4, spec, "case 3", report);
     let mut rate = [None; 3];
     for (at, kind) in Kind::ALL.into_iter().enumerate() {
-        let outcome = InProcess::start(kind, WORKERS).and_then(|server| {
-            let window = load::connect(server.addr(), 4).and_then(|streams| {
-                measure_window(streams, spec, options, &|| {
-                    procfs::snapshot(None, &|comm| kind.owns_thread(comm))
-                })
-            });
-            server.stop()?;
-            window
-        });
-        match outcome {
-            Ok(w) if w.bytes > 0 => {
-                rate[at] = Some(w.bytes as f64 / w.secs / 1e6);
-                eprintln!(
-                    "    case 3 {}: {} MB echoed in {:.2} s; server CPU {:.2} s, load CPU {:.2} s",
-                    kind.name(),
-                    w.bytes / 1_000_000,
-                    w.secs,
-                    w.server_cpu.secs(),
-                    w.load_cpu.secs()
-                );
-            }
-            Ok(_) => report.failure(format!("case 3 {}: nothing echoed", kind.name())),
-            Err(e) => report.failure(format!("case 3 {}: {e}", kind.name())),
+        rate[at] = median(
+            windows[at]
+                .iter()
+                .map(|w| w.bytes as f64 / w.secs / 1e6)
+                .collect(),
+        );
+        for w in &windows[at] {
+            eprintln!(
+                "    case 3 {}: {} MB echoed in {:.2} s; server CPU {:.2} s, load CPU {:.2} s; \
+                 other processes {:.2} cores",
+                kind.name(),
+                w.bytes / 1_000_000,
+                w.secs,
+                w.server_cpu.secs(),
+                w.load_cpu.secs(),
+                w.foreign_cores
+            );
         }
     }
+    note_foreign(report, "case 3", most_foreign(&windows));
     report.row(Row {
         case: "3. MB/s each way, 4 x 64 KiB".to_string(),
         unit: "MB/s",
@@ -530,6 +687,7 @@ fn case_throughput(options: &Options, report: &mut Report) {
 fn case_many_idle(options: &Options, report: &mut Report) {
     const OPEN: usize = 10_000;
     const ACTIVE: usize = 50;
+    let active_stride = options.active_stride;
     let spec = Spec {
         message_len: 64,
         window: 1,
@@ -541,15 +699,19 @@ fn case_many_idle(options: &Options, report: &mut Report) {
             let opened = Instant::now();
             let mut idle = load::open_idle(server.addr(), OPEN, 100)?;
             let open_secs = opened.elapsed().as_secs_f64();
-            // Spread the active ones over the whole set, so they land on
-            // every worker whatever the placement policy.
+            // Every 199th connection by default: spread over the whole set, and a
+            // prime stride so the active ones do not all share one residue
+            // modulo the worker count. (With a stride of 200, a server that
+            // places connections in turn puts all 50 on one worker.)
             let active: Vec<_> = (0..ACTIVE)
                 .rev()
-                .map(|i| idle.swap_remove(i * (OPEN / ACTIVE)))
+                .map(|i| idle.swap_remove(i * active_stride))
                 .collect();
             let pid = server.pid();
-            let window = measure_window(active, spec, options, &|| procfs::process_cpu(pid))
-                .map_err(|e| format!("{e}; server stderr: {:?}", server.log()))?;
+            let window = measure_window(active, spec, options, Placement::OwnProcess, &|| {
+                procfs::process_cpu(pid)
+            })
+            .map_err(|e| format!("{e}; server stderr: {:?}", server.log()))?;
             let hwm = procfs::status_kib(pid, "VmHWM").map_err(|e| e.to_string())?;
             let rss = procfs::status_kib(pid, "VmRSS").map_err(|e| e.to_string())?;
             // Afterwards every idle connection must still be served.
@@ -564,13 +726,14 @@ fn case_many_idle(options: &Options, report: &mut Report) {
                 eprintln!(
                     "    case 4 {}: opened {OPEN} in {open_secs:.1} s; {} echoes in {:.2} s; \
                      VmHWM {hwm} KiB, VmRSS {rss} KiB; server CPU/echo {:.2} us, load CPU/echo {:.2} us; \
-                     machine {:.0}% idle",
+                     machine {:.0}% idle; other processes {:.2} cores",
                     kind.name(),
                     w.echoes,
                     w.secs,
                     w.per_echo_us(w.server_cpu),
                     w.per_echo_us(w.load_cpu),
-                    w.machine_idle * 100.0
+                    w.machine_idle * 100.0,
+                    w.foreign_cores
                 );
             }
             Ok(_) => report.failure(format!("case 4 {}: no echoes", kind.name())),
@@ -591,8 +754,8 @@ fn case_many_idle(options: &Options, report: &mut Report) {
     });
     report.note(format!(
         "case 4: each server a separate process with {MANY_WORKERS} workers; {OPEN} connections, \
-         each first proves itself served with a 1-byte echo, then {ACTIVE} spread over them \
-         ping-pong 64 B while the rest idle; afterwards every idle one echoes again; \
+         each first proves itself served with a 1-byte echo, then {ACTIVE} of them (every \
+         {active_stride}th) ping-pong 64 B while the rest idle; afterwards every idle one echoes again; \
          peak RSS = VmHWM of the server process"
     ));
 }

@@ -176,6 +176,13 @@ impl MachineCpu {
             (self.softirq - earlier.softirq) as f64 / total,
         )
     }
+
+    /// Seconds of CPU the whole machine spent busy (not idle) since `earlier`.
+    pub fn busy_secs_since(&self, earlier: &MachineCpu) -> f64 {
+        let total = self.total - earlier.total;
+        let idle = self.idle - earlier.idle;
+        total.saturating_sub(idle) as f64 / ticks_per_sec()
+    }
 }
 
 /// The whole of process `pid`'s CPU time so far, from `/proc/<pid>/stat`:
@@ -197,4 +204,24 @@ pub fn process_cpu(pid: u32) -> io::Result<CpuSnapshot> {
         },
     );
     Ok(snapshot)
+}
+
+/// CPU seconds used so far by this process and its reaped children
+/// (`utime + stime + cutime + cstime` of `/proc/self/stat`).
+///
+/// # Errors
+/// The file cannot be read or parsed.
+pub fn self_and_children_secs() -> io::Result<f64> {
+    let stat = fs::read_to_string("/proc/self/stat")?;
+    let bad = || io::Error::other("bad /proc/self/stat");
+    let close = stat.rfind(')').ok_or_else(bad)?;
+    let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+    let mut ticks = 0u64;
+    for field in 14..=17 {
+        ticks += fields
+            .get(field - 3)
+            .and_then(|f| f.parse::<u64>().ok())
+            .ok_or_else(bad)?;
+    }
+    Ok(ticks as f64 / ticks_per_sec())
 }
