@@ -541,6 +541,18 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
     values.get(values.len() / 2).copied()
 }
 
+/// Other processes may use this many cores in a window before its
+/// figures count as disturbed.
+const FOREIGN_LIMIT: f64 = 0.1;
+
+/// The windows other processes left alone, or all of them if none were.
+fn clean(windows: &[Window]) -> impl Iterator<Item = &Window> {
+    let any_clean = windows.iter().any(|w| w.foreign_cores <= FOREIGN_LIMIT);
+    windows
+        .iter()
+        .filter(move |w| !any_clean || w.foreign_cores <= FOREIGN_LIMIT)
+}
+
 /// The highest share of a core that other processes took in any window.
 fn most_foreign(windows: &[Vec<Window>; 3]) -> f64 {
     windows
@@ -566,14 +578,12 @@ fn case_connection_scaling(options: &Options, report: &mut Report) {
         let mut cpu_per_echo = [None; 3];
         for (at, kind) in Kind::ALL.into_iter().enumerate() {
             rate[at] = median(
-                windows[at]
-                    .iter()
+                clean(&windows[at])
                     .map(|w| w.echoes as f64 / w.secs)
                     .collect(),
             );
             cpu_per_echo[at] = median(
-                windows[at]
-                    .iter()
+                clean(&windows[at])
                     .map(|w| w.per_echo_us(w.server_cpu))
                     .collect(),
             );
@@ -614,7 +624,8 @@ fn case_connection_scaling(options: &Options, report: &mut Report) {
     let (warmup, measure) = options.load_window();
     report.note(format!(
         "case 2: {} load threads (mio), one 64 B message in flight per connection; medians \
-         of {} rounds per server, servers taking turns, each {:.1} s warm-up then {:.1} s \
+         of {} rounds per server (leaving out rounds where other processes used > {FOREIGN_LIMIT} \
+         core, if any round was clean), servers taking turns, each {:.1} s warm-up then {:.1} s \
          measured (CPU needs >= 1 s windows: ticks are 10 ms); server CPU = on-CPU time of \
          the server's threads only, summed from /proc/self/task/<tid>/schedstat (ns). \
          utime+stime from .../stat (in the details) undercounts threads that run in bursts \
@@ -633,7 +644,7 @@ fn case_connection_scaling(options: &Options, report: &mut Report) {
 
 /// Warns when other processes took enough CPU to disturb a case.
 fn note_foreign(report: &mut Report, case: &str, cores: f64) {
-    if cores > 0.1 {
+    if cores > FOREIGN_LIMIT {
         report.note(format!(
             "{case}: DISTURBED: other processes used up to {cores:.2} cores during a window; \
              rerun on a quiet machine"
@@ -651,8 +662,7 @@ fn case_throughput(options: &Options, report: &mut Report) {
     let mut rate = [None; 3];
     for (at, kind) in Kind::ALL.into_iter().enumerate() {
         rate[at] = median(
-            windows[at]
-                .iter()
+            clean(&windows[at])
                 .map(|w| w.bytes as f64 / w.secs / 1e6)
                 .collect(),
         );
@@ -676,11 +686,12 @@ fn case_throughput(options: &Options, report: &mut Report) {
         better: Better::Higher,
         values: rate,
     });
-    report.note(
+    report.note(format!(
         "case 3: each of 4 connections keeps 4 messages of 64 KiB in flight; \
-         MB/s = echoed (= sent) bytes per second, 1 MB = 10^6 B"
-            .to_string(),
-    );
+         MB/s = echoed (= sent) bytes per second, 1 MB = 10^6 B; median of {} rounds \
+         as in case 2",
+        options.rounds()
+    ));
 }
 
 /// Case 4: 10,000 open connections, 50 active, each server its own process.
