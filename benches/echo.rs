@@ -17,7 +17,10 @@
 //!    echoes/s and the server's peak RSS;
 //! 5. idle server, separate process: SIGINT to exit, and idle CPU.
 //!
-//! Usage: `cargo bench [-- --quick] [--cases 1,2] [--load-threads N]`.
+//! Usage: `cargo bench --bench echo -- [--quick] [--cases 1,2] [--load-threads N]
+//! [--active-stride N] [--drive 127.0.0.1:PORT [--conns N]]` (plain `cargo bench`
+//! runs everything; `--quick` needs `--bench echo`, as the library's test
+//! harness rejects unknown flags).
 //! Everything runs on loopback, bounded in count and time.
 
 #[path = "echo/load.rs"]
@@ -545,12 +548,27 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
 /// figures count as disturbed.
 const FOREIGN_LIMIT: f64 = 0.1;
 
-/// The windows other processes left alone, or all of them if none were.
-fn clean(windows: &[Window]) -> impl Iterator<Item = &Window> {
-    let any_clean = windows.iter().any(|w| w.foreign_cores <= FOREIGN_LIMIT);
+/// For each server, the windows of the rounds other processes left alone
+/// (a round: one window per server, taken back to back), or all windows if
+/// no round was clean. Whole rounds are kept or dropped, so the servers are
+/// always compared over like conditions.
+fn clean(windows: &[Vec<Window>; 3]) -> [Vec<&Window>; 3] {
+    let rounds = windows.iter().map(Vec::len).max().unwrap_or(0);
+    let round_is_clean = |r: usize| {
+        windows
+            .iter()
+            .filter_map(|ws| ws.get(r))
+            .all(|w| w.foreign_cores <= FOREIGN_LIMIT)
+    };
+    let clean_rounds: Vec<usize> = (0..rounds).filter(|&r| round_is_clean(r)).collect();
+    let keep: Vec<usize> = if clean_rounds.is_empty() {
+        (0..rounds).collect()
+    } else {
+        clean_rounds
+    };
     windows
-        .iter()
-        .filter(move |w| !any_clean || w.foreign_cores <= FOREIGN_LIMIT)
+        .each_ref()
+        .map(|ws| keep.iter().filter_map(|&r| ws.get(r)).collect())
 }
 
 /// The highest share of a core that other processes took in any window.
@@ -574,16 +592,14 @@ fn case_connection_scaling(options: &Options, report: &mut Report) {
         let label = format!("case 2 {conns} conns");
         let windows = in_process_rounds(options, conns, spec, &label, report);
         foreign = foreign.max(most_foreign(&windows));
+        let kept = clean(&windows);
         let mut rate = [None; 3];
         let mut cpu_per_echo = [None; 3];
         for (at, kind) in Kind::ALL.into_iter().enumerate() {
-            rate[at] = median(
-                clean(&windows[at])
-                    .map(|w| w.echoes as f64 / w.secs)
-                    .collect(),
-            );
+            rate[at] = median(kept[at].iter().map(|w| w.echoes as f64 / w.secs).collect());
             cpu_per_echo[at] = median(
-                clean(&windows[at])
+                kept[at]
+                    .iter()
                     .map(|w| w.per_echo_us(w.server_cpu))
                     .collect(),
             );
@@ -624,9 +640,9 @@ fn case_connection_scaling(options: &Options, report: &mut Report) {
     let (warmup, measure) = options.load_window();
     report.note(format!(
         "case 2: {} load threads (mio), one 64 B message in flight per connection; medians \
-         of {} rounds per server (leaving out rounds where other processes used > {FOREIGN_LIMIT} \
-         core, if any round was clean), servers taking turns, each {:.1} s warm-up then {:.1} s \
-         measured (CPU needs >= 1 s windows: ticks are 10 ms); server CPU = on-CPU time of \
+         of {} rounds, each round one window per server back to back (rounds where other \
+         processes used > {FOREIGN_LIMIT} core are left out if any round was clean); \
+         each window {:.1} s warm-up then {:.1} s measured (CPU needs >= 1 s windows: ticks are 10 ms); server CPU = on-CPU time of \
          the server's threads only, summed from /proc/self/task/<tid>/schedstat (ns). \
          utime+stime from .../stat (in the details) undercounts threads that run in bursts \
          shorter than a tick, such as the blocking peer's. Neither counts softirq work the \
@@ -659,10 +675,12 @@ fn case_throughput(options: &Options, report: &mut Report) {
         window: 4,
     };
     let windows = in_process_rounds(options, 4, spec, "case 3", report);
+    let kept = clean(&windows);
     let mut rate = [None; 3];
     for (at, kind) in Kind::ALL.into_iter().enumerate() {
         rate[at] = median(
-            clean(&windows[at])
+            kept[at]
+                .iter()
                 .map(|w| w.bytes as f64 / w.secs / 1e6)
                 .collect(),
         );
