@@ -171,11 +171,12 @@ fn main() -> ExitCode {
             _ => unreachable!("Options::parse accepts only cases 1-5"),
         }
         if let (Some(before), Some(after)) = (before, outside_load_mark()) {
-            note_foreign(
-                &mut report,
-                &format!("case {case} overall"),
-                after.cores_since(&before),
-            );
+            let cores = after.cores_since(&before);
+            if cores > FOREIGN_LIMIT {
+                report.note(format!(
+                    "case {case}: other processes used {cores:.2} cores on average over the case"
+                ));
+            }
         }
     }
     print!("{}", report.render());
@@ -390,8 +391,8 @@ fn case_round_trips(options: &Options, report: &mut Report) {
     report.note(format!(
         "case 1: one connection per round, {rounds} rounds of {:.2} s per server taking turns, \
          pooled (rounds where other processes used > {FOREIGN_LIMIT} core are left out if \
-         any round was clean); warm-up round trips untimed; <= 4 KiB uses a blocking client, larger sizes \
-         a nonblocking one around poll(2)",
+         any round was clean); warm-up round trips untimed; <= 4 KiB uses a blocking \
+         client, larger sizes a nonblocking one around poll(2)",
         round_time.as_secs_f64()
     ));
 }
