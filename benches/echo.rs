@@ -306,13 +306,15 @@ fn case_round_trips(options: &Options, report: &mut Report) {
         (65536, "64 KiB"),
         (1 << 20, "1 MiB"),
     ];
-    // Short rounds, servers taking turns: where the scheduler happens to put
-    // the client and server threads (same core or not) moves one-connection
-    // RTT a lot on this VM, so several placements are pooled per server.
+    // Short rounds, servers taking turns: where the scheduler puts the client
+    // and server threads (same core or not), and whether the other vCPU is
+    // halted and must be woken, move one-connection RTT several-fold on this
+    // VM over seconds, so many short turns let every server sample the same
+    // conditions.
     let (rounds, round_time) = if options.quick {
-        (2, Duration::from_millis(150))
+        (3, Duration::from_millis(100))
     } else {
-        (6, Duration::from_millis(250))
+        (12, Duration::from_millis(120))
     };
     for (size, label) in sizes {
         let warmup = if size >= 1 << 20 { 10 } else { 100 };
