@@ -319,6 +319,31 @@ fn server_that_never_answers_times_out_after_about_the_timeout() {
 }
 
 #[test]
+fn large_message_to_a_server_that_never_reads_times_out_instead_of_blocking_in_write() {
+    within(Duration::from_secs(10), || {
+        let server = TestServer::start(support::never_reads);
+        let config = ClientConfig {
+            payload: generated(16 << 20),
+            timeout: Duration::from_secs(1),
+            ..config_for(server.addr())
+        };
+        let started = Instant::now();
+        let (report, seen) = run_and_record(&config, &StopHandle::new());
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(900),
+            "gave up after {elapsed:?}, before the 1s timeout"
+        );
+        assert_eq!(
+            (report.sent, report.timed_out),
+            (1, 1),
+            "{report:#?}\nfailures: {:?}",
+            seen.failures
+        );
+    });
+}
+
+#[test]
 fn server_that_corrupts_one_byte_is_reported_as_a_mismatch() {
     within(LIMIT, || {
         let server = TestServer::start(support::corrupts_one_byte);

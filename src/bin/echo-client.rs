@@ -413,7 +413,7 @@ impl fmt::Display for Shown<'_> {
             Ok(text)
                 if !self.binary
                     && text.chars().count() <= MAX_SHOWN_TEXT
-                    && !text.chars().any(char::is_control) =>
+                    && !text.chars().any(|c| c.is_control() && c != '\t') =>
             {
                 f.write_str(text)
             }

@@ -111,6 +111,13 @@ pub fn never_answers(mut stream: TcpStream) {
     let _ = io::copy(&mut stream, &mut io::sink());
 }
 
+/// Accepts and then neither reads nor answers, holding the connection open
+/// for longer than any test's timeout.
+pub fn never_reads(stream: TcpStream) {
+    thread::sleep(Duration::from_secs(30));
+    drop(stream);
+}
+
 /// Echoes faithfully except that the 6th byte of the stream has its lowest
 /// bit flipped.
 pub fn corrupts_one_byte(stream: TcpStream) {
