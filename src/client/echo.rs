@@ -179,11 +179,13 @@ pub(super) fn read_lines_in_background<R: BufRead + Send + 'static>(
     let spawned = std::thread::Builder::new()
         .name("echo-client-input".into())
         .spawn(move || {
+            let mut line = Vec::new();
             loop {
-                let mut line = Vec::new();
                 let result = match input.read_until(b'\n', &mut line) {
+                    // End of input; a last line without newline was sent already.
                     Ok(0) => break,
-                    Ok(_) => Ok(line),
+                    Ok(_) => Ok(std::mem::take(&mut line)),
+                    // A signal arrived: keep what was read and read on.
                     Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                     Err(error) => Err(error),
                 };
