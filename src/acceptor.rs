@@ -1,1 +1,352 @@
-//! acceptor (in progress)
+//! The acceptor: the first step of the flow acceptor → channel → worker →
+//! connection.
+//!
+//! One thread owns the listener and only accepts, as memcached's dispatcher
+//! does. It admits each new stream against the connection limits, hands it to
+//! the least-loaded worker over that worker's channel, and wakes the worker.
+//! When the shutdown controller wakes it, it closes the listener (so new
+//! clients are refused, not left in the backlog) and drops its channel
+//! senders: each worker sees its channel disconnect and drains.
+
+use std::io::{self, ErrorKind};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{SendError, Sender};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use crate::error::io_cause;
+use crate::log::Logger;
+use crate::shutdown::ShutdownHandle;
+use crate::stats::{OpenConnections, Refusal};
+use crate::worker::Handoff;
+
+/// The token of the acceptor's waker, which the shutdown controller uses.
+pub(crate) const WAKE: Token = Token(0);
+/// The token of the listener.
+const LISTENER: Token = Token(1);
+
+/// The first pause after `accept` fails for lack of resources; it doubles on
+/// each failure up to [`MAX_ACCEPT_BACKOFF`].
+const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_millis(500);
+
+/// The fewest seconds between two warnings of one kind.
+const WARNING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Streams accepted before the acceptor wakes the workers it gave them to.
+const ACCEPTS_PER_WAKE: usize = 32;
+
+/// The acceptor's end of one worker's channel. Dropping it disconnects the
+/// channel and wakes the worker, which then drains: the shutdown happens by
+/// ownership, however the acceptor ends.
+pub(crate) struct WorkerLink {
+    inbox: Option<Sender<Handoff>>,
+    waker: Arc<mio::Waker>,
+    /// Set since the last wake-up.
+    has_news: bool,
+}
+
+impl WorkerLink {
+    pub(crate) fn new(inbox: Sender<Handoff>, waker: Arc<mio::Waker>) -> Self {
+        WorkerLink {
+            inbox: Some(inbox),
+            waker,
+            has_news: false,
+        }
+    }
+
+    fn is_alive(&self) -> bool {
+        self.inbox.is_some()
+    }
+
+    fn wake(&mut self, logger: &Logger) {
+        self.has_news = false;
+        if let Err(err) = self.waker.wake() {
+            logger.error(format_args!("cannot wake a worker: {}", io_cause(&err)));
+        }
+    }
+}
+
+impl Drop for WorkerLink {
+    fn drop(&mut self) {
+        if self.inbox.take().is_some() {
+            // The worker reads the disconnection once woken. A failed wake
+            // is logged by nobody: the process is tearing this worker down.
+            let _ = self.waker.wake();
+        }
+    }
+}
+
+/// Limits a repeated warning to one line a second, counting what it held back.
+#[derive(Default)]
+struct Throttled {
+    last: Option<Instant>,
+    held_back: u64,
+}
+
+impl Throttled {
+    fn warn(&mut self, logger: &Logger, now: Instant, message: std::fmt::Arguments<'_>) {
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < WARNING_INTERVAL)
+        {
+            self.held_back += 1;
+            return;
+        }
+        match std::mem::take(&mut self.held_back) {
+            0 => logger.warn(message),
+            held => logger.warn(format_args!(
+                "{message} ({held} more since the last warning)"
+            )),
+        }
+        self.last = Some(now);
+    }
+}
+
+/// The limits the acceptor admits connections against.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Admission {
+    pub(crate) max_connections: usize,
+    pub(crate) max_connections_per_ip: Option<usize>,
+}
+
+/// The acceptor thread's state.
+pub(crate) struct Acceptor {
+    poll: Poll,
+    listener: Option<TcpListener>,
+    workers: Vec<WorkerLink>,
+    open: Arc<OpenConnections>,
+    admission: Admission,
+    shutdown: ShutdownHandle,
+    logger: Logger,
+    backoff: Duration,
+    retry_at: Option<Instant>,
+    refused: u64,
+    full_warning: Throttled,
+    accept_warning: Throttled,
+}
+
+impl Acceptor {
+    /// Prepares to accept on `listener`, whose events `poll` will report.
+    ///
+    /// # Errors
+    /// The error from registering the listener with `poll`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        poll: Poll,
+        mut listener: TcpListener,
+        workers: Vec<WorkerLink>,
+        open: Arc<OpenConnections>,
+        admission: Admission,
+        shutdown: ShutdownHandle,
+        logger: Logger,
+    ) -> io::Result<Self> {
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        Ok(Acceptor {
+            poll,
+            listener: Some(listener),
+            workers,
+            open,
+            admission,
+            shutdown,
+            logger,
+            backoff: MIN_ACCEPT_BACKOFF,
+            retry_at: None,
+            refused: 0,
+            full_warning: Throttled::default(),
+            accept_warning: Throttled::default(),
+        })
+    }
+
+    /// Accepts until a shutdown is requested, then closes the listener and
+    /// lets the workers drain. Returns how many connections were refused.
+    pub(crate) fn run(mut self) -> u64 {
+        let mut events = Events::with_capacity(8);
+        loop {
+            let timeout = self
+                .retry_at
+                .map(|at| at.saturating_duration_since(Instant::now()));
+            if let Err(err) = self.poll.poll(&mut events, timeout) {
+                if err.kind() == ErrorKind::Interrupted {
+                    // A signal landed on this thread; nothing is lost.
+                    continue;
+                }
+                self.logger.error(format_args!(
+                    "acceptor event loop failed: {}; shutting down",
+                    io_cause(&err)
+                ));
+                self.shutdown.shutdown();
+            }
+            if self.shutdown.is_shutting_down() {
+                break;
+            }
+            if let Some(at) = self.retry_at {
+                if Instant::now() < at {
+                    // New clients wait in the backlog until the pause is over.
+                    continue;
+                }
+                self.retry_at = None;
+            }
+            self.accept_all();
+        }
+        self.stop();
+        self.refused
+    }
+
+    fn accept_all(&mut self) {
+        let mut since_wake = 0;
+        loop {
+            let Some(listener) = self.listener.as_ref() else {
+                return;
+            };
+            match listener.accept() {
+                Ok((stream, peer)) => {
+                    self.backoff = MIN_ACCEPT_BACKOFF;
+                    self.place(stream, peer);
+                    since_wake += 1;
+                    if since_wake == ACCEPTS_PER_WAKE {
+                        self.wake_workers_with_news();
+                        since_wake = 0;
+                    }
+                }
+                // The backlog is empty: wait for the next readable event.
+                Err(err) if err.kind() == ErrorKind::WouldBlock => break,
+                // A signal interrupted the call: retry.
+                Err(err) if err.kind() == ErrorKind::Interrupted => {}
+                // That one client gave up before we took it; the next may not.
+                Err(err) if is_client_side_accept_error(&err) => {}
+                // Out of descriptors or memory: pause instead of spinning;
+                // existing connections go on, and closing ones free what we need.
+                Err(err) => {
+                    let now = Instant::now();
+                    self.accept_warning.warn(
+                        &self.logger,
+                        now,
+                        format_args!(
+                            "cannot accept: {}; retrying in {}ms",
+                            io_cause(&err),
+                            self.backoff.as_millis()
+                        ),
+                    );
+                    self.retry_at = Some(now + self.backoff);
+                    self.backoff = (self.backoff * 2).min(MAX_ACCEPT_BACKOFF);
+                    break;
+                }
+            }
+        }
+        self.wake_workers_with_news();
+    }
+
+    /// Admits a new stream and gives it to the least-loaded worker, or closes it.
+    fn place(&mut self, stream: TcpStream, peer: SocketAddr) {
+        let admission = self.admission;
+        if let Err(refusal) = self.open.admit(
+            peer.ip(),
+            admission.max_connections,
+            admission.max_connections_per_ip,
+        ) {
+            self.refused += 1;
+            let now = Instant::now();
+            match refusal {
+                Refusal::ServerFull => self.full_warning.warn(
+                    &self.logger,
+                    now,
+                    format_args!(
+                        "connection limit reached ({} open); refusing new connections",
+                        admission.max_connections
+                    ),
+                ),
+                Refusal::AddressFull => self.full_warning.warn(
+                    &self.logger,
+                    now,
+                    format_args!(
+                        "per-address limit reached for {} ({} open); refusing its new connections",
+                        peer.ip(),
+                        admission.max_connections_per_ip.unwrap_or_default()
+                    ),
+                ),
+            }
+            // Dropping the stream closes it at once.
+            return;
+        }
+        // Small echoes must not wait for delayed ACKs. A failure here leaves
+        // a working, if slower, connection, so it is not worth refusing it.
+        let _ = stream.set_nodelay(true);
+        let mut handoff = Handoff { stream, peer };
+        while let Some(index) = self.least_loaded() {
+            let link = &mut self.workers[index];
+            let Some(inbox) = link.inbox.as_ref() else {
+                continue;
+            };
+            self.open.assign(index);
+            match inbox.send(handoff) {
+                Ok(()) => {
+                    link.has_news = true;
+                    return;
+                }
+                Err(SendError(back)) => {
+                    // The worker is gone (it panicked); the controller already knows.
+                    self.open.unassign(index);
+                    link.inbox = None;
+                    handoff = back;
+                }
+            }
+        }
+        // No worker is left; the stream closes as it drops.
+        self.open.release(None, peer.ip());
+    }
+
+    /// The live worker with the fewest open connections. Least-loaded rather
+    /// than round-robin, because connection lifetimes vary a lot: a worker
+    /// left with long-lived connections should not keep getting its share.
+    fn least_loaded(&self) -> Option<usize> {
+        (0..self.workers.len())
+            .filter(|&index| self.workers[index].is_alive())
+            .min_by_key(|&index| self.open.on_worker(index))
+    }
+
+    fn wake_workers_with_news(&mut self) {
+        for link in &mut self.workers {
+            if link.has_news {
+                link.wake(&self.logger);
+            }
+        }
+    }
+
+    /// Closes the listener, then disconnects and wakes every worker.
+    fn stop(&mut self) {
+        let draining = self.open.total();
+        self.logger.notice(format_args!(
+            "shutting down: draining {draining} connections (deadline {})",
+            humantime::format_duration(self.shutdown.timeout())
+        ));
+        // Closing the listener resets whatever waits in its backlog.
+        self.listener = None;
+        self.workers.clear();
+    }
+}
+
+/// Whether an `accept` error concerns only the client being accepted.
+fn is_client_side_accept_error(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset
+    ) || matches!(
+        err.raw_os_error(),
+        Some(libc::EPROTO | libc::EPERM | libc::ENETDOWN | libc::EHOSTUNREACH)
+    )
+}
+
+/// Creates the poll and waker the acceptor and its shutdown handle share.
+///
+/// # Errors
+/// The error from creating either.
+pub(crate) fn poll_and_waker() -> io::Result<(Poll, Arc<Waker>)> {
+    let poll = Poll::new()?;
+    let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+    Ok((poll, waker))
+}

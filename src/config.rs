@@ -1,1 +1,91 @@
-//! config (in progress)
+//! Server configuration: what the binary's flags become and what embedders
+//! set. The acceptor, the workers and the shutdown controller read it; nothing
+//! here touches the network.
+
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+/// The port `echo-server` listens on when none is given.
+pub const DEFAULT_PORT: u16 = 9999;
+
+/// The default cap on concurrently open connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// How long a drain may take by default before busy connections are cut.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The most unsent output a connection may hold before the server stops
+/// reading from it until its peer reads (backpressure).
+pub const MAX_PENDING_OUTPUT: usize = 64 * 1024;
+
+/// The size of each worker's one read buffer, shared by all its connections.
+pub const READ_BUFFER_SIZE: usize = 64 * 1024;
+
+/// How much the server says on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum LogLevel {
+    /// Start-up, shutdown, warnings and errors only.
+    Quiet,
+    /// Also each connection's open and close.
+    #[default]
+    Normal,
+    /// Also the data received, lossily decoded, escaped and cut to 80 characters.
+    Verbose,
+}
+
+/// Everything the server needs besides its listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Worker threads, each running its own event loop. At least 1.
+    pub workers: usize,
+    /// Connections open at once; past it a new connection is closed at once. At least 1.
+    pub max_connections: usize,
+    /// Connections open at once from one IP address, if limited.
+    pub max_connections_per_ip: Option<usize>,
+    /// Close a connection after this long with no traffic in either direction.
+    pub idle_timeout: Option<Duration>,
+    /// How long the drain may take before busy connections are cut.
+    pub shutdown_timeout: Duration,
+    /// What gets logged.
+    pub log_level: LogLevel,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            workers: default_workers(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: None,
+            idle_timeout: None,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            log_level: LogLevel::Normal,
+        }
+    }
+}
+
+/// One worker per CPU, or one when the CPU count cannot be read.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, NonZeroUsize::get)
+}
+
+impl ServerConfig {
+    /// Checks the values that the type system does not.
+    ///
+    /// # Errors
+    /// Names the first field whose value cannot work.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.workers == 0 {
+            return Err("workers must be at least 1".into());
+        }
+        if self.max_connections == 0 {
+            return Err("max_connections must be at least 1".into());
+        }
+        if self.max_connections_per_ip == Some(0) {
+            return Err("max_connections_per_ip must be at least 1".into());
+        }
+        if self.idle_timeout == Some(Duration::ZERO) {
+            return Err("idle_timeout must be more than zero".into());
+        }
+        Ok(())
+    }
+}

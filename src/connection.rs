@@ -1,1 +1,396 @@
-//! connection (in progress)
+//! One connection's echo state machine, the last step of the flow
+//! acceptor → channel → worker → connection.
+//!
+//! It knows nothing of sockets, threads or event loops: the worker hands it a
+//! stream (anything [`EchoStream`]), the readiness that the event loop saw,
+//! and the worker's shared read buffer. That keeps the echo logic independent
+//! of the transport and lets tests drive it through a fake stream.
+//!
+//! Bytes go straight from the shared read buffer back to the stream. Only the
+//! tail that a short write leaves behind is kept, in a per-connection pending
+//! buffer, and while that tail reaches [`MAX_PENDING_OUTPUT`] the connection
+//! stops reading (backpressure). An idle connection holds no buffer at all.
+
+use std::io::{self, ErrorKind, Read, Write};
+
+use crate::config::MAX_PENDING_OUTPUT;
+
+/// Read-and-echo rounds one connection may take per turn, so that a fast
+/// peer cannot starve the others on its worker (16 × 64 KiB = 1 MiB).
+const ROUNDS_PER_TURN: usize = 16;
+
+/// A byte stream the echo runs over: a TCP stream, or a fake one in tests.
+pub trait EchoStream: Read + Write {
+    /// Whether a read that fills less than the buffer proves the stream has
+    /// nothing more to read until the next readable event. True for TCP on
+    /// Linux with edge-triggered epoll; it saves a `read` that would only
+    /// return `WouldBlock`.
+    const SHORT_READ_DRAINS: bool = false;
+
+    /// Shuts down the sending side so the peer reads a clean end of stream.
+    ///
+    /// # Errors
+    /// The `shutdown` error; a peer that is already gone is not an error.
+    fn shutdown_write(&mut self) -> io::Result<()>;
+}
+
+impl EchoStream for mio::net::TcpStream {
+    const SHORT_READ_DRAINS: bool = cfg!(target_os = "linux");
+
+    fn shutdown_write(&mut self) -> io::Result<()> {
+        self.shutdown(std::net::Shutdown::Write)
+    }
+}
+
+/// What the event loop saw for one connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Readiness {
+    /// Bytes (or an end of stream) may be waiting.
+    pub readable: bool,
+    /// The stream may take more bytes.
+    pub writable: bool,
+    /// The peer closed or reset: read until the end, even after a short read.
+    pub closed: bool,
+}
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Echoing whatever arrives.
+    Echoing,
+    /// The server is shutting down: echo what has arrived, then close.
+    Draining,
+    /// Our sending side is shut; read and discard until the peer's end of
+    /// stream, so that closing cannot reset echoed bytes still unread.
+    Lingering,
+}
+
+/// Why a connection ended.
+#[derive(Debug)]
+pub enum CloseReason {
+    /// The peer closed its sending side and got every byte back.
+    Completed,
+    /// The drain finished: every received byte was echoed and the peer closed.
+    Drained,
+    /// The peer reset or abandoned the connection.
+    PeerGone(ErrorKind),
+    /// An unexpected I/O error.
+    Failed(io::Error),
+}
+
+/// Whether the connection goes on after an event.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Wait for the next readiness event.
+    Open,
+    /// Drop the stream; the connection is over.
+    Closed(CloseReason),
+}
+
+/// Byte counts of one connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnectionStats {
+    /// Bytes read while echoing.
+    pub received: u64,
+    /// Bytes written back.
+    pub echoed: u64,
+    /// Bytes read after our sending side was shut, thrown away.
+    pub discarded: u64,
+}
+
+/// The echo state of one connection. Owns no socket and, when idle, no buffer.
+#[derive(Debug)]
+pub struct Connection {
+    /// The unwritten tail, from `pending_start` on.
+    pending: Vec<u8>,
+    pending_start: usize,
+    /// Readiness hints: cleared when the stream says `WouldBlock`, set by events.
+    readable: bool,
+    writable: bool,
+    /// The peer closed or reset: read until the stream says so.
+    closing: bool,
+    /// We read the peer's end of stream.
+    peer_done: bool,
+    phase: Phase,
+    stats: ConnectionStats,
+}
+
+impl Default for Connection {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What one I/O step decided.
+enum Step {
+    Progress,
+    Blocked,
+}
+
+impl Connection {
+    /// A new connection. A fresh stream is writable, and may already hold
+    /// bytes, so both hints start set.
+    pub fn new() -> Self {
+        Connection {
+            pending: Vec::new(),
+            pending_start: 0,
+            readable: true,
+            writable: true,
+            closing: false,
+            peer_done: false,
+            phase: Phase::Echoing,
+            stats: ConnectionStats::default(),
+        }
+    }
+
+    /// The connection's byte counts so far.
+    pub fn stats(&self) -> ConnectionStats {
+        self.stats
+    }
+
+    /// Bytes received but not yet written back.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len() - self.pending_start
+    }
+
+    /// Whether the connection has delivered all its echoes and only waits
+    /// for the peer to close. Such a connection is not cut by a deadline.
+    pub fn is_lingering(&self) -> bool {
+        self.phase == Phase::Lingering
+    }
+
+    /// Starts the drain: echo what has arrived, including what sits in the
+    /// kernel's receive buffer, then close. Call [`Connection::on_ready`]
+    /// afterwards so it runs even without a new event.
+    pub fn begin_drain(&mut self) {
+        if self.phase == Phase::Echoing {
+            self.phase = Phase::Draining;
+            // The receive buffer may hold bytes whose event is not handled yet.
+            self.readable = true;
+        }
+    }
+
+    /// Moves bytes until the stream blocks or the connection ends.
+    ///
+    /// `buf` is the worker's shared read buffer; nothing in it outlives this
+    /// call. `inspect` sees every chunk received while echoing (for `-v`).
+    pub fn on_ready<S, F>(
+        &mut self,
+        stream: &mut S,
+        ready: Readiness,
+        buf: &mut [u8],
+        mut inspect: F,
+    ) -> Outcome
+    where
+        S: EchoStream,
+        F: FnMut(&[u8]),
+    {
+        self.readable |= ready.readable || ready.closed;
+        self.writable |= ready.writable || ready.closed;
+        self.closing |= ready.closed;
+        match self.pump(stream, buf, &mut inspect) {
+            Ok(outcome) => outcome,
+            Err(err) => Outcome::Closed(classify(err)),
+        }
+    }
+
+    fn pump<S: EchoStream>(
+        &mut self,
+        stream: &mut S,
+        buf: &mut [u8],
+        inspect: &mut dyn FnMut(&[u8]),
+    ) -> io::Result<Outcome> {
+        for _ in 0..ROUNDS_PER_TURN {
+            if self.phase == Phase::Lingering {
+                return self.discard(stream, buf);
+            }
+            let mut progressed = false;
+            if self.pending_len() > 0 && self.writable {
+                progressed |= matches!(self.flush(stream)?, Step::Progress);
+            }
+            if self.may_read() {
+                progressed |= matches!(self.echo_once(stream, buf, inspect)?, Step::Progress);
+            }
+            if self.pending_len() == 0 {
+                if self.peer_done {
+                    // Everything the peer sent is back; its side is already closed.
+                    shutdown_write(stream)?;
+                    return Ok(Outcome::Closed(CloseReason::Completed));
+                }
+                if self.phase == Phase::Draining && !self.readable {
+                    shutdown_write(stream)?;
+                    self.phase = Phase::Lingering;
+                    self.readable = true;
+                    continue;
+                }
+            }
+            if !progressed {
+                return Ok(Outcome::Open);
+            }
+        }
+        // Out of turns; the worker sees `has_more_work` and comes back.
+        Ok(Outcome::Open)
+    }
+
+    /// Whether the stream may still move bytes without a new event: the
+    /// connection used up its turn, and the worker must come back to it.
+    pub fn has_more_work(&self) -> bool {
+        match self.phase {
+            Phase::Lingering => self.readable,
+            _ => self.may_read() || (self.pending_len() > 0 && self.writable),
+        }
+    }
+
+    fn may_read(&self) -> bool {
+        self.readable && !self.peer_done && self.pending_len() < MAX_PENDING_OUTPUT
+    }
+
+    /// One read, and the echo of what it brought.
+    fn echo_once<S: EchoStream>(
+        &mut self,
+        stream: &mut S,
+        buf: &mut [u8],
+        inspect: &mut dyn FnMut(&[u8]),
+    ) -> io::Result<Step> {
+        let room = if self.pending_len() == 0 {
+            buf.len()
+        } else {
+            buf.len().min(MAX_PENDING_OUTPUT - self.pending_len())
+        };
+        let received = match read(stream, &mut buf[..room])? {
+            None => {
+                self.readable = false;
+                return Ok(Step::Blocked);
+            }
+            Some(0) => {
+                self.peer_done = true;
+                self.readable = false;
+                return Ok(Step::Progress);
+            }
+            Some(n) => n,
+        };
+        if S::SHORT_READ_DRAINS && received < room && !self.closing {
+            self.readable = false;
+        }
+        self.stats.received += received as u64;
+        inspect(&buf[..received]);
+        let data = &buf[..received];
+        let written = if self.pending_len() == 0 && self.writable {
+            self.write_some(stream, data)?
+        } else {
+            0
+        };
+        if written < received {
+            self.keep_pending(&data[written..]);
+        }
+        Ok(Step::Progress)
+    }
+
+    /// Writes from `data` until it is all written or the stream blocks.
+    fn write_some<S: EchoStream>(&mut self, stream: &mut S, data: &[u8]) -> io::Result<usize> {
+        let mut written = 0;
+        while written < data.len() {
+            match stream.write(&data[written..]) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    written += n;
+                    self.stats.echoed += n as u64;
+                }
+                // A signal interrupted the call before it moved anything: retry.
+                Err(err) if err.kind() == ErrorKind::Interrupted => {}
+                // The send buffer is full: the rest waits for a writable event.
+                Err(err) if err.kind() == ErrorKind::WouldBlock => {
+                    self.writable = false;
+                    break;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(written)
+    }
+
+    fn keep_pending(&mut self, tail: &[u8]) {
+        if self.pending_start > 0 && self.pending_start == self.pending.len() {
+            self.pending.clear();
+            self.pending_start = 0;
+        }
+        self.pending.extend_from_slice(tail);
+    }
+
+    /// Writes the pending tail.
+    fn flush<S: EchoStream>(&mut self, stream: &mut S) -> io::Result<Step> {
+        let pending = std::mem::take(&mut self.pending);
+        let result = self.write_some(stream, &pending[self.pending_start..]);
+        self.pending = pending;
+        let written = result?;
+        self.pending_start += written;
+        if self.pending_start == self.pending.len() {
+            // Drained: give the memory back so idle connections hold nothing.
+            self.pending = Vec::new();
+            self.pending_start = 0;
+        }
+        Ok(if written > 0 {
+            Step::Progress
+        } else {
+            Step::Blocked
+        })
+    }
+
+    /// Lingering: read and throw away until the peer's end of stream.
+    fn discard<S: EchoStream>(&mut self, stream: &mut S, buf: &mut [u8]) -> io::Result<Outcome> {
+        for _ in 0..ROUNDS_PER_TURN {
+            if !self.readable {
+                break;
+            }
+            match read(stream, buf)? {
+                None => self.readable = false,
+                Some(0) => return Ok(Outcome::Closed(CloseReason::Drained)),
+                Some(n) => self.stats.discarded += n as u64,
+            }
+        }
+        Ok(Outcome::Open)
+    }
+}
+
+/// One read: `Some(n)` bytes (0 is the end of stream), `None` when it would block.
+fn read<S: Read>(stream: &mut S, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    loop {
+        match stream.read(buf) {
+            Ok(n) => return Ok(Some(n)),
+            // A signal interrupted the call before it moved anything: retry.
+            Err(err) if err.kind() == ErrorKind::Interrupted => {}
+            // Nothing to read until the next readable event.
+            Err(err) if err.kind() == ErrorKind::WouldBlock => return Ok(None),
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+fn shutdown_write<S: EchoStream>(stream: &mut S) -> io::Result<()> {
+    match stream.shutdown_write() {
+        // The peer is already gone: there is nobody left to tell.
+        Err(err) if err.kind() == ErrorKind::NotConnected => Ok(()),
+        other => other,
+    }
+}
+
+/// Sorts the error that ended a connection: a peer that left is normal.
+fn classify(err: io::Error) -> CloseReason {
+    if is_peer_gone(&err) {
+        CloseReason::PeerGone(err.kind())
+    } else {
+        CloseReason::Failed(err)
+    }
+}
+
+/// Whether an I/O error only means the peer went away, which is normal.
+pub fn is_peer_gone(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::BrokenPipe
+            | ErrorKind::UnexpectedEof
+            | ErrorKind::NotConnected
+    )
+}

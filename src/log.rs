@@ -1,1 +1,102 @@
-//! log (in progress)
+//! Logging for the server: one event a line on stderr, each with an RFC 3339
+//! timestamp. Every part of the flow (acceptor, worker, shutdown controller)
+//! holds a copy of the [`Logger`] and asks it before formatting anything, so a
+//! disabled level costs one comparison on the hot path.
+
+use std::fmt;
+use std::time::SystemTime;
+
+use crate::config::LogLevel;
+
+/// How many characters of received data `-v` shows.
+const PREVIEW_CHARS: usize = 80;
+
+/// Writes log lines at or below its level. Cheap to copy.
+#[derive(Debug, Clone, Copy)]
+pub struct Logger {
+    level: LogLevel,
+}
+
+impl Logger {
+    /// A logger that writes events up to `level`.
+    pub fn new(level: LogLevel) -> Self {
+        Logger { level }
+    }
+
+    /// Whether events of `level` are written; check before costly formatting.
+    #[inline]
+    pub fn enabled(&self, level: LogLevel) -> bool {
+        level <= self.level
+    }
+
+    /// Start-up and shutdown events, written at every level.
+    pub fn notice(&self, message: fmt::Arguments<'_>) {
+        write_line("INFO", message);
+    }
+
+    /// Per-connection events, written unless quiet.
+    #[inline]
+    pub fn info(&self, message: fmt::Arguments<'_>) {
+        if self.enabled(LogLevel::Normal) {
+            write_line("INFO", message);
+        }
+    }
+
+    /// Data events, written only when verbose.
+    #[inline]
+    pub fn debug(&self, message: fmt::Arguments<'_>) {
+        if self.enabled(LogLevel::Verbose) {
+            write_line("DEBUG", message);
+        }
+    }
+
+    /// Something is wrong but the server goes on; written at every level.
+    pub fn warn(&self, message: fmt::Arguments<'_>) {
+        write_line("WARN", message);
+    }
+
+    /// Something failed; written at every level.
+    pub fn error(&self, message: fmt::Arguments<'_>) {
+        write_line("ERROR", message);
+    }
+}
+
+fn write_line(tag: &str, message: fmt::Arguments<'_>) {
+    let now = humantime::format_rfc3339_millis(SystemTime::now());
+    // eprintln! rather than a raw stderr handle, so test harnesses capture it.
+    eprintln!("{now} {tag} {message}");
+}
+
+/// Received bytes as `-v` shows them: lossily decoded, escaped, and cut to 80
+/// characters with a trailing `…` when longer.
+pub fn preview(data: &[u8]) -> String {
+    let text = String::from_utf8_lossy(data);
+    let mut escaped = text.chars().flat_map(char::escape_debug);
+    let mut shown: String = escaped.by_ref().take(PREVIEW_CHARS).collect();
+    if escaped.next().is_some() {
+        shown.push('…');
+    }
+    shown
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preview_escapes_and_cuts_to_80_characters() {
+        assert_eq!(preview(b"hi\n\x00"), "hi\\n\\0");
+        assert_eq!(preview(&[0xff, b'a']), "\u{fffd}a");
+        let long = preview(&[b'x'; 200]);
+        assert_eq!(long.chars().count(), 81);
+        assert!(long.ends_with('…'));
+    }
+
+    #[test]
+    fn levels_are_ordered_quiet_normal_verbose() {
+        let normal = Logger::new(LogLevel::Normal);
+        assert!(normal.enabled(LogLevel::Quiet));
+        assert!(normal.enabled(LogLevel::Normal));
+        assert!(!normal.enabled(LogLevel::Verbose));
+    }
+}

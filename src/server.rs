@@ -1,1 +1,220 @@
-//! server (in progress)
+//! The server: wires the flow listener → acceptor → channels → workers →
+//! connections, with the shutdown controller beside them, and joins it all
+//! at the end. It installs no signal handlers and never exits the process;
+//! the binary does that.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+
+use mio::Poll;
+
+use crate::acceptor::{self, Acceptor, Admission, WorkerLink};
+use crate::config::ServerConfig;
+use crate::error::Error;
+use crate::log::Logger;
+use crate::shutdown::ShutdownHandle;
+use crate::stats::OpenConnections;
+use crate::worker::{self, Worker, WorkerSetup};
+
+pub use crate::stats::Summary;
+
+/// A running echo server. Dropping it shuts it down and waits for it.
+///
+/// # Examples
+/// ```
+/// use std::io::{Read, Write};
+/// use echo_chamber::config::{LogLevel, ServerConfig};
+/// use echo_chamber::server::Server;
+///
+/// let listener = echo_chamber::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+/// let config = ServerConfig { workers: 1, log_level: LogLevel::Quiet, ..ServerConfig::default() };
+/// let server = Server::start(listener, config).unwrap();
+///
+/// let mut client = std::net::TcpStream::connect(server.local_addr()).unwrap();
+/// client.write_all(b"ping").unwrap();
+/// client.shutdown(std::net::Shutdown::Write).unwrap();
+/// let mut echo = Vec::new();
+/// client.read_to_end(&mut echo).unwrap();
+/// assert_eq!(echo, b"ping");
+///
+/// server.shutdown_handle().shutdown();
+/// let summary = server.join().unwrap();
+/// assert_eq!(summary.bytes_echoed, 4);
+/// ```
+pub struct Server {
+    local_addr: SocketAddr,
+    shutdown: ShutdownHandle,
+    acceptor: Option<JoinHandle<u64>>,
+    workers: Vec<JoinHandle<crate::stats::Summary>>,
+    logger: Logger,
+}
+
+/// Reports a worker's death to the shutdown controller as its thread unwinds,
+/// so that the server stops instead of hanging with a hole in its pool.
+struct DeathWatch {
+    shutdown: ShutdownHandle,
+    index: usize,
+}
+
+impl Drop for DeathWatch {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            self.shutdown.worker_panicked(self.index);
+        }
+    }
+}
+
+impl Server {
+    /// Starts serving `listener`: spawns the `echo-acceptor` thread and
+    /// `config.workers` threads named `echo-worker-N`, logs
+    /// `listening on ADDR`, and returns at once.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a configuration that cannot work, and
+    /// [`Error::Setup`] when an event loop or a thread cannot be created.
+    pub fn start(listener: std::net::TcpListener, config: ServerConfig) -> Result<Server, Error> {
+        config.validate().map_err(Error::InvalidConfig)?;
+        let setup = |what| move |source| Error::Setup { what, source };
+        let local_addr = listener.local_addr().map_err(setup("the listener"))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(setup("the listener"))?;
+        let listener = mio::net::TcpListener::from_std(listener);
+        let logger = Logger::new(config.log_level);
+        let (acceptor_poll, acceptor_waker) =
+            acceptor::poll_and_waker().map_err(setup("the acceptor's event loop"))?;
+        let shutdown = ShutdownHandle::new(acceptor_waker, config.shutdown_timeout, logger);
+        let open = Arc::new(OpenConnections::new(
+            config.workers,
+            config.max_connections_per_ip.is_some(),
+        ));
+
+        // If anything below fails, dropping `links` disconnects and wakes the
+        // workers already started, and dropping `server` joins them.
+        let mut server = Server {
+            local_addr,
+            shutdown: shutdown.clone(),
+            acceptor: None,
+            workers: Vec::with_capacity(config.workers),
+            logger,
+        };
+        let mut links = Vec::with_capacity(config.workers);
+        for index in 0..config.workers {
+            let poll = Poll::new().map_err(setup("a worker's event loop"))?;
+            let waker = Arc::new(
+                mio::Waker::new(poll.registry(), worker::WAKE)
+                    .map_err(setup("a worker's waker"))?,
+            );
+            let (sender, inbox) = crossbeam_channel::unbounded();
+            let worker = Worker::new(WorkerSetup {
+                index,
+                poll,
+                _waker: Arc::clone(&waker),
+                inbox,
+                open: Arc::clone(&open),
+                shutdown: shutdown.clone(),
+                idle_timeout: config.idle_timeout,
+                logger,
+            });
+            let watch = DeathWatch {
+                shutdown: shutdown.clone(),
+                index,
+            };
+            let thread = thread::Builder::new()
+                .name(format!("echo-worker-{index}"))
+                .spawn(move || {
+                    let _watch = watch;
+                    worker.run()
+                })
+                .map_err(setup("a worker thread"))?;
+            server.workers.push(thread);
+            links.push(WorkerLink::new(sender, waker));
+        }
+
+        let admission = Admission {
+            max_connections: config.max_connections,
+            max_connections_per_ip: config.max_connections_per_ip,
+        };
+        let acceptor = Acceptor::new(
+            acceptor_poll,
+            listener,
+            links,
+            open,
+            admission,
+            shutdown,
+            logger,
+        )
+        .map_err(setup("the acceptor"))?;
+        let thread = thread::Builder::new()
+            .name("echo-acceptor".into())
+            .spawn(move || acceptor.run())
+            .map_err(setup("the acceptor thread"))?;
+        server.acceptor = Some(thread);
+        logger.notice(format_args!(
+            "listening on {local_addr} ({} workers)",
+            config.workers
+        ));
+        Ok(server)
+    }
+
+    /// The address the server is bound to, with the real port.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// A handle that starts the graceful shutdown.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.shutdown.clone()
+    }
+
+    /// Waits for the server to stop (after [`ShutdownHandle::shutdown`]),
+    /// logs the summary line and returns it.
+    ///
+    /// # Errors
+    /// [`Error::WorkerPanicked`] or [`Error::AcceptorPanicked`] when a thread
+    /// died; the rest of the server has still drained and stopped.
+    pub fn join(mut self) -> Result<Summary, Error> {
+        self.wait()
+    }
+
+    fn wait(&mut self) -> Result<Summary, Error> {
+        let mut summary = Summary::default();
+        let mut acceptor_died = false;
+        if let Some(acceptor) = self.acceptor.take() {
+            match acceptor.join() {
+                Ok(refused) => summary.connections_refused = refused,
+                Err(_) => {
+                    acceptor_died = true;
+                    self.logger
+                        .error(format_args!("the acceptor thread panicked; shutting down"));
+                }
+            }
+        }
+        for worker in self.workers.drain(..) {
+            // A worker that panicked has told the shutdown controller already.
+            if let Ok(part) = worker.join() {
+                summary.add(&part);
+            }
+        }
+        self.logger
+            .notice(format_args!("shutdown complete: {summary}"));
+        if let Some(worker) = self.shutdown.failed_worker() {
+            return Err(Error::WorkerPanicked { worker });
+        }
+        if acceptor_died {
+            return Err(Error::AcceptorPanicked);
+        }
+        Ok(summary)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.acceptor.is_some() || !self.workers.is_empty() {
+            self.shutdown.shutdown();
+            // The outcome was not asked for; a failure has been logged.
+            let _ = self.wait();
+        }
+    }
+}

@@ -1,1 +1,376 @@
-//! worker (in progress)
+//! A worker: the third step of the flow acceptor → channel → worker →
+//! connection.
+//!
+//! Each worker thread runs its own mio event loop, like a memcached worker.
+//! The acceptor sends it new streams over its own channel and wakes it; from
+//! then on the worker owns each stream until it closes, and drives the
+//! stream's [`Connection`] state machine with one read buffer shared by all of
+//! them. When the channel disconnects, the shutdown controller has spoken:
+//! the worker drains its connections and exits before the deadline.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, TryRecvError};
+use mio::event::Event;
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+
+use crate::config::{LogLevel, READ_BUFFER_SIZE};
+use crate::connection::{CloseReason, Connection, Outcome, Readiness};
+use crate::error::io_cause;
+use crate::log::{Logger, preview};
+use crate::shutdown::ShutdownHandle;
+use crate::stats::{OpenConnections, Summary};
+
+/// The token of the worker's waker; connection `i` uses `Token(i + 1)`.
+pub(crate) const WAKE: Token = Token(0);
+
+/// Readiness events taken from the kernel per wake-up.
+const EVENTS_PER_POLL: usize = 1024;
+
+/// A new connection, sent from the acceptor to a worker.
+#[derive(Debug)]
+pub(crate) struct Handoff {
+    pub(crate) stream: TcpStream,
+    pub(crate) peer: SocketAddr,
+}
+
+/// One open connection and what the worker knows of it.
+struct Slot {
+    stream: TcpStream,
+    connection: Connection,
+    peer: SocketAddr,
+    opened: Instant,
+    last_active: Instant,
+    /// Tells a reused slot from the connection an old idle timer was set for.
+    serial: u64,
+}
+
+/// Why the worker closed a connection, for the log line.
+enum Ending {
+    Echo(CloseReason),
+    IdleTimeout,
+    CutAtDeadline,
+    LingerCut,
+}
+
+/// Everything a worker needs besides its thread.
+pub(crate) struct WorkerSetup {
+    pub(crate) index: usize,
+    pub(crate) poll: Poll,
+    /// The worker's own hold on its waker: closing the waker's descriptor
+    /// would drop a wake-up still queued, such as the one that says "drain".
+    pub(crate) _waker: Arc<mio::Waker>,
+    pub(crate) inbox: Receiver<Handoff>,
+    pub(crate) open: Arc<OpenConnections>,
+    pub(crate) shutdown: ShutdownHandle,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) logger: Logger,
+}
+
+/// A worker's event loop and the connections it owns.
+pub(crate) struct Worker {
+    setup: WorkerSetup,
+    slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    buf: Box<[u8]>,
+    /// Idle deadlines, soonest first; stale entries are skipped when due.
+    idle_timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    /// Connections that used up their turn with bytes still to move.
+    unfinished: Vec<usize>,
+    drain_deadline: Option<Instant>,
+    summary: Summary,
+}
+
+impl Worker {
+    pub(crate) fn new(setup: WorkerSetup) -> Self {
+        Worker {
+            setup,
+            slots: Vec::new(),
+            free: Vec::new(),
+            buf: vec![0; READ_BUFFER_SIZE].into_boxed_slice(),
+            idle_timers: BinaryHeap::new(),
+            unfinished: Vec::new(),
+            drain_deadline: None,
+            summary: Summary::default(),
+        }
+    }
+
+    /// Serves until the drain is over, then returns what was served.
+    pub(crate) fn run(mut self) -> Summary {
+        let mut events = Events::with_capacity(EVENTS_PER_POLL);
+        loop {
+            let timeout = self.poll_timeout(Instant::now());
+            if let Err(err) = self.setup.poll.poll(&mut events, timeout) {
+                if err.kind() == ErrorKind::Interrupted {
+                    // A signal landed on this thread; nothing is lost.
+                    continue;
+                }
+                self.setup.logger.error(format_args!(
+                    "worker {}: event loop failed: {}",
+                    self.setup.index,
+                    io_cause(&err)
+                ));
+                self.setup.shutdown.shutdown();
+                self.cut_all();
+                break;
+            }
+            let now = Instant::now();
+            for event in events.iter() {
+                match event.token() {
+                    WAKE => self.take_handoffs(now),
+                    token => self.serve(token.0 - 1, readiness(event), now),
+                }
+            }
+            for index in std::mem::take(&mut self.unfinished) {
+                self.serve(index, Readiness::default(), now);
+            }
+            self.expire_idle(now);
+            if let Some(deadline) = self.drain_deadline {
+                if self.open_count() == 0 {
+                    break;
+                }
+                if now >= deadline {
+                    self.cut_all();
+                    break;
+                }
+            }
+        }
+        self.summary
+    }
+
+    fn open_count(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// How long the loop may sleep: until the soonest timer, or for ever.
+    fn poll_timeout(&self, now: Instant) -> Option<Duration> {
+        if !self.unfinished.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let idle = self.idle_timers.peek().map(|Reverse((at, _, _))| *at);
+        let soonest = match (idle, self.drain_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        soonest.map(|at| at.saturating_duration_since(now))
+    }
+
+    /// Takes the streams the acceptor sent; a disconnected channel starts the drain.
+    fn take_handoffs(&mut self, now: Instant) {
+        loop {
+            match self.setup.inbox.try_recv() {
+                Ok(handoff) => self.open(handoff, now),
+                Err(TryRecvError::Empty) => return,
+                Err(TryRecvError::Disconnected) => {
+                    self.begin_drain(now);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn open(&mut self, handoff: Handoff, now: Instant) {
+        let Handoff { mut stream, peer } = handoff;
+        let index = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(None);
+            self.slots.len() - 1
+        });
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        // Registered once for both directions, edge-triggered: no
+        // re-registration is ever needed, whatever the connection does.
+        if let Err(err) =
+            self.setup
+                .poll
+                .registry()
+                .register(&mut stream, Token(index + 1), interest)
+        {
+            self.setup.logger.warn(format_args!(
+                "cannot serve {peer}: {}; closing it",
+                io_cause(&err)
+            ));
+            self.free.push(index);
+            self.setup.open.release(Some(self.setup.index), peer.ip());
+            return;
+        }
+        self.summary.connections_served += 1;
+        let serial = self.summary.connections_served;
+        self.setup
+            .logger
+            .info(format_args!("open {peer} on worker {}", self.setup.index));
+        if let Some(idle) = self.setup.idle_timeout {
+            self.idle_timers.push(Reverse((now + idle, index, serial)));
+        }
+        self.slots[index] = Some(Slot {
+            stream,
+            connection: Connection::new(),
+            peer,
+            opened: now,
+            last_active: now,
+            serial,
+        });
+        if self.drain_deadline.is_some() {
+            self.start_draining(index, now);
+        }
+    }
+
+    /// Moves bytes on one connection and closes it if it ended.
+    fn serve(&mut self, index: usize, ready: Readiness, now: Instant) {
+        // An event can still arrive for a connection closed earlier in the batch.
+        let Some(slot) = self.slots.get_mut(index).and_then(Option::as_mut) else {
+            return;
+        };
+        let logger = self.setup.logger;
+        let peer = slot.peer;
+        let before = slot.connection.stats();
+        let outcome = slot
+            .connection
+            .on_ready(&mut slot.stream, ready, &mut self.buf, |data| {
+                if logger.enabled(LogLevel::Verbose) {
+                    logger.debug(format_args!(
+                        "{peer} sent {} bytes: \"{}\"",
+                        data.len(),
+                        preview(data)
+                    ));
+                }
+            });
+        if slot.connection.stats() != before {
+            slot.last_active = now;
+        }
+        match outcome {
+            Outcome::Open => {
+                if slot.connection.has_more_work() {
+                    self.unfinished.push(index);
+                }
+            }
+            Outcome::Closed(reason) => self.close(index, Ending::Echo(reason), now),
+        }
+    }
+
+    fn begin_drain(&mut self, now: Instant) {
+        if self.drain_deadline.is_some() {
+            return;
+        }
+        // Without a deadline the acceptor died rather than being told to stop.
+        let deadline = self
+            .setup
+            .shutdown
+            .deadline()
+            .unwrap_or_else(|| now + self.setup.shutdown.timeout());
+        self.drain_deadline = Some(deadline);
+        for index in 0..self.slots.len() {
+            self.start_draining(index, now);
+        }
+    }
+
+    fn start_draining(&mut self, index: usize, now: Instant) {
+        if let Some(slot) = self.slots[index].as_mut() {
+            slot.connection.begin_drain();
+            self.serve(index, Readiness::default(), now);
+        }
+    }
+
+    /// Closes connections idle for the whole idle timeout.
+    fn expire_idle(&mut self, now: Instant) {
+        let Some(idle) = self.setup.idle_timeout else {
+            return;
+        };
+        while let Some(&Reverse((at, index, serial))) = self.idle_timers.peek() {
+            if at > now {
+                break;
+            }
+            self.idle_timers.pop();
+            let Some(slot) = self.slots[index].as_ref() else {
+                continue;
+            };
+            if slot.serial != serial {
+                continue;
+            }
+            let due = slot.last_active + idle;
+            if due <= now {
+                self.close(index, Ending::IdleTimeout, now);
+            } else {
+                self.idle_timers.push(Reverse((due, index, serial)));
+            }
+        }
+    }
+
+    /// The drain deadline came: close everything that is left.
+    fn cut_all(&mut self) {
+        let now = Instant::now();
+        for index in 0..self.slots.len() {
+            let Some(slot) = self.slots[index].as_ref() else {
+                continue;
+            };
+            let ending = if slot.connection.is_lingering() {
+                Ending::LingerCut
+            } else {
+                Ending::CutAtDeadline
+            };
+            self.close(index, ending, now);
+        }
+    }
+
+    fn close(&mut self, index: usize, ending: Ending, now: Instant) {
+        let Some(mut slot) = self.slots[index].take() else {
+            return;
+        };
+        self.free.push(index);
+        // Closing the descriptor removes it from epoll anyway; a failed
+        // deregister changes nothing for the connection that is ending.
+        let _ = self.setup.poll.registry().deregister(&mut slot.stream);
+        let stats = slot.connection.stats();
+        self.summary.bytes_received += stats.received;
+        self.summary.bytes_echoed += stats.echoed;
+        self.summary.bytes_discarded += stats.discarded;
+        if matches!(ending, Ending::CutAtDeadline) {
+            self.summary.connections_cut += 1;
+        }
+        self.setup
+            .open
+            .release(Some(self.setup.index), slot.peer.ip());
+        if let Ending::Echo(CloseReason::Failed(err)) = &ending {
+            self.setup.logger.warn(format_args!(
+                "connection {} failed: {}",
+                slot.peer,
+                io_cause(err)
+            ));
+        }
+        if self.setup.logger.enabled(LogLevel::Normal) {
+            self.setup.logger.info(format_args!(
+                "close {}: {} bytes echoed in {:.3}s ({})",
+                slot.peer,
+                stats.echoed,
+                now.saturating_duration_since(slot.opened).as_secs_f64(),
+                describe(&ending),
+            ));
+        }
+    }
+}
+
+/// Why a connection closed, as its log line says it.
+fn describe(ending: &Ending) -> String {
+    match ending {
+        Ending::Echo(CloseReason::Completed) => "peer closed".into(),
+        Ending::Echo(CloseReason::Drained) => "drained".into(),
+        Ending::Echo(CloseReason::PeerGone(kind)) => format!("peer gone: {kind}"),
+        Ending::Echo(CloseReason::Failed(err)) => format!("failed: {}", io_cause(err)),
+        Ending::IdleTimeout => "idle timeout".into(),
+        Ending::CutAtDeadline => "cut at the shutdown deadline".into(),
+        Ending::LingerCut => "drained; the peer did not close by the deadline".into(),
+    }
+}
+
+/// What an event says about a connection.
+fn readiness(event: &Event) -> Readiness {
+    Readiness {
+        readable: event.is_readable(),
+        writable: event.is_writable(),
+        closed: event.is_read_closed() || event.is_write_closed() || event.is_error(),
+    }
+}

@@ -1,2 +1,247 @@
-//! echo-server binary (placeholder).
-fn main() {}
+//! `echo-server`: the thin binary around the library's server. It parses the
+//! flags, raises the descriptor limit, installs the SIGINT/SIGTERM handlers
+//! that drive the shutdown controller, and chooses the exit code. The echo
+//! itself lives in `echo_chamber`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use argh::FromArgs;
+use echo_chamber::config::{self, LogLevel, ServerConfig};
+use echo_chamber::error::io_cause;
+use echo_chamber::limits;
+use echo_chamber::server::Server;
+use echo_chamber::shutdown::ShutdownHandle;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+/// Exit code of a runtime error.
+const EXIT_FAILURE: u8 = 1;
+/// Exit code of a usage error.
+const EXIT_USAGE: u8 = 2;
+
+#[derive(FromArgs)]
+/// A byte-exact RFC 862 echo server: every byte received on a TCP connection
+/// is sent back, in order and unchanged. SIGINT or SIGTERM drains open
+/// connections and exits 0; a second signal exits at once (130 or 143).
+/// Exit codes: 0 clean stop, 1 runtime error, 2 usage error.
+struct Args {
+    /// address to listen on, IPv4 or IPv6 (default 0.0.0.0)
+    #[argh(option, default = "IpAddr::from([0, 0, 0, 0])", from_str_fn(parse_ip))]
+    bind: IpAddr,
+
+    /// port to listen on; 0 picks a free one (default 9999)
+    #[argh(option, default = "config::DEFAULT_PORT", from_str_fn(parse_port))]
+    port: u16,
+
+    /// worker threads, each serving many connections (default: one per CPU)
+    #[argh(option, from_str_fn(parse_at_least_one))]
+    workers: Option<usize>,
+
+    /// connections open at once; more are closed at once (default 10000)
+    #[argh(
+        option,
+        default = "config::DEFAULT_MAX_CONNECTIONS",
+        from_str_fn(parse_at_least_one)
+    )]
+    max_connections: usize,
+
+    /// connections open at once from one IP address (default: no limit)
+    #[argh(option, from_str_fn(parse_at_least_one))]
+    max_connections_per_ip: Option<usize>,
+
+    /// close a connection after this long without traffic, e.g. 30s (default: off)
+    #[argh(option, from_str_fn(parse_positive_duration))]
+    idle_timeout: Option<Duration>,
+
+    /// how long the drain may take before busy connections are cut (default 5s)
+    #[argh(
+        option,
+        default = "config::DEFAULT_SHUTDOWN_TIMEOUT",
+        from_str_fn(parse_duration)
+    )]
+    shutdown_timeout: Duration,
+
+    /// also log the data received, escaped and cut to 80 characters
+    #[argh(switch, short = 'v')]
+    verbose: bool,
+
+    /// log only start-up, shutdown, warnings and errors
+    #[argh(switch, short = 'q')]
+    quiet: bool,
+
+    /// print the version and exit
+    #[argh(switch)]
+    version: bool,
+}
+
+fn parse_ip(value: &str) -> Result<IpAddr, String> {
+    let bare = value
+        .strip_prefix('[')
+        .and_then(|rest| rest.strip_suffix(']'))
+        .unwrap_or(value);
+    bare.parse()
+        .map_err(|_| "not an IPv4 or IPv6 address".to_string())
+}
+
+fn parse_port(value: &str) -> Result<u16, String> {
+    value
+        .parse()
+        .map_err(|_| "not a port number from 0 to 65535".to_string())
+}
+
+fn parse_at_least_one(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(0) | Err(_) => Err("must be a whole number of at least 1".to_string()),
+        Ok(n) => Ok(n),
+    }
+}
+
+fn parse_duration(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value)
+        .map_err(|err| format!("not a duration such as 2s, 500ms or 1m 30s ({err})"))
+}
+
+fn parse_positive_duration(value: &str) -> Result<Duration, String> {
+    match parse_duration(value)? {
+        Duration::ZERO => Err("must be more than zero".to_string()),
+        duration => Ok(duration),
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(message)) => {
+            eprintln!("echo-server: {message}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(Failure::Runtime(message)) => {
+            eprintln!("echo-server: {message}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+enum Failure {
+    Usage(String),
+    Runtime(String),
+}
+
+fn run() -> Result<(), Failure> {
+    let Some(args) = parse_args()? else {
+        return Ok(());
+    };
+    if args.verbose && args.quiet {
+        return Err(Failure::Usage(
+            "--verbose and --quiet cannot be used together".into(),
+        ));
+    }
+    let config = ServerConfig {
+        workers: args.workers.unwrap_or_else(config::default_workers),
+        max_connections: args.max_connections,
+        max_connections_per_ip: args.max_connections_per_ip,
+        idle_timeout: args.idle_timeout,
+        shutdown_timeout: args.shutdown_timeout,
+        log_level: match (args.quiet, args.verbose) {
+            (true, _) => LogLevel::Quiet,
+            (_, true) => LogLevel::Verbose,
+            _ => LogLevel::Normal,
+        },
+    };
+
+    // Handlers go in before the listener exists, so an early signal is queued
+    // for the controller instead of killing the process mid-start.
+    let signals = Signals::new([SIGINT, SIGTERM]).map_err(|err| {
+        Failure::Runtime(format!(
+            "cannot install signal handlers: {}",
+            io_cause(&err)
+        ))
+    })?;
+    warn_about_descriptor_limit(&config);
+
+    let addr = SocketAddr::new(args.bind, args.port);
+    let listener = echo_chamber::listener::bind(addr)
+        .map_err(|err| Failure::Runtime(format!("cannot listen on {addr}: {}", io_cause(&err))))?;
+    let server =
+        Server::start(listener, config).map_err(|err| Failure::Runtime(err.to_string()))?;
+    spawn_signal_thread(signals, server.shutdown_handle())?;
+    server
+        .join()
+        .map(drop)
+        .map_err(|err| Failure::Runtime(err.to_string()))
+}
+
+/// Parses argv; `None` when `--help` or `--version` was answered.
+fn parse_args() -> Result<Option<Args>, Failure> {
+    let argv: Vec<String> = std::env::args().collect();
+    let strings: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let (command, rest) = strings
+        .split_first()
+        .map_or(("echo-server", &[][..]), |(first, rest)| (*first, rest));
+    match Args::from_args(&[command], rest) {
+        Ok(args) if args.version => {
+            println!("echo-server {}", env!("CARGO_PKG_VERSION"));
+            Ok(None)
+        }
+        Ok(args) => Ok(Some(args)),
+        Err(early) => match early.status {
+            Ok(()) => {
+                print!("{}", early.output);
+                Ok(None)
+            }
+            Err(()) => Err(Failure::Usage(one_line(&early.output))),
+        },
+    }
+}
+
+/// argh's messages can span lines; keep the first, which names the flag.
+fn one_line(message: &str) -> String {
+    let first = message.trim().lines().next().unwrap_or("invalid arguments");
+    format!("{first} (see --help)")
+}
+
+fn warn_about_descriptor_limit(config: &ServerConfig) {
+    let logger = echo_chamber::log::Logger::new(config.log_level);
+    match limits::raise_open_file_limit() {
+        Ok(limit) => {
+            let needed =
+                config.max_connections as u64 + limits::reserved_descriptors(config.workers);
+            if needed > limit {
+                logger.warn(format_args!(
+                    "--max-connections {} is more than the descriptor limit {limit} allows; \
+                     expect accept failures past about {} connections",
+                    config.max_connections,
+                    limit.saturating_sub(limits::reserved_descriptors(config.workers)),
+                ));
+            }
+        }
+        Err(err) => logger.warn(format_args!(
+            "cannot raise the open-file limit: {}",
+            io_cause(&err)
+        )),
+    }
+}
+
+/// Turns signals into shutdown requests: the first drains, a second exits
+/// at once with 128 + the signal number.
+fn spawn_signal_thread(mut signals: Signals, shutdown: ShutdownHandle) -> Result<(), Failure> {
+    std::thread::Builder::new()
+        .name("echo-signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if shutdown.is_shutting_down() {
+                    std::process::exit(128 + signal);
+                }
+                shutdown.shutdown();
+            }
+        })
+        .map(drop)
+        .map_err(|err| {
+            Failure::Runtime(format!(
+                "cannot start the signal thread: {}",
+                io_cause(&err)
+            ))
+        })
+}
