@@ -1,5 +1,5 @@
-//! Fixtures shared by the client's tests: a hard time limit, the in-process
-//! echo server, small misbehaving servers, a plain std echo server (to show the
+//! Fixtures shared by the client's tests: a hard time limit, the project's
+//! in-process echo server, small misbehaving servers, a plain std echo server (to show the
 //! client works with any RFC 862 server), a runner for the binary, and a tiny
 //! JSON reader for checking `--json` output.
 //!
@@ -188,20 +188,31 @@ pub fn closed_port() -> SocketAddr {
         .expect("a bound listener has an address")
 }
 
-/// The project's own server, in this process.
+/// The project's own server, in this process, on 127.0.0.1:0. Dropping it
+/// shuts it down and joins its threads.
 pub struct EchoServer {
-    inner: TestServer,
+    server: echo_chamber::server::Server,
 }
 
 impl EchoServer {
     pub fn start() -> EchoServer {
-        EchoServer {
-            inner: TestServer::start(std_echo),
-        }
+        use echo_chamber::config::{LogLevel, ServerConfig};
+        let listener =
+            echo_chamber::listener::bind("127.0.0.1:0".parse().expect("a literal socket address"))
+                .expect("bind 127.0.0.1:0");
+        let config = ServerConfig {
+            workers: 2,
+            log_level: LogLevel::Quiet,
+            shutdown_timeout: Duration::from_secs(2),
+            ..ServerConfig::default()
+        };
+        let server =
+            echo_chamber::server::Server::start(listener, config).expect("the echo server starts");
+        EchoServer { server }
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.inner.addr()
+        self.server.local_addr()
     }
 }
 
