@@ -131,7 +131,7 @@ fn run() -> Exit {
     install_ctrl_c(&stop);
     let printer = Printer::new(&args, config.connections.get() > 1, stop.clone());
     let observer = |event: &Event<'_>| printer.on_event(event);
-    let show_progress = (args.quiet || args.json) && io::stderr().is_terminal();
+    let show_progress = args.quiet && io::stderr().is_terminal();
     let result = thread::scope(|scope| {
         // Dropping `done` ends the progress thread.
         let (done, finished) = crossbeam_channel::bounded::<()>(0);
@@ -422,7 +422,7 @@ impl fmt::Display for Shown<'_> {
     }
 }
 
-/// In quiet and JSON runs, when stderr is a terminal: echoes so far and the
+/// In quiet runs, when stderr is a terminal: echoes so far and the
 /// current rate, once a second, on one overwritten line. Ends when `finished`
 /// disconnects, erasing the line.
 fn print_progress(printer: &Printer, finished: &crossbeam_channel::Receiver<()>) {
