@@ -44,8 +44,12 @@ enum Exit {
     error_code(2, "usage error")
 )]
 struct Args {
-    /// echo server as host:port or [ipv6]:port (default 127.0.0.1:9999)
-    #[argh(positional, from_str_fn(parse_target))]
+    // Brackets in a doc comment would be taken for a rustdoc link.
+    #[argh(
+        positional,
+        from_str_fn(parse_target),
+        description = "echo server as host:port, e.g. localhost:7 or [::1]:9999 (default 127.0.0.1:9999)"
+    )]
     addr: Option<Target>,
 
     /// text to send as each message (default "Hello Echo!")
