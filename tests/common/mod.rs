@@ -1,0 +1,336 @@
+//! Shared test fixtures: a hard time limit for every test, an in-process
+//! server, the `echo-server` binary as a child process with its log, and
+//! deterministic binary payloads. All traffic stays on 127.0.0.1, port 0.
+
+#![allow(dead_code)] // each test binary uses its own subset of the fixtures
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use echo_chamber::config::{LogLevel, ServerConfig};
+use echo_chamber::server::Server;
+
+/// The path of the `echo-server` binary under test.
+pub const SERVER_BIN: &str = env!("CARGO_BIN_EXE_echo-server");
+
+/// Runs `body` on its own thread and fails the test if it has not finished
+/// within `limit`. A panic in the body fails the test with its message.
+pub fn with_time_limit<T: Send + 'static>(
+    limit: Duration,
+    body: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (done, finished) = mpsc::channel();
+    let worker = thread::Builder::new()
+        .name("test-body".into())
+        .spawn(move || {
+            let value = body();
+            // The receiver is gone only if the limit already failed the test.
+            let _ = done.send(());
+            value
+        })
+        .expect("the test body thread starts");
+    match finished.recv_timeout(limit) {
+        Ok(()) => worker.join().expect("the test body finished"),
+        Err(mpsc::RecvTimeoutError::Disconnected) => match worker.join() {
+            Ok(value) => value,
+            Err(panic) => std::panic::resume_unwind(panic),
+        },
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            panic!("the test did not finish within its time limit of {limit:?}")
+        }
+    }
+}
+
+/// A quiet in-process server on 127.0.0.1 with an OS-chosen port.
+pub fn start_server(config: ServerConfig) -> Server {
+    let listener = echo_chamber::listener::bind("127.0.0.1:0".parse().expect("loopback address"))
+        .expect("bind 127.0.0.1:0");
+    Server::start(listener, config).expect("server starts")
+}
+
+/// A quiet configuration with `workers` workers.
+pub fn quiet_config(workers: usize) -> ServerConfig {
+    ServerConfig {
+        workers,
+        log_level: LogLevel::Quiet,
+        ..ServerConfig::default()
+    }
+}
+
+/// `len` pseudo-random bytes, the same for the same seed (xorshift64*).
+pub fn payload(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
+        })
+        .collect()
+}
+
+/// Connects with generous timeouts, so a broken server fails the test
+/// instead of hanging it.
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).unwrap_or_else(|err| panic!("connect to {addr}: {err}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("set read timeout");
+    stream
+        .set_write_timeout(Some(Duration::from_secs(30)))
+        .expect("set write timeout");
+    stream
+}
+
+/// Sends `data` in the given chunk sizes (cycled) while reading concurrently,
+/// half-closes, and returns everything read until the server's end of stream.
+pub fn echo_through(addr: SocketAddr, data: &[u8], chunks: &[usize]) -> Vec<u8> {
+    let mut stream = connect(addr);
+    let mut reader = stream.try_clone().expect("clone stream");
+    let collector = thread::spawn(move || {
+        let mut echoed = Vec::new();
+        reader.read_to_end(&mut echoed).map(|_| echoed)
+    });
+    let mut sizes = chunks.iter().copied().filter(|&n| n > 0).cycle();
+    let mut at = 0;
+    while at < data.len() {
+        let n = sizes.next().unwrap_or(data.len()).min(data.len() - at);
+        stream
+            .write_all(&data[at..at + n])
+            .expect("write to server");
+        at += n;
+    }
+    stream.shutdown(Shutdown::Write).expect("half-close");
+    collector
+        .join()
+        .expect("reader thread")
+        .expect("read the echo to its end")
+}
+
+/// Asserts two byte strings are equal, showing where they first differ
+/// rather than dumping megabytes.
+pub fn assert_same_bytes(expected: &[u8], got: &[u8], what: &str) {
+    if expected == got {
+        return;
+    }
+    let first = expected
+        .iter()
+        .zip(got)
+        .position(|(a, b)| a != b)
+        .unwrap_or(expected.len().min(got.len()));
+    panic!(
+        "{what}: expected {} bytes, got {}; first difference at byte {first}",
+        expected.len(),
+        got.len()
+    );
+}
+
+/// The `echo-server` binary running as a child, with its stderr collected.
+pub struct ServerProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+    args: Vec<String>,
+}
+
+impl ServerProcess {
+    /// Starts `echo-server --bind 127.0.0.1 --port 0 ARGS` and waits for its
+    /// `listening on` line.
+    pub fn start(args: &[&str]) -> ServerProcess {
+        Self::start_with(Command::new(SERVER_BIN), args)
+    }
+
+    /// Like [`start`](Self::start), from a prepared command (for `ulimit`
+    /// wrappers and the like); the server's arguments are appended.
+    pub fn start_with(mut command: Command, args: &[&str]) -> ServerProcess {
+        let mut all: Vec<String> = vec![
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--port".into(),
+            "0".into(),
+        ];
+        all.extend(args.iter().map(|arg| arg.to_string()));
+        let mut child = command
+            .args(&all)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn echo-server");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (found, address) = mpsc::channel();
+        let lines = Arc::clone(&log);
+        thread::spawn(move || {
+            let mut found = Some(found);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(at) = line.find("listening on ") {
+                    let rest = &line[at + "listening on ".len()..];
+                    let addr = rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string();
+                    if let Some(found) = found.take() {
+                        // The test may have given up waiting already.
+                        let _ = found.send(addr);
+                    }
+                }
+                lines.lock().expect("log lock").push(line);
+            }
+        });
+        let addr = match address.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => addr
+                .parse()
+                .unwrap_or_else(|_| panic!("bad address {addr:?} in the server's log")),
+            Err(_) => {
+                let _ = child.kill(); // the test fails below either way
+                panic!(
+                    "echo-server {all:?} printed no `listening on` line within 30s; log:\n{}",
+                    log.lock().expect("log lock").join("\n")
+                )
+            }
+        };
+        ServerProcess {
+            child,
+            addr,
+            log,
+            args: all,
+        }
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends a signal such as `libc::SIGINT`.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill only sends a signal to our own child.
+        let rc = unsafe { libc::kill(self.pid(), signal) };
+        assert_eq!(rc, 0, "kill({}, {signal}) failed", self.pid());
+    }
+
+    /// Waits up to `limit` for the child to exit; fails the test with the
+    /// server's log if it does not.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let started = Instant::now();
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => {
+                    // Let the log reader catch the last lines.
+                    thread::sleep(Duration::from_millis(50));
+                    return status;
+                }
+                Ok(None) if started.elapsed() < limit => thread::sleep(Duration::from_millis(10)),
+                Ok(None) => panic!(
+                    "echo-server {:?} did not exit within {limit:?}; log:\n{}",
+                    self.args,
+                    self.log()
+                ),
+                Err(err) => panic!("waiting for echo-server: {err}"),
+            }
+        }
+    }
+
+    /// Everything the server has logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log lock").join("\n")
+    }
+
+    /// The server's summary line, once it has exited.
+    pub fn summary(&self) -> String {
+        self.log
+            .lock()
+            .expect("log lock")
+            .iter()
+            .rev()
+            .find(|line| line.contains("connections served"))
+            .cloned()
+            .unwrap_or_else(|| panic!("no summary line in the log:\n{}", self.log()))
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        // The child may have exited already; either way it must not outlive the test.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A number from a summary line: `summary_count(line, "bytes echoed")`.
+pub fn summary_count(summary: &str, label: &str) -> u64 {
+    let at = summary
+        .find(label)
+        .unwrap_or_else(|| panic!("no {label:?} in summary {summary:?}"));
+    summary[..at]
+        .split_whitespace()
+        .next_back()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number before {label:?} in {summary:?}"))
+}
+
+/// Runs a binary to completion with a time limit and returns its output.
+pub fn run_to_end(program: &str, args: &[&str], limit: Duration) -> Output {
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|err| panic!("spawn {program}: {err}"));
+    let pid = child.id() as i32;
+    let (done, finished) = mpsc::channel();
+    let waiter = thread::spawn(move || {
+        let output = child.wait_with_output();
+        // The receiver is gone only if the limit already failed the test.
+        let _ = done.send(());
+        output
+    });
+    if finished.recv_timeout(limit).is_err() {
+        // SAFETY: kill only sends a signal to our own child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        panic!("{program} {args:?} did not finish within {limit:?}");
+    }
+    waiter
+        .join()
+        .expect("waiter thread")
+        .expect("collect output")
+}
+
+/// Describes a finished command for failure messages, ripgrep-style.
+pub fn describe(program: &str, args: &[&str], output: &Output) -> String {
+    format!(
+        "command: {program} {}\nstatus: {}\nstdout:\n{}\nstderr:\n{}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Open descriptors of a process, from /proc.
+pub fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| dir.count())
+        .unwrap_or_else(|err| panic!("read /proc/{pid}/fd: {err}"))
+}
+
+/// A field of /proc/PID/status in kB, such as `VmHWM` or `VmRSS`.
+pub fn status_kib(pid: i32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|err| panic!("read /proc/{pid}/status: {err}"));
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}

@@ -1,0 +1,164 @@
+//! The echo itself, through the library: byte-exact for any payload and any
+//! chunking, half-close, backpressure, resets and many connections.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn echoes_random_binary_payloads_exactly_whatever_the_chunking() {
+    with_time_limit(Duration::from_secs(120), || {
+        let server = start_server(quiet_config(2));
+        let addr = server.local_addr();
+        let sizes = [
+            1,
+            2,
+            17,
+            1000,
+            4096,
+            65_535,
+            65_536,
+            65_537,
+            300_001,
+            1 << 20,
+            4 << 20,
+        ];
+        for (seed, &size) in sizes.iter().enumerate() {
+            let data = payload(seed as u64, size);
+            let chunk_plan = payload(seed as u64 + 100, 8);
+            let chunks: Vec<usize> = chunk_plan
+                .iter()
+                .map(|&b| 1 + (b as usize * 397) % 70_000)
+                .collect();
+            let echoed = echo_through(addr, &data, &chunks);
+            assert_same_bytes(
+                &data,
+                &echoed,
+                &format!("{size}-byte payload in chunks {chunks:?}"),
+            );
+        }
+        server.shutdown_handle().shutdown();
+        let summary = server.join().expect("clean stop");
+        let total: u64 = sizes.iter().map(|&n| n as u64).sum();
+        assert_eq!(summary.bytes_received, total);
+        assert_eq!(summary.bytes_echoed, total);
+    });
+}
+
+#[test]
+fn serves_two_thousand_concurrent_connections_on_two_workers() {
+    with_time_limit(Duration::from_secs(120), || {
+        let server = start_server(quiet_config(2));
+        let addr = server.local_addr();
+        // Open them all first, so they really are concurrent.
+        let mut streams: Vec<_> = (0..2000).map(|_| connect(addr)).collect();
+        for (i, stream) in streams.iter_mut().enumerate() {
+            stream
+                .write_all(format!("hello {i}\n").as_bytes())
+                .expect("write");
+        }
+        for (i, stream) in streams.iter_mut().enumerate() {
+            let expected = format!("hello {i}\n");
+            let mut got = vec![0; expected.len()];
+            stream.read_exact(&mut got).expect("read echo");
+            assert_eq!(got, expected.as_bytes(), "connection {i}");
+        }
+        drop(streams);
+        server.shutdown_handle().shutdown();
+        let summary = server.join().expect("clean stop");
+        assert_eq!(summary.connections_served, 2000);
+    });
+}
+
+#[test]
+fn half_close_echoes_everything_then_closes() {
+    with_time_limit(Duration::from_secs(30), || {
+        let server = start_server(quiet_config(1));
+        let mut stream = connect(server.local_addr());
+        let data = payload(7, 200_000);
+        stream.write_all(&data).expect("write");
+        stream.shutdown(Shutdown::Write).expect("half-close");
+        let mut echoed = Vec::new();
+        stream
+            .read_to_end(&mut echoed)
+            .expect("read to the server's end of stream");
+        assert_same_bytes(&data, &echoed, "echo after half-close");
+    });
+}
+
+#[test]
+fn a_client_resetting_mid_echo_does_not_disturb_others() {
+    with_time_limit(Duration::from_secs(60), || {
+        let server = start_server(quiet_config(1));
+        let addr = server.local_addr();
+        let steady = thread::spawn(move || {
+            for round in 0..20 {
+                let data = payload(round, 50_000);
+                let echoed = echo_through(addr, &data, &[4096]);
+                assert_same_bytes(&data, &echoed, "steady client");
+            }
+        });
+        for round in 0..50 {
+            let mut rude = connect(addr);
+            rude.write_all(&payload(round, 100_000)).expect("write");
+            // SO_LINGER 0: close sends a reset instead of a FIN.
+            set_linger_zero(&rude);
+            drop(rude);
+        }
+        steady.join().expect("the steady client was served");
+        // The server still answers.
+        let echoed = echo_through(addr, b"still here", &[3]);
+        assert_eq!(echoed, b"still here");
+    });
+}
+
+#[test]
+fn a_client_that_never_reads_does_not_starve_others_on_its_worker() {
+    with_time_limit(Duration::from_secs(60), || {
+        let server = start_server(quiet_config(1));
+        let addr = server.local_addr();
+        let mut hog = connect(addr);
+        hog.set_write_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let chunk = payload(1, 64 * 1024);
+        // Push until the server stops reading (its output cap) and the
+        // kernel buffers fill: the write times out.
+        let mut pushed = 0usize;
+        while hog.write(&chunk).map(|n| pushed += n).is_ok() {
+            assert!(
+                pushed < 512 << 20,
+                "the server kept reading a client that never reads"
+            );
+        }
+        for round in 0..20 {
+            let data = payload(round, 10_000);
+            let echoed = echo_through(addr, &data, &[1000]);
+            assert_same_bytes(&data, &echoed, "client beside a hog");
+        }
+        drop(hog);
+    });
+}
+
+fn set_linger_zero(stream: &std::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads `linger` for the given length only.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "set SO_LINGER");
+}
