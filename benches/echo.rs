@@ -35,6 +35,7 @@ mod report;
 mod servers;
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -180,7 +181,11 @@ fn main() -> ExitCode {
         }
     }
     print!("{}", report.render());
-    println!("took {:.0} s", started.elapsed().as_secs_f64());
+    println!(
+        "took {:.0} s, {:.1} s of it waiting for other processes to quieten",
+        started.elapsed().as_secs_f64(),
+        (60_000 - QUIET_WAIT_BUDGET_MS.load(Ordering::Relaxed)) as f64 / 1e3
+    );
     if report.failed() {
         ExitCode::FAILURE
     } else {
@@ -255,6 +260,31 @@ impl OutsideLoadMark {
     }
 }
 
+/// How long, over the whole run, the bench may wait for other processes
+/// to quieten down before a measurement (in milliseconds).
+static QUIET_WAIT_BUDGET_MS: AtomicU64 = AtomicU64::new(60_000);
+
+/// Waits, in 200 ms looks, until other processes use under
+/// [`FOREIGN_LIMIT`] cores, or until the run's waiting budget is spent.
+/// A shared machine's other work would otherwise land on whichever server
+/// happens to be measured at the time.
+fn wait_for_quiet() {
+    const LOOK: Duration = Duration::from_millis(200);
+    while QUIET_WAIT_BUDGET_MS.load(Ordering::Relaxed) >= LOOK.as_millis() as u64 {
+        let Some(before) = outside_load_mark() else {
+            return;
+        };
+        thread::sleep(LOOK);
+        let Some(after) = outside_load_mark() else {
+            return;
+        };
+        if after.cores_since(&before) <= FOREIGN_LIMIT {
+            return;
+        }
+        QUIET_WAIT_BUDGET_MS.fetch_sub(LOOK.as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
 /// The re-executed bench binary, serving as a peer in its own process.
 fn serve_as_peer(kind: &str) -> ! {
     let workers = std::env::var(servers::WORKERS_ENV)
@@ -324,6 +354,7 @@ fn case_round_trips(options: &Options, report: &mut Report) {
         let mut per_round: Vec<([Vec<Duration>; 3], f64)> = Vec::new();
         let mut failed = [false; 3];
         for _ in 0..rounds {
+            wait_for_quiet();
             let mut round: [Vec<Duration>; 3] = Default::default();
             let mark = outside_load_mark();
             for (at, kind) in Kind::ALL.into_iter().enumerate() {
@@ -536,6 +567,7 @@ fn in_process_rounds(
             if failed[at] {
                 continue;
             }
+            wait_for_quiet();
             let outcome = InProcess::start(kind, WORKERS).and_then(|server| {
                 let window = load::connect(server.addr(), conns).and_then(|streams| {
                     measure_window(streams, spec, options, Placement::InProcess, &|| {
@@ -752,6 +784,7 @@ fn case_many_idle(options: &Options, report: &mut Report) {
     let mut rate = [None; 3];
     let mut peak = [None; 3];
     for (at, kind) in Kind::ALL.into_iter().enumerate() {
+        wait_for_quiet();
         let outcome = ServerProcess::spawn(kind, MANY_WORKERS).and_then(|server| {
             let opened = Instant::now();
             let mut idle = load::open_idle(server.addr(), OPEN, 100)?;
@@ -830,6 +863,7 @@ fn case_shutdown(options: &Options, report: &mut Report) {
     let mut idle_cpu = [None; 3];
     for (at, kind) in Kind::ALL.into_iter().enumerate() {
         let mut times = Vec::with_capacity(reps);
+        wait_for_quiet();
         let outcome = (0..reps).try_for_each(|rep| {
             let server = ServerProcess::spawn(kind, WORKERS)?;
             if rep == 0 {
