@@ -811,6 +811,7 @@ fn case_many_idle(options: &Options, report: &mut Report) {
         });
         match outcome {
             Ok((w, hwm, rss, open_secs)) if w.echoes > 0 => {
+                note_foreign(report, &format!("case 4 {}", kind.name()), w.foreign_cores);
                 rate[at] = Some(w.echoes as f64 / w.secs);
                 peak[at] = Some(hwm as f64 / 1024.0);
                 eprintln!(
