@@ -1,8 +1,6 @@
 //! The bench's output: one row per measured figure, ours next to the
 //! ratio to each peer, plus notes on how the figures were taken.
 
-use std::fmt::Write as _;
-
 use crate::servers::Kind;
 
 /// Which direction of a figure is good.
@@ -57,27 +55,17 @@ impl Report {
 
     /// The whole table, notes and failures.
     pub fn render(&self) -> String {
-        let mut out = String::new();
         let header = format!(
-            "{:<34} | {:>12} | {:>8} | {:>11} | {:>12} | {:>12}",
+            "{:<40} | {:>12} | {:>8} | {:>11} | {:>12} | {:>12}",
             "case", "ours", "vs tokio", "vs blocking", "tokio", "blocking"
         );
-        let _ = writeln!(out, "{header}");
-        let _ = writeln!(out, "{}", "-".repeat(header.chars().count()));
-        for row in &self.rows {
-            let _ = writeln!(out, "{}", render_row(row));
-        }
-        let _ = writeln!(
-            out,
-            "ratios are ours / peer; (higher) or (lower) marks which way is better"
-        );
-        for note in &self.notes {
-            let _ = writeln!(out, "note: {note}");
-        }
-        for failure in &self.failures {
-            let _ = writeln!(out, "FAILED: {failure}");
-        }
-        out
+        let rule = "-".repeat(header.chars().count());
+        let mut lines = vec![header, rule];
+        lines.extend(self.rows.iter().map(render_row));
+        lines.push("ratios are ours / peer; (higher) or (lower) marks which way is better".into());
+        lines.extend(self.notes.iter().map(|note| format!("note: {note}")));
+        lines.extend(self.failures.iter().map(|f| format!("FAILED: {f}")));
+        lines.iter().map(|line| format!("{line}\n")).collect()
     }
 }
 
@@ -100,7 +88,7 @@ fn render_row(row: &Row) -> String {
         Better::Lower => "(lower)",
     };
     format!(
-        "{:<34} | {:>12} | {:>8} | {:>11} | {:>12} | {:>12}",
+        "{:<40} | {:>12} | {:>8} | {:>11} | {:>12} | {:>12}",
         format!("{} {direction}", row.case),
         shown(ours),
         ratio(value(Kind::Tokio)),
