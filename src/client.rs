@@ -1,1 +1,329 @@
-//! The echo client (placeholder; see the client issue).
+//! The echo client: the other side of the flow. It opens connections to any
+//! RFC 862 echo server, sends messages, reads back exactly as many bytes as it
+//! sent and compares them byte for byte, timing every round trip.
+//!
+//! ```text
+//! ClientConfig ─▶ run() ─▶ one thread per connection ─▶ echo exchange ─▶ Event (observer)
+//!                   ▲                                                       │
+//!              StopHandle (Ctrl-C, tests)                    tallies merged into a Report
+//! ```
+//!
+//! Connections use plain threads and blocking std sockets with timeouts, which
+//! is fine up to about a thousand connections. The `echo-client` binary only
+//! parses arguments, prints [`Event`]s and the [`Report`], and picks the exit
+//! code; the tests and benchmarks call this module directly.
+//!
+//! # Example
+//!
+//! ```
+//! use std::io::{Read, Write};
+//! use std::net::TcpListener;
+//! use echo_chamber::client::{self, ClientConfig, Payload, StopHandle};
+//!
+//! // A minimal echo server for the example: echo one connection until EOF.
+//! let listener = TcpListener::bind("127.0.0.1:0")?;
+//! let addr = listener.local_addr()?;
+//! std::thread::spawn(move || {
+//!     if let Ok((mut stream, _)) = listener.accept() {
+//!         let mut reader = stream.try_clone().expect("clone the accepted socket");
+//!         // The example server ends when the client hangs up.
+//!         let _ = std::io::copy(&mut reader, &mut stream);
+//!     }
+//! });
+//!
+//! let config = ClientConfig {
+//!     target: addr.to_string().parse()?,
+//!     payload: Payload::Text(b"Hello Echo!".to_vec()),
+//!     repeat: 3,
+//!     ..ClientConfig::default()
+//! };
+//! let report = client::run(&config, &|_event| {}, &StopHandle::new())?;
+//! assert_eq!((report.sent, report.echoed), (3, 3));
+//! assert!(report.is_success());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod echo;
+mod failure;
+mod payload;
+mod report;
+mod rtt;
+mod stop;
+mod target;
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::time::{Duration, Instant};
+
+pub use failure::{Failure, FailureKind};
+pub use report::Report;
+pub use rtt::RttStats;
+pub use stop::StopHandle;
+pub use target::{Target, TargetError};
+
+use echo::{ConnectionTally, RepeatedMessages};
+
+/// What to send, where, and how often.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// The echo server, as `host:port`.
+    pub target: Target,
+    /// The bytes of each message.
+    pub payload: Payload,
+    /// Echoes per connection; `0` means until [`StopHandle::stop`] is called.
+    pub repeat: u64,
+    /// Pause between two echoes on one connection, like `ping -i`.
+    pub interval: Duration,
+    /// Bounds the connect and each round trip (send plus complete echo).
+    pub timeout: Duration,
+    /// Concurrent connections, each doing `repeat` echoes over one kept-open
+    /// connection.
+    pub connections: NonZeroUsize,
+}
+
+impl Default for ClientConfig {
+    /// `127.0.0.1:9999`, `"Hello Echo!"` once, no interval, a 5 s timeout, one
+    /// connection.
+    fn default() -> Self {
+        ClientConfig {
+            target: Target::new("127.0.0.1", 9999),
+            payload: Payload::Text(b"Hello Echo!".to_vec()),
+            repeat: 1,
+            interval: Duration::ZERO,
+            timeout: Duration::from_secs(5),
+            connections: NonZeroUsize::MIN,
+        }
+    }
+}
+
+/// The content of each message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// The same bytes every time (`--message`).
+    Text(Vec<u8>),
+    /// Pseudo-random bytes of this size, different for every message of every
+    /// connection and every run (`--size`), so a server that replays old bytes
+    /// or mixes up connections is caught.
+    Generated {
+        /// Bytes per message.
+        size: NonZeroUsize,
+    },
+}
+
+impl Payload {
+    /// Bytes per message.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        match self {
+            Payload::Text(text) => text.len(),
+            Payload::Generated { size } => size.get(),
+        }
+    }
+
+    /// True for an empty [`Payload::Text`], which [`run`] rejects.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A configuration [`run`] cannot carry out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    /// [`Payload::Text`] was empty: an empty message has no echo to wait for.
+    EmptyMessage,
+    /// The timeout was zero, which std sockets cannot express.
+    ZeroTimeout,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigError::EmptyMessage => f.write_str("the message is empty"),
+            ConfigError::ZeroTimeout => f.write_str("the timeout is zero"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Something that happened during a run, reported to the observer as it
+/// happens, from the connection's own thread.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// Connection `connection` (numbered from 1) is open to `peer`.
+    Connected {
+        /// Connection number, from 1.
+        connection: usize,
+        /// The address actually connected to.
+        peer: SocketAddr,
+    },
+    /// Echo `seq` of `connection` came back exact.
+    Echoed {
+        /// Connection number, from 1.
+        connection: usize,
+        /// Echo number on this connection, from 1.
+        seq: u64,
+        /// From the first byte sent to the last byte of the echo received.
+        rtt: Duration,
+        /// The message, exactly as sent and echoed.
+        message: &'a [u8],
+    },
+    /// Something failed; the failure also counts in the [`Report`].
+    Failed(&'a Failure),
+}
+
+/// Runs `config` to the end: every connection does its echoes, or fails, or
+/// stops early because `stop` was triggered. An echo already in flight when
+/// `stop` fires still completes (bounded by the timeout).
+///
+/// `observer` is called from the connection threads, once per [`Event`].
+///
+/// Network failures (refused, timed out, mismatched, cut short) do not make
+/// this return `Err`: they are counted in the [`Report`] and passed to the
+/// observer.
+///
+/// # Errors
+///
+/// [`ConfigError`] when the configuration is unusable (empty message, zero
+/// timeout); nothing is sent then.
+pub fn run<F>(config: &ClientConfig, observer: &F, stop: &StopHandle) -> Result<Report, ConfigError>
+where
+    F: Fn(&Event<'_>) + Sync,
+{
+    validate(config)?;
+    let started = Instant::now();
+    let seed = payload::run_seed();
+    let connections = config.connections.get();
+    let tallies = match resolve(config, observer) {
+        Some(addrs) => {
+            let context = echo::Context {
+                addrs: &addrs,
+                timeout: config.timeout,
+                multiple: connections > 1,
+                observer,
+            };
+            std::thread::scope(|scope| {
+                let mut handles = Vec::with_capacity(connections);
+                let mut tallies = Vec::with_capacity(connections);
+                for connection in 1..=connections {
+                    let context = &context;
+                    let spawned = std::thread::Builder::new()
+                        .name(format!("echo-client-{connection}"))
+                        .spawn_scoped(scope, move || {
+                            let mut messages =
+                                RepeatedMessages::new(config, connection, seed, stop);
+                            echo::run_connection(context, connection, &mut messages)
+                        });
+                    match spawned {
+                        Ok(handle) => handles.push(handle),
+                        Err(error) => {
+                            // Out of threads: count it and let the rest run.
+                            tallies.push(context.fail_unstarted(connection, error));
+                        }
+                    }
+                }
+                for handle in handles {
+                    tallies.push(
+                        handle
+                            .join()
+                            .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                    );
+                }
+                tallies
+            })
+        }
+        None => vec![ConnectionTally::resolve_failed()],
+    };
+    Ok(Report::from_tallies(
+        config,
+        tallies,
+        started.elapsed(),
+        stop.is_stopped(),
+    ))
+}
+
+/// Interactive mode (`--stdin`): one connection, each line of `input`
+/// (including its line ending) sent as one message, until end of input or
+/// until `stop` fires. Uses `target` and `timeout` of `config`; its `payload`,
+/// `repeat`, `interval` and `connections` are ignored.
+///
+/// `input` is read on its own thread so that `stop` is seen even while no line
+/// is coming. If `stop` fires while that thread waits for input, it is left
+/// waiting and ends at its next line or at end of input.
+///
+/// # Errors
+///
+/// [`ConfigError::ZeroTimeout`] for a zero timeout.
+pub fn run_lines<F, R>(
+    config: &ClientConfig,
+    input: R,
+    observer: &F,
+    stop: &StopHandle,
+) -> Result<Report, ConfigError>
+where
+    F: Fn(&Event<'_>) + Sync,
+    R: BufRead + Send + 'static,
+{
+    if config.timeout.is_zero() {
+        return Err(ConfigError::ZeroTimeout);
+    }
+    let started = Instant::now();
+    let single = ClientConfig {
+        connections: NonZeroUsize::MIN,
+        ..config.clone()
+    };
+    let lines = echo::read_lines_in_background(input);
+    let tally = match resolve(&single, observer) {
+        Some(addrs) => {
+            let context = echo::Context {
+                addrs: &addrs,
+                timeout: config.timeout,
+                multiple: false,
+                observer,
+            };
+            let mut messages = echo::LineMessages::new(lines, stop);
+            echo::run_connection(&context, 1, &mut messages)
+        }
+        None => ConnectionTally::resolve_failed(),
+    };
+    Ok(Report::from_tallies(
+        &single,
+        vec![tally],
+        started.elapsed(),
+        stop.is_stopped(),
+    ))
+}
+
+fn validate(config: &ClientConfig) -> Result<(), ConfigError> {
+    if config.payload.is_empty() {
+        return Err(ConfigError::EmptyMessage);
+    }
+    if config.timeout.is_zero() {
+        return Err(ConfigError::ZeroTimeout);
+    }
+    Ok(())
+}
+
+/// Resolves the target once for all connections; a failure is reported to the
+/// observer and ends the run.
+fn resolve<F>(config: &ClientConfig, observer: &F) -> Option<Vec<SocketAddr>>
+where
+    F: Fn(&Event<'_>) + Sync,
+{
+    match config.target.resolve() {
+        Ok(addrs) => Some(addrs),
+        Err(error) => {
+            let failure = Failure {
+                connection: None,
+                kind: FailureKind::Resolve {
+                    target: config.target.to_string(),
+                    error,
+                },
+            };
+            observer(&Event::Failed(&failure));
+            None
+        }
+    }
+}

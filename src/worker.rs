@@ -30,6 +30,10 @@ use crate::stats::{OpenConnections, Summary};
 /// The token of the worker's waker; connection `i` uses `Token(i + 1)`.
 pub(crate) const WAKE: Token = Token(0);
 
+/// How long a drained worker waits for peers to close once every connection
+/// it has left is lingering (all echoes delivered, our side shut).
+const LINGER_GRACE: Duration = Duration::from_secs(1);
+
 /// Readiness events taken from the kernel per wake-up.
 const EVENTS_PER_POLL: usize = 1024;
 
@@ -84,6 +88,10 @@ pub(crate) struct Worker {
     /// Connections that used up their turn with bytes still to move.
     unfinished: Vec<usize>,
     drain_deadline: Option<Instant>,
+    /// Set once every open connection lingers: the drain ends then at the latest.
+    linger_deadline: Option<Instant>,
+    /// Open connections that are lingering.
+    lingering: usize,
     summary: Summary,
 }
 
@@ -97,6 +105,8 @@ impl Worker {
             idle_timers: BinaryHeap::new(),
             unfinished: Vec::new(),
             drain_deadline: None,
+            linger_deadline: None,
+            lingering: 0,
             summary: Summary::default(),
         }
     }
@@ -135,7 +145,10 @@ impl Worker {
                 if self.open_count() == 0 {
                     break;
                 }
-                if now >= deadline {
+                if self.lingering == self.open_count() {
+                    self.linger_deadline.get_or_insert(now + LINGER_GRACE);
+                }
+                if now >= deadline || self.linger_deadline.is_some_and(|at| now >= at) {
                     self.cut_all();
                     break;
                 }
@@ -154,11 +167,11 @@ impl Worker {
             return Some(Duration::ZERO);
         }
         let idle = self.idle_timers.peek().map(|Reverse((at, _, _))| *at);
-        let soonest = match (idle, self.drain_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        soonest.map(|at| at.saturating_duration_since(now))
+        [idle, self.drain_deadline, self.linger_deadline]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|at| at.saturating_duration_since(now))
     }
 
     /// Takes the streams the acceptor sent; a disconnected channel starts the drain.
@@ -228,6 +241,7 @@ impl Worker {
         let logger = self.setup.logger;
         let peer = slot.peer;
         let before = slot.connection.stats();
+        let was_lingering = slot.connection.is_lingering();
         let outcome = slot
             .connection
             .on_ready(&mut slot.stream, ready, &mut self.buf, |data| {
@@ -241,6 +255,9 @@ impl Worker {
             });
         if slot.connection.stats() != before {
             slot.last_active = now;
+        }
+        if !was_lingering && slot.connection.is_lingering() {
+            self.lingering += 1;
         }
         match outcome {
             Outcome::Open => {
@@ -321,6 +338,9 @@ impl Worker {
             return;
         };
         self.free.push(index);
+        if slot.connection.is_lingering() {
+            self.lingering -= 1;
+        }
         // Closing the descriptor removes it from epoll anyway; a failed
         // deregister changes nothing for the connection that is ending.
         let _ = self.setup.poll.registry().deregister(&mut slot.stream);
@@ -362,7 +382,7 @@ fn describe(ending: &Ending) -> String {
         Ending::Echo(CloseReason::Failed(err)) => format!("failed: {}", io_cause(err)),
         Ending::IdleTimeout => "idle timeout".into(),
         Ending::CutAtDeadline => "cut at the shutdown deadline".into(),
-        Ending::LingerCut => "drained; the peer did not close by the deadline".into(),
+        Ending::LingerCut => "drained; the peer had not closed after the grace period".into(),
     }
 }
 

@@ -1,2 +1,467 @@
-//! echo-client binary (placeholder).
-fn main() {}
+//! The `echo-client` binary: parses arguments, installs the Ctrl-C handler,
+//! calls `echo_chamber::client`, prints each event and the summary, and picks
+//! the exit code. All network logic lives in the library.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::io::{self, BufReader, IsTerminal, Write};
+use std::num::NonZeroUsize;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use argh::FromArgs;
+use echo_chamber::client::{self, ClientConfig, Event, Payload, Report, StopHandle, Target};
+
+const PROG: &str = "echo-client";
+/// Largest `--size`: two buffers of it per connection must fit in memory.
+const MAX_SIZE: usize = 64 * 1024 * 1024;
+/// Longest message shown as text in per-echo lines; longer ones show a length.
+const MAX_SHOWN_TEXT: usize = 80;
+
+/// Every exit status this program uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    /// Every echo came back exact (also after Ctrl-C), or --help/--version.
+    Success = 0,
+    /// At least one echo failed: timed out, mismatched, cut short, refused, reset.
+    Failed = 1,
+    /// The command line was wrong.
+    Usage = 2,
+}
+
+/// Send messages to an RFC 862 echo server (ours, socat, ncat, inetd, ...) and
+/// check that every byte comes back, with ping-style statistics.
+#[derive(FromArgs, Debug)]
+#[argh(
+    note = "Each connection runs on its own thread with blocking sockets: fine up to about 1000 connections.\nPercentiles come from a histogram accurate to within 0.4%; min/avg/max/mdev are exact (mdev is the population standard deviation, as in ping).\nCtrl-C stops sending and prints the summary; a second Ctrl-C exits at once.",
+    error_code(0, "every echo came back exact (also when stopped with Ctrl-C)"),
+    error_code(
+        1,
+        "an echo failed: timed out, mismatched, cut short, refused or reset"
+    ),
+    error_code(2, "usage error")
+)]
+struct Args {
+    // Brackets in a doc comment would be taken for a rustdoc link.
+    #[argh(
+        positional,
+        from_str_fn(parse_target),
+        description = "echo server as host:port, e.g. localhost:7 or [::1]:9999 (default 127.0.0.1:9999)"
+    )]
+    addr: Option<Target>,
+
+    /// text to send as each message (default "Hello Echo!")
+    #[argh(option, from_str_fn(parse_message))]
+    message: Option<String>,
+
+    /// send BYTES of binary data per message instead of --message, different every message (1 to 64MiB; KiB and MiB suffixes allowed)
+    #[argh(option, from_str_fn(parse_size), arg_name = "bytes")]
+    size: Option<NonZeroUsize>,
+
+    /// echoes per connection, 0 for until Ctrl-C (default 1)
+    #[argh(option, from_str_fn(parse_repeat), arg_name = "n")]
+    repeat: Option<u64>,
+
+    /// pause between echoes on one connection, like ping -i, e.g. 200ms (default 0)
+    #[argh(option, from_str_fn(parse_interval), arg_name = "dur")]
+    interval: Option<Duration>,
+
+    /// limit for connecting and for each round trip, e.g. 2s or 500ms (default 5s)
+    #[argh(option, from_str_fn(parse_timeout), arg_name = "dur")]
+    timeout: Option<Duration>,
+
+    /// concurrent connections, each doing --repeat echoes, up to about 1000 (default 1)
+    #[argh(option, from_str_fn(parse_connections), arg_name = "n")]
+    connections: Option<NonZeroUsize>,
+
+    /// send each line of standard input as one message, until end of input
+    #[argh(switch)]
+    stdin: bool,
+
+    /// print only errors and the summary (plus a progress line each second when stderr is a terminal)
+    #[argh(switch, short = 'q')]
+    quiet: bool,
+
+    /// print only one JSON object with the results on stdout
+    #[argh(switch)]
+    json: bool,
+
+    /// add a histogram of round-trip times to the summary
+    #[argh(switch)]
+    histogram: bool,
+
+    /// print the version and exit
+    #[argh(switch)]
+    version: bool,
+}
+
+fn main() -> ExitCode {
+    ExitCode::from(run() as u8)
+}
+
+/// The one place that chooses the exit status.
+fn run() -> Exit {
+    let args = match parse_args(std::env::args_os().skip(1).collect()) {
+        Ok(args) => args,
+        Err(exit) => return exit,
+    };
+    if args.version {
+        println!("{PROG} {}", env!("CARGO_PKG_VERSION"));
+        return Exit::Success;
+    }
+    if let Err(message) = check_combinations(&args) {
+        eprintln!("{PROG}: {message}");
+        return Exit::Usage;
+    }
+    let config = ClientConfig {
+        target: args
+            .addr
+            .clone()
+            .unwrap_or_else(|| Target::new("127.0.0.1", 9999)),
+        payload: match (args.size, &args.message) {
+            (Some(size), _) => Payload::Generated { size },
+            (None, Some(text)) => Payload::Text(text.clone().into_bytes()),
+            (None, None) => ClientConfig::default().payload,
+        },
+        repeat: args.repeat.unwrap_or(1),
+        interval: args.interval.unwrap_or(Duration::ZERO),
+        timeout: args.timeout.unwrap_or(Duration::from_secs(5)),
+        connections: args.connections.unwrap_or(NonZeroUsize::MIN),
+    };
+
+    let stop = StopHandle::new();
+    install_ctrl_c(&stop);
+    let printer = Printer::new(&args, config.connections.get() > 1, stop.clone());
+    let observer = |event: &Event<'_>| printer.on_event(event);
+    let show_progress = args.quiet && io::stderr().is_terminal();
+    let result = thread::scope(|scope| {
+        // Dropping `done` ends the progress thread.
+        let (done, finished) = crossbeam_channel::bounded::<()>(0);
+        if show_progress {
+            let printer = &printer;
+            let spawned = thread::Builder::new()
+                .name("echo-client-progress".into())
+                .spawn_scoped(scope, move || print_progress(printer, &finished));
+            if let Err(error) = spawned {
+                eprintln!("{PROG}: no progress line: {error}");
+            }
+        }
+        let result = if args.stdin {
+            client::run_lines(&config, BufReader::new(io::stdin()), &observer, &stop)
+        } else {
+            client::run(&config, &observer, &stop)
+        };
+        drop(done);
+        result
+    });
+    let report = match result {
+        Ok(report) => report,
+        Err(error) => {
+            // The flags are checked above, so this means a check is missing there.
+            eprintln!("{PROG}: {error}");
+            return Exit::Usage;
+        }
+    };
+    if !printer.stdout_broken.load(Ordering::Relaxed) {
+        print_report(&args, &report, &printer);
+    }
+    if report.is_success() {
+        Exit::Success
+    } else {
+        Exit::Failed
+    }
+}
+
+/// Parses the arguments; `--help` prints to stdout and exits 0, mistakes print
+/// one line to stderr and exit 2 (argh alone would exit 1).
+fn parse_args(raw: Vec<OsString>) -> Result<Args, Exit> {
+    let mut strings = Vec::with_capacity(raw.len());
+    for arg in raw {
+        match arg.into_string() {
+            Ok(arg) => strings.push(arg),
+            Err(arg) => {
+                eprintln!(
+                    "{PROG}: argument {:?} is not valid UTF-8",
+                    arg.to_string_lossy()
+                );
+                return Err(Exit::Usage);
+            }
+        }
+    }
+    let strs: Vec<&str> = strings.iter().map(String::as_str).collect();
+    Args::from_args(&[PROG], &strs).map_err(|early| match early.status {
+        Ok(()) => {
+            print!("{}", early.output);
+            if !early.output.ends_with('\n') {
+                println!();
+            }
+            Exit::Success
+        }
+        Err(()) => {
+            eprintln!("{PROG}: {} (see --help)", one_line(&early.output));
+            Exit::Usage
+        }
+    })
+}
+
+/// argh's message on one line, starting lowercase like ours.
+fn one_line(output: &str) -> String {
+    let joined = output.split_whitespace().collect::<Vec<_>>().join(" ");
+    let mut chars = joined.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => "invalid arguments".to_owned(),
+    }
+}
+
+fn check_combinations(args: &Args) -> Result<(), String> {
+    if args.size.is_some() && args.message.is_some() {
+        return Err("--size and --message cannot be combined: pick one payload".to_owned());
+    }
+    if args.stdin {
+        let conflicts = [
+            ("--message", args.message.is_some()),
+            ("--size", args.size.is_some()),
+            ("--repeat", args.repeat.is_some()),
+            ("--interval", args.interval.is_some()),
+            ("--connections", args.connections.is_some()),
+        ];
+        if let Some((flag, _)) = conflicts.iter().find(|(_, given)| *given) {
+            return Err(format!(
+                "--stdin cannot be combined with {flag}: the lines are the messages"
+            ));
+        }
+    }
+    if args.json && args.histogram {
+        return Err("--json cannot be combined with --histogram".to_owned());
+    }
+    Ok(())
+}
+
+fn parse_target(value: &str) -> Result<Target, String> {
+    value
+        .parse()
+        .map_err(|error: client::TargetError| error.to_string())
+}
+
+fn parse_message(value: &str) -> Result<String, String> {
+    if value.is_empty() {
+        return Err("the message must not be empty".to_owned());
+    }
+    Ok(value.to_owned())
+}
+
+fn parse_size(value: &str) -> Result<NonZeroUsize, String> {
+    let (digits, unit) = match value.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => value.split_at(at),
+        None => (value, ""),
+    };
+    let unit = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1024,
+        "m" | "mib" => 1024 * 1024,
+        _ => return Err("expected a number of bytes such as 1024, 64KiB or 1MiB".to_owned()),
+    };
+    let bytes = digits
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .ok_or_else(|| "expected a number of bytes such as 1024, 64KiB or 1MiB".to_owned())?;
+    if bytes > MAX_SIZE {
+        return Err("at most 64MiB per message".to_owned());
+    }
+    NonZeroUsize::new(bytes).ok_or_else(|| "a message needs at least 1 byte".to_owned())
+}
+
+fn parse_repeat(value: &str) -> Result<u64, String> {
+    value
+        .parse()
+        .map_err(|_| "expected a whole number of echoes, 0 for no limit".to_owned())
+}
+
+fn parse_connections(value: &str) -> Result<NonZeroUsize, String> {
+    match value.parse::<usize>() {
+        Ok(0) => Err("at least 1 connection is needed".to_owned()),
+        Ok(n) => Ok(NonZeroUsize::new(n).expect("zero is handled above")),
+        Err(_) => Err("expected a whole number of connections".to_owned()),
+    }
+}
+
+fn parse_interval(value: &str) -> Result<Duration, String> {
+    parse_duration(value)
+}
+
+fn parse_timeout(value: &str) -> Result<Duration, String> {
+    match parse_duration(value)? {
+        timeout if timeout.is_zero() => Err("the timeout must be more than 0".to_owned()),
+        timeout => Ok(timeout),
+    }
+}
+
+fn parse_duration(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value)
+        .map_err(|error| format!("expected a duration such as 2s or 500ms ({error})"))
+}
+
+/// First Ctrl-C: stop sending and print the summary. Second: exit at once.
+fn install_ctrl_c(stop: &StopHandle) {
+    let stop = stop.clone();
+    let presses = AtomicUsize::new(0);
+    let installed = ctrlc::set_handler(move || {
+        if presses.fetch_add(1, Ordering::SeqCst) == 0 {
+            stop.stop();
+        } else {
+            std::process::exit(130);
+        }
+    });
+    if let Err(error) = installed {
+        eprintln!("{PROG}: Ctrl-C will end the run without a summary: {error}");
+    }
+}
+
+/// Turns events into output lines; counts them for the progress line.
+struct Printer {
+    /// Per-echo and per-connection lines wanted on stdout.
+    chatty: bool,
+    multiple: bool,
+    /// `--size` payloads are binary: show their length, never their bytes.
+    binary: bool,
+    echoes: AtomicU64,
+    failures: AtomicU64,
+    stdout_broken: AtomicBool,
+    stop: StopHandle,
+}
+
+impl Printer {
+    fn new(args: &Args, multiple: bool, stop: StopHandle) -> Self {
+        Printer {
+            chatty: !args.quiet && !args.json,
+            multiple,
+            binary: args.size.is_some(),
+            echoes: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            stdout_broken: AtomicBool::new(false),
+            stop,
+        }
+    }
+
+    fn on_event(&self, event: &Event<'_>) {
+        match event {
+            Event::Connected { connection, peer } => {
+                if self.chatty {
+                    match self.multiple {
+                        true => self.say(format_args!(
+                            "connected to {peer} (connection {connection})"
+                        )),
+                        false => self.say(format_args!("connected to {peer}")),
+                    }
+                }
+            }
+            Event::Echoed {
+                connection,
+                seq,
+                rtt,
+                message,
+            } => {
+                self.echoes.fetch_add(1, Ordering::Relaxed);
+                if self.chatty {
+                    let shown = Shown {
+                        message,
+                        binary: self.binary,
+                    };
+                    let time = rtt.as_secs_f64() * 1e3;
+                    match self.multiple {
+                        true => self.say(format_args!(
+                            "Server echoed: {shown} (conn={connection} seq={seq} time={time:.3} ms)"
+                        )),
+                        false => self.say(format_args!(
+                            "Server echoed: {shown} (seq={seq} time={time:.3} ms)"
+                        )),
+                    }
+                }
+            }
+            Event::Failed(failure) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                eprintln!("{PROG}: {failure}");
+            }
+        }
+    }
+
+    /// One line on stdout. A closed stdout (`| head`) is a normal way to end:
+    /// stop sending and skip the summary.
+    fn say(&self, line: fmt::Arguments<'_>) {
+        if self.stdout_broken.load(Ordering::Relaxed) {
+            return;
+        }
+        if writeln!(io::stdout().lock(), "{line}").is_err() {
+            self.stdout_broken.store(true, Ordering::Relaxed);
+            self.stop.stop();
+        }
+    }
+}
+
+/// A message as text if it is short printable UTF-8 (one trailing line ending
+/// dropped), otherwise as its length.
+struct Shown<'a> {
+    message: &'a [u8],
+    binary: bool,
+}
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let trimmed = self.message.strip_suffix(b"\n").unwrap_or(self.message);
+        let trimmed = trimmed.strip_suffix(b"\r").unwrap_or(trimmed);
+        match std::str::from_utf8(trimmed) {
+            Ok(text)
+                if !self.binary
+                    && text.chars().count() <= MAX_SHOWN_TEXT
+                    && !text.chars().any(|c| c.is_control() && c != '\t') =>
+            {
+                f.write_str(text)
+            }
+            _ => write!(f, "{} bytes", self.message.len()),
+        }
+    }
+}
+
+/// In quiet runs, when stderr is a terminal: echoes so far and the
+/// current rate, once a second, on one overwritten line. Ends when `finished`
+/// disconnects, erasing the line.
+fn print_progress(printer: &Printer, finished: &crossbeam_channel::Receiver<()>) {
+    let mut last_count = 0;
+    let mut last_time = Instant::now();
+    let mut printed = false;
+    while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+        finished.recv_timeout(Duration::from_secs(1))
+    {
+        let count = printer.echoes.load(Ordering::Relaxed);
+        let failures = printer.failures.load(Ordering::Relaxed);
+        let now = Instant::now();
+        let rate = (count - last_count) as f64 / now.duration_since(last_time).as_secs_f64();
+        (last_count, last_time) = (count, now);
+        eprint!("\r{count} echoes, {rate:.0}/s, {failures} failed\x1b[K");
+        printed = true;
+    }
+    if printed {
+        eprint!("\r\x1b[K");
+    }
+}
+
+fn print_report(args: &Args, report: &Report, printer: &Printer) {
+    let text = if args.json {
+        format!("{}\n", report.to_json())
+    } else {
+        format!("\n{}", report.summary(args.histogram))
+    };
+    let mut stdout = io::stdout().lock();
+    if stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .is_err()
+    {
+        // Nowhere left to report to; the exit status still tells.
+        printer.stdout_broken.store(true, Ordering::Relaxed);
+    }
+}

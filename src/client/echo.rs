@@ -1,0 +1,515 @@
+//! One connection's life: connect within the timeout, then for each message
+//! send it whole, read back exactly as many bytes (TCP is a stream, so that
+//! takes as many reads as it takes), compare byte for byte and time it.
+//!
+//! Sockets are blocking with timeouts. Every round trip has one deadline, and
+//! each read or write gets only the time that is left. Messages larger than
+//! [`INLINE_WRITE_LIMIT`] are written from a helper thread while this thread
+//! reads, because a server that stops reading until its echo is read would
+//! otherwise deadlock with a client that writes everything first.
+
+use std::convert::Infallible;
+use std::io::{self, BufRead, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, select};
+
+use super::failure::{Failure, FailureKind};
+use super::rtt::RttStats;
+use super::stop::StopHandle;
+use super::{ClientConfig, Event, Payload, payload};
+
+/// Messages up to this size are written in full before reading: together
+/// they fit in the socket buffers of both ends, so the server can always
+/// accept them while its echo waits for us. Larger ones are written
+/// concurrently with reading.
+const INLINE_WRITE_LIMIT: usize = 64 * 1024;
+
+/// A socket timeout within this much of the time left is good enough; it
+/// saves a `setsockopt` per read on the common path.
+const TIMEOUT_SLACK: Duration = Duration::from_millis(5);
+
+/// Shared by all connection threads of a run.
+pub(super) struct Context<'a, F> {
+    pub addrs: &'a [SocketAddr],
+    pub timeout: Duration,
+    /// More than one connection: failures then name their connection.
+    pub multiple: bool,
+    pub observer: &'a F,
+}
+
+/// What one connection did; merged into the report.
+#[derive(Debug, Default)]
+pub(super) struct ConnectionTally {
+    pub sent: u64,
+    pub echoed: u64,
+    pub mismatched: u64,
+    pub timed_out: u64,
+    pub errors: u64,
+    pub bytes_sent: u64,
+    pub bytes_echoed: u64,
+    pub rtt: RttStats,
+}
+
+impl ConnectionTally {
+    /// The tally of a run whose target did not resolve: one error.
+    pub fn resolve_failed() -> Self {
+        ConnectionTally {
+            errors: 1,
+            ..Self::default()
+        }
+    }
+
+    fn count(&mut self, kind: &FailureKind) {
+        if kind.is_timeout() {
+            self.timed_out += 1;
+        } else if kind.is_mismatch() {
+            self.mismatched += 1;
+        } else {
+            self.errors += 1;
+        }
+    }
+}
+
+/// Where a connection's messages come from.
+pub(super) trait Messages {
+    /// Puts message `seq` into `buf` and returns true, or returns false when
+    /// there are no more (count reached, end of input, or stopped).
+    fn next(&mut self, seq: u64, buf: &mut Vec<u8>) -> Result<bool, FailureKind>;
+}
+
+/// `--repeat` messages of `--message` or `--size`, `--interval` apart.
+pub(super) struct RepeatedMessages<'a> {
+    payload: &'a Payload,
+    repeat: u64,
+    interval: Duration,
+    connection: usize,
+    seed: u64,
+    stop: &'a StopHandle,
+}
+
+impl<'a> RepeatedMessages<'a> {
+    pub fn new(
+        config: &'a ClientConfig,
+        connection: usize,
+        seed: u64,
+        stop: &'a StopHandle,
+    ) -> Self {
+        RepeatedMessages {
+            payload: &config.payload,
+            repeat: config.repeat,
+            interval: config.interval,
+            connection,
+            seed,
+            stop,
+        }
+    }
+}
+
+impl Messages for RepeatedMessages<'_> {
+    fn next(&mut self, seq: u64, buf: &mut Vec<u8>) -> Result<bool, FailureKind> {
+        if self.repeat != 0 && seq > self.repeat {
+            return Ok(false);
+        }
+        let stopped = if seq > 1 && !self.interval.is_zero() {
+            self.stop.sleep(self.interval)
+        } else {
+            self.stop.is_stopped()
+        };
+        if stopped {
+            return Ok(false);
+        }
+        match self.payload {
+            Payload::Text(text) => {
+                if buf.as_slice() != text.as_slice() {
+                    buf.clone_from(text);
+                }
+            }
+            Payload::Generated { size } => {
+                buf.resize(size.get(), 0);
+                payload::fill(buf, self.seed, self.connection, seq);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Lines of input, read on a background thread (see [`read_lines_in_background`]).
+pub(super) struct LineMessages<'a> {
+    lines: Receiver<io::Result<Vec<u8>>>,
+    stop: &'a StopHandle,
+}
+
+impl<'a> LineMessages<'a> {
+    pub fn new(lines: Receiver<io::Result<Vec<u8>>>, stop: &'a StopHandle) -> Self {
+        LineMessages { lines, stop }
+    }
+}
+
+impl Messages for LineMessages<'_> {
+    fn next(&mut self, _seq: u64, buf: &mut Vec<u8>) -> Result<bool, FailureKind> {
+        if self.stop.is_stopped() {
+            return Ok(false);
+        }
+        let stop: &Receiver<Infallible> = self.stop.receiver();
+        select! {
+            recv(self.lines) -> line => match line {
+                Ok(Ok(line)) => {
+                    *buf = line;
+                    Ok(true)
+                }
+                Ok(Err(error)) => Err(FailureKind::Input { error }),
+                // The reader thread hung up: end of input.
+                Err(_) => Ok(false),
+            },
+            // Only ever a disconnection: stopped.
+            recv(stop) -> _ => Ok(false),
+        }
+    }
+}
+
+/// Reads `input` line by line (bytes, line endings kept, so no line is empty)
+/// on its own thread.
+pub(super) fn read_lines_in_background<R: BufRead + Send + 'static>(
+    mut input: R,
+) -> Receiver<io::Result<Vec<u8>>> {
+    // Room for one line: reading runs ahead of the echoes by at most one line.
+    let (sender, receiver) = crossbeam_channel::bounded(1);
+    let spawned = std::thread::Builder::new()
+        .name("echo-client-input".into())
+        .spawn(move || {
+            let mut line = Vec::new();
+            loop {
+                let result = match input.read_until(b'\n', &mut line) {
+                    // End of input; a last line without newline was sent already.
+                    Ok(0) => break,
+                    Ok(_) => Ok(std::mem::take(&mut line)),
+                    // A signal arrived: keep what was read and read on.
+                    Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(error) => Err(error),
+                };
+                let failed = result.is_err();
+                if sender.send(result).is_err() || failed {
+                    // The echo loop is gone, or the input broke: nothing more to do.
+                    break;
+                }
+            }
+        });
+    if let Err(error) = spawned {
+        let (sender, receiver) = crossbeam_channel::bounded(1);
+        // The receiver is right here, so this send cannot fail.
+        let _ = sender.send(Err(error));
+        return receiver;
+    }
+    receiver
+}
+
+/// Connects, then echoes until `messages` runs out, the stop handle fires or
+/// the connection breaks. A mismatch does not end the connection: the right
+/// number of bytes came back, so the stream is still in step.
+pub(super) fn run_connection<F>(
+    context: &Context<'_, F>,
+    connection: usize,
+    messages: &mut dyn Messages,
+) -> ConnectionTally
+where
+    F: Fn(&Event<'_>) + Sync,
+{
+    let mut tally = ConnectionTally::default();
+    let fail = |tally: &mut ConnectionTally, kind: FailureKind| {
+        tally.count(&kind);
+        let failure = Failure {
+            connection: context.multiple.then_some(connection),
+            kind,
+        };
+        (context.observer)(&Event::Failed(&failure));
+    };
+    let mut socket = match Socket::connect(context.addrs, context.timeout) {
+        Ok(socket) => socket,
+        Err(kind) => {
+            fail(&mut tally, kind);
+            return tally;
+        }
+    };
+    (context.observer)(&Event::Connected {
+        connection,
+        peer: socket.peer,
+    });
+    let mut message = Vec::new();
+    let mut echo = Vec::new();
+    for seq in 1.. {
+        match messages.next(seq, &mut message) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(kind) => {
+                fail(&mut tally, kind);
+                break;
+            }
+        }
+        tally.sent += 1;
+        tally.bytes_sent += message.len() as u64;
+        echo.resize(message.len(), 0);
+        let started = Instant::now();
+        let deadline = started + context.timeout;
+        if let Err(error) = socket.exchange(&message, &mut echo, deadline) {
+            let kind = error.into_failure(seq, socket.peer, context.timeout, message.len());
+            fail(&mut tally, kind);
+            // The stream is out of step (or gone): this connection is done.
+            break;
+        }
+        let rtt = started.elapsed();
+        tally.bytes_echoed += echo.len() as u64;
+        match first_difference(&message, &echo) {
+            None => {
+                tally.echoed += 1;
+                tally.rtt.record(rtt);
+                (context.observer)(&Event::Echoed {
+                    connection,
+                    seq,
+                    rtt,
+                    message: &message,
+                });
+            }
+            Some(offset) => {
+                let kind = FailureKind::Mismatch {
+                    seq,
+                    peer: socket.peer,
+                    len: message.len(),
+                    offset,
+                    sent: message[offset],
+                    got: echo[offset],
+                };
+                fail(&mut tally, kind);
+            }
+        }
+    }
+    tally
+}
+
+impl<F> Context<'_, F>
+where
+    F: Fn(&Event<'_>) + Sync,
+{
+    /// Tally for a connection whose thread could not be started.
+    pub fn fail_unstarted(&self, connection: usize, error: io::Error) -> ConnectionTally {
+        let mut tally = ConnectionTally::default();
+        let kind = FailureKind::Spawn { error };
+        tally.count(&kind);
+        let failure = Failure {
+            connection: self.multiple.then_some(connection),
+            kind,
+        };
+        (self.observer)(&Event::Failed(&failure));
+        tally
+    }
+}
+
+fn first_difference(sent: &[u8], echoed: &[u8]) -> Option<usize> {
+    if sent == echoed {
+        return None;
+    }
+    sent.iter().zip(echoed).position(|(a, b)| a != b)
+}
+
+/// Why a round trip did not complete.
+enum ExchangeError {
+    TimedOut,
+    Closed { received: usize },
+    Io(io::Error),
+}
+
+impl ExchangeError {
+    fn into_failure(
+        self,
+        seq: u64,
+        peer: SocketAddr,
+        timeout: Duration,
+        len: usize,
+    ) -> FailureKind {
+        match self {
+            ExchangeError::TimedOut => FailureKind::TimedOut {
+                seq,
+                peer,
+                after: timeout,
+            },
+            ExchangeError::Closed { received } => FailureKind::Closed {
+                seq,
+                peer,
+                received,
+                len,
+            },
+            // A peer that closes while we still write shows up as EPIPE or
+            // a reset; say so plainly.
+            ExchangeError::Io(error) => FailureKind::Io { seq, peer, error },
+        }
+    }
+}
+
+/// A connected blocking socket and the timeouts currently set on it.
+struct Socket {
+    stream: TcpStream,
+    peer: SocketAddr,
+    read_timeout: Option<Duration>,
+    write_timeout: Option<Duration>,
+}
+
+impl Socket {
+    /// Tries each address in turn, all within one `timeout`.
+    fn connect(addrs: &[SocketAddr], timeout: Duration) -> Result<Socket, FailureKind> {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        for &addr in addrs {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                last = Some((addr, timed_out_after(timeout)));
+                break;
+            }
+            match TcpStream::connect_timeout(&addr, left) {
+                Ok(stream) => {
+                    // Echoes are small and latency-bound; without this, Nagle
+                    // would hold back a message's tail.
+                    if let Err(error) = stream.set_nodelay(true) {
+                        return Err(FailureKind::Connect { addr, error });
+                    }
+                    return Ok(Socket {
+                        stream,
+                        peer: addr,
+                        read_timeout: None,
+                        write_timeout: None,
+                    });
+                }
+                Err(error) if is_timeout(&error) => last = Some((addr, timed_out_after(timeout))),
+                Err(error) => last = Some((addr, error)),
+            }
+        }
+        let (addr, error) = last.expect("resolve() returns at least one address");
+        Err(FailureKind::Connect { addr, error })
+    }
+
+    /// Sends `message` and fills `echo` (same length) before `deadline`.
+    fn exchange(
+        &mut self,
+        message: &[u8],
+        echo: &mut [u8],
+        deadline: Instant,
+    ) -> Result<(), ExchangeError> {
+        if message.len() <= INLINE_WRITE_LIMIT {
+            write_all_by(&self.stream, message, deadline, &mut self.write_timeout)?;
+            return read_exact_by(&self.stream, echo, deadline, &mut self.read_timeout);
+        }
+        let Socket {
+            stream,
+            read_timeout,
+            write_timeout,
+            ..
+        } = self;
+        let stream = &*stream;
+        std::thread::scope(|scope| {
+            let writer = std::thread::Builder::new()
+                .name("echo-client-writer".into())
+                .spawn_scoped(scope, || {
+                    write_all_by(stream, message, deadline, write_timeout)
+                })
+                .map_err(ExchangeError::Io)?;
+            let read = read_exact_by(stream, echo, deadline, read_timeout);
+            if read.is_err() {
+                // Wakes the writer if it is blocked; the connection is over anyway.
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+            let wrote = writer.join().unwrap_or_else(|_| {
+                Err(ExchangeError::Io(io::Error::other(
+                    "the writer thread panicked",
+                )))
+            });
+            // The reader's view says more (closed after N bytes, timed out).
+            read.and(wrote)
+        })
+    }
+}
+
+fn write_all_by(
+    mut stream: &TcpStream,
+    mut buf: &[u8],
+    deadline: Instant,
+    timeout_set: &mut Option<Duration>,
+) -> Result<(), ExchangeError> {
+    while !buf.is_empty() {
+        let left = time_left(deadline)?;
+        if needs_reset(*timeout_set, left) {
+            stream
+                .set_write_timeout(Some(left))
+                .map_err(ExchangeError::Io)?;
+            *timeout_set = Some(left);
+        }
+        match stream.write(buf) {
+            Ok(0) => return Err(ExchangeError::Io(io::ErrorKind::WriteZero.into())),
+            Ok(written) => buf = &buf[written..],
+            // A signal arrived: retry.
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            // The socket timeout ran out; the loop checks the real deadline.
+            Err(error) if is_timeout(&error) => {}
+            Err(error) => return Err(ExchangeError::Io(error)),
+        }
+    }
+    Ok(())
+}
+
+fn read_exact_by(
+    mut stream: &TcpStream,
+    buf: &mut [u8],
+    deadline: Instant,
+    timeout_set: &mut Option<Duration>,
+) -> Result<(), ExchangeError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let left = time_left(deadline)?;
+        if needs_reset(*timeout_set, left) {
+            stream
+                .set_read_timeout(Some(left))
+                .map_err(ExchangeError::Io)?;
+            *timeout_set = Some(left);
+        }
+        match stream.read(&mut buf[filled..]) {
+            // The server closed before echoing everything.
+            Ok(0) => return Err(ExchangeError::Closed { received: filled }),
+            Ok(read) => filled += read,
+            // A signal arrived: retry.
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            // The socket timeout ran out; the loop checks the real deadline.
+            Err(error) if is_timeout(&error) => {}
+            Err(error) => return Err(ExchangeError::Io(error)),
+        }
+    }
+    Ok(())
+}
+
+fn time_left(deadline: Instant) -> Result<Duration, ExchangeError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        Err(ExchangeError::TimedOut)
+    } else {
+        Ok(left)
+    }
+}
+
+/// True unless the socket timeout already set is within slack of `left`.
+fn needs_reset(set: Option<Duration>, left: Duration) -> bool {
+    set.is_none_or(|set| set.abs_diff(left) > TIMEOUT_SLACK)
+}
+
+/// Blocking sockets report an expired timeout as `WouldBlock` on Unix and
+/// `TimedOut` on Windows.
+fn is_timeout(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+fn timed_out_after(timeout: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("timed out after {}", humantime::format_duration(timeout)),
+    )
+}

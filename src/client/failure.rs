@@ -1,0 +1,183 @@
+//! What can go wrong for the client, as one-line messages that name the
+//! address and the cause. Every failure is also counted in the report: as a
+//! timeout, a mismatch, or an error.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// One failure during a run.
+#[derive(Debug)]
+pub struct Failure {
+    /// The connection it happened on (from 1), or `None` when it concerns the
+    /// whole run or the run has a single connection.
+    pub connection: Option<usize>,
+    /// What happened.
+    pub kind: FailureKind,
+}
+
+/// What happened; each variant's `Display` names the address and the cause.
+#[derive(Debug)]
+pub enum FailureKind {
+    /// The host name did not resolve.
+    Resolve {
+        /// The target as given.
+        target: String,
+        /// The resolver's error.
+        error: io::Error,
+    },
+    /// No connection could be made (refused, unreachable, timed out).
+    Connect {
+        /// The last address tried.
+        addr: SocketAddr,
+        /// Why it failed.
+        error: io::Error,
+    },
+    /// The complete echo did not arrive within the timeout.
+    TimedOut {
+        /// Echo number on the connection, from 1.
+        seq: u64,
+        /// The server's address.
+        peer: SocketAddr,
+        /// The timeout that ran out.
+        after: Duration,
+    },
+    /// The echo came back complete but different.
+    Mismatch {
+        /// Echo number on the connection, from 1.
+        seq: u64,
+        /// The server's address.
+        peer: SocketAddr,
+        /// Message length.
+        len: usize,
+        /// Offset of the first differing byte.
+        offset: usize,
+        /// The byte sent there.
+        sent: u8,
+        /// The byte that came back there.
+        got: u8,
+    },
+    /// The server closed the connection before the whole echo came back.
+    Closed {
+        /// Echo number on the connection, from 1.
+        seq: u64,
+        /// The server's address.
+        peer: SocketAddr,
+        /// Bytes of the echo received.
+        received: usize,
+        /// Message length.
+        len: usize,
+    },
+    /// Sending or receiving failed (for example, connection reset).
+    Io {
+        /// Echo number on the connection, from 1.
+        seq: u64,
+        /// The server's address.
+        peer: SocketAddr,
+        /// The socket's error.
+        error: io::Error,
+    },
+    /// Reading the input lines (`--stdin`) failed.
+    Input {
+        /// The read error.
+        error: io::Error,
+    },
+    /// The operating system would not start another connection thread.
+    Spawn {
+        /// The spawn error.
+        error: io::Error,
+    },
+}
+
+impl FailureKind {
+    /// True for a timeout, which the report counts apart from other errors.
+    #[must_use]
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, FailureKind::TimedOut { .. })
+    }
+
+    /// True for a mismatch, which the report counts apart from other errors.
+    #[must_use]
+    pub fn is_mismatch(&self) -> bool {
+        matches!(self, FailureKind::Mismatch { .. })
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            FailureKind::Resolve { target, error } => {
+                write!(f, "cannot resolve {target}: {}", describe(error))?;
+            }
+            FailureKind::Connect { addr, error } => {
+                write!(f, "cannot connect to {addr}: {}", describe(error))?;
+            }
+            FailureKind::TimedOut { seq, peer, after } => {
+                let after = humantime::format_duration(*after);
+                write!(f, "echo {seq} to {peer} timed out after {after}")?;
+            }
+            FailureKind::Mismatch {
+                seq,
+                peer,
+                len,
+                offset,
+                sent,
+                got,
+            } => write!(
+                f,
+                "echo {seq} from {peer} mismatched: byte {offset} of {len} came back as {got:#04x}, sent {sent:#04x}"
+            )?,
+            FailureKind::Closed {
+                seq,
+                peer,
+                received,
+                len,
+            } => write!(
+                f,
+                "echo {seq}: {peer} closed the connection after {received} of {len} bytes"
+            )?,
+            FailureKind::Io { seq, peer, error } => {
+                write!(f, "echo {seq} to {peer} failed: {}", describe(error))?;
+            }
+            FailureKind::Input { error } => {
+                write!(f, "cannot read standard input: {}", describe(error))?;
+            }
+            FailureKind::Spawn { error } => {
+                write!(f, "cannot start a connection thread: {}", describe(error))?;
+            }
+        }
+        if let Some(connection) = self.connection {
+            write!(f, " (connection {connection})")?;
+        }
+        Ok(())
+    }
+}
+
+/// A short lowercase cause, without the "(os error N)" suffix.
+#[must_use]
+pub(crate) fn describe(error: &io::Error) -> String {
+    if let (None, Some(inner)) = (error.raw_os_error(), error.get_ref()) {
+        // Our own message, such as "timed out after 2s".
+        return inner.to_string();
+    }
+    match error.kind() {
+        io::ErrorKind::ConnectionRefused => "connection refused".to_owned(),
+        io::ErrorKind::ConnectionReset => "connection reset by peer".to_owned(),
+        io::ErrorKind::ConnectionAborted => "connection aborted".to_owned(),
+        io::ErrorKind::BrokenPipe => "connection closed by peer (broken pipe)".to_owned(),
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => "timed out".to_owned(),
+        _ => {
+            let text = error.to_string();
+            let text = match text.find(" (os error") {
+                Some(end) => &text[..end],
+                None => text.as_str(),
+            };
+            let mut chars = text.chars();
+            match chars.next() {
+                Some(first) => first.to_lowercase().chain(chars).collect(),
+                None => format!("{:?}", error.kind()),
+            }
+        }
+    }
+}

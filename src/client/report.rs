@@ -1,0 +1,225 @@
+//! The end of the flow: all connections' tallies merged into one report,
+//! rendered as ping-style text or as one JSON object.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use super::ClientConfig;
+use super::echo::ConnectionTally;
+use super::rtt::RttStats;
+
+/// What a run did, over all its connections.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    /// The target as given, for the summary's header.
+    pub target: String,
+    /// Connections the run was asked for.
+    pub connections: usize,
+    /// Messages sent (an echo was then waited for).
+    pub sent: u64,
+    /// Echoes that came back complete and exact.
+    pub echoed: u64,
+    /// Echoes that came back complete but different.
+    pub mismatched: u64,
+    /// Echoes that did not come back in full within the timeout.
+    pub timed_out: u64,
+    /// Everything else that failed: resolve, connect, closed early, reset,
+    /// other socket or input errors.
+    pub errors: u64,
+    /// Bytes of all messages sent.
+    pub bytes_sent: u64,
+    /// Bytes of all complete echoes received.
+    pub bytes_echoed: u64,
+    /// Round-trip times of the exact echoes.
+    pub rtt: RttStats,
+    /// From the start of the run (before resolving) to its end.
+    pub elapsed: Duration,
+    /// True if the run was stopped through its [`StopHandle`](super::StopHandle).
+    pub stopped: bool,
+}
+
+impl Report {
+    pub(super) fn from_tallies(
+        config: &ClientConfig,
+        tallies: Vec<ConnectionTally>,
+        elapsed: Duration,
+        stopped: bool,
+    ) -> Report {
+        let mut report = Report {
+            target: config.target.to_string(),
+            connections: config.connections.get(),
+            sent: 0,
+            echoed: 0,
+            mismatched: 0,
+            timed_out: 0,
+            errors: 0,
+            bytes_sent: 0,
+            bytes_echoed: 0,
+            rtt: RttStats::new(),
+            elapsed,
+            stopped,
+        };
+        for tally in tallies {
+            report.sent += tally.sent;
+            report.echoed += tally.echoed;
+            report.mismatched += tally.mismatched;
+            report.timed_out += tally.timed_out;
+            report.errors += tally.errors;
+            report.bytes_sent += tally.bytes_sent;
+            report.bytes_echoed += tally.bytes_echoed;
+            report.rtt.merge(&tally.rtt);
+        }
+        report
+    }
+
+    /// True if nothing failed: every echo sent came back exact (this holds for
+    /// a run stopped early, too, and for one that sent nothing).
+    #[must_use]
+    pub fn is_success(&self) -> bool {
+        self.mismatched == 0 && self.timed_out == 0 && self.errors == 0 && self.echoed == self.sent
+    }
+
+    /// Percent of messages sent whose echo never came back in full.
+    #[must_use]
+    pub fn loss_percent(&self) -> f64 {
+        if self.sent == 0 {
+            return 0.0;
+        }
+        let lost = self.sent.saturating_sub(self.echoed + self.mismatched);
+        lost as f64 * 100.0 / self.sent as f64
+    }
+
+    /// Complete echoes (exact or not) per second of the run.
+    #[must_use]
+    pub fn echoes_per_second(&self) -> f64 {
+        per_second(self.echoed + self.mismatched, self.elapsed)
+    }
+
+    /// The ping-style summary, several lines ending in a newline:
+    ///
+    /// ```text
+    /// --- 127.0.0.1:9999 echo statistics ---
+    /// 100 sent, 100 echoed, 0 mismatched, 0 timed out, 0% loss, time 12ms
+    /// rtt min/avg/max/mdev = 0.051/0.083/0.201/0.012 ms
+    /// rtt p50/p90/p99/p99.9 = 0.080/0.101/0.180/0.201 ms (histogram, within 0.4%)
+    /// ```
+    ///
+    /// A throughput line follows when more than one connection or echo was
+    /// asked for, and a histogram when `histogram` is true.
+    #[must_use]
+    pub fn summary(&self, histogram: bool) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail, here and below.
+        let _ = writeln!(text, "--- {} echo statistics ---", self.target);
+        let _ = write!(
+            text,
+            "{} sent, {} echoed, {} mismatched, {} timed out",
+            self.sent, self.echoed, self.mismatched, self.timed_out
+        );
+        if self.errors > 0 {
+            let plural = if self.errors == 1 { "" } else { "s" };
+            let _ = write!(text, ", {} error{plural}", self.errors);
+        }
+        let loss = format_loss(self.loss_percent());
+        let _ = writeln!(text, ", {loss}% loss, time {}ms", self.elapsed.as_millis());
+        if let (Some(min), Some(avg), Some(max), Some(mdev)) = (
+            self.rtt.min(),
+            self.rtt.mean(),
+            self.rtt.max(),
+            self.rtt.mdev(),
+        ) {
+            let _ = writeln!(
+                text,
+                "rtt min/avg/max/mdev = {}/{}/{}/{} ms",
+                ms(min),
+                ms(avg),
+                ms(max),
+                ms(mdev)
+            );
+            let p = |q| self.rtt.percentile(q).map_or_else(String::new, ms);
+            let _ = writeln!(
+                text,
+                "rtt p50/p90/p99/p99.9 = {}/{}/{}/{} ms (histogram, within 0.4%)",
+                p(0.5),
+                p(0.9),
+                p(0.99),
+                p(0.999)
+            );
+        }
+        if self.connections > 1 || self.sent > 1 {
+            let plural = if self.connections == 1 { "" } else { "s" };
+            let _ = writeln!(
+                text,
+                "throughput {:.1} echoes/s, {:.3} MB/s sent, {:.3} MB/s echoed ({} connection{plural})",
+                self.echoes_per_second(),
+                per_second(self.bytes_sent, self.elapsed) / 1e6,
+                per_second(self.bytes_echoed, self.elapsed) / 1e6,
+                self.connections
+            );
+        }
+        if histogram && self.rtt.count() > 0 {
+            let _ = writeln!(
+                text,
+                "rtt histogram ({} exact echoes, log-spaced rows):",
+                self.rtt.count()
+            );
+            text.push_str(&self.rtt.histogram_text());
+        }
+        text
+    }
+
+    /// The report as one JSON object on one line, with the keys `sent`,
+    /// `echoed`, `mismatched`, `timed_out`, `errors`, `rtt_ms` (`min`, `avg`,
+    /// `max`, `mdev`, `p50`, `p90`, `p99`, `p999`; `null` without exact
+    /// echoes), `elapsed_s` and `echoes_per_s`.
+    #[must_use]
+    pub fn to_json(&self) -> String {
+        let rtt = |value: Option<Duration>| value.map_or_else(|| "null".to_owned(), ms);
+        let p = |q| rtt(self.rtt.percentile(q));
+        format!(
+            concat!(
+                "{{\"sent\":{},\"echoed\":{},\"mismatched\":{},\"timed_out\":{},\"errors\":{},",
+                "\"rtt_ms\":{{\"min\":{},\"avg\":{},\"max\":{},\"mdev\":{},",
+                "\"p50\":{},\"p90\":{},\"p99\":{},\"p999\":{}}},",
+                "\"elapsed_s\":{:.6},\"echoes_per_s\":{:.3}}}"
+            ),
+            self.sent,
+            self.echoed,
+            self.mismatched,
+            self.timed_out,
+            self.errors,
+            rtt(self.rtt.min()),
+            rtt(self.rtt.mean()),
+            rtt(self.rtt.max()),
+            rtt(self.rtt.mdev()),
+            p(0.5),
+            p(0.9),
+            p(0.99),
+            p(0.999),
+            self.elapsed.as_secs_f64(),
+            self.echoes_per_second(),
+        )
+    }
+}
+
+/// Milliseconds with microsecond resolution, as ping prints them.
+fn ms(duration: Duration) -> String {
+    format!("{:.3}", duration.as_secs_f64() * 1e3)
+}
+
+/// `0`, `100`, `33.3`: whole numbers without decimals.
+fn format_loss(percent: f64) -> String {
+    let rounded = format!("{percent:.1}");
+    rounded
+        .strip_suffix(".0")
+        .map_or(rounded.clone(), str::to_owned)
+}
+
+fn per_second(count: u64, elapsed: Duration) -> f64 {
+    let seconds = elapsed.as_secs_f64();
+    if seconds > 0.0 {
+        count as f64 / seconds
+    } else {
+        0.0
+    }
+}

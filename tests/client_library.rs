@@ -1,0 +1,542 @@
+//! The client library as a specification: against the in-process server, a
+//! plain std echo server and small misbehaving servers, `client::run` and
+//! `client::run_lines` must count, compare and time exactly, fail within the
+//! timeout, and stop when told.
+
+#[path = "client_support/mod.rs"]
+mod support;
+
+use std::io::{self, Cursor, Read};
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use echo_chamber::client::{self, ClientConfig, ConfigError, Event, Payload, Report, StopHandle};
+use support::{EchoServer, Json, TestServer, within};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn config_for(addr: SocketAddr) -> ClientConfig {
+    ClientConfig {
+        target: addr
+            .to_string()
+            .parse()
+            .expect("a socket address is a target"),
+        ..ClientConfig::default()
+    }
+}
+
+fn generated(size: usize) -> Payload {
+    Payload::Generated {
+        size: NonZeroUsize::new(size).expect("sizes in these tests are positive"),
+    }
+}
+
+/// Everything the observer saw, as owned values.
+#[derive(Debug, Default)]
+struct Seen {
+    connected: Vec<(usize, SocketAddr)>,
+    echoed: Vec<(usize, u64, Vec<u8>)>,
+    failures: Vec<String>,
+}
+
+fn run_and_record(config: &ClientConfig, stop: &StopHandle) -> (Report, Seen) {
+    let seen = Mutex::new(Seen::default());
+    let report =
+        client::run(config, &|event: &Event<'_>| record(&seen, event), stop).expect("valid config");
+    (report, seen.into_inner().expect("observer did not panic"))
+}
+
+fn record(seen: &Mutex<Seen>, event: &Event<'_>) {
+    let mut seen = seen.lock().expect("observer did not panic");
+    match event {
+        Event::Connected { connection, peer } => seen.connected.push((*connection, *peer)),
+        Event::Echoed {
+            connection,
+            seq,
+            message,
+            ..
+        } => seen.echoed.push((*connection, *seq, message.to_vec())),
+        Event::Failed(failure) => seen.failures.push(failure.to_string()),
+    }
+}
+
+#[test]
+fn repeat_sends_exactly_that_many_echoes_over_one_connection() {
+    within(LIMIT, || {
+        let server = EchoServer::start();
+        let config = ClientConfig {
+            repeat: 25,
+            ..config_for(server.addr())
+        };
+        let (report, seen) = run_and_record(&config, &StopHandle::new());
+        assert!(
+            report.is_success(),
+            "report: {report:#?}\nfailures: {:?}",
+            seen.failures
+        );
+        assert_eq!(
+            (report.sent, report.echoed, report.rtt.count()),
+            (25, 25, 25)
+        );
+        assert_eq!(seen.connected, vec![(1, server.addr())]);
+        let seqs: Vec<u64> = seen.echoed.iter().map(|(_, seq, _)| *seq).collect();
+        assert_eq!(seqs, (1..=25).collect::<Vec<_>>());
+        assert!(
+            seen.echoed
+                .iter()
+                .all(|(_, _, message)| message == b"Hello Echo!")
+        );
+        assert_eq!(report.bytes_sent, 25 * 11);
+        assert_eq!(report.bytes_echoed, 25 * 11);
+    });
+}
+
+#[test]
+fn sizes_from_one_byte_to_one_mebibyte_come_back_exact() {
+    within(LIMIT, || {
+        let server = EchoServer::start();
+        for size in [
+            1,
+            2,
+            7,
+            1460,
+            4096,
+            65_535,
+            65_536,
+            65_537,
+            300_001,
+            1 << 20,
+        ] {
+            let config = ClientConfig {
+                payload: generated(size),
+                repeat: 2,
+                ..config_for(server.addr())
+            };
+            let (report, seen) = run_and_record(&config, &StopHandle::new());
+            assert!(
+                report.is_success(),
+                "size {size}: {report:#?}\nfailures: {:?}",
+                seen.failures
+            );
+            assert_eq!((report.sent, report.echoed), (2, 2), "size {size}");
+            assert_eq!(report.bytes_echoed, 2 * size as u64, "size {size}");
+            let lengths: Vec<usize> = seen.echoed.iter().map(|(_, _, m)| m.len()).collect();
+            assert_eq!(lengths, vec![size, size], "size {size}");
+            if size > 16 {
+                assert_ne!(
+                    seen.echoed[0].2, seen.echoed[1].2,
+                    "generated messages must differ (size {size})"
+                );
+            }
+        }
+    });
+}
+
+#[test]
+fn twenty_connections_each_do_all_their_echoes() {
+    within(LIMIT, || {
+        let server = EchoServer::start();
+        let config = ClientConfig {
+            connections: NonZeroUsize::new(20).expect("20 is positive"),
+            repeat: 10,
+            payload: generated(512),
+            ..config_for(server.addr())
+        };
+        let (report, seen) = run_and_record(&config, &StopHandle::new());
+        assert!(
+            report.is_success(),
+            "report: {report:#?}\nfailures: {:?}",
+            seen.failures
+        );
+        assert_eq!(
+            (report.sent, report.echoed, report.connections),
+            (200, 200, 20)
+        );
+        let mut connections: Vec<usize> = seen.connected.iter().map(|(c, _)| *c).collect();
+        connections.sort_unstable();
+        assert_eq!(connections, (1..=20).collect::<Vec<_>>());
+        for connection in 1..=20 {
+            let seqs: Vec<u64> = seen
+                .echoed
+                .iter()
+                .filter(|(c, _, _)| *c == connection)
+                .map(|(_, seq, _)| *seq)
+                .collect();
+            assert_eq!(
+                seqs,
+                (1..=10).collect::<Vec<_>>(),
+                "connection {connection}"
+            );
+        }
+        assert!(
+            report.summary(false).contains("echoes/s"),
+            "throughput line missing:\n{}",
+            report.summary(false)
+        );
+    });
+}
+
+#[test]
+fn lines_mode_sends_each_line_as_one_message_until_end_of_input() {
+    within(LIMIT, || {
+        let server = EchoServer::start();
+        let input = Cursor::new(b"one\ntwo\n\nlast without newline".to_vec());
+        let seen = Mutex::new(Seen::default());
+        let report = client::run_lines(
+            &config_for(server.addr()),
+            input,
+            &|event: &Event<'_>| record(&seen, event),
+            &StopHandle::new(),
+        )
+        .expect("valid config");
+        let seen = seen.into_inner().expect("observer did not panic");
+        assert!(
+            report.is_success(),
+            "report: {report:#?}\nfailures: {:?}",
+            seen.failures
+        );
+        let messages: Vec<Vec<u8>> = seen.echoed.into_iter().map(|(_, _, m)| m).collect();
+        let expected: Vec<Vec<u8>> = vec![
+            b"one\n".to_vec(),
+            b"two\n".to_vec(),
+            b"\n".to_vec(),
+            b"last without newline".to_vec(),
+        ];
+        assert_eq!(messages, expected);
+        assert_eq!((report.sent, report.echoed), (4, 4));
+    });
+}
+
+#[test]
+fn json_report_is_one_object_with_the_documented_keys() {
+    within(LIMIT, || {
+        let server = EchoServer::start();
+        let config = ClientConfig {
+            repeat: 5,
+            ..config_for(server.addr())
+        };
+        let (report, _) = run_and_record(&config, &StopHandle::new());
+        let json =
+            Json::parse(&report.to_json()).unwrap_or_else(|e| panic!("{e}: {}", report.to_json()));
+        assert_eq!(
+            json.keys(),
+            [
+                "sent",
+                "echoed",
+                "mismatched",
+                "timed_out",
+                "errors",
+                "rtt_ms",
+                "elapsed_s",
+                "echoes_per_s"
+            ]
+        );
+        let rtt = json.get("rtt_ms").expect("rtt_ms present");
+        assert_eq!(
+            rtt.keys(),
+            ["min", "avg", "max", "mdev", "p50", "p90", "p99", "p999"]
+        );
+        assert_eq!(json.number("sent"), Some(5.0));
+        assert_eq!(json.number("echoed"), Some(5.0));
+        let (min, max) = (
+            rtt.number("min").expect("min"),
+            rtt.number("max").expect("max"),
+        );
+        for key in ["avg", "p50", "p90", "p99", "p999"] {
+            let value = rtt.number(key).expect("a number with samples");
+            assert!(
+                min <= value && value <= max,
+                "{key} = {value} outside min {min} .. max {max}"
+            );
+        }
+    });
+}
+
+#[test]
+fn json_report_without_echoes_has_null_round_trip_times() {
+    within(LIMIT, || {
+        let config = ClientConfig {
+            timeout: Duration::from_secs(30),
+            ..config_for(support::closed_port())
+        };
+        let (report, _) = run_and_record(&config, &StopHandle::new());
+        let json =
+            Json::parse(&report.to_json()).unwrap_or_else(|e| panic!("{e}: {}", report.to_json()));
+        assert_eq!(
+            json.get("rtt_ms").and_then(|r| r.get("p50")),
+            Some(&Json::Null)
+        );
+        assert_eq!(json.number("errors"), Some(1.0));
+    });
+}
+
+#[test]
+fn works_against_a_plain_std_echo_server() {
+    within(LIMIT, || {
+        let server = TestServer::start(support::std_echo);
+        let config = ClientConfig {
+            repeat: 20,
+            payload: generated(100_000),
+            ..config_for(server.addr())
+        };
+        let (report, seen) = run_and_record(&config, &StopHandle::new());
+        assert!(
+            report.is_success(),
+            "report: {report:#?}\nfailures: {:?}",
+            seen.failures
+        );
+        assert_eq!((report.sent, report.echoed), (20, 20));
+    });
+}
+
+#[test]
+fn server_that_never_answers_times_out_after_about_the_timeout() {
+    within(Duration::from_secs(10), || {
+        let server = TestServer::start(support::never_answers);
+        let config = ClientConfig {
+            repeat: 3,
+            timeout: Duration::from_secs(1),
+            ..config_for(server.addr())
+        };
+        let started = Instant::now();
+        let (report, seen) = run_and_record(&config, &StopHandle::new());
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(900),
+            "gave up after {elapsed:?}, before the 1s timeout"
+        );
+        assert!(!report.is_success());
+        assert_eq!(
+            (report.sent, report.echoed, report.timed_out),
+            (1, 0, 1),
+            "{report:#?}"
+        );
+        let expected = format!("echo 1 to {} timed out after 1s", server.addr());
+        assert_eq!(seen.failures, vec![expected]);
+    });
+}
+
+#[test]
+fn large_message_to_a_server_that_never_reads_times_out_instead_of_blocking_in_write() {
+    within(Duration::from_secs(10), || {
+        let server = TestServer::start(support::never_reads);
+        let config = ClientConfig {
+            payload: generated(16 << 20),
+            timeout: Duration::from_secs(1),
+            ..config_for(server.addr())
+        };
+        let started = Instant::now();
+        let (report, seen) = run_and_record(&config, &StopHandle::new());
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(900),
+            "gave up after {elapsed:?}, before the 1s timeout"
+        );
+        assert_eq!(
+            (report.sent, report.timed_out),
+            (1, 1),
+            "{report:#?}\nfailures: {:?}",
+            seen.failures
+        );
+    });
+}
+
+#[test]
+fn server_that_corrupts_one_byte_is_reported_as_a_mismatch() {
+    within(LIMIT, || {
+        let server = TestServer::start(support::corrupts_one_byte);
+        let config = ClientConfig {
+            repeat: 3,
+            ..config_for(server.addr())
+        };
+        let (report, seen) = run_and_record(&config, &StopHandle::new());
+        assert!(!report.is_success());
+        // Only the first echo holds the corrupted 6th byte (the space of "Hello Echo!",
+        // 0x20, flipped to 0x21); the stream stays in step.
+        assert_eq!(
+            (report.sent, report.echoed, report.mismatched),
+            (3, 2, 1),
+            "{report:#?}"
+        );
+        let expected = format!(
+            "echo 1 from {} mismatched: byte 5 of 11 came back as 0x21, sent 0x20",
+            server.addr()
+        );
+        assert_eq!(seen.failures, vec![expected]);
+    });
+}
+
+#[test]
+fn server_that_echoes_half_and_closes_is_an_error() {
+    within(LIMIT, || {
+        let server = TestServer::start(support::echoes_half_then_closes);
+        let config = ClientConfig {
+            repeat: 3,
+            payload: generated(1000),
+            ..config_for(server.addr())
+        };
+        let (report, seen) = run_and_record(&config, &StopHandle::new());
+        assert!(!report.is_success());
+        assert_eq!(
+            (report.sent, report.echoed, report.errors),
+            (1, 0, 1),
+            "{report:#?}"
+        );
+        assert_eq!(seen.failures.len(), 1, "{:?}", seen.failures);
+        let prefix = format!("echo 1: {} closed the connection after ", server.addr());
+        assert!(
+            seen.failures[0].starts_with(&prefix) && seen.failures[0].ends_with(" of 1000 bytes"),
+            "expected {prefix:?}... of 1000 bytes, got {:?}",
+            seen.failures[0]
+        );
+    });
+}
+
+#[test]
+fn replaying_server_is_caught_by_generated_payloads() {
+    within(LIMIT, || {
+        let server = TestServer::start(support::replays_first_chunk);
+        let config = ClientConfig {
+            repeat: 3,
+            payload: generated(64),
+            ..config_for(server.addr())
+        };
+        let (report, seen) = run_and_record(&config, &StopHandle::new());
+        assert_eq!(
+            (report.echoed, report.mismatched),
+            (1, 2),
+            "{report:#?}\nfailures: {:?}",
+            seen.failures
+        );
+    });
+}
+
+#[test]
+fn closed_port_fails_at_once_not_after_the_timeout() {
+    within(Duration::from_secs(10), || {
+        let addr = support::closed_port();
+        let config = ClientConfig {
+            timeout: Duration::from_secs(30),
+            ..config_for(addr)
+        };
+        let (report, seen) = run_and_record(&config, &StopHandle::new());
+        assert!(!report.is_success());
+        assert_eq!((report.sent, report.errors), (0, 1));
+        assert_eq!(
+            seen.failures,
+            vec![format!("cannot connect to {addr}: connection refused")]
+        );
+    });
+}
+
+#[test]
+fn stop_ends_an_endless_run_which_still_counts_as_success() {
+    within(LIMIT, || {
+        let server = EchoServer::start();
+        let config = ClientConfig {
+            repeat: 0,
+            ..config_for(server.addr())
+        };
+        let stop = StopHandle::new();
+        let echoes = Mutex::new(0u64);
+        let observer = |event: &Event<'_>| {
+            if let Event::Echoed { .. } = event {
+                let mut echoes = echoes.lock().expect("observer did not panic");
+                *echoes += 1;
+                if *echoes == 50 {
+                    stop.stop();
+                }
+            }
+        };
+        let report = client::run(&config, &observer, &stop).expect("valid config");
+        assert!(report.stopped && report.is_success(), "{report:#?}");
+        assert_eq!((report.sent, report.echoed), (50, 50));
+    });
+}
+
+#[test]
+fn stop_cuts_an_interval_pause_short() {
+    within(Duration::from_secs(20), || {
+        let server = EchoServer::start();
+        let config = ClientConfig {
+            repeat: 0,
+            interval: Duration::from_secs(3600),
+            ..config_for(server.addr())
+        };
+        let stop = StopHandle::new();
+        let observer = |event: &Event<'_>| {
+            if let Event::Echoed { .. } = event {
+                stop.stop();
+            }
+        };
+        let report = client::run(&config, &observer, &stop).expect("valid config");
+        assert_eq!((report.sent, report.echoed), (1, 1), "{report:#?}");
+    });
+}
+
+/// Input that never delivers a line, like a terminal nobody types into.
+struct SilentInput;
+
+impl Read for SilentInput {
+    fn read(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
+        std::thread::sleep(Duration::from_secs(3600));
+        Ok(0)
+    }
+}
+
+#[test]
+fn stop_ends_lines_mode_while_it_waits_for_input() {
+    within(Duration::from_secs(20), || {
+        let server = EchoServer::start();
+        let stop = StopHandle::new();
+        let observer = |event: &Event<'_>| {
+            if let Event::Connected { .. } = event {
+                stop.stop();
+            }
+        };
+        let input = io::BufReader::new(SilentInput);
+        let report = client::run_lines(&config_for(server.addr()), input, &observer, &stop)
+            .expect("valid config");
+        assert!(report.stopped && report.is_success(), "{report:#?}");
+        assert_eq!(report.sent, 0);
+    });
+}
+
+#[test]
+fn connects_to_ipv6_loopback_in_brackets() {
+    within(LIMIT, || {
+        let Ok(server) = TestServer::start_on("[::1]:0", support::std_echo) else {
+            eprintln!("skipped: this machine has no IPv6 loopback");
+            return;
+        };
+        let target = format!("[::1]:{}", server.addr().port());
+        let config = ClientConfig {
+            target: target.parse().expect("bracketed IPv6 parses"),
+            ..ClientConfig::default()
+        };
+        let (report, seen) = run_and_record(&config, &StopHandle::new());
+        assert!(
+            report.is_success(),
+            "{report:#?}\nfailures: {:?}",
+            seen.failures
+        );
+        assert_eq!(seen.connected, vec![(1, server.addr())]);
+        assert!(
+            report
+                .summary(false)
+                .starts_with(&format!("--- {target} echo statistics ---"))
+        );
+    });
+}
+
+#[test]
+fn empty_message_is_refused_before_connecting() {
+    let config = ClientConfig {
+        payload: Payload::Text(Vec::new()),
+        ..config_for(support::closed_port())
+    };
+    let result = client::run(&config, &|_: &Event<'_>| {}, &StopHandle::new());
+    assert_eq!(result.err(), Some(ConfigError::EmptyMessage));
+}

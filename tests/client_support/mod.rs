@@ -1,0 +1,424 @@
+//! Fixtures shared by the client's tests: a hard time limit, the project's
+//! in-process echo server, small misbehaving servers, a plain std echo server (to show the
+//! client works with any RFC 862 server), a runner for the binary, and a tiny
+//! JSON reader for checking `--json` output.
+//!
+//! Included by each client test file with `#[path]`; a file that does not use
+//! every fixture would warn about it, hence the allow.
+#![allow(dead_code)]
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// Runs `body` on its own thread and fails the test if it takes longer than
+/// `limit`. A panic in `body` fails the test with the original message.
+pub fn within<T: Send + 'static>(limit: Duration, body: impl FnOnce() -> T + Send + 'static) -> T {
+    let (sender, receiver) = crossbeam_channel::bounded(1);
+    let worker = thread::spawn(move || {
+        let value = body();
+        // The receiver is gone only if the limit already failed the test.
+        let _ = sender.send(value);
+    });
+    match receiver.recv_timeout(limit) {
+        Ok(value) => value,
+        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => match worker.join() {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(()) => unreachable!("the body sends before it returns"),
+        },
+        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+            panic!("test did not finish within its hard limit of {limit:?}")
+        }
+    }
+}
+
+/// A listener on 127.0.0.1:0 running `handle` on its own thread for each
+/// connection. Dropping it stops accepting (connection threads end with
+/// their clients).
+pub struct TestServer {
+    addr: SocketAddr,
+    stopping: Arc<AtomicBool>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub fn start(handle: fn(TcpStream)) -> TestServer {
+        Self::start_on("127.0.0.1:0", handle).expect("bind 127.0.0.1:0")
+    }
+
+    pub fn start_on(bind: &str, handle: fn(TcpStream)) -> io::Result<TestServer> {
+        let listener = TcpListener::bind(bind)?;
+        let addr = listener.local_addr()?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stopping);
+        let acceptor = thread::spawn(move || {
+            for stream in listener.incoming() {
+                if flag.load(Ordering::SeqCst) {
+                    break;
+                }
+                match stream {
+                    Ok(stream) => {
+                        thread::spawn(move || handle(stream));
+                    }
+                    // A failed accept (e.g. the client gave up) is not the test's concern.
+                    Err(_) => continue,
+                }
+            }
+        });
+        Ok(TestServer {
+            addr,
+            stopping,
+            acceptor: Some(acceptor),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        // Wakes the acceptor blocked in accept(); if the connect fails the
+        // acceptor is already gone.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(acceptor) = self.acceptor.take() {
+            // A panicking acceptor has already printed its message.
+            let _ = acceptor.join();
+        }
+    }
+}
+
+/// RFC 862 with nothing but std: copy everything back until EOF.
+pub fn std_echo(stream: TcpStream) {
+    let mut reader = match stream.try_clone() {
+        Ok(reader) => reader,
+        Err(_) => return,
+    };
+    let mut writer = stream;
+    // The copy ends when the client closes or resets; either is fine here.
+    let _ = io::copy(&mut reader, &mut writer);
+}
+
+/// Accepts and reads everything, never answers.
+pub fn never_answers(mut stream: TcpStream) {
+    // Runs until the client gives up and closes.
+    let _ = io::copy(&mut stream, &mut io::sink());
+}
+
+/// Accepts and then neither reads nor answers, holding the connection open
+/// for longer than any test's timeout.
+pub fn never_reads(stream: TcpStream) {
+    thread::sleep(Duration::from_secs(30));
+    drop(stream);
+}
+
+/// Echoes faithfully except that the 6th byte of the stream has its lowest
+/// bit flipped.
+pub fn corrupts_one_byte(stream: TcpStream) {
+    const CORRUPT_AT: usize = 5;
+    let mut reader = match stream.try_clone() {
+        Ok(reader) => reader,
+        Err(_) => return,
+    };
+    let mut writer = stream;
+    let mut position = 0;
+    let mut buf = [0u8; 4096];
+    loop {
+        let read = match reader.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        if (position..position + read).contains(&CORRUPT_AT) {
+            buf[CORRUPT_AT - position] ^= 1;
+        }
+        position += read;
+        if writer.write_all(&buf[..read]).is_err() {
+            return;
+        }
+    }
+}
+
+/// Echoes half of the first chunk it reads, then closes its sending side
+/// and drains the rest (so the client sees a clean EOF, not a reset).
+pub fn echoes_half_then_closes(stream: TcpStream) {
+    let mut stream = stream;
+    let mut buf = [0u8; 4096];
+    let read = match stream.read(&mut buf) {
+        Ok(read) => read,
+        Err(_) => return,
+    };
+    if stream.write_all(&buf[..read / 2]).is_err() {
+        return;
+    }
+    // Errors here only mean the client is gone already.
+    let _ = stream.shutdown(Shutdown::Write);
+    let _ = io::copy(&mut stream, &mut io::sink());
+}
+
+/// Echoes the first message it got (first read) again for every later read:
+/// a server that replays old bytes.
+pub fn replays_first_chunk(stream: TcpStream) {
+    let mut stream = stream;
+    let mut first: Option<Vec<u8>> = None;
+    let mut buf = [0u8; 4096];
+    loop {
+        let read = match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        let first = first.get_or_insert_with(|| buf[..read].to_vec());
+        let reply: Vec<u8> = first.iter().copied().cycle().take(read).collect();
+        if stream.write_all(&reply).is_err() {
+            return;
+        }
+    }
+}
+
+/// An address on which nothing listens: bound, then closed.
+pub fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener
+        .local_addr()
+        .expect("a bound listener has an address")
+}
+
+/// The project's own server, in this process, on 127.0.0.1:0. Dropping it
+/// shuts it down and joins its threads.
+pub struct EchoServer {
+    server: echo_chamber::server::Server,
+}
+
+impl EchoServer {
+    pub fn start() -> EchoServer {
+        use echo_chamber::config::{LogLevel, ServerConfig};
+        let listener =
+            echo_chamber::listener::bind("127.0.0.1:0".parse().expect("a literal socket address"))
+                .expect("bind 127.0.0.1:0");
+        let config = ServerConfig {
+            workers: 2,
+            log_level: LogLevel::Quiet,
+            shutdown_timeout: Duration::from_secs(2),
+            ..ServerConfig::default()
+        };
+        let server =
+            echo_chamber::server::Server::start(listener, config).expect("the echo server starts");
+        EchoServer { server }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+}
+
+/// What a finished `echo-client` process did.
+pub struct Run {
+    pub command: String,
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Run {
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    /// Everything about the run, for failure messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "command: {}\nstatus: {}\nelapsed: {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.command, self.status, self.elapsed, self.stdout, self.stderr
+        )
+    }
+}
+
+pub const CLIENT: &str = env!("CARGO_BIN_EXE_echo-client");
+
+/// Runs the client binary with `args` and `stdin` bytes, killing it and
+/// failing the test if it runs longer than `limit`.
+pub fn run_client(args: &[&str], stdin: &[u8], limit: Duration) -> Run {
+    let command = format!("{CLIENT} {}", args.join(" "));
+    let started = Instant::now();
+    let mut child = Command::new(CLIENT)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the client binary starts");
+    let mut input = child.stdin.take().expect("stdin is piped");
+    let stdin = stdin.to_vec();
+    let feeder = thread::spawn(move || {
+        // The client may exit without reading its input (usage errors).
+        let _ = input.write_all(&stdin);
+    });
+    let pid = child.id();
+    let (sender, receiver) = crossbeam_channel::bounded(1);
+    thread::spawn(move || {
+        // The receiver is gone only if the limit already failed the test.
+        let _ = sender.send(child.wait_with_output());
+    });
+    let output = match receiver.recv_timeout(limit) {
+        Ok(output) => output.expect("waiting for the client"),
+        Err(_) => {
+            // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            panic!("{command} did not finish within {limit:?}");
+        }
+    };
+    // The feeder ends once the pipe is written or broken.
+    let _ = feeder.join();
+    Run {
+        command,
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        elapsed: started.elapsed(),
+    }
+}
+
+/// A JSON value, as far as the client's report needs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Json {
+    Object(Vec<(String, Json)>),
+    Number(f64),
+    Null,
+}
+
+impl Json {
+    /// Parses exactly one JSON value spanning all of `text` (surrounding
+    /// whitespace allowed).
+    pub fn parse(text: &str) -> Result<Json, String> {
+        let mut parser = JsonParser {
+            bytes: text.as_bytes(),
+            at: 0,
+        };
+        let value = parser.value()?;
+        parser.skip_space();
+        if parser.at != parser.bytes.len() {
+            return Err(format!("trailing text at byte {}", parser.at));
+        }
+        Ok(value)
+    }
+
+    pub fn keys(&self) -> Vec<&str> {
+        match self {
+            Json::Object(fields) => fields.iter().map(|(key, _)| key.as_str()).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Json> {
+        match self {
+            Json::Object(fields) => fields.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    pub fn number(&self, key: &str) -> Option<f64> {
+        match self.get(key) {
+            Some(Json::Number(n)) => Some(*n),
+            _ => None,
+        }
+    }
+}
+
+struct JsonParser<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl JsonParser<'_> {
+    fn skip_space(&mut self) {
+        while self.bytes.get(self.at).is_some_and(u8::is_ascii_whitespace) {
+            self.at += 1;
+        }
+    }
+
+    fn expect(&mut self, byte: u8) -> Result<(), String> {
+        self.skip_space();
+        if self.bytes.get(self.at) == Some(&byte) {
+            self.at += 1;
+            Ok(())
+        } else {
+            Err(format!("expected {:?} at byte {}", byte as char, self.at))
+        }
+    }
+
+    fn value(&mut self) -> Result<Json, String> {
+        self.skip_space();
+        match self.bytes.get(self.at) {
+            Some(b'{') => self.object(),
+            Some(b'n') if self.bytes[self.at..].starts_with(b"null") => {
+                self.at += 4;
+                Ok(Json::Null)
+            }
+            Some(b'-' | b'0'..=b'9') => self.number(),
+            _ => Err(format!("unexpected value at byte {}", self.at)),
+        }
+    }
+
+    fn object(&mut self) -> Result<Json, String> {
+        self.expect(b'{')?;
+        let mut fields = Vec::new();
+        self.skip_space();
+        if self.bytes.get(self.at) == Some(&b'}') {
+            self.at += 1;
+            return Ok(Json::Object(fields));
+        }
+        loop {
+            let key = self.string()?;
+            self.expect(b':')?;
+            fields.push((key, self.value()?));
+            self.skip_space();
+            match self.bytes.get(self.at) {
+                Some(b',') => self.at += 1,
+                Some(b'}') => {
+                    self.at += 1;
+                    return Ok(Json::Object(fields));
+                }
+                _ => return Err(format!("expected ',' or '}}' at byte {}", self.at)),
+            }
+        }
+    }
+
+    fn string(&mut self) -> Result<String, String> {
+        self.expect(b'"')?;
+        let start = self.at;
+        while let Some(&byte) = self.bytes.get(self.at) {
+            match byte {
+                b'"' => {
+                    let text = std::str::from_utf8(&self.bytes[start..self.at])
+                        .map_err(|e| e.to_string())?;
+                    self.at += 1;
+                    return Ok(text.to_owned());
+                }
+                b'\\' => return Err("escapes are not expected in the report".to_owned()),
+                _ => self.at += 1,
+            }
+        }
+        Err("unterminated string".to_owned())
+    }
+
+    fn number(&mut self) -> Result<Json, String> {
+        let start = self.at;
+        while self
+            .bytes
+            .get(self.at)
+            .is_some_and(|b| b"-+.eE0123456789".contains(b))
+        {
+            self.at += 1;
+        }
+        let text = std::str::from_utf8(&self.bytes[start..self.at]).map_err(|e| e.to_string())?;
+        text.parse()
+            .map(Json::Number)
+            .map_err(|_| format!("bad number {text:?}"))
+    }
+}

@@ -1,0 +1,236 @@
+//! The `echo-server` binary as a user runs it: real signals, the drain, the
+//! shutdown deadline, and the exit codes for runtime and usage errors.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Bytes the kernel still holds in `stream`'s send queue (not yet acked).
+fn unsent_bytes(stream: &TcpStream) -> usize {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ writes one int into `queued`.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    assert_eq!(rc, 0, "ioctl(TIOCOUTQ)");
+    queued as usize
+}
+
+/// A 1 MiB echo is in flight (read slowly by the client) when `signal`
+/// arrives: the client must get every byte and then EOF, new connections
+/// must be refused, and the server must exit 0.
+fn drains_in_flight_echo_on(signal: i32) {
+    with_time_limit(Duration::from_secs(60), move || {
+        let mut server = ServerProcess::start(&["--workers", "2"]);
+        let data = payload(signal as u64, 1 << 20);
+        let mut stream = connect(server.addr);
+        let mut reader = stream.try_clone().expect("clone");
+        let slow_reader = thread::spawn(move || {
+            let mut echoed = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                match reader.read(&mut chunk) {
+                    Ok(0) => return Ok(echoed),
+                    Ok(n) => echoed.extend_from_slice(&chunk[..n]),
+                    Err(err) => return Err(err),
+                }
+                // Slow enough that the echo is still in flight at the signal.
+                thread::sleep(Duration::from_millis(1));
+            }
+        });
+        stream.write_all(&data).expect("write 1 MiB");
+        // Every byte has reached the server's side once the send queue is empty.
+        let waited = Instant::now();
+        while unsent_bytes(&stream) > 0 {
+            assert!(
+                waited.elapsed() < Duration::from_secs(30),
+                "the server stopped reading"
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            !slow_reader.is_finished(),
+            "the echo finished before the signal; nothing was in flight"
+        );
+        server.signal(signal);
+        // Until the listener closes, a connect may still land in its backlog.
+        let refused_by = Instant::now() + Duration::from_secs(10);
+        loop {
+            match TcpStream::connect(server.addr) {
+                Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused => break,
+                _ if Instant::now() > refused_by => panic!(
+                    "connects were still accepted 10s after the signal; log:\n{}",
+                    server.log()
+                ),
+                _ => thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        let echoed = slow_reader
+            .join()
+            .expect("reader thread")
+            .unwrap_or_else(|err| {
+                panic!(
+                    "the client's read failed ({err}) instead of a clean EOF; log:\n{}",
+                    server.log()
+                )
+            });
+        assert_same_bytes(&data, &echoed, "echo drained at shutdown");
+        let status = server.wait_exit(Duration::from_secs(20));
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "exit status; log:\n{}",
+            server.log()
+        );
+        let log = server.log();
+        // The refusal probe may land before the listener closes: 1 or 2.
+        assert!(log.contains("shutting down: draining "), "log:\n{log}");
+        assert!(log.contains(" connections (deadline 5s)"), "log:\n{log}");
+        let summary = server.summary();
+        assert_eq!(
+            summary_count(&summary, "bytes received"),
+            1 << 20,
+            "{summary}"
+        );
+        assert_eq!(
+            summary_count(&summary, "bytes echoed"),
+            1 << 20,
+            "{summary}"
+        );
+    });
+}
+
+#[test]
+fn sigint_drains_an_in_flight_echo_refuses_new_clients_and_exits_0() {
+    drains_in_flight_echo_on(libc::SIGINT);
+}
+
+#[test]
+fn sigterm_drains_an_in_flight_echo_refuses_new_clients_and_exits_0() {
+    drains_in_flight_echo_on(libc::SIGTERM);
+}
+
+/// A second signal during a drain that is stuck on a client that never reads.
+fn second_signal_exits_at_once(signal: i32, expected: i32) {
+    with_time_limit(Duration::from_secs(60), move || {
+        let mut server = ServerProcess::start(&["--workers", "1", "--shutdown-timeout", "60s"]);
+        let mut hog = connect(server.addr);
+        hog.set_write_timeout(Some(Duration::from_millis(300)))
+            .expect("timeout");
+        let chunk = payload(3, 64 * 1024);
+        while hog.write(&chunk).is_ok() {}
+        server.signal(signal);
+        // Wait until the drain has started before the second signal.
+        let started = Instant::now();
+        while !server.log().contains("shutting down") {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "no drain started; log:\n{}",
+                server.log()
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+        server.signal(signal);
+        let status = server.wait_exit(Duration::from_secs(10));
+        assert_eq!(status.code(), Some(expected), "log:\n{}", server.log());
+    });
+}
+
+#[test]
+fn a_second_sigint_exits_at_once_with_130() {
+    second_signal_exits_at_once(libc::SIGINT, 130);
+}
+
+#[test]
+fn a_second_sigterm_exits_at_once_with_143() {
+    second_signal_exits_at_once(libc::SIGTERM, 143);
+}
+
+#[test]
+fn shutdown_timeout_cuts_a_client_that_never_reads_and_still_exits_0() {
+    with_time_limit(Duration::from_secs(60), || {
+        let mut server = ServerProcess::start(&["--workers", "1", "--shutdown-timeout", "500ms"]);
+        let mut hog = connect(server.addr);
+        hog.set_write_timeout(Some(Duration::from_millis(300)))
+            .expect("timeout");
+        let chunk = payload(4, 64 * 1024);
+        while hog.write(&chunk).is_ok() {}
+        let signalled = Instant::now();
+        server.signal(libc::SIGTERM);
+        let status = server.wait_exit(Duration::from_secs(20));
+        let took = signalled.elapsed();
+        assert_eq!(status.code(), Some(0), "log:\n{}", server.log());
+        assert!(
+            took >= Duration::from_millis(500),
+            "exited after {took:?}, before the 500ms deadline"
+        );
+        let summary = server.summary();
+        assert_eq!(summary_count(&summary, "connections cut"), 1, "{summary}");
+    });
+}
+
+#[test]
+fn a_port_in_use_exits_1_naming_the_address_and_cause() {
+    with_time_limit(Duration::from_secs(30), || {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = taken.local_addr().expect("addr").port().to_string();
+        let args = ["--bind", "127.0.0.1", "--port", &port];
+        let output = run_to_end(SERVER_BIN, &args, Duration::from_secs(20));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "{}",
+            describe(SERVER_BIN, &args, &output)
+        );
+        assert_eq!(
+            stderr.trim(),
+            format!("echo-server: cannot listen on 127.0.0.1:{port}: address already in use"),
+            "{}",
+            describe(SERVER_BIN, &args, &output)
+        );
+    });
+}
+
+#[test]
+fn bad_flags_exit_2_with_one_line_naming_the_flag() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--workers", "0"], "--workers"),
+        (&["--workers", "many"], "--workers"),
+        (&["--shutdown-timeout", "soon"], "--shutdown-timeout"),
+        (&["--idle-timeout", "0s"], "--idle-timeout"),
+        (&["--bind", "not-an-address"], "--bind"),
+        (&["--port", "70000"], "--port"),
+        (&["--max-connections", "0"], "--max-connections"),
+        (&["--no-such-flag"], "--no-such-flag"),
+        (&["--port"], "--port"),
+        (&["-v", "-q"], "--quiet"),
+    ];
+    with_time_limit(Duration::from_secs(60), move || {
+        for (args, flag) in cases {
+            let output = run_to_end(SERVER_BIN, args, Duration::from_secs(20));
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let context = describe(SERVER_BIN, args, &output);
+            assert_eq!(output.status.code(), Some(2), "{context}");
+            assert_eq!(stderr.trim().lines().count(), 1, "not one line: {context}");
+            assert!(stderr.starts_with("echo-server: "), "{context}");
+            assert!(stderr.contains(flag), "does not name {flag}: {context}");
+        }
+    });
+}
+
+#[test]
+fn help_and_version_exit_0() {
+    with_time_limit(Duration::from_secs(30), || {
+        let help = run_to_end(SERVER_BIN, &["--help"], Duration::from_secs(20));
+        assert_eq!(help.status.code(), Some(0));
+        assert!(String::from_utf8_lossy(&help.stdout).contains("--shutdown-timeout"));
+        let version = run_to_end(SERVER_BIN, &["--version"], Duration::from_secs(20));
+        assert_eq!(version.status.code(), Some(0));
+        assert!(String::from_utf8_lossy(&version.stdout).starts_with("echo-server "));
+    });
+}
