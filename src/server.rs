@@ -218,3 +218,43 @@ impl Drop for Server {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::LogLevel;
+    use std::time::Duration;
+
+    #[test]
+    fn a_worker_that_panics_is_reported_and_starts_the_shutdown() {
+        let (_poll, waker) = acceptor::poll_and_waker().expect("poll and waker");
+        let shutdown =
+            ShutdownHandle::new(waker, Duration::from_secs(1), Logger::new(LogLevel::Quiet));
+        let watch = DeathWatch {
+            shutdown: shutdown.clone(),
+            index: 3,
+        };
+        let died = thread::spawn(move || {
+            let _watch = watch;
+            panic!("injected worker failure");
+        })
+        .join();
+        assert!(died.is_err(), "the thread should have panicked");
+        assert!(shutdown.is_shutting_down());
+        assert_eq!(shutdown.failed_worker(), Some(3));
+    }
+
+    #[test]
+    fn a_worker_that_returns_normally_reports_nothing() {
+        let (_poll, waker) = acceptor::poll_and_waker().expect("poll and waker");
+        let shutdown =
+            ShutdownHandle::new(waker, Duration::from_secs(1), Logger::new(LogLevel::Quiet));
+        let watch = DeathWatch {
+            shutdown: shutdown.clone(),
+            index: 0,
+        };
+        thread::spawn(move || drop(watch)).join().expect("no panic");
+        assert!(!shutdown.is_shutting_down());
+        assert_eq!(shutdown.failed_worker(), None);
+    }
+}

@@ -2,7 +2,6 @@
 //! calls `echo_chamber::client`, prints each event and the summary, and picks
 //! the exit code. All network logic lives in the library.
 
-use std::ffi::OsString;
 use std::fmt;
 use std::io::{self, BufReader, IsTerminal, Write};
 use std::num::NonZeroUsize;
@@ -12,6 +11,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use argh::FromArgs;
+
+#[path = "common/cli.rs"]
+mod cli;
 use echo_chamber::client::{self, ClientConfig, Event, Payload, Report, StopHandle, Target};
 
 const PROG: &str = "echo-client";
@@ -103,9 +105,13 @@ fn main() -> ExitCode {
 
 /// The one place that chooses the exit status.
 fn run() -> Exit {
-    let args = match parse_args(std::env::args_os().skip(1).collect()) {
-        Ok(args) => args,
-        Err(exit) => return exit,
+    let args: Args = match cli::parse(PROG) {
+        cli::Parsed::Run(args) => args,
+        cli::Parsed::Answered => return Exit::Success,
+        cli::Parsed::Usage(message) => {
+            eprintln!("{PROG}: {message}");
+            return Exit::Usage;
+        }
     };
     if args.version {
         println!("{PROG} {}", env!("CARGO_PKG_VERSION"));
@@ -171,48 +177,6 @@ fn run() -> Exit {
         Exit::Success
     } else {
         Exit::Failed
-    }
-}
-
-/// Parses the arguments; `--help` prints to stdout and exits 0, mistakes print
-/// one line to stderr and exit 2 (argh alone would exit 1).
-fn parse_args(raw: Vec<OsString>) -> Result<Args, Exit> {
-    let mut strings = Vec::with_capacity(raw.len());
-    for arg in raw {
-        match arg.into_string() {
-            Ok(arg) => strings.push(arg),
-            Err(arg) => {
-                eprintln!(
-                    "{PROG}: argument {:?} is not valid UTF-8",
-                    arg.to_string_lossy()
-                );
-                return Err(Exit::Usage);
-            }
-        }
-    }
-    let strs: Vec<&str> = strings.iter().map(String::as_str).collect();
-    Args::from_args(&[PROG], &strs).map_err(|early| match early.status {
-        Ok(()) => {
-            print!("{}", early.output);
-            if !early.output.ends_with('\n') {
-                println!();
-            }
-            Exit::Success
-        }
-        Err(()) => {
-            eprintln!("{PROG}: {} (see --help)", one_line(&early.output));
-            Exit::Usage
-        }
-    })
-}
-
-/// argh's message on one line, starting lowercase like ours.
-fn one_line(output: &str) -> String {
-    let joined = output.split_whitespace().collect::<Vec<_>>().join(" ");
-    let mut chars = joined.chars();
-    match chars.next() {
-        Some(first) => first.to_lowercase().chain(chars).collect(),
-        None => "invalid arguments".to_owned(),
     }
 }
 

@@ -8,6 +8,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use argh::FromArgs;
+
+#[path = "common/cli.rs"]
+mod cli;
 use echo_chamber::config::{self, LogLevel, ServerConfig};
 use echo_chamber::error::io_cause;
 use echo_chamber::limits;
@@ -16,6 +19,7 @@ use echo_chamber::shutdown::ShutdownHandle;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+const PROG: &str = "echo-server";
 /// Exit code of a runtime error.
 const EXIT_FAILURE: u8 = 1;
 /// Exit code of a usage error.
@@ -114,11 +118,11 @@ fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(message)) => {
-            eprintln!("echo-server: {message}");
+            eprintln!("{PROG}: {message}");
             ExitCode::from(EXIT_USAGE)
         }
         Err(Failure::Runtime(message)) => {
-            eprintln!("echo-server: {message}");
+            eprintln!("{PROG}: {message}");
             ExitCode::from(EXIT_FAILURE)
         }
     }
@@ -130,9 +134,15 @@ enum Failure {
 }
 
 fn run() -> Result<(), Failure> {
-    let Some(args) = parse_args()? else {
-        return Ok(());
+    let args: Args = match cli::parse(PROG) {
+        cli::Parsed::Run(args) => args,
+        cli::Parsed::Answered => return Ok(()),
+        cli::Parsed::Usage(message) => return Err(Failure::Usage(message)),
     };
+    if args.version {
+        println!("{PROG} {}", env!("CARGO_PKG_VERSION"));
+        return Ok(());
+    }
     if args.verbose && args.quiet {
         return Err(Failure::Usage(
             "--verbose and --quiet cannot be used together".into(),
@@ -171,35 +181,6 @@ fn run() -> Result<(), Failure> {
         .join()
         .map(drop)
         .map_err(|err| Failure::Runtime(err.to_string()))
-}
-
-/// Parses argv; `None` when `--help` or `--version` was answered.
-fn parse_args() -> Result<Option<Args>, Failure> {
-    let argv: Vec<String> = std::env::args().collect();
-    let strings: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let (command, rest) = strings
-        .split_first()
-        .map_or(("echo-server", &[][..]), |(first, rest)| (*first, rest));
-    match Args::from_args(&[command], rest) {
-        Ok(args) if args.version => {
-            println!("echo-server {}", env!("CARGO_PKG_VERSION"));
-            Ok(None)
-        }
-        Ok(args) => Ok(Some(args)),
-        Err(early) => match early.status {
-            Ok(()) => {
-                print!("{}", early.output);
-                Ok(None)
-            }
-            Err(()) => Err(Failure::Usage(one_line(&early.output))),
-        },
-    }
-}
-
-/// argh's messages can span lines; keep the first, which names the flag.
-fn one_line(message: &str) -> String {
-    let first = message.trim().lines().next().unwrap_or("invalid arguments");
-    format!("{first} (see --help)")
 }
 
 fn warn_about_descriptor_limit(config: &ServerConfig) {

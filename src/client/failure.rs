@@ -167,17 +167,6 @@ pub(crate) fn describe(error: &io::Error) -> String {
         io::ErrorKind::ConnectionAborted => "connection aborted".to_owned(),
         io::ErrorKind::BrokenPipe => "connection closed by peer (broken pipe)".to_owned(),
         io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => "timed out".to_owned(),
-        _ => {
-            let text = error.to_string();
-            let text = match text.find(" (os error") {
-                Some(end) => &text[..end],
-                None => text.as_str(),
-            };
-            let mut chars = text.chars();
-            match chars.next() {
-                Some(first) => first.to_lowercase().chain(chars).collect(),
-                None => format!("{:?}", error.kind()),
-            }
-        }
+        _ => crate::error::io_cause(error),
     }
 }
