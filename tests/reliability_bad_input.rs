@@ -339,3 +339,44 @@ fn an_idle_timeout_too_large_for_the_clock_never_panics() {
         huge_duration_is_refused_or_honoured("--idle-timeout")
     });
 }
+
+#[test]
+fn a_non_utf8_argument_is_a_one_line_usage_error() {
+    with_time_limit(Duration::from_secs(30), || {
+        use std::os::unix::ffi::OsStrExt;
+        let bad = std::ffi::OsStr::from_bytes(b"12\xff");
+        let child = Command::new(SERVER_BIN)
+            .args(["--bind", "127.0.0.1", "--port", "0", "--workers"])
+            .arg(bad)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn echo-server");
+        let pid = child.id() as i32;
+        let waiter = thread::spawn(move || child.wait_with_output());
+        let ended = wait_until(REJECT_WITHIN, || waiter.is_finished());
+        if !ended {
+            // SAFETY: kill only sends a signal to our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("echo-server --workers <non-UTF-8> still running after {REJECT_WITHIN:?}");
+        }
+        let output = waiter
+            .join()
+            .expect("the waiter thread")
+            .expect("collect the output");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let lines = stderr
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .count();
+        assert!(
+            output.status.code() == Some(USAGE)
+                && lines == 1
+                && stderr.starts_with("echo-server: ")
+                && !stderr.contains("panicked"),
+            "echo-server --workers <non-UTF-8>: expected one line and exit code 2, got {}:\n{stderr}",
+            output.status
+        );
+    });
+}
