@@ -259,7 +259,6 @@ fn an_address_that_cannot_be_bound_gets_one_line_and_exit_code_1() {
 }
 
 #[test]
-#[ignore = "bug: argh accepts -q/-v given twice and the server starts; see the reliability report"]
 fn a_switch_given_twice_is_a_usage_error() {
     with_time_limit(Duration::from_secs(60), || {
         assert_all(&[
@@ -270,7 +269,6 @@ fn a_switch_given_twice_is_a_usage_error() {
 }
 
 #[test]
-#[ignore = "bug: --workers 100000 prints a misleading WARN, a summary and the error (3 lines); see the reliability report"]
 fn a_worker_count_the_process_cannot_start_is_one_line_not_a_half_started_server() {
     with_time_limit(Duration::from_secs(60), || {
         // 100,000 event loops need 200,000 descriptors: more than the limit.
@@ -325,7 +323,6 @@ fn huge_duration_is_refused_or_honoured(flag: &'static str) {
 }
 
 #[test]
-#[ignore = "bug: Instant + --shutdown-timeout overflows in ShutdownHandle::shutdown; the signal thread panics and the server hangs; see the reliability report"]
 fn a_shutdown_timeout_too_large_for_the_clock_never_panics() {
     with_time_limit(Duration::from_secs(60), || {
         huge_duration_is_refused_or_honoured("--shutdown-timeout")
@@ -333,7 +330,6 @@ fn a_shutdown_timeout_too_large_for_the_clock_never_panics() {
 }
 
 #[test]
-#[ignore = "bug: Instant + --idle-timeout overflows in Worker::open; one connection kills the server (exit 1); see the reliability report"]
 fn an_idle_timeout_too_large_for_the_clock_never_panics() {
     with_time_limit(Duration::from_secs(60), || {
         huge_duration_is_refused_or_honoured("--idle-timeout")

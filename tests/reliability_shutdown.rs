@@ -122,7 +122,6 @@ fn run_client(
 }
 
 #[test]
-#[ignore = "bug: the 1s LINGER_GRACE (src/worker.rs) cuts connections whose peers are still reading their echo, resetting them; see the reliability report"]
 fn sigterm_under_load_echoes_every_received_byte_then_ends_each_stream_cleanly() {
     with_time_limit(Duration::from_secs(90), || {
         let mut server =
