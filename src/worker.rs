@@ -271,7 +271,7 @@ impl Worker {
 
     fn start_draining(&mut self, index: usize, now: Instant) {
         if let Some(slot) = self.slots[index].as_mut() {
-            slot.connection.begin_drain();
+            slot.connection.begin_drain(&slot.stream);
             self.serve(index, Readiness::default(), now);
         }
     }

@@ -235,6 +235,13 @@ impl<const EDGE: bool> Write for FakeStream<EDGE> {
 impl<const EDGE: bool> EchoStream for FakeStream<EDGE> {
     const SHORT_READ_DRAINS: bool = EDGE;
 
+    /// The edge-triggered fake tells, like a TCP socket's FIONREAD, so the
+    /// drain echoes exactly what had arrived; the level-triggered one does
+    /// not, so the drain reads until the stream blocks.
+    fn unread_len(&self) -> Option<usize> {
+        EDGE.then_some(self.arrived - self.read_pos)
+    }
+
     fn shutdown_write(&mut self) -> io::Result<()> {
         self.shutdown_calls += 1;
         if self.reset {
@@ -353,7 +360,7 @@ fn run_scenario<const EDGE: bool>(scenario: &Scenario) -> Result<(), TestCaseErr
         }
         let mut must_call = false;
         if scenario.drain_at == Some(step) {
-            connection.begin_drain();
+            connection.begin_drain(&stream);
             drained = true;
             must_call = true;
         }
