@@ -27,21 +27,6 @@ const NON_READER_PEAK_GROWTH_KIB: u64 = 16 * 1024;
 /// CPU the server may use while it cannot accept: half of one core.
 const OUT_OF_FDS_CPU_SHARE: f64 = 0.5;
 
-/// Echoes `data` on an open connection.
-fn echo_on(stream: &mut TcpStream, data: &[u8]) -> Result<(), String> {
-    stream
-        .write_all(data)
-        .map_err(|err| format!("write: {err}"))?;
-    let mut got = vec![0; data.len()];
-    stream
-        .read_exact(&mut got)
-        .map_err(|err| format!("read: {err}"))?;
-    if got != data {
-        return Err(format!("echo differs: sent {data:?}, got {got:?}"));
-    }
-    Ok(())
-}
-
 /// Whether the server closed `stream` without sending anything (end of
 /// stream or reset), and how long that took.
 fn closed_by_server(stream: &mut TcpStream) -> Result<Duration, String> {

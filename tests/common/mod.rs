@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // each test binary uses its own subset of the fixtures
 
+pub mod client;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -280,13 +282,24 @@ pub fn summary_count(summary: &str, label: &str) -> u64 {
 
 /// Runs a binary to completion with a time limit and returns its output.
 pub fn run_to_end(program: &str, args: &[&str], limit: Duration) -> Output {
-    let child = Command::new(program)
+    run_with_input(program, args, &[], limit)
+}
+
+/// Runs a binary with `stdin` as its input, to completion within `limit`,
+/// killing it and failing the test past that.
+pub fn run_with_input(program: &str, args: &[&str], stdin: &[u8], limit: Duration) -> Output {
+    let mut child = Command::new(program)
         .args(args)
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|err| panic!("spawn {program}: {err}"));
+    let mut input = child.stdin.take().expect("piped stdin");
+    let stdin = stdin.to_vec();
+    // Dropping `input` after the write closes the pipe: the program sees EOF.
+    // A program that exits without reading its input breaks the pipe; fine.
+    let feeder = thread::spawn(move || drop(input.write_all(&stdin)));
     let pid = child.id() as i32;
     let (done, finished) = mpsc::channel();
     let waiter = thread::spawn(move || {
@@ -300,6 +313,8 @@ pub fn run_to_end(program: &str, args: &[&str], limit: Duration) -> Output {
         unsafe { libc::kill(pid, libc::SIGKILL) };
         panic!("{program} {args:?} did not finish within {limit:?}");
     }
+    // The feeder ends once the pipe is written or broken.
+    let _ = feeder.join();
     waiter
         .join()
         .expect("waiter thread")
@@ -456,6 +471,11 @@ pub fn try_echo(addr: SocketAddr, data: &[u8], limit: Duration) -> Result<(), St
     stream
         .set_read_timeout(Some(limit))
         .map_err(|err| format!("set timeout: {err}"))?;
+    echo_on(&mut stream, data)
+}
+
+/// Echoes `data` on an open connection and checks it came back exact.
+pub fn echo_on(stream: &mut TcpStream, data: &[u8]) -> Result<(), String> {
     stream
         .write_all(data)
         .map_err(|err| format!("write: {err}"))?;
