@@ -3,7 +3,7 @@
 //! here touches the network.
 
 use std::num::NonZeroUsize;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The port `echo-server` listens on when none is given.
 pub const DEFAULT_PORT: u16 = 9999;
@@ -20,6 +20,23 @@ pub const MAX_PENDING_OUTPUT: usize = 64 * 1024;
 
 /// The size of each worker's one read buffer, shared by all its connections.
 pub const READ_BUFFER_SIZE: usize = 64 * 1024;
+
+/// The most workers a server may have; each costs a thread, an event loop
+/// and a waker.
+pub const MAX_WORKERS: usize = 1024;
+
+/// The longest timer the server arms: durations beyond it (up to "for ever")
+/// behave as this, about 100 years, instead of overflowing the clock.
+const LONGEST_TIMER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// The instant `after` past `from`, capped at [`LONGEST_TIMER`] so that a
+/// huge configured duration cannot overflow `Instant`.
+pub fn deadline_after(from: Instant, after: Duration) -> Instant {
+    const ONE_YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+    from.checked_add(after.min(LONGEST_TIMER))
+        .or_else(|| from.checked_add(ONE_YEAR))
+        .unwrap_or(from)
+}
 
 /// How much the server says on stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -74,8 +91,8 @@ impl ServerConfig {
     /// # Errors
     /// Names the first field whose value cannot work.
     pub fn validate(&self) -> Result<(), String> {
-        if self.workers == 0 {
-            return Err("workers must be at least 1".into());
+        if self.workers == 0 || self.workers > MAX_WORKERS {
+            return Err(format!("workers must be from 1 to {MAX_WORKERS}"));
         }
         if self.max_connections == 0 {
             return Err("max_connections must be at least 1".into());

@@ -32,6 +32,13 @@ pub trait EchoStream: Read + Write {
     /// # Errors
     /// The `shutdown` error; a peer that is already gone is not an error.
     fn shutdown_write(&mut self) -> io::Result<()>;
+
+    /// Bytes received and waiting to be read, if the stream can tell. The
+    /// drain echoes exactly these (and not what a fast peer sends after the
+    /// shutdown began); `None` makes it read until the stream blocks.
+    fn unread_len(&self) -> Option<usize> {
+        None
+    }
 }
 
 impl EchoStream for mio::net::TcpStream {
@@ -39,6 +46,14 @@ impl EchoStream for mio::net::TcpStream {
 
     fn shutdown_write(&mut self) -> io::Result<()> {
         self.shutdown(std::net::Shutdown::Write)
+    }
+
+    fn unread_len(&self) -> Option<usize> {
+        use std::os::fd::AsRawFd;
+        let mut unread: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int, the receive queue's length.
+        let rc = unsafe { libc::ioctl(self.as_raw_fd(), libc::FIONREAD, &mut unread) };
+        (rc == 0).then_some(unread.max(0) as usize)
     }
 }
 
@@ -112,6 +127,8 @@ pub struct Connection {
     /// We read the peer's end of stream.
     peer_done: bool,
     phase: Phase,
+    /// While draining: how many more bytes may be read and echoed.
+    drain_allowance: Option<usize>,
     stats: ConnectionStats,
 }
 
@@ -139,6 +156,7 @@ impl Connection {
             closing: false,
             peer_done: false,
             phase: Phase::Echoing,
+            drain_allowance: None,
             stats: ConnectionStats::default(),
         }
     }
@@ -160,11 +178,14 @@ impl Connection {
     }
 
     /// Starts the drain: echo what has arrived, including what sits in the
-    /// kernel's receive buffer, then close. Call [`Connection::on_ready`]
-    /// afterwards so it runs even without a new event.
-    pub fn begin_drain(&mut self) {
+    /// stream's receive buffer now, then close. What the peer sends after
+    /// this is not echoed, so a peer that never stops sending cannot hold
+    /// the drain open. Call [`Connection::on_ready`] afterwards so it runs
+    /// even without a new event.
+    pub fn begin_drain<S: EchoStream>(&mut self, stream: &S) {
         if self.phase == Phase::Echoing {
             self.phase = Phase::Draining;
+            self.drain_allowance = stream.unread_len();
             // The receive buffer may hold bytes whose event is not handled yet.
             self.readable = true;
         }
@@ -217,7 +238,7 @@ impl Connection {
                     shutdown_write(stream)?;
                     return Ok(Outcome::Closed(CloseReason::Completed));
                 }
-                if self.phase == Phase::Draining && !self.readable {
+                if self.phase == Phase::Draining && !self.may_read() {
                     shutdown_write(stream)?;
                     self.phase = Phase::Lingering;
                     self.readable = true;
@@ -242,7 +263,10 @@ impl Connection {
     }
 
     fn may_read(&self) -> bool {
-        self.readable && !self.peer_done && self.pending_len() < MAX_PENDING_OUTPUT
+        self.readable
+            && !self.peer_done
+            && self.pending_len() < MAX_PENDING_OUTPUT
+            && self.drain_allowance != Some(0)
     }
 
     /// One read, and the echo of what it brought.
@@ -252,11 +276,14 @@ impl Connection {
         buf: &mut [u8],
         inspect: &mut dyn FnMut(&[u8]),
     ) -> io::Result<Step> {
-        let room = if self.pending_len() == 0 {
+        let mut room = if self.pending_len() == 0 {
             buf.len()
         } else {
             buf.len().min(MAX_PENDING_OUTPUT - self.pending_len())
         };
+        if let Some(allowance) = self.drain_allowance {
+            room = room.min(allowance);
+        }
         let received = match read(stream, &mut buf[..room])? {
             None => {
                 self.readable = false;
@@ -273,6 +300,9 @@ impl Connection {
             self.readable = false;
         }
         self.stats.received += received as u64;
+        if let Some(allowance) = self.drain_allowance.as_mut() {
+            *allowance -= received;
+        }
         inspect(&buf[..received]);
         let data = &buf[..received];
         let written = if self.pending_len() == 0 && self.writable {

@@ -5,10 +5,13 @@
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 
+/// The listen backlog asked for; the kernel caps it at `net.core.somaxconn`
+/// (4096 by default on current Linux). std and mio ask for only 128, which
+/// a burst of connects overflows before the acceptor runs.
+pub const LISTEN_BACKLOG: i32 = 4096;
+
 /// Binds a TCP listener on `addr` (port 0 picks a free port) with
-/// `SO_REUSEADDR` and a backlog of 1024.
-///
-/// The returned listener is non-blocking, ready for the acceptor's event loop.
+/// `SO_REUSEADDR` and a backlog of [`LISTEN_BACKLOG`].
 ///
 /// # Errors
 /// Whatever `socket`, `bind` or `listen` report, such as `AddrInUse`.
@@ -19,13 +22,13 @@ use std::net::{SocketAddr, TcpListener};
 /// assert_ne!(listener.local_addr().unwrap().port(), 0);
 /// ```
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    // mio sets SO_REUSEADDR and listens with a backlog of 1024, deeper than std's 128.
-    let listener = mio::net::TcpListener::bind(addr)?;
-    Ok(into_std(listener))
-}
-
-fn into_std(listener: mio::net::TcpListener) -> TcpListener {
-    use std::os::fd::{FromRawFd, IntoRawFd};
-    // SAFETY: the descriptor comes straight from a listener we own and gives up.
-    unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) }
+    use std::os::fd::AsRawFd;
+    // std sets SO_REUSEADDR and close-on-exec, then listens with 128.
+    let listener = TcpListener::bind(addr)?;
+    // Listening again on a listening socket only changes its backlog.
+    // SAFETY: listen reads nothing but its two integer arguments.
+    if unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(listener)
 }

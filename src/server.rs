@@ -181,6 +181,8 @@ impl Server {
     fn wait(&mut self) -> Result<Summary, Error> {
         let mut summary = Summary::default();
         let mut acceptor_died = false;
+        // Without an acceptor the server never started: no summary to give.
+        let started = self.acceptor.is_some();
         if let Some(acceptor) = self.acceptor.take() {
             match acceptor.join() {
                 Ok(refused) => summary.connections_refused = refused,
@@ -197,8 +199,10 @@ impl Server {
                 summary.add(&part);
             }
         }
-        self.logger
-            .notice(format_args!("shutdown complete: {summary}"));
+        if started {
+            self.logger
+                .notice(format_args!("shutdown complete: {summary}"));
+        }
         if let Some(worker) = self.shutdown.failed_worker() {
             return Err(Error::WorkerPanicked { worker });
         }

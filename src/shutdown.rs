@@ -52,7 +52,7 @@ impl ShutdownHandle {
     /// Returns at once; [`Server::join`](crate::server::Server::join) waits
     /// for the end. Calling it again does nothing.
     pub fn shutdown(&self) {
-        let deadline = Instant::now() + self.controller.timeout;
+        let deadline = crate::config::deadline_after(Instant::now(), self.controller.timeout);
         if self.controller.deadline.set(deadline).is_err() {
             return;
         }

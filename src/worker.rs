@@ -20,7 +20,7 @@ use mio::event::Event;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
-use crate::config::{LogLevel, READ_BUFFER_SIZE};
+use crate::config::{LogLevel, READ_BUFFER_SIZE, deadline_after};
 use crate::connection::{CloseReason, Connection, Outcome, Readiness};
 use crate::error::io_cause;
 use crate::log::{Logger, preview};
@@ -29,10 +29,6 @@ use crate::stats::{OpenConnections, Summary};
 
 /// The token of the worker's waker; connection `i` uses `Token(i + 1)`.
 pub(crate) const WAKE: Token = Token(0);
-
-/// How long a drained worker waits for peers to close once every connection
-/// it has left is lingering (all echoes delivered, our side shut).
-const LINGER_GRACE: Duration = Duration::from_secs(1);
 
 /// Readiness events taken from the kernel per wake-up.
 const EVENTS_PER_POLL: usize = 1024;
@@ -88,10 +84,6 @@ pub(crate) struct Worker {
     /// Connections that used up their turn with bytes still to move.
     unfinished: Vec<usize>,
     drain_deadline: Option<Instant>,
-    /// Set once every open connection lingers: the drain ends then at the latest.
-    linger_deadline: Option<Instant>,
-    /// Open connections that are lingering.
-    lingering: usize,
     summary: Summary,
 }
 
@@ -105,8 +97,6 @@ impl Worker {
             idle_timers: BinaryHeap::new(),
             unfinished: Vec::new(),
             drain_deadline: None,
-            linger_deadline: None,
-            lingering: 0,
             summary: Summary::default(),
         }
     }
@@ -145,10 +135,7 @@ impl Worker {
                 if self.open_count() == 0 {
                     break;
                 }
-                if self.lingering == self.open_count() {
-                    self.linger_deadline.get_or_insert(now + LINGER_GRACE);
-                }
-                if now >= deadline || self.linger_deadline.is_some_and(|at| now >= at) {
+                if now >= deadline {
                     self.cut_all();
                     break;
                 }
@@ -167,7 +154,7 @@ impl Worker {
             return Some(Duration::ZERO);
         }
         let idle = self.idle_timers.peek().map(|Reverse((at, _, _))| *at);
-        [idle, self.drain_deadline, self.linger_deadline]
+        [idle, self.drain_deadline]
             .into_iter()
             .flatten()
             .min()
@@ -217,7 +204,8 @@ impl Worker {
             .logger
             .info(format_args!("open {peer} on worker {}", self.setup.index));
         if let Some(idle) = self.setup.idle_timeout {
-            self.idle_timers.push(Reverse((now + idle, index, serial)));
+            self.idle_timers
+                .push(Reverse((deadline_after(now, idle), index, serial)));
         }
         self.slots[index] = Some(Slot {
             stream,
@@ -241,7 +229,6 @@ impl Worker {
         let logger = self.setup.logger;
         let peer = slot.peer;
         let before = slot.connection.stats();
-        let was_lingering = slot.connection.is_lingering();
         let outcome = slot
             .connection
             .on_ready(&mut slot.stream, ready, &mut self.buf, |data| {
@@ -255,9 +242,6 @@ impl Worker {
             });
         if slot.connection.stats() != before {
             slot.last_active = now;
-        }
-        if !was_lingering && slot.connection.is_lingering() {
-            self.lingering += 1;
         }
         match outcome {
             Outcome::Open => {
@@ -278,7 +262,7 @@ impl Worker {
             .setup
             .shutdown
             .deadline()
-            .unwrap_or_else(|| now + self.setup.shutdown.timeout());
+            .unwrap_or_else(|| deadline_after(now, self.setup.shutdown.timeout()));
         self.drain_deadline = Some(deadline);
         for index in 0..self.slots.len() {
             self.start_draining(index, now);
@@ -287,7 +271,7 @@ impl Worker {
 
     fn start_draining(&mut self, index: usize, now: Instant) {
         if let Some(slot) = self.slots[index].as_mut() {
-            slot.connection.begin_drain();
+            slot.connection.begin_drain(&slot.stream);
             self.serve(index, Readiness::default(), now);
         }
     }
@@ -308,7 +292,7 @@ impl Worker {
             if slot.serial != serial {
                 continue;
             }
-            let due = slot.last_active + idle;
+            let due = deadline_after(slot.last_active, idle);
             if due <= now {
                 self.close(index, Ending::IdleTimeout, now);
             } else {
@@ -338,9 +322,6 @@ impl Worker {
             return;
         };
         self.free.push(index);
-        if slot.connection.is_lingering() {
-            self.lingering -= 1;
-        }
         // Closing the descriptor removes it from epoll anyway; a failed
         // deregister changes nothing for the connection that is ending.
         let _ = self.setup.poll.registry().deregister(&mut slot.stream);
@@ -382,7 +363,7 @@ fn describe(ending: &Ending) -> String {
         Ending::Echo(CloseReason::Failed(err)) => format!("failed: {}", io_cause(err)),
         Ending::IdleTimeout => "idle timeout".into(),
         Ending::CutAtDeadline => "cut at the shutdown deadline".into(),
-        Ending::LingerCut => "drained; the peer had not closed after the grace period".into(),
+        Ending::LingerCut => "drained; the peer had not closed by the deadline".into(),
     }
 }
 

@@ -2,14 +2,14 @@
 //! JSON, stdin mode, exit codes 0/1/2, one-line errors naming address and
 //! cause, and Ctrl-C (a real SIGINT) ending an endless run with a summary.
 
-#[path = "client_support/mod.rs"]
-mod support;
+mod common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{CLIENT, EchoServer, Json, TestServer, run_client, within};
+use common::client::{CLIENT, EchoServer, Json, TestServer, run_client};
+use common::with_time_limit;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -225,7 +225,7 @@ fn twenty_connections_report_their_throughput() {
 
 #[test]
 fn works_against_a_plain_std_echo_server() {
-    let server = TestServer::start(support::std_echo);
+    let server = TestServer::start(common::client::std_echo);
     let run = run_client(
         &[
             &server.addr().to_string(),
@@ -247,7 +247,7 @@ fn works_against_a_plain_std_echo_server() {
 
 #[test]
 fn server_that_never_answers_exits_1_after_about_the_timeout() {
-    let server = TestServer::start(support::never_answers);
+    let server = TestServer::start(common::client::never_answers);
     let addr = server.addr().to_string();
     let run = run_client(&[&addr, "--timeout", "1s"], b"", Duration::from_secs(10));
     assert_eq!(run.code(), Some(1), "{}", run.describe());
@@ -272,7 +272,7 @@ fn server_that_never_answers_exits_1_after_about_the_timeout() {
 
 #[test]
 fn server_that_corrupts_one_byte_exits_1_with_a_mismatch_message() {
-    let server = TestServer::start(support::corrupts_one_byte);
+    let server = TestServer::start(common::client::corrupts_one_byte);
     let addr = server.addr().to_string();
     let run = run_client(&[&addr, "--size", "100"], b"", LIMIT);
     assert_eq!(run.code(), Some(1), "{}", run.describe());
@@ -291,7 +291,7 @@ fn server_that_corrupts_one_byte_exits_1_with_a_mismatch_message() {
 
 #[test]
 fn server_that_echoes_half_and_closes_exits_1() {
-    let server = TestServer::start(support::echoes_half_then_closes);
+    let server = TestServer::start(common::client::echoes_half_then_closes);
     let addr = server.addr().to_string();
     let run = run_client(&[&addr, "--size", "1000", "--repeat", "5"], b"", LIMIT);
     assert_eq!(run.code(), Some(1), "{}", run.describe());
@@ -305,7 +305,7 @@ fn server_that_echoes_half_and_closes_exits_1() {
 
 #[test]
 fn closed_port_exits_1_at_once() {
-    let addr = support::closed_port().to_string();
+    let addr = common::client::closed_port().to_string();
     let run = run_client(&[&addr, "--timeout", "30s"], b"", Duration::from_secs(10));
     assert_eq!(run.code(), Some(1), "{}", run.describe());
     assert_eq!(
@@ -316,7 +316,7 @@ fn closed_port_exits_1_at_once() {
 
 #[test]
 fn sigint_during_an_endless_run_prints_the_summary_and_exits_0() {
-    within(LIMIT, || {
+    with_time_limit(LIMIT, || {
         let server = EchoServer::start();
         let mut child = Command::new(CLIENT)
             .args([

@@ -3,8 +3,7 @@
 //! `client::run_lines` must count, compare and time exactly, fail within the
 //! timeout, and stop when told.
 
-#[path = "client_support/mod.rs"]
-mod support;
+mod common;
 
 use std::io::{self, Cursor, Read};
 use std::net::SocketAddr;
@@ -12,8 +11,9 @@ use std::num::NonZeroUsize;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use common::client::{EchoServer, Json, TestServer};
+use common::with_time_limit;
 use echo_chamber::client::{self, ClientConfig, ConfigError, Event, Payload, Report, StopHandle};
-use support::{EchoServer, Json, TestServer, within};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -64,7 +64,7 @@ fn record(seen: &Mutex<Seen>, event: &Event<'_>) {
 
 #[test]
 fn repeat_sends_exactly_that_many_echoes_over_one_connection() {
-    within(LIMIT, || {
+    with_time_limit(LIMIT, || {
         let server = EchoServer::start();
         let config = ClientConfig {
             repeat: 25,
@@ -95,7 +95,7 @@ fn repeat_sends_exactly_that_many_echoes_over_one_connection() {
 
 #[test]
 fn sizes_from_one_byte_to_one_mebibyte_come_back_exact() {
-    within(LIMIT, || {
+    with_time_limit(LIMIT, || {
         let server = EchoServer::start();
         for size in [
             1,
@@ -136,7 +136,7 @@ fn sizes_from_one_byte_to_one_mebibyte_come_back_exact() {
 
 #[test]
 fn twenty_connections_each_do_all_their_echoes() {
-    within(LIMIT, || {
+    with_time_limit(LIMIT, || {
         let server = EchoServer::start();
         let config = ClientConfig {
             connections: NonZeroUsize::new(20).expect("20 is positive"),
@@ -180,7 +180,7 @@ fn twenty_connections_each_do_all_their_echoes() {
 
 #[test]
 fn lines_mode_sends_each_line_as_one_message_until_end_of_input() {
-    within(LIMIT, || {
+    with_time_limit(LIMIT, || {
         let server = EchoServer::start();
         let input = Cursor::new(b"one\ntwo\n\nlast without newline".to_vec());
         let seen = Mutex::new(Seen::default());
@@ -211,7 +211,7 @@ fn lines_mode_sends_each_line_as_one_message_until_end_of_input() {
 
 #[test]
 fn json_report_is_one_object_with_the_documented_keys() {
-    within(LIMIT, || {
+    with_time_limit(LIMIT, || {
         let server = EchoServer::start();
         let config = ClientConfig {
             repeat: 5,
@@ -256,10 +256,10 @@ fn json_report_is_one_object_with_the_documented_keys() {
 
 #[test]
 fn json_report_without_echoes_has_null_round_trip_times() {
-    within(LIMIT, || {
+    with_time_limit(LIMIT, || {
         let config = ClientConfig {
             timeout: Duration::from_secs(30),
-            ..config_for(support::closed_port())
+            ..config_for(common::client::closed_port())
         };
         let (report, _) = run_and_record(&config, &StopHandle::new());
         let json =
@@ -274,8 +274,8 @@ fn json_report_without_echoes_has_null_round_trip_times() {
 
 #[test]
 fn works_against_a_plain_std_echo_server() {
-    within(LIMIT, || {
-        let server = TestServer::start(support::std_echo);
+    with_time_limit(LIMIT, || {
+        let server = TestServer::start(common::client::std_echo);
         let config = ClientConfig {
             repeat: 20,
             payload: generated(100_000),
@@ -293,8 +293,8 @@ fn works_against_a_plain_std_echo_server() {
 
 #[test]
 fn server_that_never_answers_times_out_after_about_the_timeout() {
-    within(Duration::from_secs(10), || {
-        let server = TestServer::start(support::never_answers);
+    with_time_limit(Duration::from_secs(10), || {
+        let server = TestServer::start(common::client::never_answers);
         let config = ClientConfig {
             repeat: 3,
             timeout: Duration::from_secs(1),
@@ -320,8 +320,8 @@ fn server_that_never_answers_times_out_after_about_the_timeout() {
 
 #[test]
 fn large_message_to_a_server_that_never_reads_times_out_instead_of_blocking_in_write() {
-    within(Duration::from_secs(10), || {
-        let server = TestServer::start(support::never_reads);
+    with_time_limit(Duration::from_secs(10), || {
+        let server = TestServer::start(common::client::never_reads);
         let config = ClientConfig {
             payload: generated(16 << 20),
             timeout: Duration::from_secs(1),
@@ -345,8 +345,8 @@ fn large_message_to_a_server_that_never_reads_times_out_instead_of_blocking_in_w
 
 #[test]
 fn server_that_corrupts_one_byte_is_reported_as_a_mismatch() {
-    within(LIMIT, || {
-        let server = TestServer::start(support::corrupts_one_byte);
+    with_time_limit(LIMIT, || {
+        let server = TestServer::start(common::client::corrupts_one_byte);
         let config = ClientConfig {
             repeat: 3,
             ..config_for(server.addr())
@@ -370,8 +370,8 @@ fn server_that_corrupts_one_byte_is_reported_as_a_mismatch() {
 
 #[test]
 fn server_that_echoes_half_and_closes_is_an_error() {
-    within(LIMIT, || {
-        let server = TestServer::start(support::echoes_half_then_closes);
+    with_time_limit(LIMIT, || {
+        let server = TestServer::start(common::client::echoes_half_then_closes);
         let config = ClientConfig {
             repeat: 3,
             payload: generated(1000),
@@ -396,8 +396,8 @@ fn server_that_echoes_half_and_closes_is_an_error() {
 
 #[test]
 fn replaying_server_is_caught_by_generated_payloads() {
-    within(LIMIT, || {
-        let server = TestServer::start(support::replays_first_chunk);
+    with_time_limit(LIMIT, || {
+        let server = TestServer::start(common::client::replays_first_chunk);
         let config = ClientConfig {
             repeat: 3,
             payload: generated(64),
@@ -415,8 +415,8 @@ fn replaying_server_is_caught_by_generated_payloads() {
 
 #[test]
 fn closed_port_fails_at_once_not_after_the_timeout() {
-    within(Duration::from_secs(10), || {
-        let addr = support::closed_port();
+    with_time_limit(Duration::from_secs(10), || {
+        let addr = common::client::closed_port();
         let config = ClientConfig {
             timeout: Duration::from_secs(30),
             ..config_for(addr)
@@ -433,7 +433,7 @@ fn closed_port_fails_at_once_not_after_the_timeout() {
 
 #[test]
 fn stop_ends_an_endless_run_which_still_counts_as_success() {
-    within(LIMIT, || {
+    with_time_limit(LIMIT, || {
         let server = EchoServer::start();
         let config = ClientConfig {
             repeat: 0,
@@ -458,7 +458,7 @@ fn stop_ends_an_endless_run_which_still_counts_as_success() {
 
 #[test]
 fn stop_cuts_an_interval_pause_short() {
-    within(Duration::from_secs(20), || {
+    with_time_limit(Duration::from_secs(20), || {
         let server = EchoServer::start();
         let config = ClientConfig {
             repeat: 0,
@@ -488,7 +488,7 @@ impl Read for SilentInput {
 
 #[test]
 fn stop_ends_lines_mode_while_it_waits_for_input() {
-    within(Duration::from_secs(20), || {
+    with_time_limit(Duration::from_secs(20), || {
         let server = EchoServer::start();
         let stop = StopHandle::new();
         let observer = |event: &Event<'_>| {
@@ -506,8 +506,8 @@ fn stop_ends_lines_mode_while_it_waits_for_input() {
 
 #[test]
 fn connects_to_ipv6_loopback_in_brackets() {
-    within(LIMIT, || {
-        let Ok(server) = TestServer::start_on("[::1]:0", support::std_echo) else {
+    with_time_limit(LIMIT, || {
+        let Ok(server) = TestServer::start_on("[::1]:0", common::client::std_echo) else {
             eprintln!("skipped: this machine has no IPv6 loopback");
             return;
         };
@@ -535,7 +535,7 @@ fn connects_to_ipv6_loopback_in_brackets() {
 fn empty_message_is_refused_before_connecting() {
     let config = ClientConfig {
         payload: Payload::Text(Vec::new()),
-        ..config_for(support::closed_port())
+        ..config_for(common::client::closed_port())
     };
     let result = client::run(&config, &|_: &Event<'_>| {}, &StopHandle::new());
     assert_eq!(result.err(), Some(ConfigError::EmptyMessage));

@@ -106,8 +106,7 @@ fn a_client_resetting_mid_echo_does_not_disturb_others() {
         for round in 0..50 {
             let mut rude = connect(addr);
             rude.write_all(&payload(round, 100_000)).expect("write");
-            // SO_LINGER 0: close sends a reset instead of a FIN.
-            set_linger_zero(&rude);
+            reset_on_close(&rude);
             drop(rude);
         }
         steady.join().expect("the steady client was served");
@@ -142,23 +141,4 @@ fn a_client_that_never_reads_does_not_starve_others_on_its_worker() {
         }
         drop(hog);
     });
-}
-
-fn set_linger_zero(stream: &std::net::TcpStream) {
-    use std::os::fd::AsRawFd;
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt reads `linger` for the given length only.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "set SO_LINGER");
 }

@@ -80,23 +80,23 @@ struct Args {
 
     /// send each line of standard input as one message, until end of input
     #[argh(switch)]
-    stdin: bool,
+    stdin: u8,
 
     /// print only errors and the summary (plus a progress line each second when stderr is a terminal)
     #[argh(switch, short = 'q')]
-    quiet: bool,
+    quiet: u8,
 
     /// print only one JSON object with the results on stdout
     #[argh(switch)]
-    json: bool,
+    json: u8,
 
     /// add a histogram of round-trip times to the summary
     #[argh(switch)]
-    histogram: bool,
+    histogram: u8,
 
     /// print the version and exit
     #[argh(switch)]
-    version: bool,
+    version: u8,
 }
 
 fn main() -> ExitCode {
@@ -113,9 +113,16 @@ fn run() -> Exit {
             return Exit::Usage;
         }
     };
-    if args.version {
-        println!("{PROG} {}", env!("CARGO_PKG_VERSION"));
-        return Exit::Success;
+    match cli::once(args.version, "--version") {
+        Ok(false) => {}
+        Ok(true) => {
+            println!("{PROG} {}", env!("CARGO_PKG_VERSION"));
+            return Exit::Success;
+        }
+        Err(message) => {
+            eprintln!("{PROG}: {message}");
+            return Exit::Usage;
+        }
     }
     if let Err(message) = check_combinations(&args) {
         eprintln!("{PROG}: {message}");
@@ -141,7 +148,7 @@ fn run() -> Exit {
     install_ctrl_c(&stop);
     let printer = Printer::new(&args, config.connections.get() > 1, stop.clone());
     let observer = |event: &Event<'_>| printer.on_event(event);
-    let show_progress = args.quiet && io::stderr().is_terminal();
+    let show_progress = on(args.quiet) && io::stderr().is_terminal();
     let result = thread::scope(|scope| {
         // Dropping `done` ends the progress thread.
         let (done, finished) = crossbeam_channel::bounded::<()>(0);
@@ -154,7 +161,7 @@ fn run() -> Exit {
                 eprintln!("{PROG}: no progress line: {error}");
             }
         }
-        let result = if args.stdin {
+        let result = if on(args.stdin) {
             client::run_lines(&config, BufReader::new(io::stdin()), &observer, &stop)
         } else {
             client::run(&config, &observer, &stop)
@@ -180,11 +187,25 @@ fn run() -> Exit {
     }
 }
 
+/// Whether a switch was given (`check_combinations` has refused repeats).
+fn on(count: u8) -> bool {
+    count > 0
+}
+
 fn check_combinations(args: &Args) -> Result<(), String> {
+    let switches = [
+        ("--stdin", args.stdin),
+        ("--quiet", args.quiet),
+        ("--json", args.json),
+        ("--histogram", args.histogram),
+    ];
+    for (flag, count) in switches {
+        cli::once(count, flag)?;
+    }
     if args.size.is_some() && args.message.is_some() {
         return Err("--size and --message cannot be combined: pick one payload".to_owned());
     }
-    if args.stdin {
+    if on(args.stdin) {
         let conflicts = [
             ("--message", args.message.is_some()),
             ("--size", args.size.is_some()),
@@ -198,7 +219,7 @@ fn check_combinations(args: &Args) -> Result<(), String> {
             ));
         }
     }
-    if args.json && args.histogram {
+    if on(args.json) && on(args.histogram) {
         return Err("--json cannot be combined with --histogram".to_owned());
     }
     Ok(())
@@ -301,7 +322,7 @@ struct Printer {
 impl Printer {
     fn new(args: &Args, multiple: bool, stop: StopHandle) -> Self {
         Printer {
-            chatty: !args.quiet && !args.json,
+            chatty: !on(args.quiet) && !on(args.json),
             multiple,
             binary: args.size.is_some(),
             echoes: AtomicU64::new(0),
@@ -414,10 +435,10 @@ fn print_progress(printer: &Printer, finished: &crossbeam_channel::Receiver<()>)
 }
 
 fn print_report(args: &Args, report: &Report, printer: &Printer) {
-    let text = if args.json {
+    let text = if on(args.json) {
         format!("{}\n", report.to_json())
     } else {
-        format!("\n{}", report.summary(args.histogram))
+        format!("\n{}", report.summary(on(args.histogram)))
     };
     let mut stdout = io::stdout().lock();
     if stdout

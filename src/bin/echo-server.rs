@@ -39,8 +39,8 @@ struct Args {
     #[argh(option, default = "config::DEFAULT_PORT", from_str_fn(parse_port))]
     port: u16,
 
-    /// worker threads, each serving many connections (default: one per CPU)
-    #[argh(option, from_str_fn(parse_at_least_one))]
+    /// worker threads, each serving many connections, 1 to 1024 (default: one per CPU)
+    #[argh(option, from_str_fn(parse_workers))]
     workers: Option<usize>,
 
     /// connections open at once; more are closed at once (default 10000)
@@ -69,15 +69,15 @@ struct Args {
 
     /// also log the data received, escaped and cut to 80 characters
     #[argh(switch, short = 'v')]
-    verbose: bool,
+    verbose: u8,
 
     /// log only start-up, shutdown, warnings and errors
     #[argh(switch, short = 'q')]
-    quiet: bool,
+    quiet: u8,
 
     /// print the version and exit
     #[argh(switch)]
-    version: bool,
+    version: u8,
 }
 
 fn parse_ip(value: &str) -> Result<IpAddr, String> {
@@ -99,6 +99,16 @@ fn parse_at_least_one(value: &str) -> Result<usize, String> {
     match value.parse::<usize>() {
         Ok(0) | Err(_) => Err("must be a whole number of at least 1".to_string()),
         Ok(n) => Ok(n),
+    }
+}
+
+fn parse_workers(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(n) if (1..=config::MAX_WORKERS).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "must be a whole number from 1 to {}",
+            config::MAX_WORKERS
+        )),
     }
 }
 
@@ -139,11 +149,14 @@ fn run() -> Result<(), Failure> {
         cli::Parsed::Answered => return Ok(()),
         cli::Parsed::Usage(message) => return Err(Failure::Usage(message)),
     };
-    if args.version {
+    let version = cli::once(args.version, "--version").map_err(Failure::Usage)?;
+    let verbose = cli::once(args.verbose, "--verbose").map_err(Failure::Usage)?;
+    let quiet = cli::once(args.quiet, "--quiet").map_err(Failure::Usage)?;
+    if version {
         println!("{PROG} {}", env!("CARGO_PKG_VERSION"));
         return Ok(());
     }
-    if args.verbose && args.quiet {
+    if verbose && quiet {
         return Err(Failure::Usage(
             "--verbose and --quiet cannot be used together".into(),
         ));
@@ -154,7 +167,7 @@ fn run() -> Result<(), Failure> {
         max_connections_per_ip: args.max_connections_per_ip,
         idle_timeout: args.idle_timeout,
         shutdown_timeout: args.shutdown_timeout,
-        log_level: match (args.quiet, args.verbose) {
+        log_level: match (quiet, verbose) {
             (true, _) => LogLevel::Quiet,
             (_, true) => LogLevel::Verbose,
             _ => LogLevel::Normal,

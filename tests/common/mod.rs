@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // each test binary uses its own subset of the fixtures
 
+pub mod client;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -280,13 +282,24 @@ pub fn summary_count(summary: &str, label: &str) -> u64 {
 
 /// Runs a binary to completion with a time limit and returns its output.
 pub fn run_to_end(program: &str, args: &[&str], limit: Duration) -> Output {
-    let child = Command::new(program)
+    run_with_input(program, args, &[], limit)
+}
+
+/// Runs a binary with `stdin` as its input, to completion within `limit`,
+/// killing it and failing the test past that.
+pub fn run_with_input(program: &str, args: &[&str], stdin: &[u8], limit: Duration) -> Output {
+    let mut child = Command::new(program)
         .args(args)
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|err| panic!("spawn {program}: {err}"));
+    let mut input = child.stdin.take().expect("piped stdin");
+    let stdin = stdin.to_vec();
+    // Dropping `input` after the write closes the pipe: the program sees EOF.
+    // A program that exits without reading its input breaks the pipe; fine.
+    let feeder = thread::spawn(move || drop(input.write_all(&stdin)));
     let pid = child.id() as i32;
     let (done, finished) = mpsc::channel();
     let waiter = thread::spawn(move || {
@@ -300,6 +313,8 @@ pub fn run_to_end(program: &str, args: &[&str], limit: Duration) -> Output {
         unsafe { libc::kill(pid, libc::SIGKILL) };
         panic!("{program} {args:?} did not finish within {limit:?}");
     }
+    // The feeder ends once the pipe is written or broken.
+    let _ = feeder.join();
     waiter
         .join()
         .expect("waiter thread")
@@ -333,4 +348,143 @@ pub fn status_kib(pid: i32, field: &str) -> u64 {
         .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// Connects to `addr` from the local address `from` (such as 127.0.0.2),
+/// which std cannot do: it has no bind-before-connect.
+///
+/// # Errors
+/// The `socket`, `bind` or `connect` error.
+pub fn connect_from(
+    from: std::net::Ipv4Addr,
+    addr: std::net::SocketAddrV4,
+) -> std::io::Result<TcpStream> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    fn sockaddr(ip: std::net::Ipv4Addr, port: u16) -> libc::sockaddr_in {
+        libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(ip).to_be(),
+            },
+            sin_zero: [0; 8],
+        }
+    }
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: socket has no memory arguments; the descriptor is checked below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let local = sockaddr(from, 0);
+    // SAFETY: bind reads `len` bytes of the sockaddr_in we pass.
+    if unsafe { libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let remote = sockaddr(*addr.ip(), addr.port());
+    // SAFETY: connect reads `len` bytes of the sockaddr_in we pass.
+    if unsafe { libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(TcpStream::from(owned))
+}
+
+/// Sets SO_LINGER to zero, so that closing `stream` sends a reset, not a FIN.
+pub fn reset_on_close(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads `linger` for the given length only.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "set SO_LINGER: {}", std::io::Error::last_os_error());
+}
+
+/// The CPU time (user + system) a process has used so far, from /proc.
+pub fn cpu_time(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|err| panic!("read /proc/{pid}/stat: {err}"));
+    // The command name may hold spaces; the fields after its ')' do not.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // After the name: state is field 3, utime field 14, stime field 15.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .map(|&i| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no CPU field {i} in /proc/{pid}/stat: {stat}"))
+        })
+        .sum();
+    // SAFETY: sysconf has no memory arguments.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+/// Whether process `pid` exists and is not a zombie.
+pub fn is_running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let (_, rest) = stat.rsplit_once(')')?;
+            rest.split_whitespace().next().map(|state| state != "Z")
+        })
+        .unwrap_or(false)
+}
+
+/// Polls `check` every 20 ms until it returns true or `limit` passes;
+/// returns whether it became true.
+pub fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    loop {
+        if check() {
+            return true;
+        }
+        if started.elapsed() >= limit {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One short echo on a fresh connection; the error says what went wrong.
+///
+/// # Errors
+/// A description of the failed step.
+pub fn try_echo(addr: SocketAddr, data: &[u8], limit: Duration) -> Result<(), String> {
+    let mut stream =
+        TcpStream::connect_timeout(&addr, limit).map_err(|err| format!("connect: {err}"))?;
+    stream
+        .set_read_timeout(Some(limit))
+        .map_err(|err| format!("set timeout: {err}"))?;
+    echo_on(&mut stream, data)
+}
+
+/// Echoes `data` on an open connection and checks it came back exact.
+pub fn echo_on(stream: &mut TcpStream, data: &[u8]) -> Result<(), String> {
+    stream
+        .write_all(data)
+        .map_err(|err| format!("write: {err}"))?;
+    let mut got = vec![0; data.len()];
+    stream
+        .read_exact(&mut got)
+        .map_err(|err| format!("read the echo: {err}"))?;
+    if got != data {
+        return Err(format!("echo differs: sent {data:?}, got {got:?}"));
+    }
+    Ok(())
 }

@@ -51,6 +51,16 @@ fn parse_from<T: FromArgs>(prog: &str, raw: Vec<OsString>) -> Parsed<T> {
     }
 }
 
+/// A switch's occurrences as a yes or no; given twice is a usage error, as
+/// for options.
+pub fn once(count: u8, flag: &str) -> Result<bool, String> {
+    match count {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(format!("{flag} given more than once")),
+    }
+}
+
 /// argh's message on one line, starting lowercase like ours.
 fn one_line(output: &str) -> String {
     let joined = output.split_whitespace().collect::<Vec<_>>().join(" ");

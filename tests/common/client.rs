@@ -3,38 +3,19 @@
 //! client works with any RFC 862 server), a runner for the binary, and a tiny
 //! JSON reader for checking `--json` output.
 //!
-//! Included by each client test file with `#[path]`; a file that does not use
-//! every fixture would warn about it, hence the allow.
+//! A part of `tests/common`; a test file that does not use every fixture
+//! would warn about it, hence the allow.
 #![allow(dead_code)]
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-/// Runs `body` on its own thread and fails the test if it takes longer than
-/// `limit`. A panic in `body` fails the test with the original message.
-pub fn within<T: Send + 'static>(limit: Duration, body: impl FnOnce() -> T + Send + 'static) -> T {
-    let (sender, receiver) = crossbeam_channel::bounded(1);
-    let worker = thread::spawn(move || {
-        let value = body();
-        // The receiver is gone only if the limit already failed the test.
-        let _ = sender.send(value);
-    });
-    match receiver.recv_timeout(limit) {
-        Ok(value) => value,
-        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => match worker.join() {
-            Err(panic) => std::panic::resume_unwind(panic),
-            Ok(()) => unreachable!("the body sends before it returns"),
-        },
-        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-            panic!("test did not finish within its hard limit of {limit:?}")
-        }
-    }
-}
+use echo_chamber::config::ServerConfig;
 
 /// A listener on 127.0.0.1:0 running `handle` on its own thread for each
 /// connection. Dropping it stops accepting (connection threads end with
@@ -196,19 +177,13 @@ pub struct EchoServer {
 
 impl EchoServer {
     pub fn start() -> EchoServer {
-        use echo_chamber::config::{LogLevel, ServerConfig};
-        let listener =
-            echo_chamber::listener::bind("127.0.0.1:0".parse().expect("a literal socket address"))
-                .expect("bind 127.0.0.1:0");
         let config = ServerConfig {
-            workers: 2,
-            log_level: LogLevel::Quiet,
             shutdown_timeout: Duration::from_secs(2),
-            ..ServerConfig::default()
+            ..super::quiet_config(2)
         };
-        let server =
-            echo_chamber::server::Server::start(listener, config).expect("the echo server starts");
-        EchoServer { server }
+        EchoServer {
+            server: super::start_server(config),
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -244,39 +219,10 @@ pub const CLIENT: &str = env!("CARGO_BIN_EXE_echo-client");
 /// Runs the client binary with `args` and `stdin` bytes, killing it and
 /// failing the test if it runs longer than `limit`.
 pub fn run_client(args: &[&str], stdin: &[u8], limit: Duration) -> Run {
-    let command = format!("{CLIENT} {}", args.join(" "));
     let started = Instant::now();
-    let mut child = Command::new(CLIENT)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the client binary starts");
-    let mut input = child.stdin.take().expect("stdin is piped");
-    let stdin = stdin.to_vec();
-    let feeder = thread::spawn(move || {
-        // The client may exit without reading its input (usage errors).
-        let _ = input.write_all(&stdin);
-    });
-    let pid = child.id();
-    let (sender, receiver) = crossbeam_channel::bounded(1);
-    thread::spawn(move || {
-        // The receiver is gone only if the limit already failed the test.
-        let _ = sender.send(child.wait_with_output());
-    });
-    let output = match receiver.recv_timeout(limit) {
-        Ok(output) => output.expect("waiting for the client"),
-        Err(_) => {
-            // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-            panic!("{command} did not finish within {limit:?}");
-        }
-    };
-    // The feeder ends once the pipe is written or broken.
-    let _ = feeder.join();
+    let output = super::run_with_input(CLIENT, args, stdin, limit);
     Run {
-        command,
+        command: format!("{CLIENT} {}", args.join(" ")),
         status: output.status,
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
