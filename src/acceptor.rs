@@ -80,6 +80,28 @@ impl Drop for WorkerLink {
     }
 }
 
+/// A small xorshift generator for placement ties; nothing depends on its
+/// quality beyond not following the order of arrival.
+struct TieBreaker(u64);
+
+impl TieBreaker {
+    fn new() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        // std's per-process random hash keys are a seed without a dependency.
+        let seed = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        TieBreaker(seed | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
 /// Limits a repeated warning to one line a second, counting what it held back.
 #[derive(Default)]
 struct Throttled {
@@ -125,6 +147,7 @@ pub(crate) struct Acceptor {
     backoff: Duration,
     retry_at: Option<Instant>,
     refused: u64,
+    tie_breaker: TieBreaker,
     full_warning: Throttled,
     accept_warning: Throttled,
 }
@@ -157,6 +180,7 @@ impl Acceptor {
             backoff: MIN_ACCEPT_BACKOFF,
             retry_at: None,
             refused: 0,
+            tie_breaker: TieBreaker::new(),
             full_warning: Throttled::default(),
             accept_warning: Throttled::default(),
         })
@@ -303,8 +327,14 @@ impl Acceptor {
     /// The live worker with the fewest open connections. Least-loaded rather
     /// than round-robin, because connection lifetimes vary a lot: a worker
     /// left with long-lived connections should not keep getting its share.
-    fn least_loaded(&self) -> Option<usize> {
-        (0..self.workers.len())
+    /// Ties go to a random one: breaking them in a fixed order would be
+    /// round-robin again, and a client whose busy connections are every Nth
+    /// would pile them all on one worker.
+    fn least_loaded(&mut self) -> Option<usize> {
+        let count = self.workers.len();
+        let start = (self.tie_breaker.next() % count as u64) as usize;
+        (0..count)
+            .map(|offset| (start + offset) % count)
             .filter(|&index| self.workers[index].is_alive())
             .min_by_key(|&index| self.open.on_worker(index))
     }

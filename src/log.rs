@@ -63,8 +63,11 @@ impl Logger {
 
 fn write_line(tag: &str, message: fmt::Arguments<'_>) {
     let now = humantime::format_rfc3339_millis(SystemTime::now());
-    // eprintln! rather than a raw stderr handle, so test harnesses capture it.
-    eprintln!("{now} {tag} {message}");
+    // Formatted first so the line goes out in one write: stderr is
+    // unbuffered, and eprintln! would write each piece separately. eprint!
+    // rather than a raw handle, so test harnesses capture it.
+    let line = format!("{now} {tag} {message}\n");
+    eprint!("{line}");
 }
 
 /// Received bytes as `-v` shows them: lossily decoded, escaped, and cut to 80
