@@ -149,6 +149,7 @@ pub(crate) struct Acceptor {
     refused: u64,
     tie_breaker: TieBreaker,
     full_warning: Throttled,
+    address_full_warning: Throttled,
     accept_warning: Throttled,
 }
 
@@ -182,6 +183,7 @@ impl Acceptor {
             refused: 0,
             tie_breaker: TieBreaker::new(),
             full_warning: Throttled::default(),
+            address_full_warning: Throttled::default(),
             accept_warning: Throttled::default(),
         })
     }
@@ -235,6 +237,11 @@ impl Acceptor {
                     if since_wake == ACCEPTS_PER_WAKE {
                         self.wake_workers_with_news();
                         since_wake = 0;
+                        if self.shutdown.is_shutting_down() {
+                            // A connect storm must not hold off the shutdown;
+                            // what waits in the backlog is refused with it.
+                            return;
+                        }
                     }
                 }
                 // The backlog is empty: wait for the next readable event.
@@ -284,7 +291,7 @@ impl Acceptor {
                         admission.max_connections
                     ),
                 ),
-                Refusal::AddressFull => self.full_warning.warn(
+                Refusal::AddressFull => self.address_full_warning.warn(
                     &self.logger,
                     now,
                     format_args!(
@@ -303,9 +310,10 @@ impl Acceptor {
         let mut handoff = Handoff { stream, peer };
         while let Some(index) = self.least_loaded() {
             let link = &mut self.workers[index];
-            let Some(inbox) = link.inbox.as_ref() else {
-                continue;
-            };
+            let inbox = link
+                .inbox
+                .as_ref()
+                .expect("least_loaded returns only live workers");
             self.open.assign(index);
             match inbox.send(handoff) {
                 Ok(()) => {

@@ -41,6 +41,8 @@ pub fn deadline_after(from: Instant, after: Duration) -> Instant {
 /// How much the server says on stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub enum LogLevel {
+    /// Nothing at all: for embedders and tests that report on their own.
+    Silent,
     /// Start-up, shutdown, warnings and errors only.
     Quiet,
     /// Also each connection's open and close.

@@ -276,11 +276,7 @@ impl Connection {
         buf: &mut [u8],
         inspect: &mut dyn FnMut(&[u8]),
     ) -> io::Result<Step> {
-        let mut room = if self.pending_len() == 0 {
-            buf.len()
-        } else {
-            buf.len().min(MAX_PENDING_OUTPUT - self.pending_len())
-        };
+        let mut room = buf.len().min(MAX_PENDING_OUTPUT - self.pending_len());
         if let Some(allowance) = self.drain_allowance {
             room = room.min(allowance);
         }
@@ -340,8 +336,10 @@ impl Connection {
     }
 
     fn keep_pending(&mut self, tail: &[u8]) {
-        if self.pending_start > 0 && self.pending_start == self.pending.len() {
-            self.pending.clear();
+        if self.pending_start > 0 {
+            // Drop what was written, so the buffer never grows past the cap
+            // plus one read, however long a slow reader keeps it non-empty.
+            self.pending.drain(..self.pending_start);
             self.pending_start = 0;
         }
         self.pending.extend_from_slice(tail);
@@ -423,4 +421,99 @@ pub fn is_peer_gone(err: &io::Error) -> bool {
             | ErrorKind::UnexpectedEof
             | ErrorKind::NotConnected
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer that sends `incoming` bytes and reads `outgoing` bytes per turn.
+    struct SteadyPeer {
+        sent: Vec<u8>,
+        read_at: usize,
+        arrived: usize,
+        room: usize,
+        echoed: Vec<u8>,
+    }
+
+    impl Read for SteadyPeer {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.arrived - self.read_at);
+            if n == 0 {
+                return Err(ErrorKind::WouldBlock.into());
+            }
+            buf[..n].copy_from_slice(&self.sent[self.read_at..self.read_at + n]);
+            self.read_at += n;
+            Ok(n)
+        }
+    }
+
+    impl Write for SteadyPeer {
+        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+            let n = data.len().min(self.room);
+            if n == 0 {
+                return Err(ErrorKind::WouldBlock.into());
+            }
+            self.echoed.extend_from_slice(&data[..n]);
+            self.room -= n;
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl EchoStream for SteadyPeer {
+        fn shutdown_write(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_slow_but_steady_reader_never_grows_the_pending_buffer_past_its_cap() {
+        const TURNS: usize = 2000;
+        const PER_TURN: usize = 10_000;
+        let sent: Vec<u8> = (0..TURNS * PER_TURN + 40_000)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let mut peer = SteadyPeer {
+            sent,
+            read_at: 0,
+            arrived: 40_000,
+            room: 0,
+            echoed: Vec::new(),
+        };
+        let mut connection = Connection::new();
+        let mut buf = vec![0; 64 * 1024];
+        let ready = Readiness {
+            readable: true,
+            writable: true,
+            closed: false,
+        };
+        // A 40 KB backlog the peer never quite catches up with.
+        assert!(matches!(
+            connection.on_ready(&mut peer, ready, &mut buf, |_| {}),
+            Outcome::Open
+        ));
+        let mut largest = 0;
+        for _ in 0..TURNS {
+            peer.arrived += PER_TURN;
+            peer.room = PER_TURN;
+            let outcome = connection.on_ready(&mut peer, ready, &mut buf, |_| {});
+            assert!(matches!(outcome, Outcome::Open));
+            largest = largest.max(connection.pending.capacity());
+        }
+        assert!(
+            largest <= 2 * MAX_PENDING_OUTPUT,
+            "the pending buffer grew to {largest} bytes of capacity"
+        );
+        let echoed = peer.echoed.len();
+        assert_eq!(
+            peer.echoed[..],
+            peer.sent[..echoed],
+            "the echo is a prefix of the input"
+        );
+        assert_eq!(echoed + connection.pending_len(), peer.read_at);
+    }
 }

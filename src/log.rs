@@ -4,6 +4,7 @@
 //! disabled level costs one comparison on the hot path.
 
 use std::fmt;
+use std::io::Write;
 use std::time::SystemTime;
 
 use crate::config::LogLevel;
@@ -29,9 +30,11 @@ impl Logger {
         level <= self.level
     }
 
-    /// Start-up and shutdown events, written at every level.
+    /// Start-up and shutdown events, written unless silent.
     pub fn notice(&self, message: fmt::Arguments<'_>) {
-        write_line("INFO", message);
+        if self.enabled(LogLevel::Quiet) {
+            write_line("INFO", message);
+        }
     }
 
     /// Per-connection events, written unless quiet.
@@ -50,24 +53,29 @@ impl Logger {
         }
     }
 
-    /// Something is wrong but the server goes on; written at every level.
+    /// Something is wrong but the server goes on; written unless silent.
     pub fn warn(&self, message: fmt::Arguments<'_>) {
-        write_line("WARN", message);
+        if self.enabled(LogLevel::Quiet) {
+            write_line("WARN", message);
+        }
     }
 
-    /// Something failed; written at every level.
+    /// Something failed; written unless silent.
     pub fn error(&self, message: fmt::Arguments<'_>) {
-        write_line("ERROR", message);
+        if self.enabled(LogLevel::Quiet) {
+            write_line("ERROR", message);
+        }
     }
 }
 
 fn write_line(tag: &str, message: fmt::Arguments<'_>) {
     let now = humantime::format_rfc3339_millis(SystemTime::now());
     // Formatted first so the line goes out in one write: stderr is
-    // unbuffered, and eprintln! would write each piece separately. eprint!
-    // rather than a raw handle, so test harnesses capture it.
+    // unbuffered, and writing the pieces would cost a syscall each.
     let line = format!("{now} {tag} {message}\n");
-    eprint!("{line}");
+    // A log line that cannot be written (stderr closed, a pipe whose reader
+    // left) is lost; eprint! would panic the serving thread instead.
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
 /// Received bytes as `-v` shows them: lossily decoded, escaped, and cut to 80

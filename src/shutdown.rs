@@ -81,11 +81,13 @@ impl ShutdownHandle {
 
     /// Records that worker `index` died and shuts the rest down.
     pub(crate) fn worker_panicked(&self, index: usize) {
-        let _ = self
-            .controller
-            .failed_worker
-            // Only the first failure is reported; later ones change nothing.
-            .compare_exchange(NO_FAILURE, index, Ordering::AcqRel, Ordering::Acquire);
+        // Only the first failure is reported; later ones change nothing.
+        let _ = self.controller.failed_worker.compare_exchange(
+            NO_FAILURE,
+            index,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
         self.controller
             .logger
             .error(format_args!("worker {index} died; shutting down"));

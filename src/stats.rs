@@ -56,7 +56,7 @@ impl fmt::Display for Summary {
 /// Open connections, in total, per worker and per peer address. Touched once
 /// when a connection opens and once when it closes, never per echo.
 #[derive(Debug)]
-pub struct OpenConnections {
+pub(crate) struct OpenConnections {
     total: AtomicUsize,
     per_worker: Vec<AtomicUsize>,
     /// Only kept when a per-address limit is set.
@@ -65,7 +65,7 @@ pub struct OpenConnections {
 
 /// Why a new connection was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// `--max-connections` is reached.
     ServerFull,
     /// `--max-connections-per-ip` is reached for this address.

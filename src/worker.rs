@@ -301,6 +301,20 @@ impl Worker {
         }
     }
 
+    /// Drops the idle timers of closed connections once they outnumber the
+    /// open ones, so heavy churn under a long idle timeout cannot pile them up.
+    fn forget_stale_idle_timers(&mut self) {
+        if self.idle_timers.len() <= 2 * self.open_count() + 1024 {
+            return;
+        }
+        let slots = &self.slots;
+        self.idle_timers.retain(|Reverse((_, index, serial))| {
+            slots[*index]
+                .as_ref()
+                .is_some_and(|slot| slot.serial == *serial)
+        });
+    }
+
     /// The drain deadline came: close everything that is left.
     fn cut_all(&mut self) {
         let now = Instant::now();
@@ -322,6 +336,7 @@ impl Worker {
             return;
         };
         self.free.push(index);
+        self.forget_stale_idle_timers();
         // Closing the descriptor removes it from epoll anyway; a failed
         // deregister changes nothing for the connection that is ending.
         let _ = self.setup.poll.registry().deregister(&mut slot.stream);

@@ -121,7 +121,7 @@ fn start_ours(workers: usize) -> Result<Server, String> {
         .map_err(|e| format!("bind: {e}"))?;
     let config = ServerConfig {
         workers,
-        log_level: LogLevel::Quiet,
+        log_level: LogLevel::Silent,
         ..ServerConfig::default()
     };
     Server::start(listener, config).map_err(|e| e.to_string())

@@ -204,8 +204,8 @@ fn warn_about_descriptor_limit(config: &ServerConfig) {
                 config.max_connections as u64 + limits::reserved_descriptors(config.workers);
             if needed > limit {
                 logger.warn(format_args!(
-                    "--max-connections {} is more than the descriptor limit {limit} allows; \
-                     expect accept failures past about {} connections",
+                    "the connection limit {} (--max-connections) is more than the descriptor \
+                     limit {limit} allows; expect accept failures past about {} connections",
                     config.max_connections,
                     limit.saturating_sub(limits::reserved_descriptors(config.workers)),
                 ));
@@ -224,8 +224,13 @@ fn spawn_signal_thread(mut signals: Signals, shutdown: ShutdownHandle) -> Result
     std::thread::Builder::new()
         .name("echo-signals".into())
         .spawn(move || {
+            // Counted here, not read from the controller: a drain that a
+            // dying worker started must not turn the user's first signal
+            // into an immediate exit.
+            let mut received = 0;
             for signal in signals.forever() {
-                if shutdown.is_shutting_down() {
+                received += 1;
+                if received > 1 {
                     std::process::exit(128 + signal);
                 }
                 shutdown.shutdown();

@@ -8,6 +8,7 @@
 //! reads, because a server that stops reading until its echo is read would
 //! otherwise deadlock with a client that writes everything first.
 
+use crate::config::deadline_after;
 use std::convert::Infallible;
 use std::io::{self, BufRead, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -251,7 +252,7 @@ where
         tally.bytes_sent += message.len() as u64;
         echo.resize(message.len(), 0);
         let started = Instant::now();
-        let deadline = started + context.timeout;
+        let deadline = deadline_after(started, context.timeout);
         if let Err(error) = socket.exchange(&message, &mut echo, deadline) {
             let kind = error.into_failure(seq, socket.peer, context.timeout, message.len());
             fail(&mut tally, kind);
@@ -357,7 +358,7 @@ struct Socket {
 impl Socket {
     /// Tries each address in turn, all within one `timeout`.
     fn connect(addrs: &[SocketAddr], timeout: Duration) -> Result<Socket, FailureKind> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(Instant::now(), timeout);
         let mut last = None;
         for &addr in addrs {
             let left = deadline.saturating_duration_since(Instant::now());

@@ -55,11 +55,12 @@ pub fn start_server(config: ServerConfig) -> Server {
     Server::start(listener, config).expect("server starts")
 }
 
-/// A quiet configuration with `workers` workers.
+/// A silent configuration with `workers` workers: the tests report failures
+/// themselves, and hundreds of in-process servers would flood the output.
 pub fn quiet_config(workers: usize) -> ServerConfig {
     ServerConfig {
         workers,
-        log_level: LogLevel::Quiet,
+        log_level: LogLevel::Silent,
         ..ServerConfig::default()
     }
 }
