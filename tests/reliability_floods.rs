@@ -131,14 +131,8 @@ fn ten_thousand_held_connections_on_four_workers_do_not_stall_fifty_echoing_clie
             stream
                 .set_read_timeout(Some(Duration::from_secs(30)))
                 .expect("set a read timeout");
-            stream
-                .write_all(b"held")
-                .expect("write on a held connection");
-            let mut echoed = [0; 4];
-            stream
-                .read_exact(&mut echoed)
+            echo_on(stream, b"held")
                 .unwrap_or_else(|err| panic!("held connection {i} did not echo: {err}"));
-            assert_eq!(&echoed, b"held", "held connection {i}");
         }
         eprintln!(
             "{HELD} held connections: {baseline} descriptors before; VmRSS {rss_before} KiB before, \
@@ -150,14 +144,7 @@ fn ten_thousand_held_connections_on_four_workers_do_not_stall_fifty_echoing_clie
         assert_descriptors_back_to(&server, baseline, "closing the held connections");
         try_echo(addr, b"still serving", Duration::from_secs(30))
             .unwrap_or_else(|err| panic!("echo after the flood: {err}; log:\n{}", server.log()));
-        server.signal(libc::SIGTERM);
-        let status = server.wait_exit(Duration::from_secs(30));
-        assert_eq!(
-            status.code(),
-            Some(0),
-            "exit status; log:\n{}",
-            server.log()
-        );
+        server.stop_cleanly();
     });
 }
 
@@ -190,15 +177,7 @@ fn connect_close_and_reset_storms_leave_no_descriptor_behind_and_echo_still_work
 
         try_echo(addr, b"still serving", Duration::from_secs(30))
             .unwrap_or_else(|err| panic!("echo after the storms: {err}; log:\n{}", server.log()));
-        server.signal(libc::SIGTERM);
-        let status = server.wait_exit(Duration::from_secs(30));
-        assert_eq!(
-            status.code(),
-            Some(0),
-            "exit status; log:\n{}",
-            server.log()
-        );
-        let summary = server.summary();
+        let summary = server.stop_cleanly();
         eprintln!("storms: baseline {baseline} descriptors; {summary}");
         assert_eq!(
             summary_count(&summary, "connections served"),
@@ -243,12 +222,7 @@ fn a_burst_of_a_thousand_connects_waits_in_the_listen_backlog() {
             stream
                 .set_read_timeout(Some(Duration::from_secs(30)))
                 .expect("set a read timeout");
-            stream
-                .write_all(b"q")
-                .expect("write on a queued connection");
-            let mut byte = [0; 1];
-            stream
-                .read_exact(&mut byte)
+            echo_on(stream, b"q")
                 .unwrap_or_else(|err| panic!("queued connection {i} was not served: {err}"));
         }
     });

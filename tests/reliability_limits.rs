@@ -46,18 +46,6 @@ fn closed_by_server(stream: &mut TcpStream) -> Result<Duration, String> {
     }
 }
 
-fn stop_cleanly(server: &mut ServerProcess) -> String {
-    server.signal(libc::SIGTERM);
-    let status = server.wait_exit(Duration::from_secs(30));
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "exit status; log:\n{}",
-        server.log()
-    );
-    server.summary()
-}
-
 #[test]
 fn idle_timeout_closes_idle_connections_and_spares_active_ones() {
     with_time_limit(Duration::from_secs(60), || {
@@ -106,7 +94,7 @@ fn idle_timeout_closes_idle_connections_and_spares_active_ones() {
         eprintln!(
             "idle connection closed {closed_after:?} after its last echo (timeout {timeout:?})"
         );
-        stop_cleanly(&mut server);
+        server.stop_cleanly();
     });
 }
 
@@ -139,7 +127,7 @@ fn max_connections_refuses_the_excess_at_once_and_warns_at_most_once_a_second() 
         }
         drop(admitted);
 
-        let summary = stop_cleanly(&mut server);
+        let summary = server.stop_cleanly();
         let log = server.log();
         let warnings = log
             .lines()
@@ -211,7 +199,7 @@ fn max_connections_per_ip_refuses_one_address_and_still_admits_another() {
             server.log()
         );
 
-        let summary = stop_cleanly(&mut server);
+        let summary = server.stop_cleanly();
         let log = server.log();
         assert!(
             log.contains("per-address limit reached for 127.0.0.1"),
@@ -286,7 +274,7 @@ fn a_client_that_never_reads_keeps_peak_memory_bounded_while_others_are_served()
              bound {NON_READER_PEAK_GROWTH_KIB} KiB"
         );
         assert!(rounds > 0, "no other client was served");
-        stop_cleanly(&mut server);
+        server.stop_cleanly();
     });
 }
 
@@ -361,6 +349,6 @@ fn out_of_descriptors_the_server_neither_spins_nor_dies_and_recovers() {
         );
         assert!(is_running(pid), "the server died; log:\n{}", server.log());
         drop(first);
-        stop_cleanly(&mut server);
+        server.stop_cleanly();
     });
 }

@@ -228,15 +228,7 @@ fn soak_keeps_rss_and_descriptors_flat_and_loses_no_echo() {
             server.log()
         );
 
-        server.signal(libc::SIGTERM);
-        let status = server.wait_exit(Duration::from_secs(30));
-        assert_eq!(
-            status.code(),
-            Some(0),
-            "exit status; log:\n{}",
-            server.log()
-        );
-        let summary = server.summary();
+        let summary = server.stop_cleanly();
         eprintln!("{summary}");
         assert!(
             summary_count(&summary, "bytes echoed") >= total.bytes_verified,

@@ -243,6 +243,14 @@ impl ServerProcess {
         }
     }
 
+    /// Sends SIGTERM, expects exit 0 within 30 s, and returns the summary line.
+    pub fn stop_cleanly(&mut self) -> String {
+        self.signal(libc::SIGTERM);
+        let status = self.wait_exit(Duration::from_secs(30));
+        assert_eq!(status.code(), Some(0), "exit status; log:\n{}", self.log());
+        self.summary()
+    }
+
     /// Everything the server has logged so far.
     pub fn log(&self) -> String {
         self.log.lock().expect("log lock").join("\n")
