@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::client::{CLIENT, EchoServer, Json, TestServer, run_client};
+use common::client::{CLIENT, EchoServer, JSON_KEYS, Json, TestServer, run_client};
 use common::with_time_limit;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -121,19 +121,7 @@ fn json_mode_prints_exactly_one_object_on_stdout() {
     assert_eq!(run.code(), Some(0), "{}", run.describe());
     assert_eq!(run.stdout.lines().count(), 1, "{}", run.describe());
     let json = Json::parse(&run.stdout).unwrap_or_else(|e| panic!("{e}\n{}", run.describe()));
-    assert_eq!(
-        json.keys(),
-        [
-            "sent",
-            "echoed",
-            "mismatched",
-            "timed_out",
-            "errors",
-            "rtt_ms",
-            "elapsed_s",
-            "echoes_per_s"
-        ]
-    );
+    assert_eq!(json.keys(), JSON_KEYS);
     assert_eq!(
         json.get("rtt_ms").map(Json::keys),
         Some(vec![

@@ -11,7 +11,7 @@ use std::num::NonZeroUsize;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::client::{EchoServer, Json, TestServer};
+use common::client::{EchoServer, JSON_KEYS, Json, TestServer};
 use common::with_time_limit;
 use echo_chamber::client::{self, ClientConfig, ConfigError, Event, Payload, Report, StopHandle};
 
@@ -220,19 +220,7 @@ fn json_report_is_one_object_with_the_documented_keys() {
         let (report, _) = run_and_record(&config, &StopHandle::new());
         let json =
             Json::parse(&report.to_json()).unwrap_or_else(|e| panic!("{e}: {}", report.to_json()));
-        assert_eq!(
-            json.keys(),
-            [
-                "sent",
-                "echoed",
-                "mismatched",
-                "timed_out",
-                "errors",
-                "rtt_ms",
-                "elapsed_s",
-                "echoes_per_s"
-            ]
-        );
+        assert_eq!(json.keys(), JSON_KEYS);
         let rtt = json.get("rtt_ms").expect("rtt_ms present");
         assert_eq!(
             rtt.keys(),

@@ -230,6 +230,18 @@ pub fn run_client(args: &[&str], stdin: &[u8], limit: Duration) -> Run {
     }
 }
 
+/// The top-level keys of `--json`, in order, as the README documents them.
+pub const JSON_KEYS: [&str; 8] = [
+    "sent",
+    "echoed",
+    "mismatched",
+    "timed_out",
+    "errors",
+    "rtt_ms",
+    "elapsed_s",
+    "echoes_per_s",
+];
+
 /// A JSON value, as far as the client's report needs.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Json {
