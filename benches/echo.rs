@@ -18,9 +18,9 @@
 //! 5. idle server, separate process: SIGINT to exit, and idle CPU.
 //!
 //! Usage: `cargo bench --bench echo -- [--quick] [--cases 1,2] [--load-threads N]
-//! [--active-stride N] [--drive 127.0.0.1:PORT [--conns N]]` (plain `cargo bench`
-//! runs everything; `--quick` needs `--bench echo`, as the library's test
-//! harness rejects unknown flags).
+//! [--active-stride N] [--busy-poll DURATION] [--drive 127.0.0.1:PORT [--conns N]]`
+//! (plain `cargo bench` runs everything; `--quick` needs `--bench echo`, as the
+//! library's test harness rejects unknown flags).
 //! Everything runs on loopback, bounded in count and time.
 
 #[path = "echo/load.rs"]
@@ -59,10 +59,13 @@ struct Options {
     conns: usize,
     /// Case 4 makes every Nth connection active.
     active_stride: usize,
+    /// Our server's `--busy-poll`, if not its default.
+    busy_poll: Option<Duration>,
 }
 
 const USAGE: &str = "usage: cargo bench --bench echo -- [--quick] [--cases 1,2,3,4,5] \
-     [--load-threads N] [--active-stride N] [--drive 127.0.0.1:PORT [--conns N]]";
+     [--load-threads N] [--active-stride N] [--busy-poll DURATION] \
+     [--drive 127.0.0.1:PORT [--conns N]]";
 
 impl Options {
     fn parse(args: impl Iterator<Item = String>) -> Result<Options, String> {
@@ -73,6 +76,7 @@ impl Options {
             drive: None,
             conns: 256,
             active_stride: 199,
+            busy_poll: None,
         };
         let mut args = args.peekable();
         while let Some(arg) = args.next() {
@@ -121,6 +125,15 @@ impl Options {
                         _ => return Err(format!("--active-stride: {n:?} is not 1-200")),
                     };
                 }
+                "--busy-poll" => {
+                    let value = args.next().ok_or("--busy-poll needs a duration")?;
+                    let duration = humantime::parse_duration(&value)
+                        .map_err(|e| format!("--busy-poll: {value:?}: {e}"))?;
+                    if duration > echo_chamber::config::MAX_BUSY_POLL {
+                        return Err(format!("--busy-poll: {value:?} is more than 1ms"));
+                    }
+                    options.busy_poll = Some(duration);
+                }
                 "-h" | "--help" => return Err(USAGE.to_string()),
                 other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
             }
@@ -155,6 +168,18 @@ fn main() -> ExitCode {
         }
     };
     println!("{}", machine_line());
+    let busy_poll = options
+        .busy_poll
+        .unwrap_or(echo_chamber::config::DEFAULT_BUSY_POLL);
+    println!(
+        "ours: --busy-poll {}{}",
+        humantime::format_duration(busy_poll),
+        if options.busy_poll.is_none() {
+            " (the default)"
+        } else {
+            ""
+        }
+    );
     if let Some(addr) = options.drive {
         return drive_external(addr, &options);
     }
@@ -361,11 +386,13 @@ fn case_round_trips(options: &Options, report: &mut Report) {
                 if failed[at] {
                     continue;
                 }
-                let outcome = InProcess::start(kind, WORKERS).and_then(|server| {
-                    let taken = load::round_trips(server.addr(), size, warmup, 200_000, round_time);
-                    server.stop()?;
-                    taken
-                });
+                let outcome =
+                    InProcess::start(kind, WORKERS, options.busy_poll).and_then(|server| {
+                        let taken =
+                            load::round_trips(server.addr(), size, warmup, 200_000, round_time);
+                        server.stop()?;
+                        taken
+                    });
                 match outcome {
                     Ok(taken) => round[at] = taken,
                     Err(e) => {
@@ -568,7 +595,7 @@ fn in_process_rounds(
                 continue;
             }
             wait_for_quiet();
-            let outcome = InProcess::start(kind, WORKERS).and_then(|server| {
+            let outcome = InProcess::start(kind, WORKERS, options.busy_poll).and_then(|server| {
                 let window = load::connect(server.addr(), conns).and_then(|streams| {
                     measure_window(streams, spec, options, Placement::InProcess, &|| {
                         procfs::snapshot(None, &|comm| kind.owns_thread(comm))
@@ -785,30 +812,31 @@ fn case_many_idle(options: &Options, report: &mut Report) {
     let mut peak = [None; 3];
     for (at, kind) in Kind::ALL.into_iter().enumerate() {
         wait_for_quiet();
-        let outcome = ServerProcess::spawn(kind, MANY_WORKERS).and_then(|server| {
-            let opened = Instant::now();
-            let mut idle = load::open_idle(server.addr(), OPEN, 100)?;
-            let open_secs = opened.elapsed().as_secs_f64();
-            // Every 199th connection by default: spread over the whole set, and a
-            // prime stride so the active ones do not all share one residue
-            // modulo the worker count. (With a stride of 200, a server that
-            // places connections in turn puts all 50 on one worker.)
-            let active: Vec<_> = (0..ACTIVE)
-                .rev()
-                .map(|i| idle.swap_remove(i * active_stride))
-                .collect();
-            let pid = server.pid();
-            let window = measure_window(active, spec, options, Placement::OwnProcess, &|| {
-                procfs::process_cpu(pid)
-            })
-            .map_err(|e| format!("{e}; server stderr: {:?}", server.log()))?;
-            let hwm = procfs::status_kib(pid, "VmHWM").map_err(|e| e.to_string())?;
-            let rss = procfs::status_kib(pid, "VmRSS").map_err(|e| e.to_string())?;
-            // Afterwards every idle connection must still be served.
-            load::check_one_byte_echoes(&mut idle, 0)
-                .map_err(|e| format!("idle connections after the run: {e}"))?;
-            Ok((window, hwm, rss, open_secs))
-        });
+        let outcome =
+            ServerProcess::spawn(kind, MANY_WORKERS, options.busy_poll).and_then(|server| {
+                let opened = Instant::now();
+                let mut idle = load::open_idle(server.addr(), OPEN, 100)?;
+                let open_secs = opened.elapsed().as_secs_f64();
+                // Every 199th connection by default: spread over the whole set, and a
+                // prime stride so the active ones do not all share one residue
+                // modulo the worker count. (With a stride of 200, a server that
+                // places connections in turn puts all 50 on one worker.)
+                let active: Vec<_> = (0..ACTIVE)
+                    .rev()
+                    .map(|i| idle.swap_remove(i * active_stride))
+                    .collect();
+                let pid = server.pid();
+                let window = measure_window(active, spec, options, Placement::OwnProcess, &|| {
+                    procfs::process_cpu(pid)
+                })
+                .map_err(|e| format!("{e}; server stderr: {:?}", server.log()))?;
+                let hwm = procfs::status_kib(pid, "VmHWM").map_err(|e| e.to_string())?;
+                let rss = procfs::status_kib(pid, "VmRSS").map_err(|e| e.to_string())?;
+                // Afterwards every idle connection must still be served.
+                load::check_one_byte_echoes(&mut idle, 0)
+                    .map_err(|e| format!("idle connections after the run: {e}"))?;
+                Ok((window, hwm, rss, open_secs))
+            });
         match outcome {
             Ok((w, hwm, rss, open_secs)) if w.echoes > 0 => {
                 note_foreign(report, &format!("case 4 {}", kind.name()), w.foreign_cores);
@@ -866,7 +894,7 @@ fn case_shutdown(options: &Options, report: &mut Report) {
         let mut times = Vec::with_capacity(reps);
         wait_for_quiet();
         let outcome = (0..reps).try_for_each(|rep| {
-            let server = ServerProcess::spawn(kind, WORKERS)?;
+            let server = ServerProcess::spawn(kind, WORKERS, options.busy_poll)?;
             if rep == 0 {
                 let pid = server.pid();
                 let cpu = || procfs::snapshot(Some(pid), &|_| true).map_err(|e| e.to_string());

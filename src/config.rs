@@ -21,6 +21,13 @@ pub const MAX_PENDING_OUTPUT: usize = 64 * 1024;
 /// The size of each worker's one read buffer, shared by all its connections.
 pub const READ_BUFFER_SIZE: usize = 64 * 1024;
 
+/// How long a worker spins on its event loop before sleeping, by default.
+pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(50);
+
+/// The longest busy-poll window allowed: past this, spinning costs far more
+/// CPU than any wake-up it saves.
+pub const MAX_BUSY_POLL: Duration = Duration::from_millis(1);
+
 /// The most workers a server may have; each costs a thread, an event loop
 /// and a waker.
 pub const MAX_WORKERS: usize = 1024;
@@ -65,6 +72,9 @@ pub struct ServerConfig {
     pub idle_timeout: Option<Duration>,
     /// How long the drain may take before busy connections are cut.
     pub shutdown_timeout: Duration,
+    /// The longest a worker spins on its event loop before sleeping, to save
+    /// the wake-up of the next message; zero never spins. At most [`MAX_BUSY_POLL`].
+    pub busy_poll: Duration,
     /// What gets logged.
     pub log_level: LogLevel,
 }
@@ -77,6 +87,7 @@ impl Default for ServerConfig {
             max_connections_per_ip: None,
             idle_timeout: None,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            busy_poll: DEFAULT_BUSY_POLL,
             log_level: LogLevel::Normal,
         }
     }
@@ -104,6 +115,12 @@ impl ServerConfig {
         }
         if self.idle_timeout == Some(Duration::ZERO) {
             return Err("idle_timeout must be more than zero".into());
+        }
+        if self.busy_poll > MAX_BUSY_POLL {
+            return Err(format!(
+                "busy_poll must be at most {}",
+                humantime::format_duration(MAX_BUSY_POLL)
+            ));
         }
         Ok(())
     }

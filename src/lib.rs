@@ -15,6 +15,7 @@
 //! side: it sends messages and checks their echoes.
 
 pub mod acceptor;
+mod busy_poll;
 pub mod client;
 pub mod config;
 pub mod connection;

@@ -115,6 +115,7 @@ impl Server {
                 open: Arc::clone(&open),
                 shutdown: shutdown.clone(),
                 idle_timeout: config.idle_timeout,
+                busy_poll: config.busy_poll,
                 logger,
             });
             let watch = DeathWatch {

@@ -10,7 +10,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::io::ErrorKind;
+use std::io::{self, ErrorKind};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +20,7 @@ use mio::event::Event;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
+use crate::busy_poll::BusyPoll;
 use crate::config::{LogLevel, READ_BUFFER_SIZE, deadline_after};
 use crate::connection::{CloseReason, Connection, Outcome, Readiness};
 use crate::error::io_cause;
@@ -70,6 +71,8 @@ pub(crate) struct WorkerSetup {
     pub(crate) open: Arc<OpenConnections>,
     pub(crate) shutdown: ShutdownHandle,
     pub(crate) idle_timeout: Option<Duration>,
+    /// The longest the worker spins on its event loop before sleeping.
+    pub(crate) busy_poll: Duration,
     pub(crate) logger: Logger,
 }
 
@@ -84,20 +87,22 @@ pub(crate) struct Worker {
     /// Connections that used up their turn with bytes still to move.
     unfinished: Vec<usize>,
     drain_deadline: Option<Instant>,
+    busy_poll: BusyPoll,
     summary: Summary,
 }
 
 impl Worker {
     pub(crate) fn new(setup: WorkerSetup) -> Self {
         Worker {
-            setup,
             slots: Vec::new(),
             free: Vec::new(),
             buf: vec![0; READ_BUFFER_SIZE].into_boxed_slice(),
             idle_timers: BinaryHeap::new(),
             unfinished: Vec::new(),
             drain_deadline: None,
+            busy_poll: BusyPoll::new(setup.busy_poll),
             summary: Summary::default(),
+            setup,
         }
     }
 
@@ -106,7 +111,7 @@ impl Worker {
         let mut events = Events::with_capacity(EVENTS_PER_POLL);
         loop {
             let timeout = self.poll_timeout(Instant::now());
-            if let Err(err) = self.setup.poll.poll(&mut events, timeout) {
+            if let Err(err) = self.wait_for_events(&mut events, timeout) {
                 if err.kind() == ErrorKind::Interrupted {
                     // A signal landed on this thread; nothing is lost.
                     continue;
@@ -142,6 +147,41 @@ impl Worker {
             }
         }
         self.summary
+    }
+
+    /// Fills `events`, spinning first for the busy-poll window (see
+    /// [`crate::busy_poll`]) and then sleeping until `timeout` at most.
+    fn wait_for_events(
+        &mut self,
+        events: &mut Events,
+        timeout: Option<Duration>,
+    ) -> io::Result<()> {
+        let poll = &mut self.setup.poll;
+        if timeout == Some(Duration::ZERO) || !self.busy_poll.enabled() {
+            return poll.poll(events, timeout);
+        }
+        let began = Instant::now();
+        let window = self.busy_poll.window();
+        // A timer due within the window is served by the sleep below.
+        if !window.is_zero() && timeout.is_none_or(|due| due > window) {
+            loop {
+                poll.poll(events, Some(Duration::ZERO))?;
+                if !events.is_empty() {
+                    return Ok(());
+                }
+                if began.elapsed() >= window {
+                    break;
+                }
+                // Whatever else is runnable here, such as the peer that
+                // will send the next message, goes first.
+                std::thread::yield_now();
+            }
+        }
+        let remaining = timeout.map(|due| due.saturating_sub(began.elapsed()));
+        poll.poll(events, remaining)?;
+        self.busy_poll
+            .after_sleep(began.elapsed(), !events.is_empty());
+        Ok(())
     }
 
     fn open_count(&self) -> usize {

@@ -161,6 +161,8 @@ fn every_bad_flag_value_gets_one_line_and_exit_code_2() {
             case(&["--idle-timeout", "5"], USAGE, "--idle-timeout"),
             case(&["--shutdown-timeout", "soon"], USAGE, "--shutdown-timeout"),
             case(&["--shutdown-timeout", "5"], USAGE, "--shutdown-timeout"),
+            case(&["--busy-poll", "fast"], USAGE, "--busy-poll"),
+            case(&["--busy-poll", "50"], USAGE, "--busy-poll"),
             // Out of range.
             case(&["--workers", "0"], USAGE, "--workers"),
             case(&["--workers", "-1"], USAGE, "--workers"),
@@ -186,6 +188,8 @@ fn every_bad_flag_value_gets_one_line_and_exit_code_2() {
                 "--idle-timeout",
             ),
             case(&["--shutdown-timeout", "-1s"], USAGE, "--shutdown-timeout"),
+            case(&["--busy-poll", "2ms"], USAGE, "--busy-poll"),
+            case(&["--busy-poll", "-1us"], USAGE, "--busy-poll"),
             // Hosts that are not addresses: the server does not resolve names.
             case(&["--bind", "localhost"], USAGE, "--bind"),
             case(&["--bind", "no.such.host.invalid"], USAGE, "--bind"),

@@ -1,8 +1,9 @@
 //! The server's limits, through the `echo-server` binary: what the acceptor
 //! refuses (`--max-connections`, `--max-connections-per-ip`) and how it
 //! behaves without descriptors, what a worker closes (`--idle-timeout`), and
-//! what a connection may hold in memory when its peer never reads. Each test
-//! states its bound and prints what it measured.
+//! what a connection may hold in memory when its peer never reads, and that
+//! busy polling (`--busy-poll`) stops when traffic does. Each test states its
+//! bound and prints what it measured.
 
 mod common;
 
@@ -26,6 +27,11 @@ const NON_READER_PEAK_GROWTH_KIB: u64 = 16 * 1024;
 
 /// CPU the server may use while it cannot accept: half of one core.
 const OUT_OF_FDS_CPU_SHARE: f64 = 0.5;
+
+/// CPU the server may use once ping-pong gives way to a ping every 2 ms, or
+/// to silence: a worker that kept spinning 1 ms per wait would use half a
+/// core, one that sleeps about 1%; a fifth leaves room for a loaded machine.
+const BUSY_POLL_QUIET_CPU_SHARE: f64 = 0.2;
 
 /// Whether the server closed `stream` without sending anything (end of
 /// stream or reset), and how long that took.
@@ -349,6 +355,62 @@ fn out_of_descriptors_the_server_neither_spins_nor_dies_and_recovers() {
         );
         assert!(is_running(pid), "the server died; log:\n{}", server.log());
         drop(first);
+        server.stop_cleanly();
+    });
+}
+
+/// The share of one core that process `pid` uses while `during` runs.
+fn cpu_share_during(pid: i32, during: impl FnOnce()) -> (Duration, f64) {
+    let cpu_before = cpu_time(pid);
+    let wall = Instant::now();
+    during();
+    let used = cpu_time(pid).saturating_sub(cpu_before);
+    (used, used.as_secs_f64() / wall.elapsed().as_secs_f64())
+}
+
+#[test]
+fn busy_polling_stops_when_traffic_thins_out_or_stops() {
+    with_time_limit(Duration::from_secs(60), || {
+        // The longest window, so a worker that kept spinning could not hide:
+        // spinning 1 ms after each of the sparse pings below would use half a core.
+        let mut server = ServerProcess::start(&["--workers", "1", "--busy-poll", "1ms", "-q"]);
+        let pid = server.pid();
+        let mut stream = connect(server.addr);
+        let message = payload(7, 64);
+        let mut echo = |what: &str| {
+            if let Err(err) = echo_on(&mut stream, &message) {
+                panic!("{what}: {err}; log:\n{}", server.log());
+            }
+        };
+        // Back-to-back ping-pong: the traffic that makes a worker spin.
+        for _ in 0..2000 {
+            echo("ping-pong");
+        }
+
+        let (sparse_used, sparse_share) = cpu_share_during(pid, || {
+            for _ in 0..500 {
+                thread::sleep(Duration::from_millis(2));
+                echo("a sparse ping");
+            }
+        });
+        let (idle_used, idle_share) =
+            cpu_share_during(pid, || thread::sleep(Duration::from_secs(1)));
+        eprintln!(
+            "a ping every 2 ms: the server used {sparse_used:?} of CPU ({:.1}% of a core); \
+             then idle: {idle_used:?} ({:.1}%)",
+            sparse_share * 100.0,
+            idle_share * 100.0
+        );
+        for (what, share) in [("sparse pings", sparse_share), ("idle", idle_share)] {
+            assert!(
+                share < BUSY_POLL_QUIET_CPU_SHARE,
+                "{what}: the server used {:.0}% of a core (bound {:.0}%)",
+                share * 100.0,
+                BUSY_POLL_QUIET_CPU_SHARE * 100.0
+            );
+        }
+        echo("after the quiet");
+        drop(stream);
         server.stop_cleanly();
     });
 }

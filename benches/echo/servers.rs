@@ -70,14 +70,19 @@ pub enum InProcess {
 
 impl InProcess {
     /// Starts `kind` on 127.0.0.1 port 0 with `workers` worker threads
-    /// (the blocking peer has a thread per connection instead).
+    /// (the blocking peer has a thread per connection instead); `busy_poll`
+    /// overrides our server's default and means nothing to the peers.
     ///
     /// # Errors
     /// The server could not start.
-    pub fn start(kind: Kind, workers: usize) -> Result<InProcess, String> {
+    pub fn start(
+        kind: Kind,
+        workers: usize,
+        busy_poll: Option<Duration>,
+    ) -> Result<InProcess, String> {
         let started = match kind {
             Kind::Ours => {
-                return start_ours(workers)
+                return start_ours(workers, busy_poll)
                     .map(InProcess::Ours)
                     .map_err(|e| format!("ours: cannot start: {e}"));
             }
@@ -116,13 +121,15 @@ impl InProcess {
 }
 
 /// Our server on 127.0.0.1 port 0, quiet, `workers` workers, the rest default.
-fn start_ours(workers: usize) -> Result<Server, String> {
+fn start_ours(workers: usize, busy_poll: Option<Duration>) -> Result<Server, String> {
     let listener = echo_chamber::listener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
         .map_err(|e| format!("bind: {e}"))?;
+    let defaults = ServerConfig::default();
     let config = ServerConfig {
         workers,
         log_level: LogLevel::Silent,
-        ..ServerConfig::default()
+        busy_poll: busy_poll.unwrap_or(defaults.busy_poll),
+        ..defaults
     };
     Server::start(listener, config).map_err(|e| e.to_string())
 }
@@ -137,16 +144,25 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     /// Starts `kind` as a child on 127.0.0.1 port 0 with `workers` workers
-    /// and waits (bounded) for its `listening on ADDR` line.
+    /// (and our server with `busy_poll`, if given) and waits (bounded) for
+    /// its `listening on ADDR` line.
     ///
     /// # Errors
     /// Spawn failure, or no `listening on` line in time.
-    pub fn spawn(kind: Kind, workers: usize) -> Result<ServerProcess, String> {
+    pub fn spawn(
+        kind: Kind,
+        workers: usize,
+        busy_poll: Option<Duration>,
+    ) -> Result<ServerProcess, String> {
         let mut command = match kind {
             Kind::Ours => {
                 let mut command = Command::new(ECHO_SERVER);
                 command.args(["--bind", "127.0.0.1", "--port", "0", "-q"]);
                 command.args(["--workers", &workers.to_string()]);
+                if let Some(busy_poll) = busy_poll {
+                    let value = humantime::format_duration(busy_poll).to_string();
+                    command.args(["--busy-poll", &value]);
+                }
                 command
             }
             Kind::Tokio | Kind::Blocking => {

@@ -67,6 +67,15 @@ struct Args {
     )]
     shutdown_timeout: Duration,
 
+    /// how long a worker keeps polling for the next message before it sleeps,
+    /// up to 1ms; 0 never spins (default 50us)
+    #[argh(
+        option,
+        default = "config::DEFAULT_BUSY_POLL",
+        from_str_fn(parse_busy_poll)
+    )]
+    busy_poll: Duration,
+
     /// also log the data received, escaped and cut to 80 characters
     #[argh(switch, short = 'v')]
     verbose: u8,
@@ -124,6 +133,13 @@ fn parse_positive_duration(value: &str) -> Result<Duration, String> {
     }
 }
 
+fn parse_busy_poll(value: &str) -> Result<Duration, String> {
+    match parse_duration(value)? {
+        duration if duration > config::MAX_BUSY_POLL => Err("must be at most 1ms".to_string()),
+        duration => Ok(duration),
+    }
+}
+
 fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
@@ -167,6 +183,7 @@ fn run() -> Result<(), Failure> {
         max_connections_per_ip: args.max_connections_per_ip,
         idle_timeout: args.idle_timeout,
         shutdown_timeout: args.shutdown_timeout,
+        busy_poll: args.busy_poll,
         log_level: match (quiet, verbose) {
             (true, _) => LogLevel::Quiet,
             (_, true) => LogLevel::Verbose,
