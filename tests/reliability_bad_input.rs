@@ -1,6 +1,7 @@
 //! Bad input to the `echo-server` binary, the thin layer in front of the
 //! flow: every flag with a wrong type or value, out of range or given twice,
-//! an address that cannot be bound, a host that is not an address. Each must
+//! an address that cannot be bound, a host that is not an address, output
+//! whose reader has gone (both binaries). Each must
 //! end in one line on stderr naming what was wrong and the documented exit
 //! code (2 usage, 1 runtime), never a panic, a backtrace or a server that
 //! quietly starts anyway.
@@ -378,5 +379,63 @@ fn a_non_utf8_argument_is_a_one_line_usage_error() {
             "echo-server --workers <non-UTF-8>: expected one line and exit code 2, got {}:\n{stderr}",
             output.status
         );
+    });
+}
+
+/// A pipe whose reading end is already closed: any write to it fails with
+/// `EPIPE`, as when the reader of `--version | head -0` has gone.
+fn pipe_without_reader() -> Stdio {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe(2) writes.
+    let rc = unsafe { libc::pipe(fds.as_mut_ptr()) };
+    assert_eq!(rc, 0, "pipe: {}", std::io::Error::last_os_error());
+    // SAFETY: pipe(2) just created both descriptors and nothing else owns them.
+    let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(reader);
+    Stdio::from(writer)
+}
+
+#[test]
+fn version_and_help_to_a_reader_that_went_away_exit_0_without_a_panic() {
+    with_time_limit(Duration::from_secs(30), || {
+        for bin in [SERVER_BIN, common::client::CLIENT] {
+            for flag in ["--version", "--help"] {
+                let output = Command::new(bin)
+                    .arg(flag)
+                    .stdin(Stdio::null())
+                    .stdout(pipe_without_reader())
+                    .stderr(Stdio::piped())
+                    .output()
+                    .expect("run the binary");
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                assert!(
+                    output.status.code() == Some(0) && stderr.is_empty(),
+                    "{bin} {flag} with no reader: expected exit 0 and nothing on stderr, \
+                     got {:?} and stderr:\n{stderr}",
+                    output.status
+                );
+            }
+        }
+    });
+}
+
+#[test]
+fn a_usage_error_with_stderr_gone_exits_2_without_a_panic() {
+    with_time_limit(Duration::from_secs(30), || {
+        for bin in [SERVER_BIN, common::client::CLIENT] {
+            let status = Command::new(bin)
+                .arg("--no-such-flag")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(pipe_without_reader())
+                .status()
+                .expect("run the binary");
+            assert_eq!(
+                status.code(),
+                Some(USAGE),
+                "{bin} --no-such-flag with stderr gone: {status:?}"
+            );
+        }
     });
 }

@@ -109,23 +109,23 @@ fn run() -> Exit {
         cli::Parsed::Run(args) => args,
         cli::Parsed::Answered => return Exit::Success,
         cli::Parsed::Usage(message) => {
-            eprintln!("{PROG}: {message}");
+            cli::print_err(PROG, &message);
             return Exit::Usage;
         }
     };
     match cli::once(args.version, "--version") {
         Ok(false) => {}
         Ok(true) => {
-            println!("{PROG} {}", env!("CARGO_PKG_VERSION"));
+            cli::print_out(&format!("{PROG} {}\n", env!("CARGO_PKG_VERSION")));
             return Exit::Success;
         }
         Err(message) => {
-            eprintln!("{PROG}: {message}");
+            cli::print_err(PROG, &message);
             return Exit::Usage;
         }
     }
     if let Err(message) = check_combinations(&args) {
-        eprintln!("{PROG}: {message}");
+        cli::print_err(PROG, &message);
         return Exit::Usage;
     }
     let config = ClientConfig {
@@ -158,7 +158,7 @@ fn run() -> Exit {
                 .name("echo-client-progress".into())
                 .spawn_scoped(scope, move || print_progress(printer, &finished));
             if let Err(error) = spawned {
-                eprintln!("{PROG}: no progress line: {error}");
+                cli::print_err(PROG, format_args!("no progress line: {error}"));
             }
         }
         let result = if on(args.stdin) {
@@ -173,7 +173,7 @@ fn run() -> Exit {
         Ok(report) => report,
         Err(error) => {
             // The flags are checked above, so this means a check is missing there.
-            eprintln!("{PROG}: {error}");
+            cli::print_err(PROG, &error);
             return Exit::Usage;
         }
     };
@@ -302,7 +302,10 @@ fn install_ctrl_c(stop: &StopHandle) {
         }
     });
     if let Err(error) = installed {
-        eprintln!("{PROG}: Ctrl-C will end the run without a summary: {error}");
+        cli::print_err(
+            PROG,
+            format_args!("Ctrl-C will end the run without a summary: {error}"),
+        );
     }
 }
 
@@ -369,7 +372,7 @@ impl Printer {
             }
             Event::Failed(failure) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
-                eprintln!("{PROG}: {failure}");
+                cli::print_err(PROG, failure);
             }
         }
     }

@@ -144,11 +144,11 @@ fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(message)) => {
-            eprintln!("{PROG}: {message}");
+            cli::print_err(PROG, &message);
             ExitCode::from(EXIT_USAGE)
         }
         Err(Failure::Runtime(message)) => {
-            eprintln!("{PROG}: {message}");
+            cli::print_err(PROG, &message);
             ExitCode::from(EXIT_FAILURE)
         }
     }
@@ -169,7 +169,7 @@ fn run() -> Result<(), Failure> {
     let verbose = cli::once(args.verbose, "--verbose").map_err(Failure::Usage)?;
     let quiet = cli::once(args.quiet, "--quiet").map_err(Failure::Usage)?;
     if version {
-        println!("{PROG} {}", env!("CARGO_PKG_VERSION"));
+        cli::print_out(&format!("{PROG} {}\n", env!("CARGO_PKG_VERSION")));
         return Ok(());
     }
     if verbose && quiet {

@@ -4,6 +4,8 @@
 //! (argh alone would exit 1).
 
 use std::ffi::OsString;
+use std::fmt::Display;
+use std::io::{self, Write};
 
 use argh::FromArgs;
 
@@ -40,15 +42,30 @@ fn parse_from<T: FromArgs>(prog: &str, raw: Vec<OsString>) -> Parsed<T> {
         Ok(args) => Parsed::Run(args),
         Err(early) => match early.status {
             Ok(()) => {
-                print!("{}", early.output);
-                if !early.output.ends_with('\n') {
-                    println!();
-                }
+                let newline = if early.output.ends_with('\n') {
+                    ""
+                } else {
+                    "\n"
+                };
+                print_out(&format!("{}{newline}", early.output));
                 Parsed::Answered
             }
             Err(()) => Parsed::Usage(format!("{} (see --help)", one_line(&early.output))),
         },
     }
+}
+
+/// Writes `text` to stdout. A reader that went away (`--version | head -0`)
+/// is a normal end, like ripgrep's `BrokenPipe`, and there is nowhere left to
+/// report any other failure, so neither may panic as `println!` would.
+pub fn print_out(text: &str) {
+    let _ = io::stdout().lock().write_all(text.as_bytes());
+}
+
+/// Writes `prog: message` as one line to stderr; a failure to write it has
+/// nowhere to be reported, and must not panic as `eprintln!` would.
+pub fn print_err(prog: &str, message: impl Display) {
+    let _ = writeln!(io::stderr().lock(), "{prog}: {message}");
 }
 
 /// A switch's occurrences as a yes or no; given twice is a usage error, as
