@@ -19,8 +19,8 @@
 //!
 //! Usage: `cargo bench --bench echo -- [--quick] [--cases 1,2] [--load-threads N]
 //! [--active-stride N] [--busy-poll DURATION] [--drive 127.0.0.1:PORT [--conns N]]`
-//! (plain `cargo bench` runs everything; `--quick` needs `--bench echo`, as the
-//! library's test harness rejects unknown flags).
+//! (plain `cargo bench` runs everything; the library and binaries set
+//! `bench = false`, so `cargo bench -- --quick` reaches only this bench).
 //! Everything runs on loopback, bounded in count and time.
 
 #[path = "echo/load.rs"]
