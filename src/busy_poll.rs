@@ -11,10 +11,12 @@
 //! without any wake-up, at the price of CPU while the spin lasts.
 //!
 //! The window adapts the way KVM's halt polling does: it grows while the
-//! worker keeps sleeping for less than the limit (traffic comes back soon, so
-//! spinning would have caught it) and drops to zero as soon as a wait
-//! outlasts the limit. Sparse traffic therefore never spins, and an idle
-//! worker sleeps at once.
+//! worker keeps waking for events less than the limit after it began to wait
+//! (traffic comes back soon, so spinning would have caught it) and drops to
+//! zero as soon as a wait outlasts the limit. So a worker spins at most about
+//! one window after each burst of traffic, traffic whose gaps all outlast the
+//! limit never makes it spin, and a worker with no traffic sleeps after at
+//! most one window.
 
 use std::time::Duration;
 
@@ -55,7 +57,8 @@ impl BusyPoll {
     /// means spinning is not paying, so it stops.
     pub(crate) fn after_sleep(&mut self, waited: Duration, had_events: bool) {
         self.window = if had_events && waited <= self.limit {
-            let first = self.limit / FIRST_WINDOW_DIVISOR;
+            // At least a nanosecond, so that even a tiny limit can grow.
+            let first = (self.limit / FIRST_WINDOW_DIVISOR).max(Duration::from_nanos(1));
             (self.window * 2).max(first).min(self.limit)
         } else {
             Duration::ZERO

@@ -23,6 +23,11 @@ pub struct Summary {
     pub connections_cut: u64,
     /// Bytes read after a connection's sending side was shut, thrown away.
     pub bytes_discarded: u64,
+    /// Times a worker went to sleep waiting for events.
+    pub worker_sleeps: u64,
+    /// Waits that busy polling ended with events, each sparing a worker a
+    /// sleep and its wake-up (see `--busy-poll`).
+    pub busy_poll_catches: u64,
 }
 
 impl Summary {
@@ -34,6 +39,8 @@ impl Summary {
         self.bytes_echoed += other.bytes_echoed;
         self.connections_cut += other.connections_cut;
         self.bytes_discarded += other.bytes_discarded;
+        self.worker_sleeps += other.worker_sleeps;
+        self.busy_poll_catches += other.busy_poll_catches;
     }
 }
 
@@ -42,13 +49,16 @@ impl fmt::Display for Summary {
         write!(
             f,
             "{} connections served, {} bytes received, {} bytes echoed, \
-             {} connections cut at the deadline, {} bytes discarded, {} connections refused",
+             {} connections cut at the deadline, {} bytes discarded, {} connections refused; \
+             busy polling caught {} of {} waits",
             self.connections_served,
             self.bytes_received,
             self.bytes_echoed,
             self.connections_cut,
             self.bytes_discarded,
             self.connections_refused,
+            self.busy_poll_catches,
+            self.busy_poll_catches + self.worker_sleeps,
         )
     }
 }

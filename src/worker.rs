@@ -157,16 +157,21 @@ impl Worker {
         timeout: Option<Duration>,
     ) -> io::Result<()> {
         let poll = &mut self.setup.poll;
-        if timeout == Some(Duration::ZERO) || !self.busy_poll.enabled() {
+        if timeout == Some(Duration::ZERO) {
+            return poll.poll(events, timeout);
+        }
+        if !self.busy_poll.enabled() {
+            self.summary.worker_sleeps += 1;
             return poll.poll(events, timeout);
         }
         let began = Instant::now();
         let window = self.busy_poll.window();
         // A timer due within the window is served by the sleep below.
-        if !window.is_zero() && timeout.is_none_or(|due| due > window) {
+        if !window.is_zero() && timeout.is_none_or(|left| left > window) {
             loop {
                 poll.poll(events, Some(Duration::ZERO))?;
                 if !events.is_empty() {
+                    self.summary.busy_poll_catches += 1;
                     return Ok(());
                 }
                 if began.elapsed() >= window {
@@ -177,7 +182,8 @@ impl Worker {
                 std::thread::yield_now();
             }
         }
-        let remaining = timeout.map(|due| due.saturating_sub(began.elapsed()));
+        let remaining = timeout.map(|left| left.saturating_sub(began.elapsed()));
+        self.summary.worker_sleeps += 1;
         poll.poll(events, remaining)?;
         self.busy_poll
             .after_sleep(began.elapsed(), !events.is_empty());

@@ -368,49 +368,94 @@ fn cpu_share_during(pid: i32, during: impl FnOnce()) -> (Duration, f64) {
     (used, used.as_secs_f64() / wall.elapsed().as_secs_f64())
 }
 
+/// The waits the server's summary line says busy polling caught.
+fn busy_poll_catches(server: &ServerProcess, summary: &str) -> u64 {
+    summary
+        .split_once("busy polling caught ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no busy-polling count in {summary:?}; log:\n{}",
+                server.log()
+            )
+        })
+}
+
+/// Starts a one-worker server with `--busy-poll busy_poll` and a connection
+/// that echoes 64 B messages, failing the test with the log if one fails.
+fn ping_pong_server(busy_poll: &str) -> (ServerProcess, impl FnMut(&str, &ServerProcess)) {
+    let server = ServerProcess::start(&["--workers", "1", "--busy-poll", busy_poll, "-q"]);
+    let mut stream = connect(server.addr);
+    let message = payload(7, 64);
+    let echo = move |what: &str, server: &ServerProcess| {
+        if let Err(err) = echo_on(&mut stream, &message) {
+            panic!("{what}: {err}; log:\n{}", server.log());
+        }
+    };
+    (server, echo)
+}
+
 #[test]
-fn busy_polling_stops_when_traffic_thins_out_or_stops() {
+fn busy_polling_spins_for_ping_pong_and_stops_for_sparse_or_no_traffic() {
     with_time_limit(Duration::from_secs(60), || {
         // The longest window, so a worker that kept spinning could not hide:
         // spinning 1 ms after each of the sparse pings below would use half a core.
-        let mut server = ServerProcess::start(&["--workers", "1", "--busy-poll", "1ms", "-q"]);
+        let (mut server, mut echo) = ping_pong_server("1ms");
         let pid = server.pid();
-        let mut stream = connect(server.addr);
-        let message = payload(7, 64);
-        let mut echo = |what: &str| {
-            if let Err(err) = echo_on(&mut stream, &message) {
-                panic!("{what}: {err}; log:\n{}", server.log());
-            }
-        };
         // Back-to-back ping-pong: the traffic that makes a worker spin.
         for _ in 0..2000 {
-            echo("ping-pong");
+            echo("ping-pong", &server);
         }
-
         let (sparse_used, sparse_share) = cpu_share_during(pid, || {
             for _ in 0..500 {
                 thread::sleep(Duration::from_millis(2));
-                echo("a sparse ping");
+                echo("a sparse ping", &server);
             }
         });
         let (idle_used, idle_share) =
             cpu_share_during(pid, || thread::sleep(Duration::from_secs(1)));
+        echo("after the quiet", &server);
+        drop(echo);
+        let summary = server.stop_cleanly();
+        let caught = busy_poll_catches(&server, &summary);
         eprintln!(
             "a ping every 2 ms: the server used {sparse_used:?} of CPU ({:.1}% of a core); \
-             then idle: {idle_used:?} ({:.1}%)",
+             then idle: {idle_used:?} ({:.1}%); {summary}",
             sparse_share * 100.0,
             idle_share * 100.0
+        );
+        assert!(
+            caught > 0,
+            "busy polling never caught an event in 2,000 round trips; log:\n{}",
+            server.log()
         );
         for (what, share) in [("sparse pings", sparse_share), ("idle", idle_share)] {
             assert!(
                 share < BUSY_POLL_QUIET_CPU_SHARE,
-                "{what}: the server used {:.0}% of a core (bound {:.0}%)",
+                "{what}: the server used {:.0}% of a core (bound {:.0}%); log:\n{}",
                 share * 100.0,
-                BUSY_POLL_QUIET_CPU_SHARE * 100.0
+                BUSY_POLL_QUIET_CPU_SHARE * 100.0,
+                server.log()
             );
         }
-        echo("after the quiet");
-        drop(stream);
-        server.stop_cleanly();
+    });
+}
+
+#[test]
+fn busy_poll_zero_never_spins() {
+    with_time_limit(Duration::from_secs(60), || {
+        let (mut server, mut echo) = ping_pong_server("0");
+        for _ in 0..500 {
+            echo("ping-pong", &server);
+        }
+        drop(echo);
+        let summary = server.stop_cleanly();
+        assert_eq!(
+            busy_poll_catches(&server, &summary),
+            0,
+            "--busy-poll 0 still caught events by polling: {summary}; log:\n{}",
+            server.log()
+        );
     });
 }
