@@ -385,13 +385,9 @@ fn a_non_utf8_argument_is_a_one_line_usage_error() {
 /// A pipe whose reading end is already closed: any write to it fails with
 /// `EPIPE`, as when the reader of `--version | head -0` has gone.
 fn pipe_without_reader() -> Stdio {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two descriptors pipe(2) writes.
-    let rc = unsafe { libc::pipe(fds.as_mut_ptr()) };
-    assert_eq!(rc, 0, "pipe: {}", std::io::Error::last_os_error());
-    // SAFETY: pipe(2) just created both descriptors and nothing else owns them.
-    let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // std's pipe is close-on-exec, so no server that another test spawns
+    // meanwhile can inherit the reading end and keep it open.
+    let (reader, writer) = std::io::pipe().expect("create a pipe");
     drop(reader);
     Stdio::from(writer)
 }
@@ -436,6 +432,37 @@ fn a_usage_error_with_stderr_gone_exits_2_without_a_panic() {
                 Some(USAGE),
                 "{bin} --no-such-flag with stderr gone: {status:?}"
             );
+        }
+    });
+}
+
+#[test]
+fn version_and_help_that_cannot_be_written_are_one_line_and_exit_1() {
+    with_time_limit(Duration::from_secs(30), || {
+        for bin in [SERVER_BIN, common::client::CLIENT] {
+            for flag in ["--version", "--help"] {
+                // Every write to /dev/full fails with ENOSPC.
+                let full = std::fs::File::options()
+                    .write(true)
+                    .open("/dev/full")
+                    .expect("open /dev/full");
+                let output = Command::new(bin)
+                    .arg(flag)
+                    .stdin(Stdio::null())
+                    .stdout(full)
+                    .stderr(Stdio::piped())
+                    .output()
+                    .expect("run the binary");
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                assert!(
+                    output.status.code() == Some(RUNTIME)
+                        && stderr.lines().count() == 1
+                        && stderr.contains("cannot write to stdout"),
+                    "{bin} {flag} into /dev/full: expected exit 1 and one line naming stdout, \
+                     got {:?} and stderr:\n{stderr}",
+                    output.status
+                );
+            }
         }
     });
 }

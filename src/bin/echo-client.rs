@@ -27,7 +27,8 @@ const MAX_SHOWN_TEXT: usize = 80;
 enum Exit {
     /// Every echo came back exact (also after Ctrl-C), or --help/--version.
     Success = 0,
-    /// At least one echo failed: timed out, mismatched, cut short, refused, reset.
+    /// At least one echo failed: timed out, mismatched, cut short, refused,
+    /// reset; or --help/--version could not be written.
     Failed = 1,
     /// The command line was wrong.
     Usage = 2,
@@ -108,6 +109,10 @@ fn run() -> Exit {
     let args: Args = match cli::parse(PROG) {
         cli::Parsed::Run(args) => args,
         cli::Parsed::Answered => return Exit::Success,
+        cli::Parsed::CannotAnswer(message) => {
+            cli::print_err(PROG, &message);
+            return Exit::Failed;
+        }
         cli::Parsed::Usage(message) => {
             cli::print_err(PROG, &message);
             return Exit::Usage;
@@ -116,8 +121,13 @@ fn run() -> Exit {
     match cli::once(args.version, "--version") {
         Ok(false) => {}
         Ok(true) => {
-            cli::print_out(&format!("{PROG} {}\n", env!("CARGO_PKG_VERSION")));
-            return Exit::Success;
+            return match cli::print_out(&format!("{PROG} {}\n", env!("CARGO_PKG_VERSION"))) {
+                Ok(()) => Exit::Success,
+                Err(message) => {
+                    cli::print_err(PROG, &message);
+                    Exit::Failed
+                }
+            };
         }
         Err(message) => {
             cli::print_err(PROG, &message);

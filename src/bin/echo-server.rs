@@ -163,14 +163,15 @@ fn run() -> Result<(), Failure> {
     let args: Args = match cli::parse(PROG) {
         cli::Parsed::Run(args) => args,
         cli::Parsed::Answered => return Ok(()),
+        cli::Parsed::CannotAnswer(message) => return Err(Failure::Runtime(message)),
         cli::Parsed::Usage(message) => return Err(Failure::Usage(message)),
     };
     let version = cli::once(args.version, "--version").map_err(Failure::Usage)?;
     let verbose = cli::once(args.verbose, "--verbose").map_err(Failure::Usage)?;
     let quiet = cli::once(args.quiet, "--quiet").map_err(Failure::Usage)?;
     if version {
-        cli::print_out(&format!("{PROG} {}\n", env!("CARGO_PKG_VERSION")));
-        return Ok(());
+        return cli::print_out(&format!("{PROG} {}\n", env!("CARGO_PKG_VERSION")))
+            .map_err(Failure::Runtime);
     }
     if verbose && quiet {
         return Err(Failure::Usage(

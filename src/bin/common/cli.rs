@@ -8,6 +8,7 @@ use std::fmt::Display;
 use std::io::{self, Write};
 
 use argh::FromArgs;
+use echo_chamber::error::io_cause;
 
 /// What the command line asked for.
 pub enum Parsed<T> {
@@ -15,6 +16,8 @@ pub enum Parsed<T> {
     Run(T),
     /// `--help` was printed; exit 0.
     Answered,
+    /// `--help` could not be written, as one line without the program name.
+    CannotAnswer(String),
     /// A usage error, as one line without the program name.
     Usage(String),
 }
@@ -47,25 +50,42 @@ fn parse_from<T: FromArgs>(prog: &str, raw: Vec<OsString>) -> Parsed<T> {
                 } else {
                     "\n"
                 };
-                print_out(&format!("{}{newline}", early.output));
-                Parsed::Answered
+                match print_out(&format!("{}{newline}", early.output)) {
+                    Ok(()) => Parsed::Answered,
+                    Err(message) => Parsed::CannotAnswer(message),
+                }
             }
             Err(()) => Parsed::Usage(format!("{} (see --help)", one_line(&early.output))),
         },
     }
 }
 
-/// Writes `text` to stdout. A reader that went away (`--version | head -0`)
-/// is a normal end, like ripgrep's `BrokenPipe`, and there is nowhere left to
-/// report any other failure, so neither may panic as `println!` would.
-pub fn print_out(text: &str) {
-    let _ = io::stdout().lock().write_all(text.as_bytes());
+/// Writes `text` to stdout without the panic `println!` would give.
+///
+/// # Errors
+/// A failed write other than a reader that went away (`--version | head -0`),
+/// which, as for ripgrep, is a normal end.
+pub fn print_out(text: &str) -> Result<(), String> {
+    let mut stdout = io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(err) if err.kind() != io::ErrorKind::BrokenPipe => {
+            Err(format!("cannot write to stdout: {}", io_cause(&err)))
+        }
+        _ => Ok(()),
+    }
 }
 
-/// Writes `prog: message` as one line to stderr; a failure to write it has
-/// nowhere to be reported, and must not panic as `eprintln!` would.
+/// Writes `prog: message` as one line to stderr, without the panic
+/// `eprintln!` would give.
 pub fn print_err(prog: &str, message: impl Display) {
-    let _ = writeln!(io::stderr().lock(), "{prog}: {message}");
+    // One write, so that lines from other processes on the same stderr do
+    // not land inside it.
+    let line = format!("{prog}: {message}\n");
+    // Stderr is where failures are reported; if it fails there is no one left to tell.
+    let _ = io::stderr().lock().write_all(line.as_bytes());
 }
 
 /// A switch's occurrences as a yes or no; given twice is a usage error, as
