@@ -528,3 +528,44 @@ fn empty_message_is_refused_before_connecting() {
     let result = client::run(&config, &|_: &Event<'_>| {}, &StopHandle::new());
     assert_eq!(result.err(), Some(ConfigError::EmptyMessage));
 }
+
+#[test]
+fn bytes_a_server_adds_after_the_last_echo_are_an_error() {
+    with_time_limit(LIMIT, || {
+        let server = TestServer::start(common::client::adds_bytes_after_two_greetings);
+        let config = ClientConfig {
+            repeat: 2,
+            ..config_for(server.addr())
+        };
+        let (report, seen) = run_and_record(&config, &StopHandle::new());
+        assert!(!report.is_success());
+        assert_eq!(
+            (report.sent, report.echoed, report.mismatched, report.errors),
+            (2, 2, 0, 1),
+            "{report:#?}"
+        );
+        let expected = format!(
+            "after echo 2, {} sent 5 more bytes than it received",
+            server.addr()
+        );
+        assert_eq!(seen.failures, vec![expected]);
+    });
+}
+
+#[test]
+fn a_server_that_never_closes_after_the_last_echo_is_not_an_error() {
+    with_time_limit(LIMIT, || {
+        let server = TestServer::start(common::client::echoes_but_never_closes);
+        let config = ClientConfig {
+            repeat: 2,
+            ..config_for(server.addr())
+        };
+        let (report, seen) = run_and_record(&config, &StopHandle::new());
+        assert!(
+            report.is_success(),
+            "{report:#?}\nfailures: {:?}",
+            seen.failures
+        );
+        assert_eq!((report.sent, report.echoed), (2, 2), "{report:#?}");
+    });
+}

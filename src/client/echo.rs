@@ -7,6 +7,10 @@
 //! [`INLINE_WRITE_LIMIT`] are written from a helper thread while this thread
 //! reads, because a server that stops reading until its echo is read would
 //! otherwise deadlock with a client that writes everything first.
+//!
+//! After the last echo the client shuts down its sending side and reads
+//! until the server closes, for a short while: a byte arriving then was
+//! never sent, so the server added it.
 
 use crate::config::deadline_after;
 use std::convert::Infallible;
@@ -30,6 +34,10 @@ const INLINE_WRITE_LIMIT: usize = 64 * 1024;
 /// A socket timeout within this much of the time left is good enough; it
 /// saves a `setsockopt` per read on the common path.
 const TIMEOUT_SLACK: Duration = Duration::from_millis(5);
+
+/// The shortest wait for a server's close after the last echo; the wait is
+/// otherwise twice the slowest round trip, and never more than the timeout.
+const MIN_CLOSING_WAIT: Duration = Duration::from_millis(100);
 
 /// Shared by all connection threads of a run.
 pub(super) struct Context<'a, F> {
@@ -239,13 +247,15 @@ where
     });
     let mut message = Vec::new();
     let mut echo = Vec::new();
-    for seq in 1.. {
+    let mut last_seq = 0;
+    let in_step = loop {
+        let seq = last_seq + 1;
         match messages.next(seq, &mut message) {
-            Ok(true) => {}
-            Ok(false) => break,
+            Ok(true) => last_seq = seq,
+            Ok(false) => break true,
             Err(kind) => {
                 fail(&mut tally, kind);
-                break;
+                break false;
             }
         }
         tally.sent += 1;
@@ -257,7 +267,7 @@ where
             let kind = error.into_failure(seq, socket.peer, context.timeout, message.len());
             fail(&mut tally, kind);
             // The stream is out of step (or gone): this connection is done.
-            break;
+            break false;
         }
         let rtt = started.elapsed();
         tally.bytes_echoed += echo.len() as u64;
@@ -283,6 +293,19 @@ where
                 };
                 fail(&mut tally, kind);
             }
+        }
+    };
+    if in_step {
+        let slowest = tally.rtt.max().unwrap_or_default();
+        let wait = (slowest * 2).max(MIN_CLOSING_WAIT).min(context.timeout);
+        let bytes = socket.read_until_closed(wait);
+        if bytes > 0 {
+            let kind = FailureKind::Extra {
+                after_seq: last_seq,
+                peer: socket.peer,
+                bytes,
+            };
+            fail(&mut tally, kind);
         }
     }
     tally
@@ -386,6 +409,38 @@ impl Socket {
         }
         let (addr, error) = last.expect("resolve() returns at least one address");
         Err(FailureKind::Connect { addr, error })
+    }
+
+    /// Says the client is done (half-close), then counts the bytes the
+    /// server still sends until it closes or `wait` runs out. A reset or an
+    /// error ends the count: the echoes are all in by then.
+    fn read_until_closed(&mut self, wait: Duration) -> usize {
+        if self.stream.shutdown(Shutdown::Write).is_err() {
+            return 0;
+        }
+        let deadline = deadline_after(Instant::now(), wait);
+        let mut extra = 0;
+        let mut buf = [0u8; 4096];
+        loop {
+            let Ok(left) = time_left(deadline) else {
+                return extra;
+            };
+            if needs_reset(self.read_timeout, left) {
+                if self.stream.set_read_timeout(Some(left)).is_err() {
+                    return extra;
+                }
+                self.read_timeout = Some(left);
+            }
+            match (&self.stream).read(&mut buf) {
+                Ok(0) => return extra,
+                Ok(read) => extra += read,
+                // A signal arrived: retry.
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                // The socket timeout ran out; the loop checks the real deadline.
+                Err(error) if is_timeout(&error) => {}
+                Err(_) => return extra,
+            }
+        }
     }
 
     /// Sends `message` and fills `echo` (same length) before `deadline`.

@@ -69,6 +69,15 @@ pub enum FailureKind {
         /// Message length.
         len: usize,
     },
+    /// The server sent bytes after the last echo, which were never sent to it.
+    Extra {
+        /// The last echo's number on the connection (0 if none was sent).
+        after_seq: u64,
+        /// The server's address.
+        peer: SocketAddr,
+        /// How many bytes came before the server closed or the wait ran out.
+        bytes: usize,
+    },
     /// Sending or receiving failed (for example, connection reset).
     Io {
         /// Echo number on the connection, from 1.
@@ -136,6 +145,14 @@ impl fmt::Display for Failure {
             } => write!(
                 f,
                 "echo {seq}: {peer} closed the connection after {received} of {len} bytes"
+            )?,
+            FailureKind::Extra {
+                after_seq,
+                peer,
+                bytes,
+            } => write!(
+                f,
+                "after echo {after_seq}, {peer} sent {bytes} more bytes than it received"
             )?,
             FailureKind::Io { seq, peer, error } => {
                 write!(f, "echo {seq} to {peer} failed: {}", describe(error))?;

@@ -142,6 +142,44 @@ pub fn echoes_half_then_closes(stream: TcpStream) {
     let _ = io::copy(&mut stream, &mut io::sink());
 }
 
+/// Echoes faithfully, but sends `b"extra"` right after the 22nd byte of the
+/// stream (the end of two "Hello Echo!" messages), in the same write, so the
+/// extra bytes arrive with the last echo whatever the machine's load.
+pub fn adds_bytes_after_two_greetings(stream: TcpStream) {
+    const EXTRA_AFTER: usize = 22;
+    let mut stream = stream;
+    let mut position = 0;
+    let mut buf = [0u8; 4096];
+    loop {
+        let read = match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        let mut out = buf[..read].to_vec();
+        if position < EXTRA_AFTER && EXTRA_AFTER <= position + read {
+            let at = EXTRA_AFTER - position;
+            out.splice(at..at, b"extra".iter().copied());
+        }
+        if stream.write_all(&out).is_err() {
+            return;
+        }
+        position += read;
+    }
+}
+
+/// Echoes everything, but keeps the connection open for longer than any
+/// test's timeout after the client has finished sending.
+pub fn echoes_but_never_closes(stream: TcpStream) {
+    let mut reader = match stream.try_clone() {
+        Ok(reader) => reader,
+        Err(_) => return,
+    };
+    let mut writer = stream;
+    // Ends when the client half-closes or goes away; either way, hold on.
+    let _ = io::copy(&mut reader, &mut writer);
+    thread::sleep(Duration::from_secs(30));
+}
+
 /// Echoes the first message it got (first read) again for every later read:
 /// a server that replays old bytes.
 pub fn replays_first_chunk(stream: TcpStream) {
