@@ -17,7 +17,7 @@ use crossbeam_channel::{SendError, Sender};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use crate::error::io_cause;
+use crate::error::{interrupted, io_cause, would_block};
 use crate::log::Logger;
 use crate::shutdown::ShutdownHandle;
 use crate::stats::{OpenConnections, Refusal};
@@ -197,7 +197,7 @@ impl Acceptor {
                 .retry_at
                 .map(|at| at.saturating_duration_since(Instant::now()));
             if let Err(err) = self.poll.poll(&mut events, timeout) {
-                if err.kind() == ErrorKind::Interrupted {
+                if interrupted(&err) {
                     // A signal landed on this thread; nothing is lost.
                     continue;
                 }
@@ -245,9 +245,9 @@ impl Acceptor {
                     }
                 }
                 // The backlog is empty: wait for the next readable event.
-                Err(err) if err.kind() == ErrorKind::WouldBlock => break,
+                Err(err) if would_block(&err) => break,
                 // A signal interrupted the call: retry.
-                Err(err) if err.kind() == ErrorKind::Interrupted => {}
+                Err(err) if interrupted(&err) => {}
                 // That one client gave up before we took it; the next may not.
                 Err(err) if is_client_side_accept_error(&err) => {}
                 // Out of descriptors or memory: pause instead of spinning;

@@ -14,6 +14,7 @@
 use std::io::{self, ErrorKind, Read, Write};
 
 use crate::config::MAX_PENDING_OUTPUT;
+use crate::error::{interrupted, is_peer_gone, would_block};
 
 /// Read-and-echo rounds one connection may take per turn, so that a fast
 /// peer cannot starve the others on its worker (16 × 64 KiB = 1 MiB).
@@ -323,9 +324,9 @@ impl Connection {
                     self.stats.echoed += n as u64;
                 }
                 // A signal interrupted the call before it moved anything: retry.
-                Err(err) if err.kind() == ErrorKind::Interrupted => {}
+                Err(err) if interrupted(&err) => {}
                 // The send buffer is full: the rest waits for a writable event.
-                Err(err) if err.kind() == ErrorKind::WouldBlock => {
+                Err(err) if would_block(&err) => {
                     self.writable = false;
                     break;
                 }
@@ -388,9 +389,9 @@ fn read<S: Read>(stream: &mut S, buf: &mut [u8]) -> io::Result<Option<usize>> {
         match stream.read(buf) {
             Ok(n) => return Ok(Some(n)),
             // A signal interrupted the call before it moved anything: retry.
-            Err(err) if err.kind() == ErrorKind::Interrupted => {}
+            Err(err) if interrupted(&err) => {}
             // Nothing to read until the next readable event.
-            Err(err) if err.kind() == ErrorKind::WouldBlock => return Ok(None),
+            Err(err) if would_block(&err) => return Ok(None),
             Err(err) => return Err(err),
         }
     }
@@ -411,18 +412,6 @@ fn classify(err: io::Error) -> CloseReason {
     } else {
         CloseReason::Failed(err)
     }
-}
-
-/// Whether an I/O error only means the peer went away, which is normal.
-pub fn is_peer_gone(err: &io::Error) -> bool {
-    matches!(
-        err.kind(),
-        ErrorKind::ConnectionReset
-            | ErrorKind::ConnectionAborted
-            | ErrorKind::BrokenPipe
-            | ErrorKind::UnexpectedEof
-            | ErrorKind::NotConnected
-    )
 }
 
 #[cfg(test)]

@@ -58,6 +58,36 @@ impl std::error::Error for Error {
     }
 }
 
+// How I/O errors are sorted, in one place for the acceptor, the workers,
+// the connections and the client:
+// - `Interrupted`: a signal landed; retry.
+// - `WouldBlock`: wait for readiness (on a blocking socket with a timeout:
+//   the timeout ran out).
+// - the peer went away (`is_peer_gone`): a normal end, not logged as a failure.
+// - anything else: logged with the peer's address.
+
+/// A signal interrupted the call; it is retried.
+pub fn interrupted(err: &io::Error) -> bool {
+    err.kind() == io::ErrorKind::Interrupted
+}
+
+/// The call would have blocked; wait for readiness.
+pub fn would_block(err: &io::Error) -> bool {
+    err.kind() == io::ErrorKind::WouldBlock
+}
+
+/// The error only means the peer went away, which is normal.
+pub fn is_peer_gone(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::NotConnected
+    )
+}
+
 /// The cause of an I/O error as a short lowercase phrase, without the
 /// `(os error N)` suffix: `address already in use`, `connection refused`.
 pub fn io_cause(err: &io::Error) -> String {
@@ -76,6 +106,24 @@ pub fn io_cause(err: &io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_sort_into_retry_wait_peer_gone_and_the_rest() {
+        let kind = |kind: io::ErrorKind| io::Error::from(kind);
+        assert!(interrupted(&kind(io::ErrorKind::Interrupted)));
+        assert!(would_block(&kind(io::ErrorKind::WouldBlock)));
+        for gone in [
+            io::ErrorKind::ConnectionReset,
+            io::ErrorKind::ConnectionAborted,
+            io::ErrorKind::BrokenPipe,
+            io::ErrorKind::UnexpectedEof,
+            io::ErrorKind::NotConnected,
+        ] {
+            assert!(is_peer_gone(&kind(gone)), "{gone:?}");
+        }
+        let other = io::Error::from_raw_os_error(libc::EMFILE);
+        assert!(!interrupted(&other) && !would_block(&other) && !is_peer_gone(&other));
+    }
 
     #[test]
     fn io_cause_is_lowercase_without_os_error_suffix() {

@@ -10,7 +10,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::io::{self, ErrorKind};
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,7 +23,7 @@ use mio::{Events, Interest, Poll, Token};
 use crate::busy_poll::BusyPoll;
 use crate::config::{LogLevel, READ_BUFFER_SIZE, deadline_after};
 use crate::connection::{CloseReason, Connection, Outcome, Readiness};
-use crate::error::io_cause;
+use crate::error::{interrupted, io_cause};
 use crate::log::{Logger, preview};
 use crate::shutdown::ShutdownHandle;
 use crate::stats::{OpenConnections, Summary};
@@ -112,7 +112,7 @@ impl Worker {
         loop {
             let timeout = self.poll_timeout(Instant::now());
             if let Err(err) = self.wait_for_events(&mut events, timeout) {
-                if err.kind() == ErrorKind::Interrupted {
+                if interrupted(&err) {
                     // A signal landed on this thread; nothing is lost.
                     continue;
                 }

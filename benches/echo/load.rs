@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use echo_chamber::error::{interrupted, would_block};
 use mio::{Events, Interest, Poll, Token};
 
 /// How long any single blocking step of the load side may take before the
@@ -53,14 +54,6 @@ impl Pattern {
         let start = (offset % PERIOD as u64) as usize;
         &self.bytes[start..start + len]
     }
-}
-
-fn would_block(err: &io::Error) -> bool {
-    err.kind() == io::ErrorKind::WouldBlock
-}
-
-fn interrupted(err: &io::Error) -> bool {
-    err.kind() == io::ErrorKind::Interrupted
 }
 
 /// Opens `count` client connections to `addr`, with `TCP_NODELAY` set.

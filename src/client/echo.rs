@@ -12,7 +12,6 @@
 //! until the server closes, for a short while: a byte arriving then was
 //! never sent, so the server added it.
 
-use crate::config::deadline_after;
 use std::convert::Infallible;
 use std::io::{self, BufRead, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -24,6 +23,8 @@ use super::failure::{Failure, FailureKind};
 use super::rtt::RttStats;
 use super::stop::StopHandle;
 use super::{ClientConfig, Event, Payload, payload};
+use crate::config::deadline_after;
+use crate::error::{interrupted, would_block};
 
 /// Messages up to this size are written in full before reading: together
 /// they fit in the socket buffers of both ends, so the server can always
@@ -195,7 +196,7 @@ pub(super) fn read_lines_in_background<R: BufRead + Send + 'static>(
                     Ok(0) => break,
                     Ok(_) => Ok(std::mem::take(&mut line)),
                     // A signal arrived: keep what was read and read on.
-                    Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(error) if interrupted(&error) => continue,
                     Err(error) => Err(error),
                 };
                 let failed = result.is_err();
@@ -435,7 +436,7 @@ impl Socket {
                 Ok(0) => return extra,
                 Ok(read) => extra += read,
                 // A signal arrived: retry.
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) if interrupted(&error) => {}
                 // The socket timeout ran out; the loop checks the real deadline.
                 Err(error) if is_timeout(&error) => {}
                 Err(_) => return extra,
@@ -502,7 +503,7 @@ fn write_all_by(
             Ok(0) => return Err(ExchangeError::Io(io::ErrorKind::WriteZero.into())),
             Ok(written) => buf = &buf[written..],
             // A signal arrived: retry.
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) if interrupted(&error) => {}
             // The socket timeout ran out; the loop checks the real deadline.
             Err(error) if is_timeout(&error) => {}
             Err(error) => return Err(ExchangeError::Io(error)),
@@ -531,7 +532,7 @@ fn read_exact_by(
             Ok(0) => return Err(ExchangeError::Closed { received: filled }),
             Ok(read) => filled += read,
             // A signal arrived: retry.
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) if interrupted(&error) => {}
             // The socket timeout ran out; the loop checks the real deadline.
             Err(error) if is_timeout(&error) => {}
             Err(error) => return Err(ExchangeError::Io(error)),
@@ -557,10 +558,7 @@ fn needs_reset(set: Option<Duration>, left: Duration) -> bool {
 /// Blocking sockets report an expired timeout as `WouldBlock` on Unix and
 /// `TimedOut` on Windows.
 fn is_timeout(error: &io::Error) -> bool {
-    matches!(
-        error.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
+    would_block(error) || error.kind() == io::ErrorKind::TimedOut
 }
 
 fn timed_out_after(timeout: Duration) -> io::Error {
