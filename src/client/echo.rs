@@ -4,9 +4,10 @@
 //!
 //! Sockets are blocking with timeouts. Every round trip has one deadline, and
 //! each read or write gets only the time that is left. Messages larger than
-//! [`INLINE_WRITE_LIMIT`] are written from a helper thread while this thread
-//! reads, because a server that stops reading until its echo is read would
-//! otherwise deadlock with a client that writes everything first.
+//! [`INLINE_WRITE_LIMIT`] are written and read back at once on a nonblocking
+//! socket around poll(2), because a server that stops reading until its echo
+//! is read would otherwise deadlock with a client that writes everything
+//! first.
 //!
 //! After the last echo the client shuts down its sending side and reads
 //! until the server closes, for a short while: a byte arriving then was
@@ -15,6 +16,7 @@
 use std::convert::Infallible;
 use std::io::{self, BufRead, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, select};
@@ -455,34 +457,88 @@ impl Socket {
             write_all_by(&self.stream, message, deadline, &mut self.write_timeout)?;
             return read_exact_by(&self.stream, echo, deadline, &mut self.read_timeout);
         }
-        let Socket {
-            stream,
-            read_timeout,
-            write_timeout,
-            ..
-        } = self;
-        let stream = &*stream;
-        std::thread::scope(|scope| {
-            let writer = std::thread::Builder::new()
-                .name("echo-client-writer".into())
-                .spawn_scoped(scope, || {
-                    write_all_by(stream, message, deadline, write_timeout)
-                })
-                .map_err(ExchangeError::Io)?;
-            let read = read_exact_by(stream, echo, deadline, read_timeout);
-            if read.is_err() {
-                // Wakes the writer if it is blocked; the connection is over anyway.
-                let _ = stream.shutdown(Shutdown::Both);
-            }
-            let wrote = writer.join().unwrap_or_else(|_| {
-                Err(ExchangeError::Io(io::Error::other(
-                    "the writer thread panicked",
-                )))
-            });
-            // The reader's view says more (closed after N bytes, timed out).
-            read.and(wrote)
-        })
+        self.stream
+            .set_nonblocking(true)
+            .map_err(ExchangeError::Io)?;
+        let exchanged = interleave(&self.stream, message, echo, deadline);
+        // Back to blocking for the next small message and the closing check;
+        // if that fails, the connection cannot go on anyway.
+        let restored = self
+            .stream
+            .set_nonblocking(false)
+            .map_err(ExchangeError::Io);
+        exchanged.and(restored)
     }
+}
+
+/// Writes `message` and reads its echo into `echo` on a nonblocking socket,
+/// moving whichever direction can move and waiting in poll(2) for either
+/// when neither can, until `deadline`.
+fn interleave(
+    mut stream: &TcpStream,
+    message: &[u8],
+    echo: &mut [u8],
+    deadline: Instant,
+) -> Result<(), ExchangeError> {
+    let (mut sent, mut received) = (0, 0);
+    while received < echo.len() {
+        // Checked on every pass, so a server that trickles cannot stretch it.
+        let left = time_left(deadline)?;
+        let mut moved = false;
+        if sent < message.len() {
+            match stream.write(&message[sent..]) {
+                Ok(0) => return Err(ExchangeError::Io(io::ErrorKind::WriteZero.into())),
+                Ok(written) => {
+                    sent += written;
+                    moved = true;
+                }
+                // A signal arrived, or the send buffer is full: go on reading.
+                Err(error) if interrupted(&error) || would_block(&error) => {}
+                Err(error) => return Err(ExchangeError::Io(error)),
+            }
+        }
+        match stream.read(&mut echo[received..]) {
+            // The server closed before echoing everything.
+            Ok(0) => return Err(ExchangeError::Closed { received }),
+            Ok(read) => {
+                received += read;
+                moved = true;
+            }
+            // A signal arrived, or nothing has come back yet.
+            Err(error) if interrupted(&error) || would_block(&error) => {}
+            Err(error) => return Err(ExchangeError::Io(error)),
+        }
+        if !moved {
+            wait_for(stream, sent < message.len(), left)?;
+        }
+    }
+    Ok(())
+}
+
+/// Waits until `stream` is readable, or writable if `writing`, for at most `left`.
+fn wait_for(stream: &TcpStream, writing: bool, left: Duration) -> Result<(), ExchangeError> {
+    let mut events = libc::POLLIN;
+    if writing {
+        events |= libc::POLLOUT;
+    }
+    let mut pollfd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    // Rounded up, so that a wait under a millisecond does not spin.
+    let millis = left.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32;
+    // SAFETY: `pollfd` is one valid, initialised pollfd that outlives the call.
+    let ready = unsafe { libc::poll(&mut pollfd, 1, millis) };
+    if ready < 0 {
+        let error = io::Error::last_os_error();
+        // A signal arrived: the caller's loop tries again.
+        if !interrupted(&error) {
+            return Err(ExchangeError::Io(error));
+        }
+    }
+    // Readiness, an error or a hang-up: the next read or write says which.
+    Ok(())
 }
 
 fn write_all_by(
