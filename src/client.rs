@@ -75,7 +75,8 @@ pub struct ClientConfig {
     pub repeat: u64,
     /// Pause between two echoes on one connection, like `ping -i`.
     pub interval: Duration,
-    /// Bounds the connect and each round trip (send plus complete echo).
+    /// Bounds the connect, each round trip (send plus complete echo), and
+    /// the wait for the server's close after the last echo.
     pub timeout: Duration,
     /// Concurrent connections, each doing `repeat` echoes over one kept-open
     /// connection.
@@ -178,6 +179,12 @@ pub enum Event<'a> {
 /// stops early because `stop` was triggered. An echo already in flight when
 /// `stop` fires still completes (bounded by the timeout).
 ///
+/// After its last echo each connection half-closes and reads until the
+/// server closes, for twice the p99 round trip (at least 100 ms, at most the
+/// timeout; 100 ms once stopped): bytes arriving then are a
+/// [`FailureKind::Extra`] failure. The report's
+/// time ends at the last echo, before that wait.
+///
 /// `observer` is called from the connection threads, once per [`Event`].
 ///
 /// Network failures (refused, timed out, mismatched, cut short) do not make
@@ -203,6 +210,7 @@ where
                 timeout: config.timeout,
                 multiple: connections > 1,
                 observer,
+                stop,
             };
             std::thread::scope(|scope| {
                 let mut handles = Vec::with_capacity(connections);
@@ -239,7 +247,7 @@ where
     Ok(Report::from_tallies(
         config,
         tallies,
-        started.elapsed(),
+        started,
         stop.is_stopped(),
     ))
 }
@@ -282,6 +290,7 @@ where
                 timeout: config.timeout,
                 multiple: false,
                 observer,
+                stop,
             };
             let mut messages = echo::LineMessages::new(lines, stop);
             echo::run_connection(&context, 1, &mut messages)
@@ -291,7 +300,7 @@ where
     Ok(Report::from_tallies(
         &single,
         vec![tally],
-        started.elapsed(),
+        started,
         stop.is_stopped(),
     ))
 }

@@ -36,7 +36,7 @@ pub const MAX_WORKERS: usize = 1024;
 /// behave as this, about 100 years, instead of overflowing the clock.
 const LONGEST_TIMER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
-/// The instant `after` past `from`, capped at [`LONGEST_TIMER`] so that a
+/// The instant `after` past `from`, capped at about 100 years so that a
 /// huge configured duration cannot overflow `Instant`.
 pub fn deadline_after(from: Instant, after: Duration) -> Instant {
     const ONE_YEAR: Duration = Duration::from_secs(365 * 24 * 3600);

@@ -555,9 +555,43 @@ fn bytes_a_server_adds_after_the_last_echo_are_an_error() {
 #[test]
 fn a_server_that_never_closes_after_the_last_echo_is_not_an_error() {
     with_time_limit(LIMIT, || {
+        // It holds the connection for 30 s; the client's wait is bounded by
+        // the 2 s timeout at most.
         let server = TestServer::start(common::client::echoes_but_never_closes);
         let config = ClientConfig {
             repeat: 2,
+            timeout: Duration::from_secs(2),
+            ..config_for(server.addr())
+        };
+        let started = Instant::now();
+        let (report, seen) = run_and_record(&config, &StopHandle::new());
+        let wall = started.elapsed();
+        assert!(
+            report.is_success(),
+            "{report:#?}\nfailures: {:?}",
+            seen.failures
+        );
+        assert_eq!((report.sent, report.echoed), (2, 2), "{report:#?}");
+        assert!(
+            wall < Duration::from_secs(10),
+            "the client waited {wall:?} for a server that never closes (timeout 2s)"
+        );
+        // The wait for the close lasts at least 100 ms and is not the run's time.
+        assert!(
+            wall.saturating_sub(report.elapsed) >= Duration::from_millis(100),
+            "the report's time {:?} includes the closing wait (whole run {wall:?})",
+            report.elapsed
+        );
+    });
+}
+
+#[test]
+fn a_server_that_resets_after_the_last_echo_is_not_an_error() {
+    with_time_limit(LIMIT, || {
+        let server = TestServer::start(common::client::echoes_then_resets);
+        let config = ClientConfig {
+            repeat: 3,
+            payload: generated(200_000),
             ..config_for(server.addr())
         };
         let (report, seen) = run_and_record(&config, &StopHandle::new());
@@ -566,6 +600,5 @@ fn a_server_that_never_closes_after_the_last_echo_is_not_an_error() {
             "{report:#?}\nfailures: {:?}",
             seen.failures
         );
-        assert_eq!((report.sent, report.echoed), (2, 2), "{report:#?}");
     });
 }

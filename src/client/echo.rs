@@ -26,7 +26,7 @@ use super::rtt::RttStats;
 use super::stop::StopHandle;
 use super::{ClientConfig, Event, Payload, payload};
 use crate::config::deadline_after;
-use crate::error::{interrupted, would_block};
+use crate::error::{interrupted, is_peer_gone, would_block};
 
 /// Messages up to this size are written in full before reading: together
 /// they fit in the socket buffers of both ends, so the server can always
@@ -38,8 +38,9 @@ const INLINE_WRITE_LIMIT: usize = 64 * 1024;
 /// saves a `setsockopt` per read on the common path.
 const TIMEOUT_SLACK: Duration = Duration::from_millis(5);
 
-/// The shortest wait for a server's close after the last echo; the wait is
-/// otherwise twice the slowest round trip, and never more than the timeout.
+/// The shortest wait for a server's close after the last echo, and the
+/// whole wait once the run is stopped; otherwise it is twice the p99 round
+/// trip, and never more than the timeout.
 const MIN_CLOSING_WAIT: Duration = Duration::from_millis(100);
 
 /// Shared by all connection threads of a run.
@@ -49,6 +50,8 @@ pub(super) struct Context<'a, F> {
     /// More than one connection: failures then name their connection.
     pub multiple: bool,
     pub observer: &'a F,
+    /// Fired by Ctrl-C: the closing check after the last echo is cut short.
+    pub stop: &'a StopHandle,
 }
 
 /// What one connection did; merged into the report.
@@ -62,6 +65,8 @@ pub(super) struct ConnectionTally {
     pub bytes_sent: u64,
     pub bytes_echoed: u64,
     pub rtt: RttStats,
+    /// When the last echo (or the failure that ended the connection) came.
+    pub echoing_ended: Option<Instant>,
 }
 
 impl ConnectionTally {
@@ -298,17 +303,31 @@ where
             }
         }
     };
+    tally.echoing_ended = Some(Instant::now());
     if in_step {
-        let slowest = tally.rtt.max().unwrap_or_default();
-        let wait = (slowest * 2).max(MIN_CLOSING_WAIT).min(context.timeout);
-        let bytes = socket.read_until_closed(wait);
-        if bytes > 0 {
-            let kind = FailureKind::Extra {
-                after_seq: last_seq,
-                peer: socket.peer,
-                bytes,
-            };
-            fail(&mut tally, kind);
+        let wait = if context.stop.is_stopped() {
+            MIN_CLOSING_WAIT
+        } else {
+            let p99 = tally.rtt.percentile(0.99).unwrap_or_default();
+            (p99 * 2).max(MIN_CLOSING_WAIT)
+        };
+        match socket.read_until_closed(wait.min(context.timeout)) {
+            Ok(0) => {}
+            Ok(bytes) => fail(
+                &mut tally,
+                FailureKind::Extra {
+                    after_seq: last_seq,
+                    peer: socket.peer,
+                    bytes,
+                },
+            ),
+            Err(error) => fail(
+                &mut tally,
+                FailureKind::Closing {
+                    peer: socket.peer,
+                    error,
+                },
+            ),
         }
     }
     tally
@@ -415,33 +434,40 @@ impl Socket {
     }
 
     /// Says the client is done (half-close), then counts the bytes the
-    /// server still sends until it closes or `wait` runs out. A reset or an
-    /// error ends the count: the echoes are all in by then.
-    fn read_until_closed(&mut self, wait: Duration) -> usize {
-        if self.stream.shutdown(Shutdown::Write).is_err() {
-            return 0;
-        }
-        let deadline = deadline_after(Instant::now(), wait);
+    /// server still sends until it closes or `wait` runs out.
+    ///
+    /// # Errors
+    /// A socket error other than the server going away (a reset after the
+    /// last echo is a normal end: the echoes are all in by then).
+    fn read_until_closed(&mut self, wait: Duration) -> io::Result<usize> {
         let mut extra = 0;
+        let result = self.count_until_closed(wait, &mut extra);
+        match result {
+            Err(error) if !is_peer_gone(&error) => Err(error),
+            _ => Ok(extra),
+        }
+    }
+
+    fn count_until_closed(&mut self, wait: Duration, extra: &mut usize) -> io::Result<()> {
+        self.stream.shutdown(Shutdown::Write)?;
+        let deadline = deadline_after(Instant::now(), wait);
         let mut buf = [0u8; 4096];
         loop {
             let Ok(left) = time_left(deadline) else {
-                return extra;
+                return Ok(());
             };
             if needs_reset(self.read_timeout, left) {
-                if self.stream.set_read_timeout(Some(left)).is_err() {
-                    return extra;
-                }
+                self.stream.set_read_timeout(Some(left))?;
                 self.read_timeout = Some(left);
             }
             match (&self.stream).read(&mut buf) {
-                Ok(0) => return extra,
-                Ok(read) => extra += read,
+                Ok(0) => return Ok(()),
+                Ok(read) => *extra += read,
                 // A signal arrived: retry.
                 Err(error) if interrupted(&error) => {}
                 // The socket timeout ran out; the loop checks the real deadline.
                 Err(error) if is_timeout(&error) => {}
-                Err(_) => return extra,
+                Err(error) => return Err(error),
             }
         }
     }
@@ -481,7 +507,9 @@ fn interleave(
     deadline: Instant,
 ) -> Result<(), ExchangeError> {
     let (mut sent, mut received) = (0, 0);
-    while received < echo.len() {
+    // Both directions finish: a server that adds bytes can fill the echo
+    // early, and the rest of the message must still go out.
+    while received < echo.len() || sent < message.len() {
         // Checked on every pass, so a server that trickles cannot stretch it.
         let left = time_left(deadline)?;
         let mut moved = false;
@@ -497,27 +525,38 @@ fn interleave(
                 Err(error) => return Err(ExchangeError::Io(error)),
             }
         }
-        match stream.read(&mut echo[received..]) {
-            // The server closed before echoing everything.
-            Ok(0) => return Err(ExchangeError::Closed { received }),
-            Ok(read) => {
-                received += read;
-                moved = true;
+        if received < echo.len() {
+            match stream.read(&mut echo[received..]) {
+                // The server closed before echoing everything.
+                Ok(0) => return Err(ExchangeError::Closed { received }),
+                Ok(read) => {
+                    received += read;
+                    moved = true;
+                }
+                // A signal arrived, or nothing has come back yet.
+                Err(error) if interrupted(&error) || would_block(&error) => {}
+                Err(error) => return Err(ExchangeError::Io(error)),
             }
-            // A signal arrived, or nothing has come back yet.
-            Err(error) if interrupted(&error) || would_block(&error) => {}
-            Err(error) => return Err(ExchangeError::Io(error)),
         }
         if !moved {
-            wait_for(stream, sent < message.len(), left)?;
+            wait_for(stream, received < echo.len(), sent < message.len(), left)?;
         }
     }
     Ok(())
 }
 
-/// Waits until `stream` is readable, or writable if `writing`, for at most `left`.
-fn wait_for(stream: &TcpStream, writing: bool, left: Duration) -> Result<(), ExchangeError> {
-    let mut events = libc::POLLIN;
+/// Waits until `stream` is readable if `reading`, or writable if `writing`,
+/// for at most `left`.
+fn wait_for(
+    stream: &TcpStream,
+    reading: bool,
+    writing: bool,
+    left: Duration,
+) -> Result<(), ExchangeError> {
+    let mut events = 0;
+    if reading {
+        events |= libc::POLLIN;
+    }
     if writing {
         events |= libc::POLLOUT;
     }

@@ -78,6 +78,14 @@ pub enum FailureKind {
         /// How many bytes came before the server closed or the wait ran out.
         bytes: usize,
     },
+    /// The check after the last echo failed for a reason other than the
+    /// server going away.
+    Closing {
+        /// The server's address.
+        peer: SocketAddr,
+        /// The socket's error.
+        error: io::Error,
+    },
     /// Sending or receiving failed (for example, connection reset).
     Io {
         /// Echo number on the connection, from 1.
@@ -150,10 +158,23 @@ impl fmt::Display for Failure {
                 after_seq,
                 peer,
                 bytes,
-            } => write!(
-                f,
-                "after echo {after_seq}, {peer} sent {bytes} more bytes than it received"
-            )?,
+            } => {
+                if *after_seq == 0 {
+                    write!(f, "before any echo, {peer} sent {bytes} bytes")?;
+                } else {
+                    write!(
+                        f,
+                        "after echo {after_seq}, {peer} sent {bytes} more bytes than it received"
+                    )?;
+                }
+            }
+            FailureKind::Closing { peer, error } => {
+                write!(
+                    f,
+                    "closing the connection to {peer} failed: {}",
+                    describe(error)
+                )?;
+            }
             FailureKind::Io { seq, peer, error } => {
                 write!(f, "echo {seq} to {peer} failed: {}", describe(error))?;
             }

@@ -2,7 +2,7 @@
 //! rendered as ping-style text or as one JSON object.
 
 use std::fmt::Write as _;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::ClientConfig;
 use super::echo::ConnectionTally;
@@ -32,7 +32,8 @@ pub struct Report {
     pub bytes_echoed: u64,
     /// Round-trip times of the exact echoes.
     pub rtt: RttStats,
-    /// From the start of the run (before resolving) to its end.
+    /// From the start of the run (before resolving) to its last echo (or
+    /// failure); the closing checks after the last echo are not counted.
     pub elapsed: Duration,
     /// True if the run was stopped through its [`StopHandle`](super::StopHandle).
     pub stopped: bool,
@@ -42,9 +43,18 @@ impl Report {
     pub(super) fn from_tallies(
         config: &ClientConfig,
         tallies: Vec<ConnectionTally>,
-        elapsed: Duration,
+        started: Instant,
         stopped: bool,
     ) -> Report {
+        // The run ends with its last echo, not with the closing checks after it.
+        let elapsed = tallies
+            .iter()
+            .filter_map(|tally| tally.echoing_ended)
+            .max()
+            .map_or_else(
+                || started.elapsed(),
+                |ended| ended.saturating_duration_since(started),
+            );
         let mut report = Report {
             target: config.target.to_string(),
             connections: config.connections.get(),

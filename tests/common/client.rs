@@ -180,6 +180,19 @@ pub fn echoes_but_never_closes(stream: TcpStream) {
     thread::sleep(Duration::from_secs(30));
 }
 
+/// Echoes everything, then answers the client's end of stream with a reset
+/// instead of a close.
+pub fn echoes_then_resets(stream: TcpStream) {
+    let mut reader = match stream.try_clone() {
+        Ok(reader) => reader,
+        Err(_) => return,
+    };
+    let mut writer = stream;
+    if io::copy(&mut reader, &mut writer).is_ok() {
+        super::reset_on_close(&writer);
+    }
+}
+
 /// Echoes the first message it got (first read) again for every later read:
 /// a server that replays old bytes.
 pub fn replays_first_chunk(stream: TcpStream) {
