@@ -440,36 +440,31 @@ impl Socket {
     /// A socket error other than the server going away (a reset after the
     /// last echo is a normal end: the echoes are all in by then).
     fn read_until_closed(&mut self, wait: Duration) -> io::Result<usize> {
-        let mut extra = 0;
-        let result = self.count_until_closed(wait, &mut extra);
-        match result {
-            Err(error) if !is_peer_gone(&error) => Err(error),
-            _ => Ok(extra),
+        match self.stream.shutdown(Shutdown::Write) {
+            Err(error) if is_peer_gone(&error) => return Ok(0),
+            other => other?,
         }
-    }
-
-    fn count_until_closed(&mut self, wait: Duration, extra: &mut usize) -> io::Result<()> {
-        self.stream.shutdown(Shutdown::Write)?;
         let deadline = deadline_after(Instant::now(), wait);
+        let mut extra = 0;
         let mut buf = [0u8; 4096];
-        loop {
-            let Ok(left) = time_left(deadline) else {
-                return Ok(());
-            };
+        while let Ok(left) = time_left(deadline) {
             if needs_reset(self.read_timeout, left) {
                 self.stream.set_read_timeout(Some(left))?;
                 self.read_timeout = Some(left);
             }
             match (&self.stream).read(&mut buf) {
-                Ok(0) => return Ok(()),
-                Ok(read) => *extra += read,
+                Ok(0) => break,
+                Ok(read) => extra += read,
                 // A signal arrived: retry.
                 Err(error) if interrupted(&error) => {}
                 // The socket timeout ran out; the loop checks the real deadline.
                 Err(error) if is_timeout(&error) => {}
+                // Gone after the last echo: a normal end.
+                Err(error) if is_peer_gone(&error) => break,
                 Err(error) => return Err(error),
             }
         }
+        Ok(extra)
     }
 
     /// Sends `message` and fills `echo` (same length) before `deadline`.
