@@ -392,24 +392,30 @@ fn pipe_without_reader() -> Stdio {
     Stdio::from(writer)
 }
 
+/// Runs `bin flag` with `stdout` as its standard output; returns its exit
+/// code and what it wrote to stderr.
+fn answer_into(bin: &str, flag: &str, stdout: Stdio) -> (Option<i32>, String) {
+    let output = Command::new(bin)
+        .arg(flag)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run the binary");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.code(), stderr)
+}
+
 #[test]
 fn version_and_help_to_a_reader_that_went_away_exit_0_without_a_panic() {
     with_time_limit(Duration::from_secs(30), || {
         for bin in [SERVER_BIN, common::client::CLIENT] {
             for flag in ["--version", "--help"] {
-                let output = Command::new(bin)
-                    .arg(flag)
-                    .stdin(Stdio::null())
-                    .stdout(pipe_without_reader())
-                    .stderr(Stdio::piped())
-                    .output()
-                    .expect("run the binary");
-                let stderr = String::from_utf8_lossy(&output.stderr);
+                let (code, stderr) = answer_into(bin, flag, pipe_without_reader());
                 assert!(
-                    output.status.code() == Some(0) && stderr.is_empty(),
+                    code == Some(0) && stderr.is_empty(),
                     "{bin} {flag} with no reader: expected exit 0 and nothing on stderr, \
-                     got {:?} and stderr:\n{stderr}",
-                    output.status
+                     got {code:?} and stderr:\n{stderr}"
                 );
             }
         }
@@ -446,21 +452,13 @@ fn version_and_help_that_cannot_be_written_are_one_line_and_exit_1() {
                     .write(true)
                     .open("/dev/full")
                     .expect("open /dev/full");
-                let output = Command::new(bin)
-                    .arg(flag)
-                    .stdin(Stdio::null())
-                    .stdout(full)
-                    .stderr(Stdio::piped())
-                    .output()
-                    .expect("run the binary");
-                let stderr = String::from_utf8_lossy(&output.stderr);
+                let (code, stderr) = answer_into(bin, flag, Stdio::from(full));
                 assert!(
-                    output.status.code() == Some(RUNTIME)
+                    code == Some(RUNTIME)
                         && stderr.lines().count() == 1
                         && stderr.contains("cannot write to stdout"),
                     "{bin} {flag} into /dev/full: expected exit 1 and one line naming stdout, \
-                     got {:?} and stderr:\n{stderr}",
-                    output.status
+                     got {code:?} and stderr:\n{stderr}"
                 );
             }
         }
