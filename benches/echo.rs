@@ -130,7 +130,10 @@ impl Options {
                     let duration = humantime::parse_duration(&value)
                         .map_err(|e| format!("--busy-poll: {value:?}: {e}"))?;
                     if duration > echo_chamber::config::MAX_BUSY_POLL {
-                        return Err(format!("--busy-poll: {value:?} is more than 1ms"));
+                        return Err(format!(
+                            "--busy-poll: {value:?} is more than {}",
+                            humantime::format_duration(echo_chamber::config::MAX_BUSY_POLL)
+                        ));
                     }
                     options.busy_poll = Some(duration);
                 }

@@ -135,7 +135,10 @@ fn parse_positive_duration(value: &str) -> Result<Duration, String> {
 
 fn parse_busy_poll(value: &str) -> Result<Duration, String> {
     match parse_duration(value)? {
-        duration if duration > config::MAX_BUSY_POLL => Err("must be at most 1ms".to_string()),
+        duration if duration > config::MAX_BUSY_POLL => Err(format!(
+            "must be at most {}",
+            humantime::format_duration(config::MAX_BUSY_POLL)
+        )),
         duration => Ok(duration),
     }
 }
