@@ -307,6 +307,12 @@ impl Acceptor {
         // Small echoes must not wait for delayed ACKs. A failure here leaves
         // a working, if slower, connection, so it is not worth refusing it.
         let _ = stream.set_nodelay(true);
+        if let Err(err) = keep_urgent_data_inline(&stream) {
+            self.logger.warn(format_args!(
+                "cannot keep urgent data inline for {peer}: {}; its urgent bytes will not be echoed",
+                io_cause(&err)
+            ));
+        }
         let mut handoff = Handoff { stream, peer };
         while let Some(index) = self.least_loaded() {
             let link = &mut self.workers[index];
@@ -365,6 +371,29 @@ impl Acceptor {
         // Closing the listener resets whatever waits in its backlog.
         self.listener = None;
         self.workers.clear();
+    }
+}
+
+/// Sets `SO_OOBINLINE`, so that TCP urgent data stays in the byte stream
+/// and is echoed in place like any other byte. Without it the kernel holds
+/// each urgent byte aside, where an echo server never reads it.
+fn keep_urgent_data_inline(stream: &TcpStream) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt reads one int from `on`, which outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_OOBINLINE,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

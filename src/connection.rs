@@ -25,7 +25,8 @@ pub trait EchoStream: Read + Write {
     /// Whether a read that fills less than the buffer proves the stream has
     /// nothing more to read until the next readable event. True for TCP on
     /// Linux with edge-triggered epoll; it saves a `read` that would only
-    /// return `WouldBlock`.
+    /// return `WouldBlock`. The exception, urgent data, comes with
+    /// [`Readiness::urgent`] set.
     const SHORT_READ_DRAINS: bool = false;
 
     /// Shuts down the sending side so the peer reads a clean end of stream.
@@ -67,6 +68,9 @@ pub struct Readiness {
     pub writable: bool,
     /// The peer closed or reset: read until the end, even after a short read.
     pub closed: bool,
+    /// The peer sent TCP urgent data. A read stops short at the urgent mark
+    /// with more bytes queued behind it, so short reads prove nothing now.
+    pub urgent: bool,
 }
 
 /// Where a connection is in its life.
@@ -123,8 +127,9 @@ pub struct Connection {
     /// Readiness hints: cleared when the stream says `WouldBlock`, set by events.
     readable: bool,
     writable: bool,
-    /// The peer closed or reset: read until the stream says so.
-    closing: bool,
+    /// Read until the stream blocks, even after a short read: the peer
+    /// closed or reset, or once sent urgent data.
+    read_to_block: bool,
     /// We read the peer's end of stream.
     peer_done: bool,
     phase: Phase,
@@ -154,7 +159,7 @@ impl Connection {
             pending_start: 0,
             readable: true,
             writable: true,
-            closing: false,
+            read_to_block: false,
             peer_done: false,
             phase: Phase::Echoing,
             drain_allowance: None,
@@ -207,9 +212,9 @@ impl Connection {
         S: EchoStream,
         F: FnMut(&[u8]),
     {
-        self.readable |= ready.readable || ready.closed;
+        self.readable |= ready.readable || ready.closed || ready.urgent;
         self.writable |= ready.writable || ready.closed;
-        self.closing |= ready.closed;
+        self.read_to_block |= ready.closed || ready.urgent;
         match self.pump(stream, buf, &mut inspect) {
             Ok(outcome) => outcome,
             Err(err) => Outcome::Closed(classify(err)),
@@ -293,7 +298,7 @@ impl Connection {
             }
             Some(n) => n,
         };
-        if S::SHORT_READ_DRAINS && received < room && !self.closing {
+        if S::SHORT_READ_DRAINS && received < room && !self.read_to_block {
             self.readable = false;
         }
         self.stats.received += received as u64;
@@ -480,7 +485,7 @@ mod tests {
         let ready = Readiness {
             readable: true,
             writable: true,
-            closed: false,
+            ..Readiness::default()
         };
         // A 40 KB backlog the peer never quite catches up with.
         assert!(matches!(

@@ -34,6 +34,16 @@ pub(crate) const WAKE: Token = Token(0);
 /// Readiness events taken from the kernel per wake-up.
 const EVENTS_PER_POLL: usize = 1024;
 
+/// What the kernel reports for a connection: both directions and, on Linux,
+/// urgent data, which stops reads short of the queue's end (see
+/// [`Readiness::urgent`]).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const CONNECTION_INTEREST: Interest = Interest::READABLE
+    .add(Interest::WRITABLE)
+    .add(Interest::PRIORITY);
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+const CONNECTION_INTEREST: Interest = Interest::READABLE.add(Interest::WRITABLE);
+
 /// A new connection, sent from the acceptor to a worker.
 #[derive(Debug)]
 pub(crate) struct Handoff {
@@ -227,14 +237,13 @@ impl Worker {
             self.slots.push(None);
             self.slots.len() - 1
         });
-        let interest = Interest::READABLE | Interest::WRITABLE;
         // Registered once for both directions, edge-triggered: no
         // re-registration is ever needed, whatever the connection does.
         if let Err(err) =
             self.setup
                 .poll
                 .registry()
-                .register(&mut stream, Token(index + 1), interest)
+                .register(&mut stream, Token(index + 1), CONNECTION_INTEREST)
         {
             self.setup.logger.warn(format_args!(
                 "cannot serve {peer}: {}; closing it",
@@ -434,5 +443,6 @@ fn readiness(event: &Event) -> Readiness {
         readable: event.is_readable(),
         writable: event.is_writable(),
         closed: event.is_read_closed() || event.is_write_closed() || event.is_error(),
+        urgent: event.is_priority(),
     }
 }

@@ -2,8 +2,8 @@
 //! acceptor → channel → worker → connection, driven through a fake stream
 //! that misbehaves in every way a socket may: reads and writes move arbitrary
 //! partial amounts, block and get interrupted at random, the peer pauses
-//! reading, half-closes or resets at random points, and the server starts its
-//! drain at a random moment. Whatever happens, the output is an exact prefix
+//! reading, sends urgent data, half-closes or resets at random points, and the
+//! server starts its drain at a random moment. Whatever happens, the output is an exact prefix
 //! of the input, and all of it when nothing cut the connection short.
 //!
 //! Two drivers stand in for the worker's event loop: a level-triggered one
@@ -68,6 +68,11 @@ struct FakeStream<const EDGE: bool> {
     peer_eof: bool,
     /// The peer reset the connection.
     reset: bool,
+    /// Whether the peer sometimes sends its last byte as urgent data.
+    sends_urgent: bool,
+    /// Where urgent bytes sit in `input`, not yet read past. As on Linux with
+    /// `SO_OOBINLINE`, a read that has copied anything stops short of one.
+    urgent_marks: Vec<usize>,
     /// Everything the server wrote.
     output: Vec<u8>,
     /// Free space in the send buffer, and its size.
@@ -81,10 +86,11 @@ struct FakeStream<const EDGE: bool> {
     read_event: bool,
     write_event: bool,
     closed_event: bool,
+    urgent_event: bool,
 }
 
 impl<const EDGE: bool> FakeStream<EDGE> {
-    fn new(input: Vec<u8>, capacity: usize, seed: u64) -> Self {
+    fn new(input: Vec<u8>, capacity: usize, seed: u64, sends_urgent: bool) -> Self {
         FakeStream {
             dice: Dice::new(seed),
             input,
@@ -92,6 +98,8 @@ impl<const EDGE: bool> FakeStream<EDGE> {
             read_pos: 0,
             peer_eof: false,
             reset: false,
+            sends_urgent,
+            urgent_marks: Vec::new(),
             output: Vec::new(),
             room: capacity,
             capacity,
@@ -101,6 +109,7 @@ impl<const EDGE: bool> FakeStream<EDGE> {
             read_event: false,
             write_event: false,
             closed_event: false,
+            urgent_event: false,
         }
     }
 
@@ -117,6 +126,12 @@ impl<const EDGE: bool> FakeStream<EDGE> {
         self.arrived += self.dice.upto(max.min(left));
         if std::mem::take(&mut self.read_exhausted) {
             self.read_event = true;
+        }
+        // Like `send(.., MSG_OOB)`: the last byte sent is urgent, and the
+        // kernel reports that at once (EPOLLPRI), whatever the server read.
+        if self.sends_urgent && self.dice.chance(20) {
+            self.urgent_marks.push(self.arrived - 1);
+            self.urgent_event = true;
         }
     }
 
@@ -153,6 +168,7 @@ impl<const EDGE: bool> FakeStream<EDGE> {
                 readable: std::mem::take(&mut self.read_event) || closed,
                 writable: std::mem::take(&mut self.write_event),
                 closed,
+                urgent: std::mem::take(&mut self.urgent_event),
             }
         } else {
             let closed = self.peer_eof || self.reset;
@@ -160,6 +176,7 @@ impl<const EDGE: bool> FakeStream<EDGE> {
                 readable: self.available() > 0 || closed,
                 writable: self.room > 0,
                 closed,
+                urgent: !self.urgent_marks.is_empty(),
             }
         }
     }
@@ -192,10 +209,19 @@ impl<const EDGE: bool> Read for FakeStream<EDGE> {
             return Err(ErrorKind::WouldBlock.into());
         }
         let most = available.min(buf.len());
-        let n = if EDGE { most } else { self.dice.upto(most) };
+        let mut n = if EDGE { most } else { self.dice.upto(most) };
+        // A read stops short of the next urgent byte; one that starts at it
+        // reads through it (inline) up to the mark after.
+        let next_mark = self.urgent_marks.iter().find(|&&mark| mark > self.read_pos);
+        let stopped_at_mark = next_mark.is_some_and(|&mark| mark - self.read_pos < n);
+        if let Some(&mark) = next_mark.filter(|_| stopped_at_mark) {
+            n = mark - self.read_pos;
+        }
         buf[..n].copy_from_slice(&self.input[self.read_pos..self.read_pos + n]);
         self.read_pos += n;
-        if EDGE && n < buf.len() {
+        let read_pos = self.read_pos;
+        self.urgent_marks.retain(|&mark| mark >= read_pos);
+        if EDGE && n < buf.len() && !stopped_at_mark {
             self.read_exhausted = true;
         }
         Ok(n)
@@ -270,6 +296,8 @@ struct Scenario {
     /// The peer waits for the echo of what it sent before sending more, as a
     /// request-response client does: a lost wake-up then stalls the case.
     lockstep: bool,
+    /// The peer sometimes sends urgent data.
+    urgent: bool,
 }
 
 fn scenarios() -> impl Strategy<Value = Scenario> {
@@ -289,6 +317,7 @@ fn scenarios() -> impl Strategy<Value = Scenario> {
         proptest::option::weighted(0.4, 0u32..120),
         proptest::option::weighted(0.2, 0u32..120),
         proptest::bool::weighted(0.4),
+        proptest::bool::weighted(0.3),
     )
         .prop_map(
             |(
@@ -300,6 +329,7 @@ fn scenarios() -> impl Strategy<Value = Scenario> {
                 drain_at,
                 reset_at,
                 lockstep,
+                urgent,
             )| {
                 Scenario {
                     len,
@@ -312,6 +342,7 @@ fn scenarios() -> impl Strategy<Value = Scenario> {
                     drain_at,
                     reset_at,
                     lockstep,
+                    urgent,
                 }
             },
         )
@@ -321,7 +352,12 @@ fn scenarios() -> impl Strategy<Value = Scenario> {
 /// the way. `EDGE` chooses the driver and the stream contract.
 fn run_scenario<const EDGE: bool>(scenario: &Scenario) -> Result<(), TestCaseError> {
     let input = payload(scenario.data_seed, scenario.len);
-    let mut stream = FakeStream::<EDGE>::new(input, scenario.capacity, scenario.chaos_seed);
+    let mut stream = FakeStream::<EDGE>::new(
+        input,
+        scenario.capacity,
+        scenario.chaos_seed,
+        scenario.urgent,
+    );
     let mut world = Dice::new(scenario.chaos_seed ^ 0xA5A5_5A5A);
     let mut buf = vec![0u8; scenario.buf_len];
     let mut connection = Connection::new();
@@ -333,9 +369,8 @@ fn run_scenario<const EDGE: bool>(scenario: &Scenario) -> Result<(), TestCaseErr
 
     // Registration reports what is ready at once, as epoll does.
     let mut first = Some(Readiness {
-        readable: false,
         writable: true,
-        closed: false,
+        ..Readiness::default()
     });
     let mut reason = None;
     for step in 0..MAX_STEPS {
@@ -365,7 +400,7 @@ fn run_scenario<const EDGE: bool>(scenario: &Scenario) -> Result<(), TestCaseErr
             must_call = true;
         }
         let ready = first.take().unwrap_or_else(|| stream.readiness());
-        let any = ready.readable || ready.writable || ready.closed;
+        let any = ready.readable || ready.writable || ready.closed || ready.urgent;
         if !(any || must_call || connection.has_more_work()) {
             continue;
         }

@@ -1,5 +1,6 @@
 //! The echo itself, through the library: byte-exact for any payload and any
-//! chunking, half-close, backpressure, resets and many connections.
+//! chunking, urgent data, half-close, backpressure, resets and many
+//! connections.
 
 mod common;
 
@@ -88,6 +89,47 @@ fn half_close_echoes_everything_then_closes() {
             .read_to_end(&mut echoed)
             .expect("read to the server's end of stream");
         assert_same_bytes(&data, &echoed, "echo after half-close");
+    });
+}
+
+#[test]
+fn urgent_data_is_echoed_in_place_and_the_bytes_after_it_too() {
+    with_time_limit(Duration::from_secs(120), || {
+        let server = start_server(quiet_config(1));
+        let addr = server.local_addr();
+        const ROUNDS: u64 = 20;
+        for round in 0..ROUNDS {
+            let mut stream = connect(addr);
+            stream.set_nodelay(true).expect("TCP_NODELAY");
+            // Sent back to back, so the server usually finds all three
+            // pieces queued at once, with the urgent mark in the middle.
+            stream.write_all(b"abc").expect("write");
+            send_urgent(&stream, b'X');
+            stream.write_all(b"def").expect("write");
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("read timeout");
+            let mut echoed = Vec::new();
+            let mut buf = [0; 16];
+            while echoed.len() < 7 {
+                match stream.read(&mut buf) {
+                    Ok(0) => panic!("round {round}: the server closed after {echoed:?}"),
+                    Ok(n) => echoed.extend_from_slice(&buf[..n]),
+                    Err(err) => panic!(
+                        "round {round}: expected b\"abcXdef\" back, got {:?} and then: {err}",
+                        String::from_utf8_lossy(&echoed)
+                    ),
+                }
+            }
+            assert_eq!(
+                echoed, b"abcXdef",
+                "round {round}: the urgent byte is echoed in place"
+            );
+        }
+        server.shutdown_handle().shutdown();
+        let summary = server.join().expect("clean stop");
+        assert_eq!(summary.bytes_received, 7 * ROUNDS);
+        assert_eq!(summary.bytes_echoed, 7 * ROUNDS);
     });
 }
 

@@ -420,6 +420,22 @@ pub fn reset_on_close(stream: &TcpStream) {
     assert_eq!(rc, 0, "set SO_LINGER: {}", std::io::Error::last_os_error());
 }
 
+/// Sends one byte as TCP urgent data (`MSG_OOB`), the way telnet's
+/// interrupt or FTP's abort does.
+pub fn send_urgent(stream: &TcpStream, byte: u8) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: send reads one byte from `byte`, which outlives the call.
+    let sent = unsafe {
+        libc::send(
+            stream.as_raw_fd(),
+            (&byte as *const u8).cast(),
+            1,
+            libc::MSG_OOB,
+        )
+    };
+    assert_eq!(sent, 1, "send MSG_OOB: {}", std::io::Error::last_os_error());
+}
+
 /// The CPU time (user + system) a process has used so far, from /proc.
 pub fn cpu_time(pid: i32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
