@@ -197,6 +197,15 @@ impl Connection {
         }
     }
 
+    /// Records what the event loop saw without moving any bytes, for a
+    /// connection that already has a turn coming: the next
+    /// [`Connection::on_ready`] acts on it.
+    pub fn note_ready(&mut self, ready: Readiness) {
+        self.readable |= ready.readable || ready.closed || ready.urgent;
+        self.writable |= ready.writable || ready.closed;
+        self.read_to_block |= ready.closed || ready.urgent;
+    }
+
     /// Moves bytes until the stream blocks or the connection ends.
     ///
     /// `buf` is the worker's shared read buffer; nothing in it outlives this
@@ -212,9 +221,7 @@ impl Connection {
         S: EchoStream,
         F: FnMut(&[u8]),
     {
-        self.readable |= ready.readable || ready.closed || ready.urgent;
-        self.writable |= ready.writable || ready.closed;
-        self.read_to_block |= ready.closed || ready.urgent;
+        self.note_ready(ready);
         match self.pump(stream, buf, &mut inspect) {
             Ok(outcome) => outcome,
             Err(err) => Outcome::Closed(classify(err)),

@@ -60,6 +60,9 @@ struct Slot {
     last_active: Instant,
     /// Tells a reused slot from the connection an old idle timer was set for.
     serial: u64,
+    /// Queued in `unfinished` for another turn; until it comes, events only
+    /// add readiness, so a busy connection gets one turn per loop pass.
+    owed_turn: bool,
 }
 
 /// Why the worker closed a connection, for the log line.
@@ -136,13 +139,18 @@ impl Worker {
                 break;
             }
             let now = Instant::now();
+            // Taken first: what this pass leaves unfinished waits for the next.
+            let owed = std::mem::take(&mut self.unfinished);
             for event in events.iter() {
                 match event.token() {
                     WAKE => self.take_handoffs(now),
                     token => self.serve(token.0 - 1, readiness(event), now),
                 }
             }
-            for index in std::mem::take(&mut self.unfinished) {
+            for index in owed {
+                if let Some(slot) = self.slots.get_mut(index).and_then(Option::as_mut) {
+                    slot.owed_turn = false;
+                }
                 self.serve(index, Readiness::default(), now);
             }
             self.expire_idle(now);
@@ -269,18 +277,24 @@ impl Worker {
             opened: now,
             last_active: now,
             serial,
+            owed_turn: false,
         });
         if self.drain_deadline.is_some() {
             self.start_draining(index, now);
         }
     }
 
-    /// Moves bytes on one connection and closes it if it ended.
+    /// Moves bytes on one connection and closes it if it ended; for one with
+    /// a turn coming later in this pass, only notes `ready`.
     fn serve(&mut self, index: usize, ready: Readiness, now: Instant) {
         // An event can still arrive for a connection closed earlier in the batch.
         let Some(slot) = self.slots.get_mut(index).and_then(Option::as_mut) else {
             return;
         };
+        if slot.owed_turn {
+            slot.connection.note_ready(ready);
+            return;
+        }
         let logger = self.setup.logger;
         let peer = slot.peer;
         let before = slot.connection.stats();
@@ -301,6 +315,7 @@ impl Worker {
         match outcome {
             Outcome::Open => {
                 if slot.connection.has_more_work() {
+                    slot.owed_turn = true;
                     self.unfinished.push(index);
                 }
             }
