@@ -24,8 +24,9 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 use common::{payload, with_time_limit};
 
-/// Driver steps before a case counts as stalled. A healthy case needs a few
-/// thousand at most; a connection that stops moving bytes needs for ever.
+/// Driver steps before a case counts as stalled. A healthy case needs tens
+/// of thousands at most (the send buffer is at least 1/1024 of the input);
+/// a connection that stops moving bytes needs for ever.
 const MAX_STEPS: u32 = 200_000;
 
 /// A small deterministic random source (xorshift64*), seeded by proptest.
@@ -336,8 +337,9 @@ fn scenarios() -> impl Strategy<Value = Scenario> {
                     data_seed,
                     chaos_seed,
                     buf_len,
-                    capacity,
-                    // Small steps on a large input would only make the case slow.
+                    // Small steps on a large input would only make the case slow:
+                    // a 1-byte send buffer needs over a million steps for 200 KB.
+                    capacity: capacity.max(len / 1024),
                     send_max: send_max.max(len / 64),
                     drain_at,
                     reset_at,
