@@ -11,295 +11,324 @@ use std::time::{Duration, Instant};
 use common::client::{CLIENT, EchoServer, JSON_KEYS, Json, TestServer, run_client};
 use common::with_time_limit;
 
+/// The most one client process may run; it is killed after that.
 const LIMIT: Duration = Duration::from_secs(60);
+/// The most one test may take. Its first child that runs past [`LIMIT`]
+/// fails it well before this.
+const TEST_LIMIT: Duration = Duration::from_secs(120);
 
 #[test]
 fn prints_connected_each_echo_and_a_ping_style_summary() {
-    let server = EchoServer::start();
-    let addr = server.addr().to_string();
-    let run = run_client(&[&addr, "--repeat", "3"], b"", LIMIT);
-    assert_eq!(run.code(), Some(0), "{}", run.describe());
-    let lines: Vec<&str> = run.stdout.lines().collect();
-    assert_eq!(
-        lines[0],
-        format!("connected to {addr}"),
-        "{}",
-        run.describe()
-    );
-    for (seq, line) in lines.iter().enumerate().take(4).skip(1) {
-        let prefix = format!("Server echoed: Hello Echo! (seq={seq} time=");
-        assert!(
-            line.starts_with(&prefix) && line.ends_with(" ms)"),
-            "line {seq}: {}",
+    with_time_limit(TEST_LIMIT, || {
+        let server = EchoServer::start();
+        let addr = server.addr().to_string();
+        let run = run_client(&[&addr, "--repeat", "3"], b"", LIMIT);
+        assert_eq!(run.code(), Some(0), "{}", run.describe());
+        let lines: Vec<&str> = run.stdout.lines().collect();
+        assert_eq!(
+            lines[0],
+            format!("connected to {addr}"),
+            "{}",
             run.describe()
         );
-    }
-    assert_eq!(lines[4], "", "{}", run.describe());
-    assert_eq!(lines[5], format!("--- {addr} echo statistics ---"));
-    assert!(
-        lines[6].starts_with("3 sent, 3 echoed, 0 mismatched, 0 timed out, 0% loss, time "),
-        "{}",
-        run.describe()
-    );
-    assert!(
-        lines[7].starts_with("rtt min/avg/max/mdev = "),
-        "{}",
-        run.describe()
-    );
-    assert!(
-        lines[8].starts_with("rtt p50/p90/p99/p99.9 = "),
-        "{}",
-        run.describe()
-    );
-    assert!(lines[9].starts_with("throughput "), "{}", run.describe());
-    assert_eq!(run.stderr, "", "{}", run.describe());
+        for (seq, line) in lines.iter().enumerate().take(4).skip(1) {
+            let prefix = format!("Server echoed: Hello Echo! (seq={seq} time=");
+            assert!(
+                line.starts_with(&prefix) && line.ends_with(" ms)"),
+                "line {seq}: {}",
+                run.describe()
+            );
+        }
+        assert_eq!(lines[4], "", "{}", run.describe());
+        assert_eq!(lines[5], format!("--- {addr} echo statistics ---"));
+        assert!(
+            lines[6].starts_with("3 sent, 3 echoed, 0 mismatched, 0 timed out, 0% loss, time "),
+            "{}",
+            run.describe()
+        );
+        assert!(
+            lines[7].starts_with("rtt min/avg/max/mdev = "),
+            "{}",
+            run.describe()
+        );
+        assert!(
+            lines[8].starts_with("rtt p50/p90/p99/p99.9 = "),
+            "{}",
+            run.describe()
+        );
+        assert!(lines[9].starts_with("throughput "), "{}", run.describe());
+        assert_eq!(run.stderr, "", "{}", run.describe());
+    });
 }
 
 #[test]
 fn single_echo_has_no_throughput_line() {
-    let server = EchoServer::start();
-    let run = run_client(&[&server.addr().to_string()], b"", LIMIT);
-    assert_eq!(run.code(), Some(0), "{}", run.describe());
-    assert!(
-        run.stdout.contains("1 sent, 1 echoed"),
-        "{}",
-        run.describe()
-    );
-    assert!(!run.stdout.contains("throughput"), "{}", run.describe());
+    with_time_limit(TEST_LIMIT, || {
+        let server = EchoServer::start();
+        let run = run_client(&[&server.addr().to_string()], b"", LIMIT);
+        assert_eq!(run.code(), Some(0), "{}", run.describe());
+        assert!(
+            run.stdout.contains("1 sent, 1 echoed"),
+            "{}",
+            run.describe()
+        );
+        assert!(!run.stdout.contains("throughput"), "{}", run.describe());
+    });
 }
 
 #[test]
 fn binary_payload_lines_show_the_size_not_the_bytes() {
-    let server = EchoServer::start();
-    let run = run_client(
-        &[
-            &server.addr().to_string(),
-            "--size",
-            "64KiB",
-            "--repeat",
-            "2",
-            "--histogram",
-        ],
-        b"",
-        LIMIT,
-    );
-    assert_eq!(run.code(), Some(0), "{}", run.describe());
-    assert!(
-        run.stdout
-            .contains("Server echoed: 65536 bytes (seq=1 time="),
-        "{}",
-        run.describe()
-    );
-    assert!(
-        run.stdout
-            .contains("Server echoed: 65536 bytes (seq=2 time="),
-        "{}",
-        run.describe()
-    );
-    assert!(
-        run.stdout.contains("rtt histogram (2 exact echoes"),
-        "{}",
-        run.describe()
-    );
+    with_time_limit(TEST_LIMIT, || {
+        let server = EchoServer::start();
+        let run = run_client(
+            &[
+                &server.addr().to_string(),
+                "--size",
+                "64KiB",
+                "--repeat",
+                "2",
+                "--histogram",
+            ],
+            b"",
+            LIMIT,
+        );
+        assert_eq!(run.code(), Some(0), "{}", run.describe());
+        assert!(
+            run.stdout
+                .contains("Server echoed: 65536 bytes (seq=1 time="),
+            "{}",
+            run.describe()
+        );
+        assert!(
+            run.stdout
+                .contains("Server echoed: 65536 bytes (seq=2 time="),
+            "{}",
+            run.describe()
+        );
+        assert!(
+            run.stdout.contains("rtt histogram (2 exact echoes"),
+            "{}",
+            run.describe()
+        );
+    });
 }
 
 #[test]
 fn json_mode_prints_exactly_one_object_on_stdout() {
-    let server = EchoServer::start();
-    let run = run_client(
-        &[
-            &server.addr().to_string(),
-            "--json",
-            "--repeat",
-            "4",
-            "--connections",
-            "2",
-        ],
-        b"",
-        LIMIT,
-    );
-    assert_eq!(run.code(), Some(0), "{}", run.describe());
-    assert_eq!(run.stdout.lines().count(), 1, "{}", run.describe());
-    let json = Json::parse(&run.stdout).unwrap_or_else(|e| panic!("{e}\n{}", run.describe()));
-    assert_eq!(json.keys(), JSON_KEYS);
-    assert_eq!(
-        json.get("rtt_ms").map(Json::keys),
-        Some(vec![
-            "min", "avg", "max", "mdev", "p50", "p90", "p99", "p999"
-        ])
-    );
-    assert_eq!(
-        (json.number("sent"), json.number("echoed")),
-        (Some(8.0), Some(8.0)),
-        "{}",
-        run.describe()
-    );
-    assert_eq!(json.number("errors"), Some(0.0));
+    with_time_limit(TEST_LIMIT, || {
+        let server = EchoServer::start();
+        let run = run_client(
+            &[
+                &server.addr().to_string(),
+                "--json",
+                "--repeat",
+                "4",
+                "--connections",
+                "2",
+            ],
+            b"",
+            LIMIT,
+        );
+        assert_eq!(run.code(), Some(0), "{}", run.describe());
+        assert_eq!(run.stdout.lines().count(), 1, "{}", run.describe());
+        let json = Json::parse(&run.stdout).unwrap_or_else(|e| panic!("{e}\n{}", run.describe()));
+        assert_eq!(json.keys(), JSON_KEYS);
+        assert_eq!(
+            json.get("rtt_ms").map(Json::keys),
+            Some(vec![
+                "min", "avg", "max", "mdev", "p50", "p90", "p99", "p999"
+            ])
+        );
+        assert_eq!(
+            (json.number("sent"), json.number("echoed")),
+            (Some(8.0), Some(8.0)),
+            "{}",
+            run.describe()
+        );
+        assert_eq!(json.number("errors"), Some(0.0));
+    });
 }
 
 #[test]
 fn stdin_mode_echoes_each_line_until_end_of_input() {
-    let server = EchoServer::start();
-    let run = run_client(
-        &[&server.addr().to_string(), "--stdin"],
-        b"alpha\nbeta gamma\n",
-        LIMIT,
-    );
-    assert_eq!(run.code(), Some(0), "{}", run.describe());
-    assert!(
-        run.stdout.contains("Server echoed: alpha (seq=1 time="),
-        "{}",
-        run.describe()
-    );
-    assert!(
-        run.stdout
-            .contains("Server echoed: beta gamma (seq=2 time="),
-        "{}",
-        run.describe()
-    );
-    assert!(
-        run.stdout.contains("2 sent, 2 echoed"),
-        "{}",
-        run.describe()
-    );
+    with_time_limit(TEST_LIMIT, || {
+        let server = EchoServer::start();
+        let run = run_client(
+            &[&server.addr().to_string(), "--stdin"],
+            b"alpha\nbeta gamma\n",
+            LIMIT,
+        );
+        assert_eq!(run.code(), Some(0), "{}", run.describe());
+        assert!(
+            run.stdout.contains("Server echoed: alpha (seq=1 time="),
+            "{}",
+            run.describe()
+        );
+        assert!(
+            run.stdout
+                .contains("Server echoed: beta gamma (seq=2 time="),
+            "{}",
+            run.describe()
+        );
+        assert!(
+            run.stdout.contains("2 sent, 2 echoed"),
+            "{}",
+            run.describe()
+        );
+    });
 }
 
 #[test]
 fn quiet_prints_only_the_summary_and_no_progress_when_stderr_is_not_a_terminal() {
-    let server = EchoServer::start();
-    let run = run_client(
-        &[&server.addr().to_string(), "-q", "--repeat", "200"],
-        b"",
-        LIMIT,
-    );
-    assert_eq!(run.code(), Some(0), "{}", run.describe());
-    assert!(!run.stdout.contains("Server echoed"), "{}", run.describe());
-    assert!(!run.stdout.contains("connected to"), "{}", run.describe());
-    assert!(
-        run.stdout.contains("200 sent, 200 echoed"),
-        "{}",
-        run.describe()
-    );
-    assert_eq!(run.stderr, "", "{}", run.describe());
+    with_time_limit(TEST_LIMIT, || {
+        let server = EchoServer::start();
+        let run = run_client(
+            &[&server.addr().to_string(), "-q", "--repeat", "200"],
+            b"",
+            LIMIT,
+        );
+        assert_eq!(run.code(), Some(0), "{}", run.describe());
+        assert!(!run.stdout.contains("Server echoed"), "{}", run.describe());
+        assert!(!run.stdout.contains("connected to"), "{}", run.describe());
+        assert!(
+            run.stdout.contains("200 sent, 200 echoed"),
+            "{}",
+            run.describe()
+        );
+        assert_eq!(run.stderr, "", "{}", run.describe());
+    });
 }
 
 #[test]
 fn twenty_connections_report_their_throughput() {
-    let server = EchoServer::start();
-    let run = run_client(
-        &[
-            &server.addr().to_string(),
-            "-q",
-            "--connections",
-            "20",
-            "--repeat",
-            "10",
-        ],
-        b"",
-        LIMIT,
-    );
-    assert_eq!(run.code(), Some(0), "{}", run.describe());
-    assert!(
-        run.stdout.contains("200 sent, 200 echoed"),
-        "{}",
-        run.describe()
-    );
-    assert!(
-        run.stdout.contains("echoes/s") && run.stdout.contains("(20 connections)"),
-        "{}",
-        run.describe()
-    );
+    with_time_limit(TEST_LIMIT, || {
+        let server = EchoServer::start();
+        let run = run_client(
+            &[
+                &server.addr().to_string(),
+                "-q",
+                "--connections",
+                "20",
+                "--repeat",
+                "10",
+            ],
+            b"",
+            LIMIT,
+        );
+        assert_eq!(run.code(), Some(0), "{}", run.describe());
+        assert!(
+            run.stdout.contains("200 sent, 200 echoed"),
+            "{}",
+            run.describe()
+        );
+        assert!(
+            run.stdout.contains("echoes/s") && run.stdout.contains("(20 connections)"),
+            "{}",
+            run.describe()
+        );
+    });
 }
 
 #[test]
 fn works_against_a_plain_std_echo_server() {
-    let server = TestServer::start(common::client::std_echo);
-    let run = run_client(
-        &[
-            &server.addr().to_string(),
-            "--size",
-            "1MiB",
-            "--repeat",
-            "3",
-        ],
-        b"",
-        LIMIT,
-    );
-    assert_eq!(run.code(), Some(0), "{}", run.describe());
-    assert!(
-        run.stdout.contains("3 sent, 3 echoed, 0 mismatched"),
-        "{}",
-        run.describe()
-    );
+    with_time_limit(TEST_LIMIT, || {
+        let server = TestServer::start(common::client::std_echo);
+        let run = run_client(
+            &[
+                &server.addr().to_string(),
+                "--size",
+                "1MiB",
+                "--repeat",
+                "3",
+            ],
+            b"",
+            LIMIT,
+        );
+        assert_eq!(run.code(), Some(0), "{}", run.describe());
+        assert!(
+            run.stdout.contains("3 sent, 3 echoed, 0 mismatched"),
+            "{}",
+            run.describe()
+        );
+    });
 }
 
 #[test]
 fn server_that_never_answers_exits_1_after_about_the_timeout() {
-    let server = TestServer::start(common::client::never_answers);
-    let addr = server.addr().to_string();
-    let run = run_client(&[&addr, "--timeout", "1s"], b"", Duration::from_secs(10));
-    assert_eq!(run.code(), Some(1), "{}", run.describe());
-    assert!(
-        run.elapsed >= Duration::from_millis(900),
-        "{}",
-        run.describe()
-    );
-    assert_eq!(
-        run.stderr,
-        format!("echo-client: echo 1 to {addr} timed out after 1s\n"),
-        "{}",
-        run.describe()
-    );
-    assert!(
-        run.stdout
-            .contains("1 sent, 0 echoed, 0 mismatched, 1 timed out, 100% loss"),
-        "{}",
-        run.describe()
-    );
+    with_time_limit(TEST_LIMIT, || {
+        let server = TestServer::start(common::client::never_answers);
+        let addr = server.addr().to_string();
+        let run = run_client(&[&addr, "--timeout", "1s"], b"", Duration::from_secs(10));
+        assert_eq!(run.code(), Some(1), "{}", run.describe());
+        assert!(
+            run.elapsed >= Duration::from_millis(900),
+            "{}",
+            run.describe()
+        );
+        assert_eq!(
+            run.stderr,
+            format!("echo-client: echo 1 to {addr} timed out after 1s\n"),
+            "{}",
+            run.describe()
+        );
+        assert!(
+            run.stdout
+                .contains("1 sent, 0 echoed, 0 mismatched, 1 timed out, 100% loss"),
+            "{}",
+            run.describe()
+        );
+    });
 }
 
 #[test]
 fn server_that_corrupts_one_byte_exits_1_with_a_mismatch_message() {
-    let server = TestServer::start(common::client::corrupts_one_byte);
-    let addr = server.addr().to_string();
-    let run = run_client(&[&addr, "--size", "100"], b"", LIMIT);
-    assert_eq!(run.code(), Some(1), "{}", run.describe());
-    let prefix = format!("echo-client: echo 1 from {addr} mismatched: byte 5 of 100 came back as ");
-    assert!(
-        run.stderr.starts_with(&prefix),
-        "expected {prefix:?}...\n{}",
-        run.describe()
-    );
-    assert!(
-        run.stdout.contains("1 sent, 0 echoed, 1 mismatched"),
-        "{}",
-        run.describe()
-    );
+    with_time_limit(TEST_LIMIT, || {
+        let server = TestServer::start(common::client::corrupts_one_byte);
+        let addr = server.addr().to_string();
+        let run = run_client(&[&addr, "--size", "100"], b"", LIMIT);
+        assert_eq!(run.code(), Some(1), "{}", run.describe());
+        let prefix =
+            format!("echo-client: echo 1 from {addr} mismatched: byte 5 of 100 came back as ");
+        assert!(
+            run.stderr.starts_with(&prefix),
+            "expected {prefix:?}...\n{}",
+            run.describe()
+        );
+        assert!(
+            run.stdout.contains("1 sent, 0 echoed, 1 mismatched"),
+            "{}",
+            run.describe()
+        );
+    });
 }
 
 #[test]
 fn server_that_echoes_half_and_closes_exits_1() {
-    let server = TestServer::start(common::client::echoes_half_then_closes);
-    let addr = server.addr().to_string();
-    let run = run_client(&[&addr, "--size", "1000", "--repeat", "5"], b"", LIMIT);
-    assert_eq!(run.code(), Some(1), "{}", run.describe());
-    let prefix = format!("echo-client: echo 1: {addr} closed the connection after ");
-    assert!(
-        run.stderr.starts_with(&prefix),
-        "expected {prefix:?}...\n{}",
-        run.describe()
-    );
+    with_time_limit(TEST_LIMIT, || {
+        let server = TestServer::start(common::client::echoes_half_then_closes);
+        let addr = server.addr().to_string();
+        let run = run_client(&[&addr, "--size", "1000", "--repeat", "5"], b"", LIMIT);
+        assert_eq!(run.code(), Some(1), "{}", run.describe());
+        let prefix = format!("echo-client: echo 1: {addr} closed the connection after ");
+        assert!(
+            run.stderr.starts_with(&prefix),
+            "expected {prefix:?}...\n{}",
+            run.describe()
+        );
+    });
 }
 
 #[test]
 fn closed_port_exits_1_at_once() {
-    let addr = common::client::closed_port().to_string();
-    let run = run_client(&[&addr, "--timeout", "30s"], b"", Duration::from_secs(10));
-    assert_eq!(run.code(), Some(1), "{}", run.describe());
-    assert_eq!(
-        run.stderr,
-        format!("echo-client: cannot connect to {addr}: connection refused\n")
-    );
+    with_time_limit(TEST_LIMIT, || {
+        let addr = common::client::closed_port().to_string();
+        let run = run_client(&[&addr, "--timeout", "30s"], b"", Duration::from_secs(10));
+        assert_eq!(run.code(), Some(1), "{}", run.describe());
+        assert_eq!(
+            run.stderr,
+            format!("echo-client: cannot connect to {addr}: connection refused\n")
+        );
+    });
 }
 
 #[test]
@@ -357,73 +386,79 @@ fn sigint_during_an_endless_run_prints_the_summary_and_exits_0() {
 
 #[test]
 fn usage_errors_exit_2_with_one_line_naming_the_flag_and_value() {
-    let cases: &[(&[&str], &[&str])] = &[
-        (&["--timeout", "abc"], &["--timeout", "abc"]),
-        (&["--timeout", "0"], &["--timeout", "0"]),
-        (&["--interval", "soon"], &["--interval", "soon"]),
-        (&["--repeat", "-1"], &["--repeat", "-1"]),
-        (&["--repeat", "many"], &["--repeat", "many"]),
-        (&["--size", "0"], &["--size", "0"]),
-        (&["--size", "1GiB"], &["--size", "1GiB"]),
-        (&["--size", "ten"], &["--size", "ten"]),
-        (&["--connections", "0"], &["--connections", "0"]),
-        (&["--message", ""], &["--message", "''"]),
-        (&["nonsense"], &["addr", "nonsense"]),
-        (&["127.0.0.1"], &["addr", "127.0.0.1"]),
-        (&["localhost:99999"], &["addr", "localhost:99999"]),
-        (&["::1:9999"], &["addr", "::1:9999"]),
-        (&["[::1]"], &["addr", "[::1]"]),
-        (&[":9999"], &["addr", ":9999"]),
-        (&["--bogus"], &["--bogus"]),
-        (
-            &["--size", "10", "--message", "hi"],
-            &["--size", "--message"],
-        ),
-        (&["--stdin", "--repeat", "3"], &["--stdin", "--repeat"]),
-        (&["--json", "--histogram"], &["--json", "--histogram"]),
-    ];
-    for (args, named) in cases {
-        let run = run_client(args, b"", LIMIT);
-        assert_eq!(run.code(), Some(2), "{}", run.describe());
-        assert_eq!(run.stdout, "", "{}", run.describe());
-        assert!(
-            run.stderr.starts_with("echo-client: ") && run.stderr.lines().count() == 1,
-            "expected one line starting with 'echo-client: '\n{}",
-            run.describe()
-        );
-        for word in *named {
+    with_time_limit(TEST_LIMIT, || {
+        let cases: &[(&[&str], &[&str])] = &[
+            (&["--timeout", "abc"], &["--timeout", "abc"]),
+            (&["--timeout", "0"], &["--timeout", "0"]),
+            (&["--interval", "soon"], &["--interval", "soon"]),
+            (&["--repeat", "-1"], &["--repeat", "-1"]),
+            (&["--repeat", "many"], &["--repeat", "many"]),
+            (&["--size", "0"], &["--size", "0"]),
+            (&["--size", "1GiB"], &["--size", "1GiB"]),
+            (&["--size", "ten"], &["--size", "ten"]),
+            (&["--connections", "0"], &["--connections", "0"]),
+            (&["--message", ""], &["--message", "''"]),
+            (&["nonsense"], &["addr", "nonsense"]),
+            (&["127.0.0.1"], &["addr", "127.0.0.1"]),
+            (&["localhost:99999"], &["addr", "localhost:99999"]),
+            (&["::1:9999"], &["addr", "::1:9999"]),
+            (&["[::1]"], &["addr", "[::1]"]),
+            (&[":9999"], &["addr", ":9999"]),
+            (&["--bogus"], &["--bogus"]),
+            (
+                &["--size", "10", "--message", "hi"],
+                &["--size", "--message"],
+            ),
+            (&["--stdin", "--repeat", "3"], &["--stdin", "--repeat"]),
+            (&["--json", "--histogram"], &["--json", "--histogram"]),
+        ];
+        for (args, named) in cases {
+            let run = run_client(args, b"", LIMIT);
+            assert_eq!(run.code(), Some(2), "{}", run.describe());
+            assert_eq!(run.stdout, "", "{}", run.describe());
             assert!(
-                run.stderr.contains(word),
-                "expected {word:?} in the message\n{}",
+                run.stderr.starts_with("echo-client: ") && run.stderr.lines().count() == 1,
+                "expected one line starting with 'echo-client: '\n{}",
                 run.describe()
             );
+            for word in *named {
+                assert!(
+                    run.stderr.contains(word),
+                    "expected {word:?} in the message\n{}",
+                    run.describe()
+                );
+            }
         }
-    }
+    });
 }
 
 #[test]
 fn help_goes_to_stdout_and_exits_0() {
-    let run = run_client(&["--help"], b"", LIMIT);
-    assert_eq!(run.code(), Some(0), "{}", run.describe());
-    assert!(
-        run.stdout.starts_with("Usage: echo-client"),
-        "{}",
-        run.describe()
-    );
-    assert!(
-        run.stdout.contains("about 1000 connections"),
-        "{}",
-        run.describe()
-    );
-    assert_eq!(run.stderr, "");
+    with_time_limit(TEST_LIMIT, || {
+        let run = run_client(&["--help"], b"", LIMIT);
+        assert_eq!(run.code(), Some(0), "{}", run.describe());
+        assert!(
+            run.stdout.starts_with("Usage: echo-client"),
+            "{}",
+            run.describe()
+        );
+        assert!(
+            run.stdout.contains("about 1000 connections"),
+            "{}",
+            run.describe()
+        );
+        assert_eq!(run.stderr, "");
+    });
 }
 
 #[test]
 fn version_prints_the_package_version() {
-    let run = run_client(&["--version"], b"", LIMIT);
-    assert_eq!(run.code(), Some(0), "{}", run.describe());
-    assert_eq!(
-        run.stdout,
-        format!("echo-client {}\n", env!("CARGO_PKG_VERSION"))
-    );
+    with_time_limit(TEST_LIMIT, || {
+        let run = run_client(&["--version"], b"", LIMIT);
+        assert_eq!(run.code(), Some(0), "{}", run.describe());
+        assert_eq!(
+            run.stdout,
+            format!("echo-client {}\n", env!("CARGO_PKG_VERSION"))
+        );
+    });
 }

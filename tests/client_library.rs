@@ -521,12 +521,14 @@ fn connects_to_ipv6_loopback_in_brackets() {
 
 #[test]
 fn empty_message_is_refused_before_connecting() {
-    let config = ClientConfig {
-        payload: Payload::Text(Vec::new()),
-        ..config_for(common::client::closed_port())
-    };
-    let result = client::run(&config, &|_: &Event<'_>| {}, &StopHandle::new());
-    assert_eq!(result.err(), Some(ConfigError::EmptyMessage));
+    with_time_limit(LIMIT, || {
+        let config = ClientConfig {
+            payload: Payload::Text(Vec::new()),
+            ..config_for(common::client::closed_port())
+        };
+        let result = client::run(&config, &|_: &Event<'_>| {}, &StopHandle::new());
+        assert_eq!(result.err(), Some(ConfigError::EmptyMessage));
+    });
 }
 
 #[test]
