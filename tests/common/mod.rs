@@ -8,6 +8,7 @@ pub mod client;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -139,6 +140,8 @@ pub struct ServerProcess {
     child: Child,
     pub addr: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
+    /// Says (or disconnects) when the log reader has seen the end of stderr.
+    log_ended: mpsc::Receiver<()>,
     args: Vec<String>,
 }
 
@@ -159,6 +162,19 @@ impl ServerProcess {
             "0".into(),
         ];
         all.extend(args.iter().map(|arg| arg.to_string()));
+        // A test that runs out of time leaves its body thread behind, never
+        // dropping this; the kernel then kills the child when that thread
+        // ends, at the latest when the test process exits.
+        // SAFETY: prctl is async-signal-safe and touches only the child.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
         let mut child = command
             .args(&all)
             .stdin(Stdio::null())
@@ -169,6 +185,7 @@ impl ServerProcess {
         let stderr = child.stderr.take().expect("piped stderr");
         let log = Arc::new(Mutex::new(Vec::new()));
         let (found, address) = mpsc::channel();
+        let (ended, log_ended) = mpsc::channel();
         let lines = Arc::clone(&log);
         thread::spawn(move || {
             let mut found = Some(found);
@@ -188,11 +205,14 @@ impl ServerProcess {
                 }
                 lines.lock().expect("log lock").push(line);
             }
+            // The test may have stopped waiting for the log.
+            let _ = ended.send(());
         });
         let addr = match address.recv_timeout(Duration::from_secs(30)) {
-            Ok(addr) => addr
-                .parse()
-                .unwrap_or_else(|_| panic!("bad address {addr:?} in the server's log")),
+            Ok(addr) => addr.parse().unwrap_or_else(|_| {
+                let _ = child.kill(); // the test fails here either way
+                panic!("bad address {addr:?} in the server's log")
+            }),
             Err(_) => {
                 let _ = child.kill(); // the test fails below either way
                 panic!(
@@ -205,6 +225,7 @@ impl ServerProcess {
             child,
             addr,
             log,
+            log_ended,
             args: all,
         }
     }
@@ -228,8 +249,13 @@ impl ServerProcess {
         loop {
             match self.child.try_wait() {
                 Ok(Some(status)) => {
-                    // Let the log reader catch the last lines.
-                    thread::sleep(Duration::from_millis(50));
+                    // The log reader has the last lines once it sees the end
+                    // of stderr (or has gone, after an earlier wait).
+                    if let Err(mpsc::RecvTimeoutError::Timeout) =
+                        self.log_ended.recv_timeout(Duration::from_secs(10))
+                    {
+                        panic!("echo-server exited but its stderr stayed open for 10 s");
+                    }
                     return status;
                 }
                 Ok(None) if started.elapsed() < limit => thread::sleep(Duration::from_millis(10)),
