@@ -54,6 +54,7 @@ fn assert_descriptors_back_to(server: &ServerProcess, baseline: usize, after: &s
 fn ten_thousand_held_connections_on_four_workers_do_not_stall_fifty_echoing_clients() {
     let _flood = one_flood_at_a_time();
     with_time_limit(Duration::from_secs(240), || {
+        need_open_files(HELD as u64 + 200);
         let mut server =
             ServerProcess::start(&["--workers", "4", "-q", "--max-connections", "11000"]);
         let addr = server.addr;
@@ -192,6 +193,7 @@ fn a_burst_of_a_thousand_connects_waits_in_the_listen_backlog() {
     let _flood = one_flood_at_a_time();
     with_time_limit(Duration::from_secs(60), || {
         const BURST: usize = 1_000;
+        need_open_files(BURST as u64 + 100);
         let server = ServerProcess::start(&["--workers", "2", "-q"]);
         let addr = server.addr;
         // The kernel caps every backlog at net.core.somaxconn.

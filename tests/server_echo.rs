@@ -54,6 +54,8 @@ fn echoes_random_binary_payloads_exactly_whatever_the_chunking() {
 #[test]
 fn serves_two_thousand_concurrent_connections_on_two_workers() {
     with_time_limit(Duration::from_secs(120), || {
+        // Both ends live in this process.
+        need_open_files(2 * 2000 + 100);
         let server = start_server(quiet_config(2));
         let addr = server.local_addr();
         // Open them all first, so they really are concurrent.

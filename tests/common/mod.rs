@@ -49,6 +49,20 @@ pub fn with_time_limit<T: Send + 'static>(
     }
 }
 
+/// Raises this test process's open-file limit as far as it goes, and fails
+/// the test at once, naming the limit, if it stays under `count`: a test
+/// that holds many connections would otherwise fail halfway with EMFILE.
+pub fn need_open_files(count: u64) {
+    match echo_chamber::limits::raise_open_file_limit() {
+        Ok(limit) => assert!(
+            limit >= count,
+            "this test needs {count} open files, and the hard RLIMIT_NOFILE is {limit} \
+             (raise it with `ulimit -Hn`)"
+        ),
+        Err(err) => panic!("cannot raise RLIMIT_NOFILE: {err}"),
+    }
+}
+
 /// A quiet in-process server on 127.0.0.1 with an OS-chosen port.
 pub fn start_server(config: ServerConfig) -> Server {
     let listener = echo_chamber::listener::bind("127.0.0.1:0".parse().expect("loopback address"))
