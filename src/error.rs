@@ -19,8 +19,8 @@ pub enum Error {
     },
     /// An event loop, waker or thread could not be created.
     Setup {
-        /// What was being created.
-        what: &'static str,
+        /// What was being created, such as `the event loop of worker 3 of 4`.
+        what: String,
         /// Why it failed.
         source: io::Error,
     },

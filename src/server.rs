@@ -75,15 +75,17 @@ impl Server {
     /// [`Error::Setup`] when an event loop or a thread cannot be created.
     pub fn start(listener: std::net::TcpListener, config: ServerConfig) -> Result<Server, Error> {
         config.validate().map_err(Error::InvalidConfig)?;
-        let setup = |what| move |source| Error::Setup { what, source };
-        let local_addr = listener.local_addr().map_err(setup("the listener"))?;
+        let setup = |what: String| move |source| Error::Setup { what, source };
+        let local_addr = listener
+            .local_addr()
+            .map_err(setup("the listener".into()))?;
         listener
             .set_nonblocking(true)
-            .map_err(setup("the listener"))?;
+            .map_err(setup("the listener".into()))?;
         let listener = mio::net::TcpListener::from_std(listener);
         let logger = Logger::new(config.log_level);
         let (acceptor_poll, acceptor_waker) =
-            acceptor::poll_and_waker().map_err(setup("the acceptor's event loop"))?;
+            acceptor::poll_and_waker().map_err(setup("the acceptor's event loop".into()))?;
         let shutdown = ShutdownHandle::new(acceptor_waker, config.shutdown_timeout, logger);
         let open = Arc::new(OpenConnections::new(
             config.workers,
@@ -101,10 +103,11 @@ impl Server {
         };
         let mut links = Vec::with_capacity(config.workers);
         for index in 0..config.workers {
-            let poll = Poll::new().map_err(setup("a worker's event loop"))?;
+            let of_worker = |what| format!("{what} of worker {index} of {}", config.workers);
+            let poll = Poll::new().map_err(setup(of_worker("the event loop")))?;
             let waker = Arc::new(
                 mio::Waker::new(poll.registry(), worker::WAKE)
-                    .map_err(setup("a worker's waker"))?,
+                    .map_err(setup(of_worker("the waker")))?,
             );
             let (sender, inbox) = crossbeam_channel::unbounded();
             let worker = Worker::new(WorkerSetup {
@@ -128,7 +131,7 @@ impl Server {
                     let _watch = watch;
                     worker.run()
                 })
-                .map_err(setup("a worker thread"))?;
+                .map_err(setup(of_worker("the thread")))?;
             server.workers.push(thread);
             links.push(WorkerLink::new(sender, waker));
         }
@@ -146,11 +149,11 @@ impl Server {
             shutdown,
             logger,
         )
-        .map_err(setup("the acceptor"))?;
+        .map_err(setup("the acceptor".into()))?;
         let thread = thread::Builder::new()
             .name("echo-acceptor".into())
             .spawn(move || acceptor.run())
-            .map_err(setup("the acceptor thread"))?;
+            .map_err(setup("the acceptor thread".into()))?;
         server.acceptor = Some(thread);
         logger.notice(format_args!(
             "listening on {local_addr} ({} workers)",

@@ -287,9 +287,9 @@ fn a_client_that_never_reads_keeps_peak_memory_bounded_while_others_are_served()
 #[test]
 fn out_of_descriptors_the_server_neither_spins_nor_dies_and_recovers() {
     with_time_limit(Duration::from_secs(90), || {
-        let mut wrapper = Command::new("sh");
-        wrapper.args(["-c", "ulimit -n 128 && exec \"$0\" \"$@\"", SERVER_BIN]);
-        let mut server = ServerProcess::start_with(wrapper, &["--workers", "2", "-q"]);
+        let mut command = Command::new(SERVER_BIN);
+        limit_open_files(&mut command, 128);
+        let mut server = ServerProcess::start_with(command, &["--workers", "2", "-q"]);
         let addr = server.addr;
         let pid = server.pid();
         let mut first = connect(addr);

@@ -203,13 +203,19 @@ fn run() -> Result<(), Failure> {
             io_cause(&err)
         ))
     })?;
-    warn_about_descriptor_limit(&config);
+    // Raised before the workers start: each needs an event loop and a waker.
+    let descriptor_warning = descriptor_warning(&config, limits::raise_open_file_limit());
+    let logger = echo_chamber::log::Logger::new(config.log_level);
 
     let addr = SocketAddr::new(args.bind, args.port);
     let listener = echo_chamber::listener::bind(addr)
         .map_err(|err| Failure::Runtime(format!("cannot listen on {addr}: {}", io_cause(&err))))?;
     let server =
-        Server::start(listener, config).map_err(|err| Failure::Runtime(err.to_string()))?;
+        Server::start(listener, config).map_err(|err| Failure::Runtime(start_failure(&err)))?;
+    // Only once the server runs: if it cannot start, its one error line says why.
+    if let Some(warning) = descriptor_warning {
+        logger.warn(format_args!("{warning}"));
+    }
     spawn_signal_thread(signals, server.shutdown_handle())?;
     server
         .join()
@@ -217,25 +223,38 @@ fn run() -> Result<(), Failure> {
         .map_err(|err| Failure::Runtime(err.to_string()))
 }
 
-fn warn_about_descriptor_limit(config: &ServerConfig) {
-    let logger = echo_chamber::log::Logger::new(config.log_level);
-    match limits::raise_open_file_limit() {
+/// What to warn about once the server runs, given the open-file limit that
+/// [`limits::raise_open_file_limit`] reached.
+fn descriptor_warning(config: &ServerConfig, limit: std::io::Result<u64>) -> Option<String> {
+    match limit {
         Ok(limit) => {
             let needed =
                 config.max_connections as u64 + limits::reserved_descriptors(config.workers);
-            if needed > limit {
-                logger.warn(format_args!(
+            (needed > limit).then(|| {
+                format!(
                     "the connection limit {} (--max-connections) is more than the descriptor \
                      limit {limit} allows; expect accept failures past about {} connections",
                     config.max_connections,
                     limit.saturating_sub(limits::reserved_descriptors(config.workers)),
-                ));
-            }
+                )
+            })
         }
-        Err(err) => logger.warn(format_args!(
+        Err(err) => Some(format!(
             "cannot raise the open-file limit: {}",
             io_cause(&err)
         )),
+    }
+}
+
+/// Why the server could not start, with the way out when descriptors ran out.
+fn start_failure(err: &echo_chamber::error::Error) -> String {
+    match err {
+        echo_chamber::error::Error::Setup { source, .. }
+            if source.raw_os_error() == Some(libc::EMFILE) =>
+        {
+            format!("{err}; lower --workers or raise the open-file limit (ulimit -n)")
+        }
+        _ => err.to_string(),
     }
 }
 

@@ -63,6 +63,26 @@ pub fn need_open_files(count: u64) {
     }
 }
 
+/// Makes `command`'s process start with at most `count` open files, soft
+/// and hard, so that it cannot raise the limit again.
+pub fn limit_open_files(command: &mut Command, count: u64) {
+    let limit = libc::rlimit {
+        rlim_cur: count as libc::rlim_t,
+        rlim_max: count as libc::rlim_t,
+    };
+    // SAFETY: setrlimit is async-signal-safe and reads only `limit`, which
+    // the closure owns.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
 /// A quiet in-process server on 127.0.0.1 with an OS-chosen port.
 pub fn start_server(config: ServerConfig) -> Server {
     let listener = echo_chamber::listener::bind("127.0.0.1:0".parse().expect("loopback address"))
@@ -166,8 +186,8 @@ impl ServerProcess {
         Self::start_with(Command::new(SERVER_BIN), args)
     }
 
-    /// Like [`start`](Self::start), from a prepared command (for `ulimit`
-    /// wrappers and the like); the server's arguments are appended.
+    /// Like [`start`](Self::start), from a prepared command (one with
+    /// [`limit_open_files`], say); the server's arguments are appended.
     pub fn start_with(mut command: Command, args: &[&str]) -> ServerProcess {
         let mut all: Vec<String> = vec![
             "--bind".into(),
