@@ -55,21 +55,22 @@ fn closed_by_server(stream: &mut TcpStream) -> Result<Duration, String> {
 #[test]
 fn idle_timeout_closes_idle_connections_and_spares_active_ones() {
     with_time_limit(Duration::from_secs(60), || {
-        let mut server = ServerProcess::start(&["--workers", "2", "-q", "--idle-timeout", "1s"]);
+        let mut server = ServerProcess::start(&["--workers", "2", "-q", "--idle-timeout", "2s"]);
         let addr = server.addr;
-        let timeout = Duration::from_secs(1);
+        let timeout = Duration::from_secs(2);
         let slack = Duration::from_secs(5);
 
-        // An active connection: traffic every 250 ms for 3 timeouts' worth.
+        // An active connection: traffic every 100 ms for 2 timeouts' worth,
+        // so only a stall of 1.9 s on a loaded machine could look idle.
         let active = thread::spawn(move || -> Result<(), String> {
             let mut stream = connect(addr);
             let started = Instant::now();
             let mut round = 0u64;
-            while started.elapsed() < 3 * timeout {
+            while started.elapsed() < 2 * timeout {
                 echo_on(&mut stream, &payload(round, 10))
                     .map_err(|err| format!("active connection, round {round}: {err}"))?;
                 round += 1;
-                thread::sleep(Duration::from_millis(250));
+                thread::sleep(Duration::from_millis(100));
             }
             Ok(())
         });
