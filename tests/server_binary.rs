@@ -119,10 +119,7 @@ fn second_signal_exits_at_once(signal: i32, expected: i32) {
     with_time_limit(Duration::from_secs(60), move || {
         let mut server = ServerProcess::start(&["--workers", "1", "--shutdown-timeout", "60s"]);
         let mut hog = connect(server.addr);
-        hog.set_write_timeout(Some(Duration::from_millis(300)))
-            .expect("timeout");
-        let chunk = payload(3, 64 * 1024);
-        while hog.write(&chunk).is_ok() {}
+        push_until_stalled(&mut hog, &payload(3, 64 * 1024));
         server.signal(signal);
         // Wait until the drain has started before the second signal.
         let started = Instant::now();
@@ -155,10 +152,7 @@ fn shutdown_timeout_cuts_a_client_that_never_reads_and_still_exits_0() {
     with_time_limit(Duration::from_secs(60), || {
         let mut server = ServerProcess::start(&["--workers", "1", "--shutdown-timeout", "500ms"]);
         let mut hog = connect(server.addr);
-        hog.set_write_timeout(Some(Duration::from_millis(300)))
-            .expect("timeout");
-        let chunk = payload(4, 64 * 1024);
-        while hog.write(&chunk).is_ok() {}
+        push_until_stalled(&mut hog, &payload(4, 64 * 1024));
         let signalled = Instant::now();
         server.signal(libc::SIGTERM);
         let status = server.wait_exit(Duration::from_secs(20));

@@ -166,18 +166,7 @@ fn a_client_that_never_reads_does_not_starve_others_on_its_worker() {
         let server = start_server(quiet_config(1));
         let addr = server.local_addr();
         let mut hog = connect(addr);
-        hog.set_write_timeout(Some(Duration::from_millis(200)))
-            .expect("timeout");
-        let chunk = payload(1, 64 * 1024);
-        // Push until the server stops reading (its output cap) and the
-        // kernel buffers fill: the write times out.
-        let mut pushed = 0usize;
-        while hog.write(&chunk).map(|n| pushed += n).is_ok() {
-            assert!(
-                pushed < 512 << 20,
-                "the server kept reading a client that never reads"
-            );
-        }
+        push_until_stalled(&mut hog, &payload(1, 64 * 1024));
         for round in 0..20 {
             let data = payload(round, 10_000);
             let echoed = echo_through(addr, &data, &[1000]);

@@ -6,7 +6,7 @@
 
 pub mod client;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -458,6 +458,37 @@ pub fn connect_from(
         return Err(std::io::Error::last_os_error());
     }
     Ok(TcpStream::from(owned))
+}
+
+/// Writes `chunk` again and again, as a client that never reads, until the
+/// stream has taken nothing for three write timeouts of 200 ms in a row:
+/// the server has stopped reading it (its output cap) and the kernel
+/// buffers between them are full. Returns how much it took. A slow server
+/// that still reads now and then does not pass for a stalled one.
+pub fn push_until_stalled(stream: &mut TcpStream, chunk: &[u8]) -> usize {
+    const GIVE_UP: usize = 512 << 20;
+    stream
+        .set_write_timeout(Some(Duration::from_millis(200)))
+        .expect("set write timeout");
+    let mut pushed = 0;
+    let mut stalls = 0;
+    while stalls < 3 {
+        match stream.write(chunk) {
+            Ok(n) => {
+                pushed += n;
+                stalls = 0;
+                assert!(
+                    pushed < GIVE_UP,
+                    "the server kept reading a client that never reads: {pushed} bytes"
+                );
+            }
+            Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                stalls += 1
+            }
+            Err(err) => panic!("writing as a client that never reads: {err}"),
+        }
+    }
+    pushed
 }
 
 /// Sets SO_LINGER to zero, so that closing `stream` sends a reset, not a FIN.
