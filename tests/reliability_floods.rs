@@ -178,6 +178,9 @@ fn connect_close_and_reset_storms_leave_no_descriptor_behind_and_echo_still_work
 
         try_echo(addr, b"still serving", Duration::from_secs(30))
             .unwrap_or_else(|err| panic!("echo after the storms: {err}; log:\n{}", server.log()));
+        // The listener accepts in order, so every storm connection has been
+        // accepted by now, even one that still sat in the backlog above.
+        assert_descriptors_back_to(&server, baseline, "the storms and one more echo");
         let summary = server.stop_cleanly();
         eprintln!("storms: baseline {baseline} descriptors; {summary}");
         assert_eq!(
