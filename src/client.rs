@@ -64,6 +64,14 @@ pub use target::{Target, TargetError};
 
 use echo::{ConnectionTally, RepeatedMessages};
 
+/// The largest message: each connection holds two buffers of it (what was
+/// sent and what came back). Also the longest `--stdin` line, newline included.
+pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// The most connections one run opens. Each is a thread with its own stack;
+/// far more would run into the system's thread and memory-map limits.
+pub const MAX_CONNECTIONS: usize = 10_000;
+
 /// What to send, where, and how often.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientConfig {
@@ -136,6 +144,10 @@ pub enum ConfigError {
     EmptyMessage,
     /// The timeout was zero, which std sockets cannot express.
     ZeroTimeout,
+    /// The message is longer than [`MAX_MESSAGE`].
+    MessageTooLarge,
+    /// More connections than [`MAX_CONNECTIONS`].
+    TooManyConnections,
 }
 
 impl std::fmt::Display for ConfigError {
@@ -143,6 +155,12 @@ impl std::fmt::Display for ConfigError {
         match self {
             ConfigError::EmptyMessage => f.write_str("the message is empty"),
             ConfigError::ZeroTimeout => f.write_str("the timeout is zero"),
+            ConfigError::MessageTooLarge => {
+                write!(f, "the message is longer than {MAX_MESSAGE} bytes")
+            }
+            ConfigError::TooManyConnections => {
+                write!(f, "more than {MAX_CONNECTIONS} connections")
+            }
         }
     }
 }
@@ -311,6 +329,12 @@ fn validate(config: &ClientConfig) -> Result<(), ConfigError> {
     }
     if config.timeout.is_zero() {
         return Err(ConfigError::ZeroTimeout);
+    }
+    if config.payload.len() > MAX_MESSAGE {
+        return Err(ConfigError::MessageTooLarge);
+    }
+    if config.connections.get() > MAX_CONNECTIONS {
+        return Err(ConfigError::TooManyConnections);
     }
     Ok(())
 }

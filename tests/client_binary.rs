@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::client::{CLIENT, EchoServer, JSON_KEYS, Json, TestServer, run_client};
-use common::with_time_limit;
+use common::{run_with_io, with_time_limit};
 
 /// The most one client process may run; it is killed after that.
 const LIMIT: Duration = Duration::from_secs(60);
@@ -385,6 +385,33 @@ fn sigint_during_an_endless_run_prints_the_summary_and_exits_0() {
 }
 
 #[test]
+fn output_that_cannot_be_written_stops_the_run_with_one_line_and_exit_1() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = EchoServer::start();
+        let addr = server.addr().to_string();
+        for extra in [&[][..], &["--json"], &["-q"]] {
+            let mut args = vec![addr.as_str(), "--repeat", "3"];
+            args.extend_from_slice(extra);
+            // Every write to /dev/full fails with ENOSPC.
+            let full = std::fs::File::options()
+                .write(true)
+                .open("/dev/full")
+                .expect("open /dev/full");
+            let output = run_with_io(CLIENT, &args, b"", Stdio::from(full), LIMIT);
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(
+                output.status.code() == Some(1)
+                    && stderr.lines().count() == 1
+                    && stderr.starts_with("echo-client: cannot write to stdout: "),
+                "{CLIENT} {args:?} > /dev/full: expected exit 1 and one line naming stdout, \
+                 got {} and stderr:\n{stderr}",
+                output.status
+            );
+        }
+    });
+}
+
+#[test]
 fn usage_errors_exit_2_with_one_line_naming_the_flag_and_value() {
     with_time_limit(TEST_LIMIT, || {
         let cases: &[(&[&str], &[&str])] = &[
@@ -397,6 +424,14 @@ fn usage_errors_exit_2_with_one_line_naming_the_flag_and_value() {
             (&["--size", "1GiB"], &["--size", "1GiB"]),
             (&["--size", "ten"], &["--size", "ten"]),
             (&["--connections", "0"], &["--connections", "0"]),
+            (
+                &["--connections", "10001"],
+                &["--connections", "10001", "10000"],
+            ),
+            (
+                &["--connections", "18446744073709551615"],
+                &["--connections", "10000"],
+            ),
             (&["--message", ""], &["--message", "''"]),
             (&["nonsense"], &["addr", "nonsense"]),
             (&["127.0.0.1"], &["addr", "127.0.0.1"]),

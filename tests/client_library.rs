@@ -532,6 +532,53 @@ fn empty_message_is_refused_before_connecting() {
 }
 
 #[test]
+fn too_many_connections_or_too_large_a_message_is_refused_before_connecting() {
+    with_time_limit(LIMIT, || {
+        let base = config_for(common::client::closed_port());
+        let too_many = ClientConfig {
+            connections: NonZeroUsize::new(client::MAX_CONNECTIONS + 1).expect("not zero"),
+            ..base.clone()
+        };
+        let too_large = ClientConfig {
+            payload: Payload::Generated {
+                size: NonZeroUsize::new(client::MAX_MESSAGE + 1).expect("not zero"),
+            },
+            ..base
+        };
+        let run = |config: &ClientConfig| {
+            client::run(config, &|_: &Event<'_>| {}, &StopHandle::new()).err()
+        };
+        assert_eq!(run(&too_many), Some(ConfigError::TooManyConnections));
+        assert_eq!(run(&too_large), Some(ConfigError::MessageTooLarge));
+    });
+}
+
+#[test]
+fn lines_mode_stops_at_a_line_longer_than_the_largest_message() {
+    with_time_limit(LIMIT, || {
+        let server = EchoServer::start();
+        let mut input = b"short\n".to_vec();
+        input.resize(input.len() + client::MAX_MESSAGE + 1, b'x');
+        input.extend_from_slice(b"\nnever sent\n");
+        let seen = Mutex::new(Seen::default());
+        let report = client::run_lines(
+            &config_for(server.addr()),
+            Cursor::new(input),
+            &|event: &Event<'_>| record(&seen, event),
+            &StopHandle::new(),
+        )
+        .expect("valid config");
+        let seen = seen.into_inner().expect("observer did not panic");
+        assert_eq!((report.sent, report.echoed), (1, 1), "report: {report:#?}");
+        assert!(!report.is_success(), "report: {report:#?}");
+        assert_eq!(
+            seen.failures,
+            vec!["cannot read standard input: line 2 is longer than 64 MiB".to_string()],
+        );
+    });
+}
+
+#[test]
 fn bytes_a_server_adds_after_the_last_echo_are_an_error() {
     with_time_limit(LIMIT, || {
         let server = TestServer::start(common::client::adds_bytes_after_two_greetings);

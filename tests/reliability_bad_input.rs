@@ -282,6 +282,25 @@ fn a_switch_given_twice_is_a_usage_error() {
 }
 
 #[test]
+fn the_largest_connection_limit_starts_with_a_warning_not_an_overflow() {
+    with_time_limit(Duration::from_secs(60), || {
+        let most = u64::MAX.to_string();
+        let mut server = ServerProcess::start(&["--workers", "1", "--max-connections", &most]);
+        let warning = format!(
+            "the connection limit {most} (--max-connections) is more than the descriptor limit"
+        );
+        // The warning follows the `listening on` line that start() waits for.
+        let warned = wait_until(Duration::from_secs(10), || server.log().contains(&warning));
+        assert!(
+            warned,
+            "expected the descriptor warning; log:\n{}",
+            server.log()
+        );
+        server.stop_cleanly();
+    });
+}
+
+#[test]
 fn a_worker_count_the_open_file_limit_cannot_hold_is_one_line_not_a_half_started_server() {
     with_time_limit(Duration::from_secs(60), || {
         // Each worker needs an event loop and a waker: 2,048 descriptors.

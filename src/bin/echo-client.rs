@@ -3,10 +3,11 @@
 //! the exit code. All network logic lives in the library.
 
 use std::fmt;
-use std::io::{self, BufReader, IsTerminal, Write};
+use std::io::{self, BufReader, IsTerminal};
 use std::num::NonZeroUsize;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -14,11 +15,11 @@ use argh::FromArgs;
 
 #[path = "common/cli.rs"]
 mod cli;
-use echo_chamber::client::{self, ClientConfig, Event, Payload, Report, StopHandle, Target};
+use echo_chamber::client::{
+    self, ClientConfig, Event, MAX_CONNECTIONS, Payload, Report, StopHandle, Target,
+};
 
 const PROG: &str = "echo-client";
-/// Largest `--size`: two buffers of it per connection must fit in memory.
-const MAX_SIZE: usize = 64 * 1024 * 1024;
 /// Longest message shown as text in per-echo lines; longer ones show a length.
 const MAX_SHOWN_TEXT: usize = 80;
 
@@ -28,7 +29,7 @@ enum Exit {
     /// Every echo came back exact (also after Ctrl-C), or --help/--version.
     Success = 0,
     /// At least one echo failed: timed out, mismatched, cut short, refused,
-    /// reset; or --help/--version could not be written.
+    /// reset; or stdout could not be written.
     Failed = 1,
     /// The command line was wrong.
     Usage = 2,
@@ -38,13 +39,14 @@ enum Exit {
 /// check that every byte comes back, with ping-style statistics.
 #[derive(FromArgs, Debug)]
 #[argh(
-    note = "Each connection runs on its own thread with blocking sockets: fine up to about 1000 connections.\nPercentiles come from a histogram accurate to within 0.4%; min/avg/max/mdev are exact (mdev is the population standard deviation, as in ping).\nCtrl-C stops sending and prints the summary; a second Ctrl-C exits at once.",
+    note = "Each connection runs on its own thread with blocking sockets: fine up to about 1000 connections (at most 10000).\nPercentiles come from a histogram accurate to within 0.4%; min/avg/max/mdev are exact (mdev is the population standard deviation, as in ping).\nCtrl-C stops sending and prints the summary; a second Ctrl-C exits at once.",
     error_code(0, "every echo came back exact (also when stopped with Ctrl-C)"),
     error_code(
         1,
         "an echo failed: timed out, mismatched, cut short, refused or reset"
     ),
-    error_code(2, "usage error")
+    error_code(2, "usage error"),
+    error_code(130, "a second Ctrl-C stopped the run at once")
 )]
 struct Args {
     // Brackets in a doc comment would be taken for a rustdoc link.
@@ -75,7 +77,7 @@ struct Args {
     #[argh(option, from_str_fn(parse_timeout), arg_name = "dur")]
     timeout: Option<Duration>,
 
-    /// concurrent connections, each doing --repeat echoes, up to about 1000 (default 1)
+    /// concurrent connections, each doing --repeat echoes, 1 to 10000, each on its own thread (default 1)
     #[argh(option, from_str_fn(parse_connections), arg_name = "n")]
     connections: Option<NonZeroUsize>,
 
@@ -187,8 +189,12 @@ fn run() -> Exit {
             return Exit::Usage;
         }
     };
-    if !printer.stdout_broken.load(Ordering::Relaxed) {
+    if !printer.stdout_ended.load(Ordering::Relaxed) {
         print_report(&args, &report, &printer);
+    }
+    if let Some(message) = printer.stdout_failure() {
+        cli::print_err(PROG, &message);
+        return Exit::Failed;
     }
     if report.is_success() {
         Exit::Success
@@ -264,8 +270,11 @@ fn parse_size(value: &str) -> Result<NonZeroUsize, String> {
         .ok()
         .and_then(|n| n.checked_mul(unit))
         .ok_or_else(|| "expected a number of bytes such as 1024, 64KiB or 1MiB".to_owned())?;
-    if bytes > MAX_SIZE {
-        return Err("at most 64MiB per message".to_owned());
+    if bytes > client::MAX_MESSAGE {
+        return Err(format!(
+            "at most {}MiB per message",
+            client::MAX_MESSAGE >> 20
+        ));
     }
     NonZeroUsize::new(bytes).ok_or_else(|| "a message needs at least 1 byte".to_owned())
 }
@@ -277,10 +286,12 @@ fn parse_repeat(value: &str) -> Result<u64, String> {
 }
 
 fn parse_connections(value: &str) -> Result<NonZeroUsize, String> {
+    let range = || format!("expected a whole number of connections from 1 to {MAX_CONNECTIONS}");
     match value.parse::<usize>() {
         Ok(0) => Err("at least 1 connection is needed".to_owned()),
+        Ok(n) if n > MAX_CONNECTIONS => Err(range()),
         Ok(n) => Ok(NonZeroUsize::new(n).expect("zero is handled above")),
-        Err(_) => Err("expected a whole number of connections".to_owned()),
+        Err(_) => Err(range()),
     }
 }
 
@@ -328,7 +339,10 @@ struct Printer {
     binary: bool,
     echoes: AtomicU64,
     failures: AtomicU64,
-    stdout_broken: AtomicBool,
+    /// Stdout's reader went away, or a write to it failed: print nothing more.
+    stdout_ended: AtomicBool,
+    /// Why a write to stdout failed, if one did (a gone reader is no failure).
+    stdout_failure: Mutex<Option<String>>,
     stop: StopHandle,
 }
 
@@ -340,7 +354,8 @@ impl Printer {
             binary: args.size.is_some(),
             echoes: AtomicU64::new(0),
             failures: AtomicU64::new(0),
-            stdout_broken: AtomicBool::new(false),
+            stdout_ended: AtomicBool::new(false),
+            stdout_failure: Mutex::new(None),
             stop,
         }
     }
@@ -388,15 +403,41 @@ impl Printer {
     }
 
     /// One line on stdout. A closed stdout (`| head`) is a normal way to end:
-    /// stop sending and skip the summary.
+    /// stop sending and skip the summary. Any other failed write also stops
+    /// the run, since nothing of it could be shown, and fails it.
     fn say(&self, line: fmt::Arguments<'_>) {
-        if self.stdout_broken.load(Ordering::Relaxed) {
+        if self.stdout_ended.load(Ordering::Relaxed) {
             return;
         }
-        if writeln!(io::stdout().lock(), "{line}").is_err() {
-            self.stdout_broken.store(true, Ordering::Relaxed);
+        if !self.write_out(&format!("{line}\n")) {
             self.stop.stop();
         }
+    }
+
+    /// Writes to stdout; false once stdout has ended, recording why if a
+    /// write failed.
+    fn write_out(&self, text: &str) -> bool {
+        let failure = match cli::write_out(text) {
+            Ok(true) => return true,
+            Ok(false) => None,
+            Err(message) => Some(message),
+        };
+        self.stdout_ended.store(true, Ordering::Relaxed);
+        if let Some(message) = failure {
+            self.stdout_failure
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get_or_insert(message);
+        }
+        false
+    }
+
+    /// Why writing to stdout failed, if it did.
+    fn stdout_failure(&self) -> Option<String> {
+        self.stdout_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 }
 
@@ -453,13 +494,6 @@ fn print_report(args: &Args, report: &Report, printer: &Printer) {
     } else {
         format!("\n{}", report.summary(on(args.histogram)))
     };
-    let mut stdout = io::stdout().lock();
-    if stdout
-        .write_all(text.as_bytes())
-        .and_then(|()| stdout.flush())
-        .is_err()
-    {
-        // Nowhere left to report to; the exit status still tells.
-        printer.stdout_broken.store(true, Ordering::Relaxed);
-    }
+    // A gone reader leaves the exit status to tell; a failure is recorded.
+    printer.write_out(&text);
 }

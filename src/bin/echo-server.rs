@@ -228,8 +228,8 @@ fn run() -> Result<(), Failure> {
 fn descriptor_warning(config: &ServerConfig, limit: std::io::Result<u64>) -> Option<String> {
     match limit {
         Ok(limit) => {
-            let needed =
-                config.max_connections as u64 + limits::reserved_descriptors(config.workers);
+            let needed = (config.max_connections as u64)
+                .saturating_add(limits::reserved_descriptors(config.workers));
             (needed > limit).then(|| {
                 format!(
                     "the connection limit {} (--max-connections) is more than the descriptor \

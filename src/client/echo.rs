@@ -24,7 +24,7 @@ use crossbeam_channel::{Receiver, select};
 use super::failure::{Failure, FailureKind};
 use super::rtt::RttStats;
 use super::stop::StopHandle;
-use super::{ClientConfig, Event, Payload, payload};
+use super::{ClientConfig, Event, MAX_MESSAGE, Payload, payload};
 use crate::config::deadline_after;
 use crate::error::{interrupted, is_peer_gone, would_block};
 
@@ -197,11 +197,22 @@ pub(super) fn read_lines_in_background<R: BufRead + Send + 'static>(
         .name("echo-client-input".into())
         .spawn(move || {
             let mut line = Vec::new();
+            let mut number = 0u64;
             loop {
-                let result = match input.read_until(b'\n', &mut line) {
+                // One byte past the limit tells a line that is too long.
+                let mut bounded = (&mut input).take(MAX_MESSAGE as u64 + 1 - line.len() as u64);
+                let result = match bounded.read_until(b'\n', &mut line) {
                     // End of input; a last line without newline was sent already.
                     Ok(0) => break,
-                    Ok(_) => Ok(std::mem::take(&mut line)),
+                    Ok(_) if line.len() > MAX_MESSAGE => Err(io::Error::other(format!(
+                        "line {} is longer than {} MiB",
+                        number + 1,
+                        MAX_MESSAGE >> 20
+                    ))),
+                    Ok(_) => {
+                        number += 1;
+                        Ok(std::mem::take(&mut line))
+                    }
                     // A signal arrived: keep what was read and read on.
                     Err(error) if interrupted(&error) => continue,
                     Err(error) => Err(error),

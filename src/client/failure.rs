@@ -182,7 +182,12 @@ impl fmt::Display for Failure {
                 write!(f, "cannot read standard input: {}", describe(error))?;
             }
             FailureKind::Spawn { error } => {
-                write!(f, "cannot start a connection thread: {}", describe(error))?;
+                // Not `describe`: EAGAIN here means out of threads, not a timeout.
+                write!(
+                    f,
+                    "cannot start a connection thread: {}",
+                    crate::error::io_cause(error)
+                )?;
             }
         }
         if let Some(connection) = self.connection {

@@ -106,10 +106,22 @@ impl FromStr for Target {
             if host.parse::<Ipv6Addr>().is_err() {
                 return Err(TargetError::BadIpv6(host.to_owned()));
             }
-            let port = after.strip_prefix(':').ok_or(TargetError::MissingPort)?;
+            let port = match after.strip_prefix(':') {
+                Some(port) => port,
+                None if after.is_empty() => return Err(TargetError::MissingPort),
+                // Something between `]` and the port, as in `[::1]x:7`.
+                None => return Err(TargetError::BadIpv6(text.to_owned())),
+            };
             (host, port)
         } else {
-            let (host, port) = text.rsplit_once(':').ok_or(TargetError::MissingPort)?;
+            let Some((host, port)) = text.rsplit_once(':') else {
+                // A bare number is a port without its host.
+                return Err(if text.bytes().all(|b| b.is_ascii_digit()) {
+                    TargetError::MissingHost
+                } else {
+                    TargetError::MissingPort
+                });
+            };
             if host.contains(':') {
                 return Err(TargetError::BadIpv6(host.to_owned()));
             }
@@ -118,8 +130,10 @@ impl FromStr for Target {
         if host.is_empty() {
             return Err(TargetError::MissingHost);
         }
+        // Digits only: `u16::from_str` would also take `+80`.
+        let digits = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
         match port.parse::<u16>() {
-            Ok(port) if port != 0 => Ok(Target::new(host, port)),
+            Ok(number) if digits && number != 0 => Ok(Target::new(host, number)),
             _ => Err(TargetError::BadPort(port.to_owned())),
         }
     }
@@ -173,5 +187,14 @@ mod tests {
             Err(TargetError::BadIpv6("nope".into()))
         );
         assert_eq!("[::1]".parse::<Target>(), Err(TargetError::MissingPort));
+        assert_eq!(
+            "[::1]x:7".parse::<Target>(),
+            Err(TargetError::BadIpv6("[::1]x:7".into()))
+        );
+        assert_eq!("9999".parse::<Target>(), Err(TargetError::MissingHost));
+        assert_eq!(
+            "host:+80".parse::<Target>(),
+            Err(TargetError::BadPort("+80".into()))
+        );
     }
 }

@@ -357,10 +357,22 @@ pub fn run_to_end(program: &str, args: &[&str], limit: Duration) -> Output {
 /// Runs a binary with `stdin` as its input, to completion within `limit`,
 /// killing it and failing the test past that.
 pub fn run_with_input(program: &str, args: &[&str], stdin: &[u8], limit: Duration) -> Output {
+    run_with_io(program, args, stdin, Stdio::piped(), limit)
+}
+
+/// Like [`run_with_input`], with `stdout` going where the caller says (such
+/// as `/dev/full`); the output's `stdout` is empty unless it is piped.
+pub fn run_with_io(
+    program: &str,
+    args: &[&str],
+    stdin: &[u8],
+    stdout: Stdio,
+    limit: Duration,
+) -> Output {
     let mut child = Command::new(program)
         .args(args)
         .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
+        .stdout(stdout)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|err| panic!("spawn {program}: {err}"));

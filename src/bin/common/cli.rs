@@ -66,15 +66,24 @@ fn parse_from<T: FromArgs>(prog: &str, raw: Vec<OsString>) -> Parsed<T> {
 /// A failed write other than a reader that went away (`--version | head -0`),
 /// which, as for ripgrep, is a normal end.
 pub fn print_out(text: &str) -> Result<(), String> {
+    write_out(text).map(drop)
+}
+
+/// Like [`print_out`], and says whether stdout still has a reader: `false`
+/// once it has gone, so that the caller can stop producing output.
+///
+/// # Errors
+/// A failed write other than a reader that went away, as one message.
+pub fn write_out(text: &str) -> Result<bool, String> {
     let mut stdout = io::stdout().lock();
     match stdout
         .write_all(text.as_bytes())
         .and_then(|()| stdout.flush())
     {
-        Err(err) if err.kind() != io::ErrorKind::BrokenPipe => {
-            Err(format!("cannot write to stdout: {}", io_cause(&err)))
-        }
-        _ => Ok(()),
+        Ok(()) => Ok(true),
+        // The reader went away (`| head`): a normal end.
+        Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(false),
+        Err(err) => Err(format!("cannot write to stdout: {}", io_cause(&err))),
     }
 }
 
