@@ -182,8 +182,14 @@ fn every_bad_flag_value_gets_one_line_and_exit_code_2() {
             ),
             case(&["--port", "65536"], USAGE, "--port"),
             case(&["--port", "-1"], USAGE, "--port"),
+            case(&["--port", "+80"], USAGE, "+80"),
             case(&["--max-connections", "0"], USAGE, "--max-connections"),
             case(&["--max-connections", "-5"], USAGE, "--max-connections"),
+            case(
+                &["--max-connections", "99999999999999999999999"],
+                USAGE,
+                "from 1 to",
+            ),
             case(
                 &["--max-connections-per-ip", "0"],
                 USAGE,

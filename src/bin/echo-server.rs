@@ -99,15 +99,17 @@ fn parse_ip(value: &str) -> Result<IpAddr, String> {
 }
 
 fn parse_port(value: &str) -> Result<u16, String> {
-    value
-        .parse()
-        .map_err(|_| "not a port number from 0 to 65535".to_string())
+    match value.parse() {
+        // Digits only: `u16::from_str` would also take `+80`.
+        Ok(port) if value.bytes().all(|b| b.is_ascii_digit()) => Ok(port),
+        _ => Err("not a port number from 0 to 65535".to_string()),
+    }
 }
 
 fn parse_at_least_one(value: &str) -> Result<usize, String> {
     match value.parse::<usize>() {
-        Ok(0) | Err(_) => Err("must be a whole number of at least 1".to_string()),
-        Ok(n) => Ok(n),
+        Ok(n) if n > 0 && value.bytes().all(|b| b.is_ascii_digit()) => Ok(n),
+        _ => Err(format!("must be a whole number from 1 to {}", usize::MAX)),
     }
 }
 

@@ -110,6 +110,8 @@ pub fn once(count: u8, flag: &str) -> Result<bool, String> {
 /// argh's message on one line, starting lowercase like ours.
 fn one_line(output: &str) -> String {
     let joined = output.split_whitespace().collect::<Vec<_>>().join(" ");
+    // argh ends some messages with a period; ours go on with `(see --help)`.
+    let joined = joined.trim_end_matches('.');
     let mut chars = joined.chars();
     match chars.next() {
         Some(first) => first.to_lowercase().chain(chars).collect(),
