@@ -151,6 +151,7 @@ pub(crate) struct Acceptor {
     full_warning: Throttled,
     address_full_warning: Throttled,
     accept_warning: Throttled,
+    inline_warning: Throttled,
 }
 
 impl Acceptor {
@@ -185,6 +186,7 @@ impl Acceptor {
             full_warning: Throttled::default(),
             address_full_warning: Throttled::default(),
             accept_warning: Throttled::default(),
+            inline_warning: Throttled::default(),
         })
     }
 
@@ -307,11 +309,18 @@ impl Acceptor {
         // Small echoes must not wait for delayed ACKs. A failure here leaves
         // a working, if slower, connection, so it is not worth refusing it.
         let _ = stream.set_nodelay(true);
+        // Inherited from the listener (see `Server::start`), except by
+        // connections made before the server started, such as the one that
+        // socket activation starts it for.
         if let Err(err) = keep_urgent_data_inline(&stream) {
-            self.logger.warn(format_args!(
-                "cannot keep urgent data inline for {peer}: {}; its urgent bytes will not be echoed",
-                io_cause(&err)
-            ));
+            self.inline_warning.warn(
+                &self.logger,
+                Instant::now(),
+                format_args!(
+                    "cannot keep urgent data inline for {peer}: {}; its urgent bytes will not be echoed",
+                    io_cause(&err)
+                ),
+            );
         }
         let mut handoff = Handoff { stream, peer };
         while let Some(index) = self.least_loaded() {
@@ -376,14 +385,15 @@ impl Acceptor {
 
 /// Sets `SO_OOBINLINE`, so that TCP urgent data stays in the byte stream
 /// and is echoed in place like any other byte. Without it the kernel holds
-/// each urgent byte aside, where an echo server never reads it.
-fn keep_urgent_data_inline(stream: &TcpStream) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
+/// each urgent byte aside, where an echo server never reads it, and drops
+/// one when the next arrives. Set on a listener, it is inherited by the
+/// connections the kernel completes from then on, even before `accept`.
+pub(crate) fn keep_urgent_data_inline(socket: &impl std::os::fd::AsRawFd) -> io::Result<()> {
     let on: libc::c_int = 1;
     // SAFETY: setsockopt reads one int from `on`, which outlives the call.
     let rc = unsafe {
         libc::setsockopt(
-            stream.as_raw_fd(),
+            socket.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_OOBINLINE,
             (&on as *const libc::c_int).cast(),

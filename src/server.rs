@@ -72,7 +72,8 @@ impl Server {
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] for a configuration that cannot work, and
-    /// [`Error::Setup`] when an event loop or a thread cannot be created.
+    /// [`Error::Setup`] when an event loop or a thread cannot be created, or
+    /// the listener cannot be set up (nonblocking, urgent data inline).
     pub fn start(listener: std::net::TcpListener, config: ServerConfig) -> Result<Server, Error> {
         config.validate().map_err(Error::InvalidConfig)?;
         let setup = |what: String| move |source| Error::Setup { what, source };
@@ -82,6 +83,8 @@ impl Server {
         listener
             .set_nonblocking(true)
             .map_err(setup("the listener".into()))?;
+        // Before any urgent byte of a queued connection can be dropped.
+        acceptor::keep_urgent_data_inline(&listener).map_err(setup("the listener".into()))?;
         let listener = mio::net::TcpListener::from_std(listener);
         let logger = Logger::new(config.log_level);
         let (acceptor_poll, acceptor_waker) =

@@ -245,7 +245,7 @@ impl Worker {
             self.slots.push(None);
             self.slots.len() - 1
         });
-        // Registered once for both directions, edge-triggered: no
+        // Registered once for everything, edge-triggered: no
         // re-registration is ever needed, whatever the connection does.
         if let Err(err) =
             self.setup

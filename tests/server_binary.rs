@@ -228,3 +228,38 @@ fn help_and_version_exit_0() {
         assert!(String::from_utf8_lossy(&version.stdout).starts_with("echo-server "));
     });
 }
+
+#[test]
+fn urgent_bytes_that_arrive_before_accept_are_echoed_in_place() {
+    with_time_limit(Duration::from_secs(60), || {
+        let mut server = ServerProcess::start(&["--workers", "1", "-q"]);
+        // Stopped, the server cannot accept; the kernel still completes the
+        // handshake and queues what the client sends, as in a full backlog.
+        server.signal(libc::SIGSTOP);
+        let mut stream = connect(server.addr);
+        stream.set_nodelay(true).expect("TCP_NODELAY");
+        send_urgent(&stream, b'A');
+        send_urgent(&stream, b'B');
+        stream.write_all(b"c").expect("write");
+        server.signal(libc::SIGCONT);
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        let mut echoed = Vec::new();
+        let mut buf = [0; 8];
+        while echoed.len() < 3 {
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => echoed.extend_from_slice(&buf[..n]),
+                Err(err) => panic!(
+                    "expected b\"ABc\" back, got {:?} and then: {err}; log:\n{}",
+                    String::from_utf8_lossy(&echoed),
+                    server.log()
+                ),
+            }
+        }
+        assert_eq!(echoed, b"ABc", "log:\n{}", server.log());
+        drop(stream);
+        server.stop_cleanly();
+    });
+}
