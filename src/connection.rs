@@ -293,7 +293,7 @@ impl Connection {
         if let Some(allowance) = self.drain_allowance {
             room = room.min(allowance);
         }
-        let received = match read(stream, &mut buf[..room])? {
+        let received = match self.read(stream, &mut buf[..room])? {
             None => {
                 self.readable = false;
                 return Ok(Step::Blocked);
@@ -380,12 +380,24 @@ impl Connection {
     }
 
     /// Lingering: read and throw away until the peer's end of stream.
+    /// One read, as [`read`] does it. After urgent data, a `WouldBlock` with
+    /// bytes still queued is Linux's answer to a read that starts at the
+    /// urgent mark while a signal is pending for the thread (EAGAIN, not
+    /// EINTR). The signal was handled as the call returned: read once more.
+    fn read<S: EchoStream>(&self, stream: &mut S, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        let first = read(stream, buf)?;
+        if first.is_none() && self.read_to_block && stream.unread_len().is_some_and(|n| n > 0) {
+            return read(stream, buf);
+        }
+        Ok(first)
+    }
+
     fn discard<S: EchoStream>(&mut self, stream: &mut S, buf: &mut [u8]) -> io::Result<Outcome> {
         for _ in 0..ROUNDS_PER_TURN {
             if !self.readable {
                 break;
             }
-            match read(stream, buf)? {
+            match self.read(stream, buf)? {
                 None => self.readable = false,
                 Some(0) => return Ok(Outcome::Closed(CloseReason::Drained)),
                 Some(n) => self.stats.discarded += n as u64,

@@ -74,6 +74,10 @@ struct FakeStream<const EDGE: bool> {
     /// Where urgent bytes sit in `input`, not yet read past. As on Linux with
     /// `SO_OOBINLINE`, a read that has copied anything stops short of one.
     urgent_marks: Vec<usize>,
+    /// A signal is pending for the server's thread. Linux then answers a
+    /// read that starts at an urgent mark with EAGAIN, though bytes are
+    /// there; the signal is handled as the call returns.
+    signal_pending: bool,
     /// Everything the server wrote.
     output: Vec<u8>,
     /// Free space in the send buffer, and its size.
@@ -101,6 +105,7 @@ impl<const EDGE: bool> FakeStream<EDGE> {
             reset: false,
             sends_urgent,
             urgent_marks: Vec::new(),
+            signal_pending: false,
             output: Vec::new(),
             room: capacity,
             capacity,
@@ -194,6 +199,11 @@ impl<const EDGE: bool> Read for FakeStream<EDGE> {
         }
         if self.dice.chance(5) {
             return Err(ErrorKind::Interrupted.into());
+        }
+        let signal = std::mem::take(&mut self.signal_pending);
+        if EDGE && signal && self.urgent_marks.contains(&self.read_pos) {
+            // No new edge: nothing arrived.
+            return Err(ErrorKind::WouldBlock.into());
         }
         let available = self.available();
         if available == 0 {
@@ -384,6 +394,9 @@ fn run_scenario<const EDGE: bool>(scenario: &Scenario) -> Result<(), TestCaseErr
             scenario.lockstep && stream.shutdown_calls == 0 && stream.output.len() < stream.arrived;
         if !waiting && world.chance(60) {
             stream.peer_sends(scenario.send_max);
+        }
+        if world.chance(20) {
+            stream.signal_pending = true;
         }
         if !waiting && world.chance(5) {
             stream.peer_half_closes();
