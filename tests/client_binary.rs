@@ -420,6 +420,8 @@ fn usage_errors_exit_2_with_one_line_naming_the_flag_and_value() {
             (&["--interval", "soon"], &["--interval", "soon"]),
             (&["--repeat", "-1"], &["--repeat", "-1"]),
             (&["--repeat", "many"], &["--repeat", "many"]),
+            (&["--repeat", "+5"], &["--repeat", "+5"]),
+            (&["--connections", "+5"], &["--connections", "+5"]),
             (&["--size", "0"], &["--size", "0"]),
             (&["--size", "1GiB"], &["--size", "1GiB"]),
             (&["--size", "ten"], &["--size", "ten"]),

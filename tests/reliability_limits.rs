@@ -85,9 +85,10 @@ fn idle_timeout_closes_idle_connections_and_spares_active_ones() {
             matches!(read, Ok(0)),
             "expected a clean end of stream from the idle timeout, got {read:?}"
         );
-        // The server's clock started a moment before ours.
+        // The server's clock started a moment before ours: by as long as
+        // this thread took to see the echo, which a loaded machine stretches.
         assert!(
-            closed_after >= timeout - Duration::from_millis(100),
+            closed_after >= timeout - Duration::from_millis(500),
             "closed after {closed_after:?}, before the {timeout:?} idle timeout"
         );
         assert!(

@@ -280,18 +280,17 @@ fn parse_size(value: &str) -> Result<NonZeroUsize, String> {
 }
 
 fn parse_repeat(value: &str) -> Result<u64, String> {
-    value
-        .parse()
-        .map_err(|_| "expected a whole number of echoes, 0 for no limit".to_owned())
+    cli::whole_number(value)
+        .ok_or_else(|| "expected a whole number of echoes, 0 for no limit".to_owned())
 }
 
 fn parse_connections(value: &str) -> Result<NonZeroUsize, String> {
     let range = || format!("expected a whole number of connections from 1 to {MAX_CONNECTIONS}");
-    match value.parse::<usize>() {
-        Ok(0) => Err("at least 1 connection is needed".to_owned()),
-        Ok(n) if n > MAX_CONNECTIONS => Err(range()),
-        Ok(n) => Ok(NonZeroUsize::new(n).expect("zero is handled above")),
-        Err(_) => Err(range()),
+    match cli::whole_number::<usize>(value) {
+        Some(0) => Err("at least 1 connection is needed".to_owned()),
+        Some(n) if n > MAX_CONNECTIONS => Err(range()),
+        Some(n) => Ok(NonZeroUsize::new(n).expect("zero is handled above")),
+        None => Err(range()),
     }
 }
 

@@ -99,23 +99,19 @@ fn parse_ip(value: &str) -> Result<IpAddr, String> {
 }
 
 fn parse_port(value: &str) -> Result<u16, String> {
-    match value.parse() {
-        // Digits only: `u16::from_str` would also take `+80`.
-        Ok(port) if value.bytes().all(|b| b.is_ascii_digit()) => Ok(port),
-        _ => Err("not a port number from 0 to 65535".to_string()),
-    }
+    cli::whole_number(value).ok_or_else(|| "not a port number from 0 to 65535".to_string())
 }
 
 fn parse_at_least_one(value: &str) -> Result<usize, String> {
-    match value.parse::<usize>() {
-        Ok(n) if n > 0 && value.bytes().all(|b| b.is_ascii_digit()) => Ok(n),
+    match cli::whole_number::<usize>(value) {
+        Some(n) if n > 0 => Ok(n),
         _ => Err(format!("must be a whole number from 1 to {}", usize::MAX)),
     }
 }
 
 fn parse_workers(value: &str) -> Result<usize, String> {
-    match value.parse::<usize>() {
-        Ok(n) if (1..=config::MAX_WORKERS).contains(&n) => Ok(n),
+    match cli::whole_number::<usize>(value) {
+        Some(n) if (1..=config::MAX_WORKERS).contains(&n) => Ok(n),
         _ => Err(format!(
             "must be a whole number from 1 to {}",
             config::MAX_WORKERS

@@ -30,6 +30,8 @@ pub enum TargetError {
     BadPort(String),
     /// An IPv6 address without brackets, or a bracketed one that is not valid.
     BadIpv6(String),
+    /// Something other than `:port` follows the `]` of an IPv6 address.
+    AfterBracket(String),
 }
 
 impl fmt::Display for TargetError {
@@ -46,6 +48,9 @@ impl fmt::Display for TargetError {
                     f,
                     "{host:?} is not a valid IPv6 address; write IPv6 as [::1]:9999"
                 )
+            }
+            TargetError::AfterBracket(rest) => {
+                write!(f, "{rest:?} after \"]\"; expected [ipv6]:port")
             }
         }
     }
@@ -110,7 +115,7 @@ impl FromStr for Target {
                 Some(port) => port,
                 None if after.is_empty() => return Err(TargetError::MissingPort),
                 // Something between `]` and the port, as in `[::1]x:7`.
-                None => return Err(TargetError::BadIpv6(text.to_owned())),
+                None => return Err(TargetError::AfterBracket(after.to_owned())),
             };
             (host, port)
         } else {
@@ -189,7 +194,7 @@ mod tests {
         assert_eq!("[::1]".parse::<Target>(), Err(TargetError::MissingPort));
         assert_eq!(
             "[::1]x:7".parse::<Target>(),
-            Err(TargetError::BadIpv6("[::1]x:7".into()))
+            Err(TargetError::AfterBracket("x:7".into()))
         );
         assert_eq!("9999".parse::<Target>(), Err(TargetError::MissingHost));
         assert_eq!(

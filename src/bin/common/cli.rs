@@ -87,6 +87,13 @@ pub fn write_out(text: &str) -> Result<bool, String> {
     }
 }
 
+/// `value` as a whole number, if it is one: ASCII digits only, so that
+/// `+80` is refused (std's `from_str` takes a leading `+`), and in range.
+pub fn whole_number<T: std::str::FromStr>(value: &str) -> Option<T> {
+    let digits = !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit());
+    digits.then(|| value.parse().ok()).flatten()
+}
+
 /// Writes `prog: message` as one line to stderr, without the panic
 /// `eprintln!` would give.
 pub fn print_err(prog: &str, message: impl Display) {
