@@ -321,7 +321,8 @@ fn server_that_echoes_half_and_closes_exits_1() {
 #[test]
 fn closed_port_exits_1_at_once() {
     with_time_limit(TEST_LIMIT, || {
-        let addr = common::client::closed_port().to_string();
+        let closed = common::client::closed_port();
+        let addr = closed.addr().to_string();
         let run = run_client(&[&addr, "--timeout", "30s"], b"", Duration::from_secs(10));
         assert_eq!(run.code(), Some(1), "{}", run.describe());
         assert_eq!(

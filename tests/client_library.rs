@@ -245,9 +245,10 @@ fn json_report_is_one_object_with_the_documented_keys() {
 #[test]
 fn json_report_without_echoes_has_null_round_trip_times() {
     with_time_limit(LIMIT, || {
+        let closed = common::client::closed_port();
         let config = ClientConfig {
             timeout: Duration::from_secs(30),
-            ..config_for(common::client::closed_port())
+            ..config_for(closed.addr())
         };
         let (report, _) = run_and_record(&config, &StopHandle::new());
         let json =
@@ -404,7 +405,8 @@ fn replaying_server_is_caught_by_generated_payloads() {
 #[test]
 fn closed_port_fails_at_once_not_after_the_timeout() {
     with_time_limit(Duration::from_secs(10), || {
-        let addr = common::client::closed_port();
+        let closed = common::client::closed_port();
+        let addr = closed.addr();
         let config = ClientConfig {
             timeout: Duration::from_secs(30),
             ..config_for(addr)
@@ -524,7 +526,7 @@ fn empty_message_is_refused_before_connecting() {
     with_time_limit(LIMIT, || {
         let config = ClientConfig {
             payload: Payload::Text(Vec::new()),
-            ..config_for(common::client::closed_port())
+            ..config_for(common::client::closed_port().addr())
         };
         let result = client::run(&config, &|_: &Event<'_>| {}, &StopHandle::new());
         assert_eq!(result.err(), Some(ConfigError::EmptyMessage));
@@ -534,7 +536,7 @@ fn empty_message_is_refused_before_connecting() {
 #[test]
 fn too_many_connections_or_too_large_a_message_is_refused_before_connecting() {
     with_time_limit(LIMIT, || {
-        let base = config_for(common::client::closed_port());
+        let base = config_for(common::client::closed_port().addr());
         let too_many = ClientConfig {
             connections: NonZeroUsize::new(client::MAX_CONNECTIONS + 1).expect("not zero"),
             ..base.clone()
