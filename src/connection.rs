@@ -379,7 +379,6 @@ impl Connection {
         })
     }
 
-    /// Lingering: read and throw away until the peer's end of stream.
     /// One read, as [`read`] does it. After urgent data, a `WouldBlock` with
     /// bytes still queued is Linux's answer to a read that starts at the
     /// urgent mark while a signal is pending for the thread (EAGAIN, not
@@ -392,6 +391,7 @@ impl Connection {
         Ok(first)
     }
 
+    /// Lingering: read and throw away until the peer's end of stream.
     fn discard<S: EchoStream>(&mut self, stream: &mut S, buf: &mut [u8]) -> io::Result<Outcome> {
         for _ in 0..ROUNDS_PER_TURN {
             if !self.readable {

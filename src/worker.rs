@@ -284,8 +284,8 @@ impl Worker {
         }
     }
 
-    /// Moves bytes on one connection and closes it if it ended; for one with
-    /// a turn coming later in this pass, only notes `ready`.
+    /// Moves bytes on one connection and closes it if it ended; for one that
+    /// already has a turn coming, only notes `ready`.
     fn serve(&mut self, index: usize, ready: Readiness, now: Instant) {
         // An event can still arrive for a connection closed earlier in the batch.
         let Some(slot) = self.slots.get_mut(index).and_then(Option::as_mut) else {
