@@ -308,6 +308,33 @@ fn server_that_never_answers_times_out_after_about_the_timeout() {
 }
 
 #[test]
+fn a_timeout_says_how_much_of_the_echo_came_back() {
+    with_time_limit(Duration::from_secs(10), || {
+        let server = TestServer::start(common::client::echoes_half_then_stalls);
+        let config = ClientConfig {
+            timeout: Duration::from_millis(500),
+            ..config_for(server.addr())
+        };
+        let (report, seen) = run_and_record(&config, &StopHandle::new());
+        assert_eq!((report.sent, report.timed_out), (1, 1), "{report:#?}");
+        // The server echoes half of what its first read got: usually 5 of
+        // the 11 bytes of "Hello Echo!", fewer if the read came up short.
+        let prefix = format!("echo 1 to {} timed out after 500ms, with ", server.addr());
+        let received = seen
+            .failures
+            .first()
+            .and_then(|failure| failure.strip_prefix(&prefix))
+            .and_then(|rest| rest.strip_suffix(" of 11 bytes back"))
+            .and_then(|count| count.parse::<usize>().ok());
+        assert!(
+            matches!(received, Some(1..=5)),
+            "expected {prefix:?}N of 11 bytes back, got {:?}",
+            seen.failures
+        );
+    });
+}
+
+#[test]
 fn large_message_to_a_server_that_never_reads_times_out_instead_of_blocking_in_write() {
     with_time_limit(Duration::from_secs(10), || {
         let server = TestServer::start(common::client::never_reads);

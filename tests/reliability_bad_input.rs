@@ -395,8 +395,10 @@ fn a_non_utf8_argument_is_a_one_line_usage_error() {
             output.status.code() == Some(USAGE)
                 && lines == 1
                 && stderr.starts_with("echo-server: ")
+                && stderr.contains("of --workers")
                 && !stderr.contains("panicked"),
-            "echo-server --workers <non-UTF-8>: expected one line and exit code 2, got {}:\n{stderr}",
+            "echo-server --workers <non-UTF-8>: expected one line naming --workers and exit \
+             code 2, got {}:\n{stderr}",
             output.status
         );
     });

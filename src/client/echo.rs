@@ -371,8 +371,13 @@ fn first_difference(sent: &[u8], echoed: &[u8]) -> Option<usize> {
 
 /// Why a round trip did not complete.
 enum ExchangeError {
-    TimedOut,
-    Closed { received: usize },
+    /// The deadline passed with `received` bytes of the echo back.
+    TimedOut {
+        received: usize,
+    },
+    Closed {
+        received: usize,
+    },
     Io(io::Error),
 }
 
@@ -385,10 +390,12 @@ impl ExchangeError {
         len: usize,
     ) -> FailureKind {
         match self {
-            ExchangeError::TimedOut => FailureKind::TimedOut {
+            ExchangeError::TimedOut { received } => FailureKind::TimedOut {
                 seq,
                 peer,
                 after: timeout,
+                received,
+                len,
             },
             ExchangeError::Closed { received } => FailureKind::Closed {
                 seq,
@@ -458,7 +465,7 @@ impl Socket {
         let deadline = deadline_after(Instant::now(), wait);
         let mut extra = 0;
         let mut buf = [0u8; 4096];
-        while let Ok(left) = time_left(deadline) {
+        while let Ok(left) = time_left(deadline, 0) {
             if needs_reset(self.read_timeout, left) {
                 self.stream.set_read_timeout(Some(left))?;
                 self.read_timeout = Some(left);
@@ -517,7 +524,7 @@ fn interleave(
     // early, and the rest of the message must still go out.
     while received < echo.len() || sent < message.len() {
         // Checked on every pass, so a server that trickles cannot stretch it.
-        let left = time_left(deadline)?;
+        let left = time_left(deadline, received)?;
         let mut moved = false;
         if sent < message.len() {
             match stream.write(&message[sent..]) {
@@ -593,7 +600,8 @@ fn write_all_by(
     timeout_set: &mut Option<Duration>,
 ) -> Result<(), ExchangeError> {
     while !buf.is_empty() {
-        let left = time_left(deadline)?;
+        // Writing comes first: nothing of the echo has been read yet.
+        let left = time_left(deadline, 0)?;
         if needs_reset(*timeout_set, left) {
             stream
                 .set_write_timeout(Some(left))
@@ -621,7 +629,7 @@ fn read_exact_by(
 ) -> Result<(), ExchangeError> {
     let mut filled = 0;
     while filled < buf.len() {
-        let left = time_left(deadline)?;
+        let left = time_left(deadline, filled)?;
         if needs_reset(*timeout_set, left) {
             stream
                 .set_read_timeout(Some(left))
@@ -642,10 +650,12 @@ fn read_exact_by(
     Ok(())
 }
 
-fn time_left(deadline: Instant) -> Result<Duration, ExchangeError> {
+/// The time left before `deadline`; past it, a timeout with `received`
+/// bytes of the echo back.
+fn time_left(deadline: Instant, received: usize) -> Result<Duration, ExchangeError> {
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
-        Err(ExchangeError::TimedOut)
+        Err(ExchangeError::TimedOut { received })
     } else {
         Ok(left)
     }

@@ -42,6 +42,10 @@ pub enum FailureKind {
         peer: SocketAddr,
         /// The timeout that ran out.
         after: Duration,
+        /// Bytes of the echo received by then.
+        received: usize,
+        /// Message length.
+        len: usize,
     },
     /// The echo came back complete but different.
     Mismatch {
@@ -130,9 +134,18 @@ impl fmt::Display for Failure {
             FailureKind::Connect { addr, error } => {
                 write!(f, "cannot connect to {addr}: {}", describe(error))?;
             }
-            FailureKind::TimedOut { seq, peer, after } => {
+            FailureKind::TimedOut {
+                seq,
+                peer,
+                after,
+                received,
+                len,
+            } => {
                 let after = humantime::format_duration(*after);
                 write!(f, "echo {seq} to {peer} timed out after {after}")?;
+                if *received > 0 {
+                    write!(f, ", with {received} of {len} bytes back")?;
+                }
             }
             FailureKind::Mismatch {
                 seq,

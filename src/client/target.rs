@@ -32,6 +32,9 @@ pub enum TargetError {
     BadIpv6(String),
     /// Something other than `:port` follows the `]` of an IPv6 address.
     AfterBracket(String),
+    /// A valid IPv6 address and a port, without the brackets that tell
+    /// them apart, as in `::1:9999`.
+    Ipv6WithoutBrackets(String),
 }
 
 impl fmt::Display for TargetError {
@@ -48,6 +51,10 @@ impl fmt::Display for TargetError {
                     f,
                     "{host:?} is not a valid IPv6 address; write IPv6 as [::1]:9999"
                 )
+            }
+            TargetError::Ipv6WithoutBrackets(text) => {
+                let (host, port) = text.rsplit_once(':').unwrap_or((text, "PORT"));
+                write!(f, "write IPv6 addresses in brackets: [{host}]:{port}")
             }
             TargetError::AfterBracket(rest) => {
                 write!(f, "{rest:?} after \"]\"; expected [ipv6]:port")
@@ -128,7 +135,11 @@ impl FromStr for Target {
                 });
             };
             if host.contains(':') {
-                return Err(TargetError::BadIpv6(host.to_owned()));
+                return Err(if host.parse::<Ipv6Addr>().is_ok() {
+                    TargetError::Ipv6WithoutBrackets(text.to_owned())
+                } else {
+                    TargetError::BadIpv6(host.to_owned())
+                });
             }
             (host, port)
         };
@@ -185,7 +196,15 @@ mod tests {
         );
         assert_eq!(
             "::1:80".parse::<Target>(),
-            Err(TargetError::BadIpv6("::1".into()))
+            Err(TargetError::Ipv6WithoutBrackets("::1:80".into()))
+        );
+        assert_eq!(
+            TargetError::Ipv6WithoutBrackets("::1:80".into()).to_string(),
+            "write IPv6 addresses in brackets: [::1]:80"
+        );
+        assert_eq!(
+            "fe80::1%lo:7".parse::<Target>(),
+            Err(TargetError::BadIpv6("fe80::1%lo".into()))
         );
         assert_eq!(
             "[nope]:80".parse::<Target>(),

@@ -128,18 +128,31 @@ pub fn corrupts_one_byte(stream: TcpStream) {
 /// Echoes half of the first chunk it reads, then closes its sending side
 /// and drains the rest (so the client sees a clean EOF, not a reset).
 pub fn echoes_half_then_closes(stream: TcpStream) {
-    let mut stream = stream;
-    let mut buf = [0u8; 4096];
-    let read = match stream.read(&mut buf) {
-        Ok(read) => read,
-        Err(_) => return,
-    };
-    if stream.write_all(&buf[..read / 2]).is_err() {
+    let Some(mut stream) = echo_half_of_first_chunk(stream) else {
         return;
-    }
+    };
     // Errors here only mean the client is gone already.
     let _ = stream.shutdown(Shutdown::Write);
     let _ = io::copy(&mut stream, &mut io::sink());
+}
+
+/// Echoes half of the first chunk it reads, then answers nothing more,
+/// reading until the client gives up and closes.
+pub fn echoes_half_then_stalls(stream: TcpStream) {
+    let Some(mut stream) = echo_half_of_first_chunk(stream) else {
+        return;
+    };
+    // Runs until the client gives up and closes.
+    let _ = io::copy(&mut stream, &mut io::sink());
+}
+
+/// The stream, once half of its first chunk is echoed; `None` if the client
+/// went away first.
+fn echo_half_of_first_chunk(mut stream: TcpStream) -> Option<TcpStream> {
+    let mut buf = [0u8; 4096];
+    let read = stream.read(&mut buf).ok()?;
+    stream.write_all(&buf[..read / 2]).ok()?;
+    Some(stream)
 }
 
 /// Echoes faithfully, but sends `b"extra"` right after the 22nd byte of the

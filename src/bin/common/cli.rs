@@ -33,8 +33,13 @@ fn parse_from<T: FromArgs>(prog: &str, raw: Vec<OsString>) -> Parsed<T> {
         match arg.into_string() {
             Ok(arg) => strings.push(arg),
             Err(arg) => {
+                // Name the option whose value this is, if it follows one.
+                let of = match strings.last() {
+                    Some(flag) if flag.starts_with('-') => format!(" of {flag}"),
+                    _ => String::new(),
+                };
                 return Parsed::Usage(format!(
-                    "argument {:?} is not valid UTF-8",
+                    "argument {:?}{of} is not valid UTF-8 (see --help)",
                     arg.to_string_lossy()
                 ));
             }
