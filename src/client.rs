@@ -212,7 +212,8 @@ pub enum Event<'a> {
 /// # Errors
 ///
 /// [`ConfigError`] when the configuration is unusable (empty message, zero
-/// timeout); nothing is sent then.
+/// timeout, a message over [`MAX_MESSAGE`], more than [`MAX_CONNECTIONS`]
+/// connections); nothing is sent then.
 pub fn run<F>(config: &ClientConfig, observer: &F, stop: &StopHandle) -> Result<Report, ConfigError>
 where
     F: Fn(&Event<'_>) + Sync,

@@ -43,7 +43,7 @@ enum Exit {
     error_code(0, "every echo came back exact (also when stopped with Ctrl-C)"),
     error_code(
         1,
-        "an echo failed: timed out, mismatched, cut short, refused or reset"
+        "an echo failed (timed out, mismatched, cut short, refused or reset), or reading stdin or writing stdout failed"
     ),
     error_code(2, "usage error"),
     error_code(130, "a second Ctrl-C stopped the run at once")
