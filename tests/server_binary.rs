@@ -242,22 +242,8 @@ fn urgent_bytes_that_arrive_before_accept_are_echoed_in_place() {
         send_urgent(&stream, b'B');
         stream.write_all(b"c").expect("write");
         server.signal(libc::SIGCONT);
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("read timeout");
-        let mut echoed = Vec::new();
-        let mut buf = [0; 8];
-        while echoed.len() < 3 {
-            match stream.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => echoed.extend_from_slice(&buf[..n]),
-                Err(err) => panic!(
-                    "expected b\"ABc\" back, got {:?} and then: {err}; log:\n{}",
-                    String::from_utf8_lossy(&echoed),
-                    server.log()
-                ),
-            }
-        }
+        let echoed = read_echo_of_len(&mut stream, 3)
+            .unwrap_or_else(|err| panic!("expected b\"ABc\" back; {err}; log:\n{}", server.log()));
         assert_eq!(echoed, b"ABc", "log:\n{}", server.log());
         drop(stream);
         server.stop_cleanly();

@@ -108,21 +108,8 @@ fn urgent_data_is_echoed_in_place_and_the_bytes_after_it_too() {
             stream.write_all(b"abc").expect("write");
             send_urgent(&stream, b'X');
             stream.write_all(b"def").expect("write");
-            stream
-                .set_read_timeout(Some(Duration::from_secs(10)))
-                .expect("read timeout");
-            let mut echoed = Vec::new();
-            let mut buf = [0; 16];
-            while echoed.len() < 7 {
-                match stream.read(&mut buf) {
-                    Ok(0) => panic!("round {round}: the server closed after {echoed:?}"),
-                    Ok(n) => echoed.extend_from_slice(&buf[..n]),
-                    Err(err) => panic!(
-                        "round {round}: expected b\"abcXdef\" back, got {:?} and then: {err}",
-                        String::from_utf8_lossy(&echoed)
-                    ),
-                }
-            }
+            let echoed = read_echo_of_len(&mut stream, 7)
+                .unwrap_or_else(|err| panic!("round {round}: expected b\"abcXdef\" back; {err}"));
             assert_eq!(
                 echoed, b"abcXdef",
                 "round {round}: the urgent byte is echoed in place"

@@ -602,6 +602,26 @@ pub fn try_echo(addr: SocketAddr, data: &[u8], limit: Duration) -> Result<(), St
     echo_on(&mut stream, data)
 }
 
+/// Reads until `len` bytes have come back, waiting at most 10 s for each
+/// read; after a timeout, an error or an early end of stream, says what had
+/// come by then.
+pub fn read_echo_of_len(stream: &mut TcpStream, len: usize) -> Result<Vec<u8>, String> {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|err| format!("set read timeout: {err}"))?;
+    let mut echoed = vec![0; len];
+    let mut filled = 0;
+    while filled < len {
+        let so_far = |echoed: &[u8]| String::from_utf8_lossy(&echoed[..filled]).into_owned();
+        match stream.read(&mut echoed[filled..]) {
+            Ok(0) => return Err(format!("got {:?}, then the end of stream", so_far(&echoed))),
+            Ok(n) => filled += n,
+            Err(err) => return Err(format!("got {:?}, then: {err}", so_far(&echoed))),
+        }
+    }
+    Ok(echoed)
+}
+
 /// Echoes `data` on an open connection and checks it came back exact.
 pub fn echo_on(stream: &mut TcpStream, data: &[u8]) -> Result<(), String> {
     stream
