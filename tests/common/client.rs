@@ -240,31 +240,12 @@ impl ClosedPort {
 }
 
 pub fn closed_port() -> ClosedPort {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    // SAFETY: socket has no memory arguments; the descriptor is checked below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
-    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut local = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: bind reads `len` bytes of the sockaddr_in we pass.
-    let bound = unsafe { libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) };
-    assert_eq!(bound, 0, "bind 127.0.0.1:0: {}", io::Error::last_os_error());
-    // SAFETY: getsockname writes at most `len` bytes into `local`.
-    let named =
-        unsafe { libc::getsockname(fd, (&mut local as *mut libc::sockaddr_in).cast(), &mut len) };
-    assert_eq!(named, 0, "getsockname: {}", io::Error::last_os_error());
+    let localhost = std::net::Ipv4Addr::LOCALHOST;
+    let socket = super::bound_tcp_socket(localhost).expect("bind a socket to 127.0.0.1:0");
+    let port = super::bound_port(&socket).expect("the bound socket's port");
     ClosedPort {
         _socket: socket,
-        addr: SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, u16::from_be(local.sin_port))),
+        addr: SocketAddr::from((localhost, port)),
     }
 }
 

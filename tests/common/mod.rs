@@ -431,6 +431,72 @@ pub fn status_kib(pid: i32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
+/// An IPv4 socket address as libc takes it.
+fn sockaddr_in(ip: std::net::Ipv4Addr, port: u16) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+const SOCKADDR_IN_LEN: libc::socklen_t =
+    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+
+/// A TCP socket bound to `ip` and an OS-chosen port, neither listening nor
+/// connected: std has no way to bind before connecting, or without listening.
+///
+/// # Errors
+/// The `socket` or `bind` error.
+pub fn bound_tcp_socket(ip: std::net::Ipv4Addr) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: socket has no memory arguments; the descriptor is checked below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let local = sockaddr_in(ip, 0);
+    // SAFETY: bind reads `SOCKADDR_IN_LEN` bytes of the sockaddr_in we pass.
+    if unsafe {
+        libc::bind(
+            fd,
+            (&local as *const libc::sockaddr_in).cast(),
+            SOCKADDR_IN_LEN,
+        )
+    } != 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(owned)
+}
+
+/// The port a socket from [`bound_tcp_socket`] was given.
+///
+/// # Errors
+/// The `getsockname` error.
+pub fn bound_port(socket: &std::os::fd::OwnedFd) -> std::io::Result<u16> {
+    use std::os::fd::AsRawFd;
+    let mut local = sockaddr_in(std::net::Ipv4Addr::UNSPECIFIED, 0);
+    let mut len = SOCKADDR_IN_LEN;
+    // SAFETY: getsockname writes at most `len` bytes into `local`.
+    let rc = unsafe {
+        libc::getsockname(
+            socket.as_raw_fd(),
+            (&mut local as *mut libc::sockaddr_in).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(u16::from_be(local.sin_port))
+}
+
 /// Connects to `addr` from the local address `from` (such as 127.0.0.2),
 /// which std cannot do: it has no bind-before-connect.
 ///
@@ -440,36 +506,21 @@ pub fn connect_from(
     from: std::net::Ipv4Addr,
     addr: std::net::SocketAddrV4,
 ) -> std::io::Result<TcpStream> {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    fn sockaddr(ip: std::net::Ipv4Addr, port: u16) -> libc::sockaddr_in {
-        libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: port.to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(ip).to_be(),
-            },
-            sin_zero: [0; 8],
-        }
-    }
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: socket has no memory arguments; the descriptor is checked below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
+    use std::os::fd::AsRawFd;
+    let socket = bound_tcp_socket(from)?;
+    let remote = sockaddr_in(*addr.ip(), addr.port());
+    // SAFETY: connect reads `SOCKADDR_IN_LEN` bytes of the sockaddr_in we pass.
+    let rc = unsafe {
+        libc::connect(
+            socket.as_raw_fd(),
+            (&remote as *const libc::sockaddr_in).cast(),
+            SOCKADDR_IN_LEN,
+        )
+    };
+    if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let local = sockaddr(from, 0);
-    // SAFETY: bind reads `len` bytes of the sockaddr_in we pass.
-    if unsafe { libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let remote = sockaddr(*addr.ip(), addr.port());
-    // SAFETY: connect reads `len` bytes of the sockaddr_in we pass.
-    if unsafe { libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(TcpStream::from(owned))
+    Ok(TcpStream::from(socket))
 }
 
 /// Writes `chunk` again and again, as a client that never reads, until the
