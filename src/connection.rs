@@ -293,7 +293,7 @@ impl Connection {
         if let Some(allowance) = self.drain_allowance {
             room = room.min(allowance);
         }
-        let received = match self.read(stream, &mut buf[..room])? {
+        let received = match self.read_retrying_at_urgent_mark(stream, &mut buf[..room])? {
             None => {
                 self.readable = false;
                 return Ok(Step::Blocked);
@@ -383,7 +383,11 @@ impl Connection {
     /// bytes still queued is Linux's answer to a read that starts at the
     /// urgent mark while a signal is pending for the thread (EAGAIN, not
     /// EINTR). The signal was handled as the call returned: read once more.
-    fn read<S: EchoStream>(&self, stream: &mut S, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    fn read_retrying_at_urgent_mark<S: EchoStream>(
+        &self,
+        stream: &mut S,
+        buf: &mut [u8],
+    ) -> io::Result<Option<usize>> {
         let first = read(stream, buf)?;
         if first.is_none() && self.read_to_block && stream.unread_len().is_some_and(|n| n > 0) {
             return read(stream, buf);
@@ -397,7 +401,7 @@ impl Connection {
             if !self.readable {
                 break;
             }
-            match self.read(stream, buf)? {
+            match self.read_retrying_at_urgent_mark(stream, buf)? {
                 None => self.readable = false,
                 Some(0) => return Ok(Outcome::Closed(CloseReason::Drained)),
                 Some(n) => self.stats.discarded += n as u64,
