@@ -51,11 +51,7 @@ impl EchoStream for mio::net::TcpStream {
     }
 
     fn unread_len(&self) -> Option<usize> {
-        use std::os::fd::AsRawFd;
-        let mut unread: libc::c_int = 0;
-        // SAFETY: FIONREAD writes one int, the receive queue's length.
-        let rc = unsafe { libc::ioctl(self.as_raw_fd(), libc::FIONREAD, &mut unread) };
-        (rc == 0).then_some(unread.max(0) as usize)
+        crate::socket::unread_len(self)
     }
 }
 

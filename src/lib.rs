@@ -25,5 +25,6 @@ pub mod listener;
 pub mod log;
 pub mod server;
 pub mod shutdown;
+mod socket;
 pub mod stats;
 pub mod worker;

@@ -664,6 +664,32 @@ fn a_server_that_never_closes_after_the_last_echo_is_not_an_error() {
 }
 
 #[test]
+fn a_server_that_repeats_each_echo_fails_at_the_first_repeat() {
+    with_time_limit(LIMIT, || {
+        let server = TestServer::start(common::client::echoes_everything_twice);
+        // The same text every time: comparing echoes alone cannot catch a
+        // repeat, only the bytes queued behind an echo can.
+        let config = ClientConfig {
+            repeat: 3,
+            ..config_for(server.addr())
+        };
+        let (report, seen) = run_and_record(&config, &StopHandle::new());
+        let len = b"Hello Echo!".len();
+        let expected = format!(
+            "after echo 1, {} sent {len} more bytes than it received",
+            server.addr()
+        );
+        assert_eq!(seen.failures, [expected], "{report:#?}");
+        assert_eq!(
+            (report.sent, report.echoed, report.errors),
+            (1, 1, 1),
+            "{report:#?}"
+        );
+        assert!(!report.is_success(), "{report:#?}");
+    });
+}
+
+#[test]
 fn a_server_that_resets_after_the_last_echo_is_not_an_error() {
     with_time_limit(LIMIT, || {
         let server = TestServer::start(common::client::echoes_then_resets);

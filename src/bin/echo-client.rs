@@ -29,7 +29,8 @@ enum Exit {
     /// Every echo came back exact (also after Ctrl-C), or --help/--version.
     Success = 0,
     /// At least one echo failed: timed out, mismatched, cut short, refused,
-    /// reset; or stdout could not be written.
+    /// reset; the server sent bytes it was never sent; the host did not
+    /// resolve; or stdin could not be read or stdout written.
     Failed = 1,
     /// The command line was wrong.
     Usage = 2,
@@ -43,7 +44,7 @@ enum Exit {
     error_code(0, "every echo came back exact (also when stopped with Ctrl-C)"),
     error_code(
         1,
-        "an echo failed (timed out, mismatched, cut short, refused or reset), or reading stdin or writing stdout failed"
+        "an echo failed (timed out, mismatched, cut short, refused or reset), the server sent bytes it was never sent, the host did not resolve, or reading stdin or writing stdout failed"
     ),
     error_code(2, "usage error"),
     error_code(130, "a second Ctrl-C stopped the run at once")

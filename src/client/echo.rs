@@ -9,9 +9,10 @@
 //! is read would otherwise deadlock with a client that writes everything
 //! first.
 //!
-//! After the last echo the client shuts down its sending side and reads
-//! until the server closes, for a short while: a byte arriving then was
-//! never sent, so the server added it.
+//! Only one echo is due at a time, so a byte already queued behind a
+//! complete echo was never sent: the server added it. After the last echo
+//! the client shuts down its sending side and reads until the server
+//! closes, for a short while, and counts such bytes too.
 
 use std::convert::Infallible;
 use std::io::{self, BufRead, Read, Write};
@@ -27,6 +28,7 @@ use super::stop::StopHandle;
 use super::{ClientConfig, Event, MAX_MESSAGE, Payload, payload};
 use crate::config::deadline_after;
 use crate::error::{interrupted, is_peer_gone, would_block};
+use crate::socket::unread_len;
 
 /// Messages up to this size are written in full before reading: together
 /// they fit in the socket buffers of both ends, so the server can always
@@ -313,6 +315,18 @@ where
                 fail(&mut tally, kind);
             }
         }
+        // Only this echo was due, so any byte already queued behind it was
+        // never sent: a server that repeats itself would otherwise pass
+        // with a repeated message.
+        if let Some(bytes) = unread_len(&socket.stream).filter(|&bytes| bytes > 0) {
+            let kind = FailureKind::Extra {
+                after_seq: seq,
+                peer: socket.peer,
+                bytes,
+            };
+            fail(&mut tally, kind);
+            break false;
+        }
     };
     tally.echoing_ended = Some(Instant::now());
     if in_step {
@@ -459,7 +473,8 @@ impl Socket {
     /// last echo is a normal end: the echoes are all in by then).
     fn read_until_closed(&mut self, wait: Duration) -> io::Result<usize> {
         match self.stream.shutdown(Shutdown::Write) {
-            Err(error) if is_peer_gone(&error) => return Ok(0),
+            // Reset already; what it sent before the reset is still queued.
+            Err(error) if is_peer_gone(&error) => {}
             other => other?,
         }
         let deadline = deadline_after(Instant::now(), wait);
@@ -677,4 +692,64 @@ fn timed_out_after(timeout: Duration) -> io::Error {
         io::ErrorKind::TimedOut,
         format!("timed out after {}", humantime::format_duration(timeout)),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// Every call below is bounded: the connect completes before the accept,
+    /// the poll and the reads have timeouts.
+    const LIMIT: Duration = Duration::from_secs(5);
+
+    /// Ends `stream` with a reset instead of a FIN.
+    fn reset(stream: TcpStream) {
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt reads `linger` for the given length only.
+        let rc = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_LINGER: {}", io::Error::last_os_error());
+    }
+
+    #[test]
+    fn bytes_queued_before_a_reset_count_as_extra() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind on loopback");
+        let addr = listener.local_addr().expect("bound address");
+        let client = TcpStream::connect_timeout(&addr, LIMIT).expect("connect on loopback");
+        let (mut server, _) = listener.accept().expect("the connection is queued");
+        server.write_all(b"!!").expect("two bytes fit the buffer");
+        reset(server);
+        // Wait until the client's socket has seen the reset, so that its
+        // own shutdown finds the connection gone.
+        let mut pollfd = libc::pollfd {
+            fd: client.as_raw_fd(),
+            events: 0,
+            revents: 0,
+        };
+        let millis = LIMIT.as_millis() as i32;
+        // SAFETY: one valid pollfd that outlives the call.
+        let ready = unsafe { libc::poll(&mut pollfd, 1, millis) };
+        assert_eq!(ready, 1, "the reset did not arrive within {LIMIT:?}");
+        let mut socket = Socket {
+            stream: client,
+            peer: addr,
+            read_timeout: None,
+            write_timeout: None,
+        };
+        let extra = socket
+            .read_until_closed(Duration::from_secs(1))
+            .expect("a reset after the echoes is a normal end");
+        assert_eq!(extra, 2, "the two bytes sent before the reset");
+    }
 }

@@ -73,13 +73,15 @@ pub enum FailureKind {
         /// Message length.
         len: usize,
     },
-    /// The server sent bytes after the last echo, which were never sent to it.
+    /// The server sent bytes it was never sent: queued behind an echo, or
+    /// after the last one.
     Extra {
-        /// The last echo's number on the connection (0 if none was sent).
+        /// The echo they followed, on the connection (0 if none was sent).
         after_seq: u64,
         /// The server's address.
         peer: SocketAddr,
-        /// How many bytes came before the server closed or the wait ran out.
+        /// How many bytes were queued behind the echo, or came after the
+        /// last one before the server closed or the wait ran out.
         bytes: usize,
     },
     /// The check after the last echo failed for a reason other than the
@@ -172,12 +174,13 @@ impl fmt::Display for Failure {
                 peer,
                 bytes,
             } => {
+                let unit = if *bytes == 1 { "byte" } else { "bytes" };
                 if *after_seq == 0 {
-                    write!(f, "before any echo, {peer} sent {bytes} bytes")?;
+                    write!(f, "before any echo, {peer} sent {bytes} {unit}")?;
                 } else {
                     write!(
                         f,
-                        "after echo {after_seq}, {peer} sent {bytes} more bytes than it received"
+                        "after echo {after_seq}, {peer} sent {bytes} more {unit} than it received"
                     )?;
                 }
             }

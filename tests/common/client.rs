@@ -206,6 +206,23 @@ pub fn echoes_then_resets(stream: TcpStream) {
     }
 }
 
+/// Sends back everything it reads twice, in one write: the repeat lands
+/// right behind the echo.
+pub fn echoes_everything_twice(stream: TcpStream) {
+    let mut stream = stream;
+    let mut buf = [0u8; 4096];
+    loop {
+        let read = match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        let twice = [&buf[..read], &buf[..read]].concat();
+        if stream.write_all(&twice).is_err() {
+            return;
+        }
+    }
+}
+
 /// Echoes the first message it got (first read) again for every later read:
 /// a server that replays old bytes.
 pub fn replays_first_chunk(stream: TcpStream) {
