@@ -690,6 +690,62 @@ fn a_server_that_repeats_each_echo_fails_at_the_first_repeat() {
 }
 
 #[test]
+fn an_echo_complete_only_after_the_timeout_counts_as_timed_out() {
+    with_time_limit(LIMIT, || {
+        let server = TestServer::start(common::client::echoes_late);
+        // Just under the server's delay: within the few milliseconds by
+        // which a socket timeout can overshoot, so some echoes arrive whole
+        // after the timeout has passed.
+        let timeout = common::client::ECHO_DELAY - Duration::from_millis(2);
+        let config = ClientConfig {
+            timeout,
+            connections: NonZeroUsize::new(20).expect("positive"),
+            ..config_for(server.addr())
+        };
+        let (report, seen) = run_and_record(&config, &StopHandle::new());
+        assert_eq!(
+            (report.echoed, report.timed_out),
+            (0, 20),
+            "every echo took longer than {timeout:?}: {report:#?}\nfailures: {:?}",
+            seen.failures
+        );
+    });
+}
+
+#[test]
+fn bytes_sent_counts_only_what_the_kernel_took() {
+    with_time_limit(LIMIT, || {
+        let server = TestServer::start(common::client::never_reads);
+        let len = client::MAX_MESSAGE;
+        let config = ClientConfig {
+            timeout: Duration::from_millis(500),
+            payload: generated(len),
+            ..config_for(server.addr())
+        };
+        let (report, _) = run_and_record(&config, &StopHandle::new());
+        assert_eq!(report.timed_out, 1, "{report:#?}");
+        // The most a peer that never reads can leave in flight: our send
+        // buffer and its receive buffer at their largest.
+        let most = tcp_buffer_max("tcp_wmem") + tcp_buffer_max("tcp_rmem");
+        assert!(
+            report.bytes_sent <= most.min(len as u64),
+            "{} bytes counted as sent; the kernel can hold {most}: {report:#?}",
+            report.bytes_sent
+        );
+    });
+}
+
+/// The third (largest) figure of `/proc/sys/net/ipv4/{name}`.
+fn tcp_buffer_max(name: &str) -> u64 {
+    let path = format!("/proc/sys/net/ipv4/{name}");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.split_whitespace()
+        .nth(2)
+        .and_then(|max| max.parse().ok())
+        .unwrap_or_else(|| panic!("{path}: no third figure in {text:?}"))
+}
+
+#[test]
 fn a_server_that_resets_after_the_last_echo_is_not_an_error() {
     with_time_limit(LIMIT, || {
         let server = TestServer::start(common::client::echoes_then_resets);

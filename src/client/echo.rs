@@ -259,6 +259,7 @@ where
         Ok(socket) => socket,
         Err(kind) => {
             fail(&mut tally, kind);
+            tally.echoing_ended = Some(Instant::now());
             return tally;
         }
     };
@@ -280,17 +281,30 @@ where
             }
         }
         tally.sent += 1;
-        tally.bytes_sent += message.len() as u64;
         echo.resize(message.len(), 0);
         let started = Instant::now();
         let deadline = deadline_after(started, context.timeout);
-        if let Err(error) = socket.exchange(&message, &mut echo, deadline) {
+        let mut written = 0;
+        let exchanged = socket.exchange(&message, &mut echo, deadline, &mut written);
+        let rtt = started.elapsed();
+        tally.bytes_sent += written as u64;
+        // The socket timeouts may overshoot the deadline by a few
+        // milliseconds; the round trip's own clock decides.
+        let exchanged = exchanged.and_then(|()| {
+            if rtt > context.timeout {
+                Err(ExchangeError::TimedOut {
+                    received: echo.len(),
+                })
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(error) = exchanged {
             let kind = error.into_failure(seq, socket.peer, context.timeout, message.len());
             fail(&mut tally, kind);
             // The stream is out of step (or gone): this connection is done.
             break false;
         }
-        let rtt = started.elapsed();
         tally.bytes_echoed += echo.len() as u64;
         match first_difference(&message, &echo) {
             None => {
@@ -500,21 +514,29 @@ impl Socket {
         Ok(extra)
     }
 
-    /// Sends `message` and fills `echo` (same length) before `deadline`.
+    /// Sends `message` and fills `echo` (same length) before `deadline`,
+    /// counting in `sent` the bytes written, also when it fails.
     fn exchange(
         &mut self,
         message: &[u8],
         echo: &mut [u8],
         deadline: Instant,
+        sent: &mut usize,
     ) -> Result<(), ExchangeError> {
         if message.len() <= INLINE_WRITE_LIMIT {
-            write_all_by(&self.stream, message, deadline, &mut self.write_timeout)?;
+            write_all_by(
+                &self.stream,
+                message,
+                deadline,
+                &mut self.write_timeout,
+                sent,
+            )?;
             return read_exact_by(&self.stream, echo, deadline, &mut self.read_timeout);
         }
         self.stream
             .set_nonblocking(true)
             .map_err(ExchangeError::Io)?;
-        let exchanged = interleave(&self.stream, message, echo, deadline);
+        let exchanged = interleave(&self.stream, message, echo, deadline, sent);
         // Back to blocking for the next small message and the closing check;
         // if that fails, the connection cannot go on anyway.
         let restored = self
@@ -527,25 +549,26 @@ impl Socket {
 
 /// Writes `message` and reads its echo into `echo` on a nonblocking socket,
 /// moving whichever direction can move and waiting in poll(2) for either
-/// when neither can, until `deadline`.
+/// when neither can, until `deadline`. `sent` counts the bytes written.
 fn interleave(
     mut stream: &TcpStream,
     message: &[u8],
     echo: &mut [u8],
     deadline: Instant,
+    sent: &mut usize,
 ) -> Result<(), ExchangeError> {
-    let (mut sent, mut received) = (0, 0);
+    let mut received = 0;
     // Both directions finish: a server that adds bytes can fill the echo
     // early, and the rest of the message must still go out.
-    while received < echo.len() || sent < message.len() {
+    while received < echo.len() || *sent < message.len() {
         // Checked on every pass, so a server that trickles cannot stretch it.
         let left = time_left(deadline, received)?;
         let mut moved = false;
-        if sent < message.len() {
-            match stream.write(&message[sent..]) {
+        if *sent < message.len() {
+            match stream.write(&message[*sent..]) {
                 Ok(0) => return Err(ExchangeError::Io(io::ErrorKind::WriteZero.into())),
                 Ok(written) => {
-                    sent += written;
+                    *sent += written;
                     moved = true;
                 }
                 // A signal arrived, or the send buffer is full: go on reading.
@@ -567,7 +590,7 @@ fn interleave(
             }
         }
         if !moved {
-            wait_for(stream, received < echo.len(), sent < message.len(), left)?;
+            wait_for(stream, received < echo.len(), *sent < message.len(), left)?;
         }
     }
     Ok(())
@@ -608,11 +631,13 @@ fn wait_for(
     Ok(())
 }
 
+/// Writes all of `buf` before `deadline`, counting in `sent` the bytes written.
 fn write_all_by(
     mut stream: &TcpStream,
     mut buf: &[u8],
     deadline: Instant,
     timeout_set: &mut Option<Duration>,
+    sent: &mut usize,
 ) -> Result<(), ExchangeError> {
     while !buf.is_empty() {
         // Writing comes first: nothing of the echo has been read yet.
@@ -625,7 +650,10 @@ fn write_all_by(
         }
         match stream.write(buf) {
             Ok(0) => return Err(ExchangeError::Io(io::ErrorKind::WriteZero.into())),
-            Ok(written) => buf = &buf[written..],
+            Ok(written) => {
+                buf = &buf[written..];
+                *sent += written;
+            }
             // A signal arrived: retry.
             Err(error) if interrupted(&error) => {}
             // The socket timeout ran out; the loop checks the real deadline.

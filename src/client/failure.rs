@@ -34,7 +34,8 @@ pub enum FailureKind {
         /// Why it failed.
         error: io::Error,
     },
-    /// The complete echo did not arrive within the timeout.
+    /// The complete echo did not arrive within the timeout (`received` equals
+    /// `len` when it did arrive, but after the timeout).
     TimedOut {
         /// Echo number on the connection, from 1.
         seq: u64,
@@ -145,7 +146,9 @@ impl fmt::Display for Failure {
             } => {
                 let after = humantime::format_duration(*after);
                 write!(f, "echo {seq} to {peer} timed out after {after}")?;
-                if *received > 0 {
+                if *received == *len {
+                    write!(f, ": all {len} bytes came back, but late")?;
+                } else if *received > 0 {
                     write!(f, ", with {received} of {len} bytes back")?;
                 }
             }

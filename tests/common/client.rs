@@ -99,6 +99,25 @@ pub fn never_reads(stream: TcpStream) {
     drop(stream);
 }
 
+/// How long [`echoes_late`] holds each echo back.
+pub const ECHO_DELAY: Duration = Duration::from_millis(202);
+
+/// Echoes everything, each read's echo [`ECHO_DELAY`] after it came.
+pub fn echoes_late(stream: TcpStream) {
+    let mut stream = stream;
+    let mut buf = [0u8; 4096];
+    loop {
+        let read = match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        thread::sleep(ECHO_DELAY);
+        if stream.write_all(&buf[..read]).is_err() {
+            return;
+        }
+    }
+}
+
 /// Echoes faithfully except that the 6th byte of the stream has its lowest
 /// bit flipped.
 pub fn corrupts_one_byte(stream: TcpStream) {
