@@ -447,22 +447,28 @@ struct Socket {
 }
 
 impl Socket {
-    /// Tries each address in turn, all within one `timeout`.
+    /// Tries each address in turn, all within one `timeout`. Each gets an
+    /// equal share of the time still left (as Go's dialer does), so an
+    /// address that never answers leaves time for the next.
     fn connect(addrs: &[SocketAddr], timeout: Duration) -> Result<Socket, FailureKind> {
         let deadline = deadline_after(Instant::now(), timeout);
-        let mut last = None;
-        for &addr in addrs {
+        let mut attempts = Vec::new();
+        for (at, &addr) in addrs.iter().enumerate() {
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                last = Some((addr, timed_out_after(timeout)));
+            if left.is_zero() && !attempts.is_empty() {
+                // Out of time; the addresses not tried are not named.
                 break;
             }
-            match TcpStream::connect_timeout(&addr, left) {
+            let untried = u32::try_from(addrs.len() - at).unwrap_or(u32::MAX);
+            // connect_timeout refuses a zero duration.
+            let share = (left / untried).max(Duration::from_nanos(1));
+            match TcpStream::connect_timeout(&addr, share) {
                 Ok(stream) => {
                     // Echoes are small and latency-bound; without this, Nagle
                     // would hold back a message's tail.
                     if let Err(error) = stream.set_nodelay(true) {
-                        return Err(FailureKind::Connect { addr, error });
+                        attempts.push((addr, error));
+                        return Err(FailureKind::Connect { attempts });
                     }
                     return Ok(Socket {
                         stream,
@@ -471,12 +477,13 @@ impl Socket {
                         write_timeout: None,
                     });
                 }
-                Err(error) if is_timeout(&error) => last = Some((addr, timed_out_after(timeout))),
-                Err(error) => last = Some((addr, error)),
+                Err(error) if is_timeout(&error) => {
+                    attempts.push((addr, timed_out_after(whole_millis(share))));
+                }
+                Err(error) => attempts.push((addr, error)),
             }
         }
-        let (addr, error) = last.expect("resolve() returns at least one address");
-        Err(FailureKind::Connect { addr, error })
+        Err(FailureKind::Connect { attempts })
     }
 
     /// Says the client is done (half-close), then counts the bytes the
@@ -715,6 +722,17 @@ fn is_timeout(error: &io::Error) -> bool {
     would_block(error) || error.kind() == io::ErrorKind::TimedOut
 }
 
+/// `duration` to the nearest millisecond, for messages (the share of a
+/// timeout is a few microseconds short of a round figure); shorter ones
+/// stay as they are.
+fn whole_millis(duration: Duration) -> Duration {
+    if duration < Duration::from_millis(1) {
+        return duration;
+    }
+    let millis = (duration.as_nanos() + 500_000) / 1_000_000;
+    Duration::from_millis(u64::try_from(millis).unwrap_or(u64::MAX))
+}
+
 fn timed_out_after(timeout: Duration) -> io::Error {
     io::Error::new(
         io::ErrorKind::TimedOut,
@@ -748,6 +766,66 @@ mod tests {
             )
         };
         assert_eq!(rc, 0, "SO_LINGER: {}", io::Error::last_os_error());
+    }
+
+    /// A loopback listener whose accept queue is full, so that a connect
+    /// to it gets no answer (Linux drops the SYN); and the connections that
+    /// fill it, held open.
+    fn unanswering_listener() -> (TcpListener, Vec<TcpStream>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind on loopback");
+        // SAFETY: listen on a socket we own; only its backlog changes.
+        let rc = unsafe { libc::listen(listener.as_raw_fd(), 0) };
+        assert_eq!(rc, 0, "listen: {}", io::Error::last_os_error());
+        let addr = listener.local_addr().expect("bound address");
+        let mut held = Vec::new();
+        while held.len() < 16 {
+            match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                Ok(stream) => held.push(stream),
+                Err(error) if is_timeout(&error) => return (listener, held),
+                Err(error) => panic!("filling the accept queue: {error}"),
+            }
+        }
+        panic!("16 connections did not fill an accept queue of backlog 0");
+    }
+
+    fn connect_error(addrs: &[SocketAddr], timeout: Duration) -> String {
+        match Socket::connect(addrs, timeout) {
+            Ok(socket) => panic!("connected to {}", socket.peer),
+            Err(kind) => Failure {
+                connection: None,
+                kind,
+            }
+            .to_string(),
+        }
+    }
+
+    #[test]
+    fn an_address_that_never_answers_leaves_time_for_the_next() {
+        let (silent, _held) = unanswering_listener();
+        let silent = silent.local_addr().expect("bound address");
+        let working = TcpListener::bind("127.0.0.1:0").expect("bind on loopback");
+        let working = working.local_addr().expect("bound address");
+        let socket = Socket::connect(&[silent, working], Duration::from_secs(2))
+            .unwrap_or_else(|kind| panic!("{kind:?}"));
+        assert_eq!(socket.peer, working);
+    }
+
+    #[test]
+    fn a_failed_connect_names_every_address_tried() {
+        let (silent, _held) = unanswering_listener();
+        let silent = silent.local_addr().expect("bound address");
+        assert_eq!(
+            connect_error(&[silent], Duration::from_millis(300)),
+            format!("cannot connect to {silent}: timed out after 300ms")
+        );
+        // Twice: the first try gets half of the time, the second what is
+        // left then (the first may overshoot a little).
+        let twice = connect_error(&[silent, silent], Duration::from_millis(600));
+        let first = format!("cannot connect to {silent} (timed out after 300ms) or {silent} (");
+        assert!(
+            twice.starts_with(&first) && twice.ends_with("ms)"),
+            "{twice:?} is not {first:?}…ms)"
+        );
     }
 
     #[test]

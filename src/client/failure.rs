@@ -29,10 +29,8 @@ pub enum FailureKind {
     },
     /// No connection could be made (refused, unreachable, timed out).
     Connect {
-        /// The last address tried.
-        addr: SocketAddr,
-        /// Why it failed.
-        error: io::Error,
+        /// Each address tried, in order, and why it failed; never empty.
+        attempts: Vec<(SocketAddr, io::Error)>,
     },
     /// The complete echo did not arrive within the timeout (`received` equals
     /// `len` when it did arrive, but after the timeout).
@@ -134,9 +132,18 @@ impl fmt::Display for Failure {
             FailureKind::Resolve { target, error } => {
                 write!(f, "cannot resolve {target}: {}", describe(error))?;
             }
-            FailureKind::Connect { addr, error } => {
-                write!(f, "cannot connect to {addr}: {}", describe(error))?;
-            }
+            FailureKind::Connect { attempts } => match attempts.as_slice() {
+                [(addr, error)] => write!(f, "cannot connect to {addr}: {}", describe(error))?,
+                [earlier @ .., (last, last_error)] => {
+                    write!(f, "cannot connect to ")?;
+                    for (at, (addr, error)) in earlier.iter().enumerate() {
+                        let comma = if at > 0 { ", " } else { "" };
+                        write!(f, "{comma}{addr} ({})", describe(error))?;
+                    }
+                    write!(f, " or {last} ({})", describe(last_error))?;
+                }
+                [] => write!(f, "cannot connect: no address to try")?,
+            },
             FailureKind::TimedOut {
                 seq,
                 peer,
