@@ -722,7 +722,7 @@ fn bytes_sent_counts_only_what_the_kernel_took() {
             payload: generated(len),
             ..config_for(server.addr())
         };
-        let (report, _) = run_and_record(&config, &StopHandle::new());
+        let (report, seen) = run_and_record(&config, &StopHandle::new());
         assert_eq!(report.timed_out, 1, "{report:#?}");
         // The most a peer that never reads can leave in flight: our send
         // buffer and its receive buffer at their largest.
@@ -732,6 +732,12 @@ fn bytes_sent_counts_only_what_the_kernel_took() {
             "{} bytes counted as sent; the kernel can hold {most}: {report:#?}",
             report.bytes_sent
         );
+        let expected = format!(
+            "echo 1 to {} timed out after 500ms while sending, with {} of {len} bytes sent",
+            server.addr(),
+            report.bytes_sent
+        );
+        assert_eq!(seen.failures, [expected], "{report:#?}");
     });
 }
 

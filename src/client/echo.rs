@@ -300,7 +300,8 @@ where
             }
         });
         if let Err(error) = exchanged {
-            let kind = error.into_failure(seq, socket.peer, context.timeout, message.len());
+            let kind =
+                error.into_failure(seq, socket.peer, context.timeout, message.len(), written);
             fail(&mut tally, kind);
             // The stream is out of step (or gone): this connection is done.
             break false;
@@ -410,18 +411,22 @@ enum ExchangeError {
 }
 
 impl ExchangeError {
+    /// The failure of echo `seq` of a `len`-byte message of which `sent`
+    /// bytes were written.
     fn into_failure(
         self,
         seq: u64,
         peer: SocketAddr,
         timeout: Duration,
         len: usize,
+        sent: usize,
     ) -> FailureKind {
         match self {
             ExchangeError::TimedOut { received } => FailureKind::TimedOut {
                 seq,
                 peer,
                 after: timeout,
+                sent,
                 received,
                 len,
             },

@@ -41,6 +41,9 @@ pub enum FailureKind {
         peer: SocketAddr,
         /// The timeout that ran out.
         after: Duration,
+        /// Bytes of the message written by then (less than `len` when the
+        /// server stopped reading).
+        sent: usize,
         /// Bytes of the echo received by then.
         received: usize,
         /// Message length.
@@ -148,12 +151,18 @@ impl fmt::Display for Failure {
                 seq,
                 peer,
                 after,
+                sent,
                 received,
                 len,
             } => {
                 let after = humantime::format_duration(*after);
                 write!(f, "echo {seq} to {peer} timed out after {after}")?;
-                if *received == *len {
+                if *sent < *len {
+                    write!(f, " while sending, with {sent} of {len} bytes sent")?;
+                    if *received > 0 {
+                        write!(f, " and {received} back")?;
+                    }
+                } else if *received == *len {
                     write!(f, ": all {len} bytes came back, but late")?;
                 } else if *received > 0 {
                     write!(f, ", with {received} of {len} bytes back")?;
