@@ -1,10 +1,13 @@
 //! Logging for the server: one event a line on stderr, each with an RFC 3339
 //! timestamp. Every part of the flow (acceptor, worker, shutdown controller)
 //! holds a copy of the [`Logger`] and asks it before formatting anything, so a
-//! disabled level costs one comparison on the hot path.
+//! disabled level costs one comparison on the hot path. Logging never blocks:
+//! a line that stderr cannot take at once is dropped and counted.
 
 use std::fmt;
 use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use crate::config::LogLevel;
@@ -68,14 +71,48 @@ impl Logger {
     }
 }
 
+/// Lines dropped because stderr would have blocked, not yet reported.
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
 fn write_line(tag: &str, message: fmt::Arguments<'_>) {
     let now = humantime::format_rfc3339_millis(SystemTime::now());
     // Formatted first so the line goes out in one write: stderr is
     // unbuffered, and writing the pieces would cost a syscall each.
-    let line = format!("{now} {tag} {message}\n");
+    let mut line = format!("{now} {tag} {message}\n");
+    let mut stderr = std::io::stderr().lock();
+    // A reader that stopped reading (a paused pager, a stuck log collector)
+    // must not stall the workers or the shutdown: a line that would block
+    // is dropped and counted, and the count goes out with the next line
+    // that fits. Checked under the lock, so no other thread fills the room.
+    if !writable_now(&stderr) {
+        DROPPED.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let dropped = DROPPED.swap(0, Ordering::Relaxed);
+    if dropped > 0 {
+        let unit = if dropped == 1 { "line" } else { "lines" };
+        line.insert_str(
+            0,
+            &format!("{now} WARN {dropped} log {unit} dropped: stderr was not being read\n"),
+        );
+    }
     // A log line that cannot be written (stderr closed, a pipe whose reader
     // left) is lost; eprint! would panic the serving thread instead.
-    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    let _ = stderr.write_all(line.as_bytes());
+}
+
+/// False only when a write to `stderr` would block: a full pipe or socket
+/// (a pipe that polls writable has a page free, more than a line needs).
+/// A closed or broken stderr counts as writable, since writing fails at once.
+fn writable_now(stderr: &impl AsRawFd) -> bool {
+    let mut pollfd = libc::pollfd {
+        fd: stderr.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd that outlives the call; a zero timeout.
+    let ready = unsafe { libc::poll(&mut pollfd, 1, 0) };
+    ready != 0
 }
 
 /// Received bytes as `-v` shows them: lossily decoded, escaped, and cut to 80

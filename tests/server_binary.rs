@@ -249,3 +249,83 @@ fn urgent_bytes_that_arrive_before_accept_are_echoed_in_place() {
         server.stop_cleanly();
     });
 }
+
+/// Reads `stderr` up to and including the next newline, byte by byte so
+/// that nothing after it is taken out of the pipe.
+fn read_line_from(stderr: &mut impl Read) -> String {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while stderr.read_exact(&mut byte).is_ok() && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    String::from_utf8_lossy(&line).into_owned()
+}
+
+#[test]
+fn a_stderr_nobody_reads_stalls_neither_echoes_nor_shutdown() {
+    with_time_limit(Duration::from_secs(120), || {
+        let mut command = std::process::Command::new(SERVER_BIN);
+        dies_with_test(&mut command);
+        let mut child = command
+            .args(["--bind", "127.0.0.1", "--port", "0", "--workers", "2"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn echo-server");
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        // One page: a few dozen log lines fill it.
+        // SAFETY: fcntl on our own end of the pipe; it only resizes the pipe.
+        let rc = unsafe { libc::fcntl(stderr.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
+        assert!(rc > 0, "F_SETPIPE_SZ: {}", std::io::Error::last_os_error());
+        let first = read_line_from(&mut stderr);
+        let addr: std::net::SocketAddr = first
+            .split("listening on ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("no address in the first line {first:?}"));
+        // Each connection logs when it opens and closes: 200 of them write
+        // several times what the pipe holds, and nobody reads it.
+        for at in 1..=200 {
+            try_echo(addr, b"while nobody reads the log", Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("echo {at} with the log pipe full: {e}"));
+        }
+        // Empty the pipe; the next line then goes out, after a count of the
+        // lines dropped meanwhile.
+        // SAFETY: fcntl on our own end of the pipe.
+        let rc = unsafe { libc::fcntl(stderr.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        assert_eq!(rc, 0, "O_NONBLOCK: {}", std::io::Error::last_os_error());
+        let mut chunk = [0u8; 4096];
+        while stderr.read(&mut chunk).is_ok_and(|read| read > 0) {}
+        try_echo(addr, b"after the log was read", Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("echo after the log was read: {e}"));
+        // SAFETY: kill only sends a signal to our own child.
+        let rc = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill");
+        let waited = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait for echo-server") {
+                break status;
+            }
+            assert!(
+                waited.elapsed() < Duration::from_secs(30),
+                "echo-server did not exit within 30 s of SIGTERM"
+            );
+            thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(status.code(), Some(0), "exit status");
+        // SAFETY: fcntl on our own end of the pipe.
+        let rc = unsafe { libc::fcntl(stderr.as_raw_fd(), libc::F_SETFL, 0) };
+        assert_eq!(rc, 0, "blocking again: {}", std::io::Error::last_os_error());
+        let mut rest = String::new();
+        stderr
+            .read_to_string(&mut rest)
+            .expect("the rest of the log");
+        assert!(
+            rest.contains(" WARN ")
+                && rest.contains("log lines dropped: stderr was not being read"),
+            "no count of dropped lines in:\n{rest}"
+        );
+    });
+}

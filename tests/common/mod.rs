@@ -169,6 +169,23 @@ pub fn assert_same_bytes(expected: &[u8], got: &[u8], what: &str) {
     );
 }
 
+/// Makes the child `command` starts die with the thread that started it.
+/// A test that runs out of time leaves its body thread behind, never
+/// dropping its child; the kernel then kills the child when that thread
+/// ends, at the latest when the test process exits.
+pub fn dies_with_test(command: &mut Command) {
+    // SAFETY: prctl is async-signal-safe and touches only the child.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
 /// The `echo-server` binary running as a child, with its stderr collected.
 pub struct ServerProcess {
     child: Child,
@@ -196,19 +213,7 @@ impl ServerProcess {
             "0".into(),
         ];
         all.extend(args.iter().map(|arg| arg.to_string()));
-        // A test that runs out of time leaves its body thread behind, never
-        // dropping this; the kernel then kills the child when that thread
-        // ends, at the latest when the test process exits.
-        // SAFETY: prctl is async-signal-safe and touches only the child.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
+        dies_with_test(&mut command);
         let mut child = command
             .args(&all)
             .stdin(Stdio::null())
