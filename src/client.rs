@@ -194,8 +194,9 @@ pub enum Event<'a> {
 }
 
 /// Runs `config` to the end: every connection does its echoes, or fails, or
-/// stops early because `stop` was triggered. An echo already in flight when
-/// `stop` fires still completes (bounded by the timeout).
+/// stops early because `stop` was triggered. An echo still out when `stop`
+/// fires gets about 0.1 s more (0.2 s at most) before it counts as a
+/// [`FailureKind::Stopped`] failure.
 ///
 /// After its last echo each connection half-closes and reads until the
 /// server closes, for twice the p99 round trip (at least 100 ms, at most the

@@ -334,7 +334,17 @@ fn closed_port_exits_1_at_once() {
 
 #[test]
 fn sigint_during_an_endless_run_prints_the_summary_and_exits_0() {
-    with_time_limit(LIMIT, || {
+    stop_signal_ends_an_endless_run_with_the_summary(libc::SIGINT);
+}
+
+/// What `timeout 10 echo-client --repeat 0` in a CI script sends.
+#[test]
+fn sigterm_during_an_endless_run_prints_the_summary_and_exits_0() {
+    stop_signal_ends_an_endless_run_with_the_summary(libc::SIGTERM);
+}
+
+fn stop_signal_ends_an_endless_run_with_the_summary(signal: i32) {
+    with_time_limit(LIMIT, move || {
         let server = EchoServer::start();
         let mut child = Command::new(CLIENT)
             .args([
@@ -363,8 +373,8 @@ fn sigint_during_an_endless_run_prints_the_summary_and_exits_0() {
             seen.push_str(&line);
         }
         // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
-        let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
-        assert_eq!(sent, 0, "kill(SIGINT) failed");
+        let sent = unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        assert_eq!(sent, 0, "kill({signal}) failed");
         let interrupted = Instant::now();
         stdout
             .read_to_string(&mut seen)

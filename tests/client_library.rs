@@ -752,6 +752,70 @@ fn tcp_buffer_max(name: &str) -> u64 {
 }
 
 #[test]
+fn a_stop_ends_an_echo_still_out_without_waiting_for_the_timeout() {
+    with_time_limit(LIMIT, || {
+        // A short message is written, then read with socket timeouts; a
+        // large one goes through poll(2). Both must notice the stop.
+        for payload in [Payload::Text(b"Hello Echo!".to_vec()), generated(1 << 20)] {
+            let server = TestServer::start(common::client::never_answers);
+            let len = match &payload {
+                Payload::Text(text) => text.len(),
+                Payload::Generated { size } => size.get(),
+            };
+            let config = ClientConfig {
+                timeout: Duration::from_secs(50),
+                payload,
+                ..config_for(server.addr())
+            };
+            let stop = StopHandle::new();
+            let (connected, on_connect) = std::sync::mpsc::channel();
+            let seen = Mutex::new(Seen::default());
+            let (report, stopped_at) = std::thread::scope(|scope| {
+                let run = scope.spawn(|| {
+                    client::run(
+                        &config,
+                        &|event: &Event<'_>| {
+                            if let Event::Connected { .. } = event {
+                                // The test thread may have given up waiting.
+                                let _ = connected.send(());
+                            }
+                            record(&seen, event);
+                        },
+                        &stop,
+                    )
+                    .expect("valid config")
+                });
+                on_connect
+                    .recv_timeout(Duration::from_secs(10))
+                    .expect("the client connects");
+                // Long enough for the message to be out and the client waiting.
+                std::thread::sleep(Duration::from_millis(300));
+                stop.stop();
+                let stopped_at = Instant::now();
+                (run.join().expect("the run does not panic"), stopped_at)
+            });
+            let took = stopped_at.elapsed();
+            let seen = seen.into_inner().expect("observer did not panic");
+            let expected = format!(
+                "echo 1 to {} was still out when the run was stopped, with 0 of {len} bytes back",
+                server.addr()
+            );
+            assert_eq!(seen.failures, [expected], "{report:#?}");
+            assert_eq!(
+                (report.sent, report.echoed, report.errors),
+                (1, 0, 1),
+                "{report:#?}"
+            );
+            // Nowhere near the 50 s timeout, with room for a loaded machine.
+            assert!(
+                took < Duration::from_secs(10),
+                "the run took {took:?} after the stop"
+            );
+        }
+    });
+}
+
+#[test]
 fn a_server_that_resets_after_the_last_echo_is_not_an_error() {
     with_time_limit(LIMIT, || {
         let server = TestServer::start(common::client::echoes_then_resets);

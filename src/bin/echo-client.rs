@@ -40,14 +40,14 @@ enum Exit {
 /// check that every byte comes back, with ping-style statistics.
 #[derive(FromArgs, Debug)]
 #[argh(
-    note = "Each connection runs on its own thread with blocking sockets: fine up to about 1000 connections (at most 10000).\nPercentiles come from a histogram accurate to within 0.4%; min/avg/max/mdev are exact (mdev is the population standard deviation, as in ping).\nCtrl-C stops sending and prints the summary; a second Ctrl-C exits at once.",
+    note = "Each connection runs on its own thread with blocking sockets: fine up to about 1000 connections (at most 10000).\nPercentiles come from a histogram accurate to within 0.4%; min/avg/max/mdev are exact (mdev is the population standard deviation, as in ping).\nCtrl-C (or SIGTERM, SIGHUP) stops sending and prints the summary; an echo still out gets 0.1 s more. A second one exits at once.",
     error_code(0, "every echo came back exact (also when stopped with Ctrl-C)"),
     error_code(
         1,
         "an echo failed (timed out, mismatched, cut short, refused or reset), the server sent bytes it was never sent, the host did not resolve, or reading stdin or writing stdout failed"
     ),
     error_code(2, "usage error"),
-    error_code(130, "a second Ctrl-C stopped the run at once")
+    error_code(130, "a second Ctrl-C, SIGTERM or SIGHUP stopped the run at once")
 )]
 struct Args {
     // Brackets in a doc comment would be taken for a rustdoc link.
@@ -311,7 +311,8 @@ fn parse_duration(value: &str) -> Result<Duration, String> {
         .map_err(|error| format!("expected a duration such as 2s or 500ms ({error})"))
 }
 
-/// First Ctrl-C: stop sending and print the summary. Second: exit at once.
+/// First Ctrl-C (or SIGTERM or SIGHUP, with ctrlc's `termination` feature):
+/// stop sending and print the summary. Second: exit at once.
 fn install_ctrl_c(stop: &StopHandle) {
     let stop = stop.clone();
     let presses = AtomicUsize::new(0);

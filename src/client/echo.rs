@@ -40,6 +40,10 @@ const INLINE_WRITE_LIMIT: usize = 64 * 1024;
 /// saves a `setsockopt` per read on the common path.
 const TIMEOUT_SLACK: Duration = Duration::from_millis(5);
 
+/// The longest a blocked read or write waits before it looks at the stop
+/// handle again; once stopped, an echo in flight gets one more such wait.
+const STOP_CHECK: Duration = Duration::from_millis(100);
+
 /// The shortest wait for a server's close after the last echo, and the
 /// whole wait once the run is stopped; otherwise it is twice the p99 round
 /// trip, and never more than the timeout.
@@ -285,7 +289,7 @@ where
         let started = Instant::now();
         let deadline = deadline_after(started, context.timeout);
         let mut written = 0;
-        let exchanged = socket.exchange(&message, &mut echo, deadline, &mut written);
+        let exchanged = socket.exchange(&message, &mut echo, deadline, context.stop, &mut written);
         let rtt = started.elapsed();
         tally.bytes_sent += written as u64;
         // The socket timeouts may overshoot the deadline by a few
@@ -351,7 +355,7 @@ where
             let p99 = tally.rtt.percentile(0.99).unwrap_or_default();
             (p99 * 2).max(MIN_CLOSING_WAIT)
         };
-        match socket.read_until_closed(wait.min(context.timeout)) {
+        match socket.read_until_closed(wait.min(context.timeout), context.stop) {
             Ok(0) => {}
             Ok(bytes) => fail(
                 &mut tally,
@@ -407,6 +411,10 @@ enum ExchangeError {
     Closed {
         received: usize,
     },
+    /// The run was stopped and the echo still had not come back.
+    Stopped {
+        received: usize,
+    },
     Io(io::Error),
 }
 
@@ -433,6 +441,13 @@ impl ExchangeError {
             ExchangeError::Closed { received } => FailureKind::Closed {
                 seq,
                 peer,
+                received,
+                len,
+            },
+            ExchangeError::Stopped { received } => FailureKind::Stopped {
+                seq,
+                peer,
+                sent,
                 received,
                 len,
             },
@@ -492,21 +507,28 @@ impl Socket {
     }
 
     /// Says the client is done (half-close), then counts the bytes the
-    /// server still sends until it closes or `wait` runs out.
+    /// server still sends until it closes or `wait` runs out, or
+    /// [`MIN_CLOSING_WAIT`] after `stop` fires.
     ///
     /// # Errors
     /// A socket error other than the server going away (a reset after the
     /// last echo is a normal end: the echoes are all in by then).
-    fn read_until_closed(&mut self, wait: Duration) -> io::Result<usize> {
+    fn read_until_closed(&mut self, wait: Duration, stop: &StopHandle) -> io::Result<usize> {
         match self.stream.shutdown(Shutdown::Write) {
             // Reset already; what it sent before the reset is still queued.
             Err(error) if is_peer_gone(&error) => {}
             other => other?,
         }
-        let deadline = deadline_after(Instant::now(), wait);
+        let mut deadline = deadline_after(Instant::now(), wait);
+        let mut cut_short = false;
         let mut extra = 0;
         let mut buf = [0u8; 4096];
         while let Ok(left) = time_left(deadline, 0) {
+            let left = left.min(STOP_CHECK);
+            if !cut_short && stop.is_stopped() {
+                cut_short = true;
+                deadline = deadline.min(deadline_after(Instant::now(), MIN_CLOSING_WAIT));
+            }
             if needs_reset(self.read_timeout, left) {
                 self.stream.set_read_timeout(Some(left))?;
                 self.read_timeout = Some(left);
@@ -526,29 +548,36 @@ impl Socket {
         Ok(extra)
     }
 
-    /// Sends `message` and fills `echo` (same length) before `deadline`,
-    /// counting in `sent` the bytes written, also when it fails.
+    /// Sends `message` and fills `echo` (same length) before `deadline`, or
+    /// about [`STOP_CHECK`] after `stop` fires, counting in `sent` the bytes
+    /// written, also when it fails.
     fn exchange(
         &mut self,
         message: &[u8],
         echo: &mut [u8],
         deadline: Instant,
+        stop: &StopHandle,
         sent: &mut usize,
     ) -> Result<(), ExchangeError> {
+        let mut limit = RoundTripLimit {
+            deadline,
+            stop,
+            stop_seen: None,
+        };
         if message.len() <= INLINE_WRITE_LIMIT {
             write_all_by(
                 &self.stream,
                 message,
-                deadline,
+                &mut limit,
                 &mut self.write_timeout,
                 sent,
             )?;
-            return read_exact_by(&self.stream, echo, deadline, &mut self.read_timeout);
+            return read_exact_by(&self.stream, echo, &mut limit, &mut self.read_timeout);
         }
         self.stream
             .set_nonblocking(true)
             .map_err(ExchangeError::Io)?;
-        let exchanged = interleave(&self.stream, message, echo, deadline, sent);
+        let exchanged = interleave(&self.stream, message, echo, &mut limit, sent);
         // Back to blocking for the next small message and the closing check;
         // if that fails, the connection cannot go on anyway.
         let restored = self
@@ -561,12 +590,12 @@ impl Socket {
 
 /// Writes `message` and reads its echo into `echo` on a nonblocking socket,
 /// moving whichever direction can move and waiting in poll(2) for either
-/// when neither can, until `deadline`. `sent` counts the bytes written.
+/// when neither can, within `limit`. `sent` counts the bytes written.
 fn interleave(
     mut stream: &TcpStream,
     message: &[u8],
     echo: &mut [u8],
-    deadline: Instant,
+    limit: &mut RoundTripLimit<'_>,
     sent: &mut usize,
 ) -> Result<(), ExchangeError> {
     let mut received = 0;
@@ -574,7 +603,7 @@ fn interleave(
     // early, and the rest of the message must still go out.
     while received < echo.len() || *sent < message.len() {
         // Checked on every pass, so a server that trickles cannot stretch it.
-        let left = time_left(deadline, received)?;
+        let wait = limit.next_wait(received)?;
         let mut moved = false;
         if *sent < message.len() {
             match stream.write(&message[*sent..]) {
@@ -601,21 +630,21 @@ fn interleave(
                 Err(error) => return Err(ExchangeError::Io(error)),
             }
         }
-        if !moved {
-            wait_for(stream, received < echo.len(), *sent < message.len(), left)?;
+        if !moved && !wait_for(stream, received < echo.len(), *sent < message.len(), wait)? {
+            limit.after_idle_wait(received)?;
         }
     }
     Ok(())
 }
 
 /// Waits until `stream` is readable if `reading`, or writable if `writing`,
-/// for at most `left`.
+/// for at most `left`; false if that time passed with neither.
 fn wait_for(
     stream: &TcpStream,
     reading: bool,
     writing: bool,
     left: Duration,
-) -> Result<(), ExchangeError> {
+) -> Result<bool, ExchangeError> {
     let mut events = 0;
     if reading {
         events |= libc::POLLIN;
@@ -640,20 +669,20 @@ fn wait_for(
         }
     }
     // Readiness, an error or a hang-up: the next read or write says which.
-    Ok(())
+    Ok(ready != 0)
 }
 
-/// Writes all of `buf` before `deadline`, counting in `sent` the bytes written.
+/// Writes all of `buf` within `limit`, counting in `sent` the bytes written.
 fn write_all_by(
     mut stream: &TcpStream,
     mut buf: &[u8],
-    deadline: Instant,
+    limit: &mut RoundTripLimit<'_>,
     timeout_set: &mut Option<Duration>,
     sent: &mut usize,
 ) -> Result<(), ExchangeError> {
     while !buf.is_empty() {
         // Writing comes first: nothing of the echo has been read yet.
-        let left = time_left(deadline, 0)?;
+        let left = limit.next_wait(0)?;
         if needs_reset(*timeout_set, left) {
             stream
                 .set_write_timeout(Some(left))
@@ -669,22 +698,23 @@ fn write_all_by(
             // A signal arrived: retry.
             Err(error) if interrupted(&error) => {}
             // The socket timeout ran out; the loop checks the real deadline.
-            Err(error) if is_timeout(&error) => {}
+            Err(error) if is_timeout(&error) => limit.after_idle_wait(0)?,
             Err(error) => return Err(ExchangeError::Io(error)),
         }
     }
     Ok(())
 }
 
+/// Fills `buf` within `limit`.
 fn read_exact_by(
     mut stream: &TcpStream,
     buf: &mut [u8],
-    deadline: Instant,
+    limit: &mut RoundTripLimit<'_>,
     timeout_set: &mut Option<Duration>,
 ) -> Result<(), ExchangeError> {
     let mut filled = 0;
     while filled < buf.len() {
-        let left = time_left(deadline, filled)?;
+        let left = limit.next_wait(filled)?;
         if needs_reset(*timeout_set, left) {
             stream
                 .set_read_timeout(Some(left))
@@ -698,11 +728,45 @@ fn read_exact_by(
             // A signal arrived: retry.
             Err(error) if interrupted(&error) => {}
             // The socket timeout ran out; the loop checks the real deadline.
-            Err(error) if is_timeout(&error) => {}
+            Err(error) if is_timeout(&error) => limit.after_idle_wait(filled)?,
             Err(error) => return Err(ExchangeError::Io(error)),
         }
     }
     Ok(())
+}
+
+/// When a round trip must end: at its deadline, or once the run has been
+/// stopped for a [`STOP_CHECK`] with the server silent. The stop handle is
+/// looked at only after a wait that brought nothing, so a server that
+/// answers costs no more than before.
+struct RoundTripLimit<'a> {
+    deadline: Instant,
+    stop: &'a StopHandle,
+    /// When a wait that brought nothing first found the run stopped.
+    stop_seen: Option<Instant>,
+}
+
+impl RoundTripLimit<'_> {
+    /// How long the next wait may block: until the deadline, but at most
+    /// [`STOP_CHECK`]. Past the deadline, a timeout with `received` bytes
+    /// of the echo back.
+    fn next_wait(&self, received: usize) -> Result<Duration, ExchangeError> {
+        Ok(time_left(self.deadline, received)?.min(STOP_CHECK))
+    }
+
+    /// After a wait that brought nothing: stopped for a [`STOP_CHECK`]
+    /// already, the round trip ends with `received` bytes back.
+    fn after_idle_wait(&mut self, received: usize) -> Result<(), ExchangeError> {
+        if !self.stop.is_stopped() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let seen = *self.stop_seen.get_or_insert(now);
+        if now.duration_since(seen) >= STOP_CHECK {
+            return Err(ExchangeError::Stopped { received });
+        }
+        Ok(())
+    }
 }
 
 /// The time left before `deadline`; past it, a timeout with `received`
@@ -859,7 +923,7 @@ mod tests {
             write_timeout: None,
         };
         let extra = socket
-            .read_until_closed(Duration::from_secs(1))
+            .read_until_closed(Duration::from_secs(1), &StopHandle::new())
             .expect("a reset after the echoes is a normal end");
         assert_eq!(extra, 2, "the two bytes sent before the reset");
     }

@@ -75,6 +75,20 @@ pub enum FailureKind {
         /// Message length.
         len: usize,
     },
+    /// The run was stopped (Ctrl-C) while the echo was still out, and it did
+    /// not come back within a moment.
+    Stopped {
+        /// Echo number on the connection, from 1.
+        seq: u64,
+        /// The server's address.
+        peer: SocketAddr,
+        /// Bytes of the message written by then.
+        sent: usize,
+        /// Bytes of the echo received by then.
+        received: usize,
+        /// Message length.
+        len: usize,
+    },
     /// The server sent bytes it was never sent: queued behind an echo, or
     /// after the last one.
     Extra {
@@ -188,6 +202,23 @@ impl fmt::Display for Failure {
                 f,
                 "echo {seq}: {peer} closed the connection after {received} of {len} bytes"
             )?,
+            FailureKind::Stopped {
+                seq,
+                peer,
+                sent,
+                received,
+                len,
+            } => {
+                write!(
+                    f,
+                    "echo {seq} to {peer} was still out when the run was stopped"
+                )?;
+                if *sent < *len {
+                    write!(f, ", with {sent} of {len} bytes sent and {received} back")?;
+                } else {
+                    write!(f, ", with {received} of {len} bytes back")?;
+                }
+            }
             FailureKind::Extra {
                 after_seq,
                 peer,

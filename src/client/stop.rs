@@ -29,8 +29,10 @@ impl StopHandle {
         }
     }
 
-    /// Stops sending: each connection finishes the echo in flight, if any,
-    /// and sends no more. Calling it again does nothing.
+    /// Stops sending: each connection sends no more, and an echo still out
+    /// gets about 0.1 s more to come back before it counts as a failure
+    /// ([`FailureKind::Stopped`](super::FailureKind::Stopped)). Calling it
+    /// again does nothing.
     pub fn stop(&self) {
         // A panic elsewhere while holding the lock cannot leave the Option
         // half-written, so the poisoned value is still good.
