@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::client::{CLIENT, EchoServer, JSON_KEYS, Json, TestServer, run_client};
-use common::{run_with_io, with_time_limit};
+use common::{limit_address_space, run_command, run_with_io, with_time_limit};
 
 /// The most one client process may run; it is killed after that.
 const LIMIT: Duration = Duration::from_secs(60);
@@ -507,6 +507,28 @@ fn version_prints_the_package_version() {
         assert_eq!(
             run.stdout,
             format!("echo-client {}\n", env!("CARGO_PKG_VERSION"))
+        );
+    });
+}
+
+#[test]
+fn a_message_that_memory_cannot_hold_is_one_line_and_exit_1() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = EchoServer::start();
+        let addr = server.addr().to_string();
+        let args = [addr.as_str(), "--size", "64MiB", "-q"];
+        let mut command = Command::new(CLIENT);
+        command.args(args);
+        // Room for the program, not for a 64 MiB message and its echo.
+        limit_address_space(&mut command, 150 << 20);
+        let output = run_command(command, b"", Stdio::piped(), LIMIT);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let context = common::describe(CLIENT, &args, &output);
+        assert_eq!(output.status.code(), Some(1), "{context}");
+        assert_eq!(
+            stderr.trim_end(),
+            "echo-client: cannot allocate 67108864 bytes for a message: out of memory",
+            "{context}"
         );
     });
 }

@@ -150,7 +150,7 @@ impl Messages for RepeatedMessages<'_> {
                 }
             }
             Payload::Generated { size } => {
-                buf.resize(size.get(), 0);
+                resize(buf, size.get())?;
                 payload::fill(buf, self.seed, self.connection, seq);
             }
         }
@@ -284,8 +284,11 @@ where
                 break false;
             }
         }
+        if let Err(kind) = resize(&mut echo, message.len()) {
+            fail(&mut tally, kind);
+            break false;
+        }
         tally.sent += 1;
-        echo.resize(message.len(), 0);
         let started = Instant::now();
         let deadline = deadline_after(started, context.timeout);
         let mut written = 0;
@@ -393,6 +396,17 @@ where
         (self.observer)(&Event::Failed(&failure));
         tally
     }
+}
+
+/// Makes `buf` `len` bytes long, or says that memory ran out (under
+/// `ulimit -v`, say) instead of aborting the process.
+fn resize(buf: &mut Vec<u8>, len: usize) -> Result<(), FailureKind> {
+    let more = len.saturating_sub(buf.len());
+    if buf.try_reserve_exact(more).is_err() {
+        return Err(FailureKind::OutOfMemory { bytes: len });
+    }
+    buf.resize(len, 0);
+    Ok(())
 }
 
 fn first_difference(sent: &[u8], echoed: &[u8]) -> Option<usize> {

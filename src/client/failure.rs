@@ -122,6 +122,11 @@ pub enum FailureKind {
         /// The read error.
         error: io::Error,
     },
+    /// A message or its echo buffer could not be allocated.
+    OutOfMemory {
+        /// The size asked for.
+        bytes: usize,
+    },
     /// The operating system would not start another connection thread.
     Spawn {
         /// The spawn error.
@@ -246,6 +251,12 @@ impl fmt::Display for Failure {
             }
             FailureKind::Input { error } => {
                 write!(f, "cannot read standard input: {}", describe(error))?;
+            }
+            FailureKind::OutOfMemory { bytes } => {
+                write!(
+                    f,
+                    "cannot allocate {bytes} bytes for a message: out of memory"
+                )?;
             }
             FailureKind::Spawn { error } => {
                 // Not `describe`: EAGAIN here means out of threads, not a timeout.

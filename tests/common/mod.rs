@@ -66,15 +66,25 @@ pub fn need_open_files(count: u64) {
 /// Makes `command`'s process start with at most `count` open files, soft
 /// and hard, so that it cannot raise the limit again.
 pub fn limit_open_files(command: &mut Command, count: u64) {
+    limit_resource(command, libc::RLIMIT_NOFILE, count);
+}
+
+/// Makes `command`'s process start with at most `bytes` of address space
+/// (`ulimit -v`), so that a large allocation fails instead of succeeding.
+pub fn limit_address_space(command: &mut Command, bytes: u64) {
+    limit_resource(command, libc::RLIMIT_AS, bytes);
+}
+
+fn limit_resource(command: &mut Command, resource: libc::__rlimit_resource_t, value: u64) {
     let limit = libc::rlimit {
-        rlim_cur: count as libc::rlim_t,
-        rlim_max: count as libc::rlim_t,
+        rlim_cur: value as libc::rlim_t,
+        rlim_max: value as libc::rlim_t,
     };
     // SAFETY: setrlimit is async-signal-safe and reads only `limit`, which
     // the closure owns.
     unsafe {
         command.pre_exec(move || {
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+            if libc::setrlimit(resource, &limit) == 0 {
                 Ok(())
             } else {
                 Err(std::io::Error::last_os_error())
@@ -374,8 +384,20 @@ pub fn run_with_io(
     stdout: Stdio,
     limit: Duration,
 ) -> Output {
-    let mut child = Command::new(program)
-        .args(args)
+    let mut command = Command::new(program);
+    command.args(args);
+    run_command(command, stdin, stdout, limit)
+}
+
+/// Like [`run_with_io`], for a prepared command (one with
+/// [`limit_address_space`], say).
+pub fn run_command(mut command: Command, stdin: &[u8], stdout: Stdio, limit: Duration) -> Output {
+    let program = command.get_program().to_string_lossy().into_owned();
+    let args: Vec<String> = command
+        .get_args()
+        .map(|arg| arg.to_string_lossy().into_owned())
+        .collect();
+    let mut child = command
         .stdin(Stdio::piped())
         .stdout(stdout)
         .stderr(Stdio::piped())
