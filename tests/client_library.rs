@@ -816,6 +816,47 @@ fn a_stop_ends_an_echo_still_out_without_waiting_for_the_timeout() {
 }
 
 #[test]
+fn a_stop_lets_a_slow_but_answering_server_finish_the_echo_in_flight() {
+    with_time_limit(LIMIT, || {
+        // Each echo takes about 400 ms, and the stop comes early in echo 4:
+        // the patience after a stop follows the round trips seen so far.
+        let server = TestServer::start(common::client::echoes_late);
+        let config = ClientConfig {
+            repeat: 0,
+            ..config_for(server.addr())
+        };
+        let stop = StopHandle::new();
+        let (third, on_third) = std::sync::mpsc::channel();
+        let seen = Mutex::new(Seen::default());
+        let report = std::thread::scope(|scope| {
+            let run = scope.spawn(|| {
+                client::run(
+                    &config,
+                    &|event: &Event<'_>| {
+                        if let Event::Echoed { seq: 3, .. } = event {
+                            // The test thread may have given up waiting.
+                            let _ = third.send(());
+                        }
+                        record(&seen, event);
+                    },
+                    &stop,
+                )
+                .expect("valid config")
+            });
+            on_third
+                .recv_timeout(Duration::from_secs(20))
+                .expect("three echoes come back");
+            std::thread::sleep(Duration::from_millis(20));
+            stop.stop();
+            run.join().expect("the run does not panic")
+        });
+        let seen = seen.into_inner().expect("observer did not panic");
+        assert!(seen.failures.is_empty(), "{:?}\n{report:#?}", seen.failures);
+        assert_eq!((report.sent, report.echoed), (4, 4), "{report:#?}");
+    });
+}
+
+#[test]
 fn a_server_that_resets_after_the_last_echo_is_not_an_error() {
     with_time_limit(LIMIT, || {
         let server = TestServer::start(common::client::echoes_then_resets);

@@ -1,4 +1,4 @@
-//! The `echo-client` binary: parses arguments, installs the Ctrl-C handler,
+//! The `echo-client` binary: parses arguments, installs the stop signals,
 //! calls `echo_chamber::client`, prints each event and the summary, and picks
 //! the exit code. All network logic lives in the library.
 
@@ -6,15 +6,20 @@ use std::fmt;
 use std::io::{self, BufReader, IsTerminal};
 use std::num::NonZeroUsize;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use argh::FromArgs;
+use signal_hook::consts::SIGTERM;
+use signal_hook::iterator::Signals;
+use stop_signals::{Meaning, StopSignals};
 
 #[path = "common/cli.rs"]
 mod cli;
+#[path = "common/stop_signals.rs"]
+mod stop_signals;
 use echo_chamber::client::{
     self, ClientConfig, Event, MAX_CONNECTIONS, Payload, Report, StopHandle, Target,
 };
@@ -29,8 +34,9 @@ enum Exit {
     /// Every echo came back exact (also after Ctrl-C), or --help/--version.
     Success = 0,
     /// At least one echo failed: timed out, mismatched, cut short, refused,
-    /// reset; the server sent bytes it was never sent; the host did not
-    /// resolve; or stdin could not be read or stdout written.
+    /// reset, or still out when stopped; the server sent bytes it was never
+    /// sent; the host did not resolve; a message could not be allocated; or
+    /// stdin could not be read or stdout written.
     Failed = 1,
     /// The command line was wrong.
     Usage = 2,
@@ -40,14 +46,14 @@ enum Exit {
 /// check that every byte comes back, with ping-style statistics.
 #[derive(FromArgs, Debug)]
 #[argh(
-    note = "Each connection runs on its own thread with blocking sockets: fine up to about 1000 connections (at most 10000).\nPercentiles come from a histogram accurate to within 0.4%; min/avg/max/mdev are exact (mdev is the population standard deviation, as in ping).\nCtrl-C (or SIGTERM, SIGHUP) stops sending and prints the summary; an echo still out gets 0.1 s more. A second one exits at once.",
+    note = "Each connection runs on its own thread with blocking sockets: fine up to about 1000 connections (at most 10000).\nPercentiles come from a histogram accurate to within 0.4%; min/avg/max/mdev are exact (mdev is the population standard deviation, as in ping).\nCtrl-C (or SIGTERM) stops sending and prints the summary; an echo still out gets twice the p99 round trip more. A second one, 0.5 s or more later, exits at once.",
     error_code(0, "every echo came back exact (also when stopped with Ctrl-C)"),
     error_code(
         1,
-        "an echo failed (timed out, mismatched, cut short, refused or reset), the server sent bytes it was never sent, the host did not resolve, or reading stdin or writing stdout failed"
+        "an echo failed (timed out, mismatched, cut short, refused or reset), the server sent bytes it was never sent, the host did not resolve, a message could not be allocated, or reading stdin or writing stdout failed"
     ),
     error_code(2, "usage error"),
-    error_code(130, "a second Ctrl-C, SIGTERM or SIGHUP stopped the run at once")
+    error_code(130, "a second Ctrl-C or SIGTERM stopped the run at once")
 )]
 struct Args {
     // Brackets in a doc comment would be taken for a rustdoc link.
@@ -158,7 +164,7 @@ fn run() -> Exit {
     };
 
     let stop = StopHandle::new();
-    install_ctrl_c(&stop);
+    install_stop_signals(&stop);
     let printer = Printer::new(&args, config.connections.get() > 1, stop.clone());
     let observer = |event: &Event<'_>| printer.on_event(event);
     let show_progress = on(args.quiet) && io::stderr().is_terminal();
@@ -311,22 +317,42 @@ fn parse_duration(value: &str) -> Result<Duration, String> {
         .map_err(|error| format!("expected a duration such as 2s or 500ms ({error})"))
 }
 
-/// First Ctrl-C (or SIGTERM or SIGHUP, with ctrlc's `termination` feature):
-/// stop sending and print the summary. Second: exit at once.
-fn install_ctrl_c(stop: &StopHandle) {
-    let stop = stop.clone();
-    let presses = AtomicUsize::new(0);
-    let installed = ctrlc::set_handler(move || {
-        if presses.fetch_add(1, Ordering::SeqCst) == 0 {
-            stop.stop();
-        } else {
-            std::process::exit(130);
+/// First Ctrl-C or SIGTERM: stop sending and print the summary. A later
+/// one exits at once with 130 (see [`stop_signals`] for repeats). Ctrl-C
+/// comes through ctrlc, SIGTERM through a signal-hook thread; SIGHUP keeps
+/// its default action, so `nohup` still works.
+fn install_stop_signals(stop: &StopHandle) {
+    let received = Arc::new(Mutex::new(StopSignals::default()));
+    let on_signal = {
+        let stop = stop.clone();
+        move || {
+            let meaning = received
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .arrived();
+            match meaning {
+                Meaning::Stop => stop.stop(),
+                Meaning::Repeat => {}
+                Meaning::ExitNow => std::process::exit(130),
+            }
         }
-    });
-    if let Err(error) = installed {
+    };
+    let on_sigterm = on_signal.clone();
+    if let Err(error) = ctrlc::set_handler(on_signal) {
         cli::print_err(
             PROG,
             format_args!("Ctrl-C will end the run without a summary: {error}"),
+        );
+    }
+    let watching = Signals::new([SIGTERM]).and_then(|mut signals| {
+        thread::Builder::new()
+            .name("echo-client-sigterm".into())
+            .spawn(move || signals.forever().for_each(|_| on_sigterm()))
+    });
+    if let Err(error) = watching {
+        cli::print_err(
+            PROG,
+            format_args!("SIGTERM will end the run without a summary: {error}"),
         );
     }
 }

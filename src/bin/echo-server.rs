@@ -11,6 +11,8 @@ use argh::FromArgs;
 
 #[path = "common/cli.rs"]
 mod cli;
+#[path = "common/stop_signals.rs"]
+mod stop_signals;
 use echo_chamber::config::{self, LogLevel, ServerConfig};
 use echo_chamber::error::io_cause;
 use echo_chamber::limits;
@@ -18,6 +20,7 @@ use echo_chamber::server::Server;
 use echo_chamber::shutdown::ShutdownHandle;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
+use stop_signals::{Meaning, StopSignals};
 
 const PROG: &str = "echo-server";
 /// Exit code of a runtime error.
@@ -28,7 +31,8 @@ const EXIT_USAGE: u8 = 2;
 #[derive(FromArgs)]
 /// A byte-exact RFC 862 echo server: every byte received on a TCP connection
 /// is sent back, in order and unchanged. SIGINT or SIGTERM drains open
-/// connections and exits 0; a second signal exits at once (130 or 143).
+/// connections and exits 0; a second signal (0.5 s or more after the first)
+/// exits at once (130 or 143).
 /// Exit codes: 0 clean stop, 1 runtime error, 2 usage error.
 struct Args {
     /// address to listen on, IPv4 or IPv6 (default 0.0.0.0)
@@ -265,13 +269,13 @@ fn spawn_signal_thread(mut signals: Signals, shutdown: ShutdownHandle) -> Result
             // Counted here, not read from the controller: a drain that a
             // dying worker started must not turn the user's first signal
             // into an immediate exit.
-            let mut received = 0;
+            let mut received = StopSignals::default();
             for signal in signals.forever() {
-                received += 1;
-                if received > 1 {
-                    std::process::exit(128 + signal);
+                match received.arrived() {
+                    Meaning::Stop => shutdown.shutdown(),
+                    Meaning::Repeat => {}
+                    Meaning::ExitNow => std::process::exit(128 + signal),
                 }
-                shutdown.shutdown();
             }
         })
         .map(drop)

@@ -290,3 +290,30 @@ pub(crate) fn describe(error: &io::Error) -> String {
         _ => crate::error::io_cause(error),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_connect_names_every_address_tried_with_its_cause() {
+        let v6: SocketAddr = "[::1]:7".parse().expect("an address");
+        let v4: SocketAddr = "127.0.0.1:7".parse().expect("an address");
+        let failure = Failure {
+            connection: None,
+            kind: FailureKind::Connect {
+                attempts: vec![
+                    (
+                        v6,
+                        io::Error::new(io::ErrorKind::TimedOut, "timed out after 2s 500ms"),
+                    ),
+                    (v4, io::ErrorKind::ConnectionRefused.into()),
+                ],
+            },
+        };
+        assert_eq!(
+            failure.to_string(),
+            "cannot connect to [::1]:7 (timed out after 2s 500ms) or 127.0.0.1:7 (connection refused)"
+        );
+    }
+}

@@ -30,7 +30,8 @@ impl StopHandle {
     }
 
     /// Stops sending: each connection sends no more, and an echo still out
-    /// gets about 0.1 s more to come back before it counts as a failure
+    /// gets about twice the connection's p99 round trip more to come back
+    /// before it counts as a failure
     /// ([`FailureKind::Stopped`](super::FailureKind::Stopped)). Calling it
     /// again does nothing.
     pub fn stop(&self) {

@@ -100,7 +100,7 @@ pub fn never_reads(stream: TcpStream) {
 }
 
 /// How long [`echoes_late`] holds each echo back.
-pub const ECHO_DELAY: Duration = Duration::from_millis(202);
+pub const ECHO_DELAY: Duration = Duration::from_millis(402);
 
 /// Echoes everything, each read's echo [`ECHO_DELAY`] after it came.
 pub fn echoes_late(stream: TcpStream) {
