@@ -10,8 +10,9 @@
 //! is read would otherwise deadlock with a client that writes everything
 //! first.
 //!
-//! Only one echo is due at a time, so a byte already queued behind a
-//! complete echo was never sent: the server added it. After the last echo
+//! Only one echo is due at a time, so a byte that comes with a complete
+//! echo was never sent: the server added it. Echoes are read into a buffer
+//! one byte longer, so such a byte shows without another syscall. After the last echo
 //! the client shuts down its sending side and reads until the server
 //! closes, for a short while, and counts such bytes too.
 
@@ -291,7 +292,9 @@ where
                 break false;
             }
         }
-        if let Err(kind) = resize(&mut echo, message.len()) {
+        // One byte of room past the echo: a read that fills it shows, with
+        // no extra syscall, that the server sent more than it was sent.
+        if let Err(kind) = resize(&mut echo, message.len() + 1) {
             fail(&mut tally, kind);
             break false;
         }
@@ -312,24 +315,28 @@ where
         tally.bytes_sent += written as u64;
         // The socket timeouts may overshoot the deadline by a few
         // milliseconds; the round trip's own clock decides.
-        let exchanged = exchanged.and_then(|()| {
+        let exchanged = exchanged.and_then(|more| {
             if rtt > context.timeout {
                 Err(ExchangeError::TimedOut {
-                    received: echo.len(),
+                    received: message.len(),
                 })
             } else {
-                Ok(())
+                Ok(more)
             }
         });
-        if let Err(error) = exchanged {
-            let kind =
-                error.into_failure(seq, socket.peer, context.timeout, message.len(), written);
-            fail(&mut tally, kind);
-            // The stream is out of step (or gone): this connection is done.
-            break false;
-        }
+        let more = match exchanged {
+            Ok(more) => more,
+            Err(error) => {
+                let kind =
+                    error.into_failure(seq, socket.peer, context.timeout, message.len(), written);
+                fail(&mut tally, kind);
+                // The stream is out of step (or gone): this connection is done.
+                break false;
+            }
+        };
+        let echo = &echo[..message.len()];
         tally.bytes_echoed += echo.len() as u64;
-        match first_difference(&message, &echo) {
+        match first_difference(&message, echo) {
             None => {
                 tally.echoed += 1;
                 tally.rtt.record(rtt);
@@ -352,14 +359,15 @@ where
                 fail(&mut tally, kind);
             }
         }
-        // Only this echo was due, so any byte already queued behind it was
-        // never sent: a server that repeats itself would otherwise pass
-        // with a repeated message.
-        if let Some(bytes) = unread_len(&socket.stream).filter(|&bytes| bytes > 0) {
+        // Only this echo was due, so a byte that came with it was never
+        // sent: a server that repeats itself would otherwise pass with a
+        // repeated message.
+        if more {
+            let queued = unread_len(&socket.stream).unwrap_or(0);
             let kind = FailureKind::Extra {
                 after_seq: seq,
                 peer: socket.peer,
-                bytes,
+                bytes: 1 + queued,
             };
             fail(&mut tally, kind);
             break false;
@@ -587,15 +595,16 @@ impl Socket {
         Ok(extra)
     }
 
-    /// Sends `message` and fills `echo` (same length) within `limit`,
-    /// counting in `sent` the bytes written, also when it fails.
+    /// Sends `message` and reads its echo into `echo` (one byte longer)
+    /// within `limit`, counting in `sent` the bytes written, also when it
+    /// fails. True if the server sent at least one byte more than the echo.
     fn exchange(
         &mut self,
         message: &[u8],
         echo: &mut [u8],
         mut limit: RoundTripLimit<'_>,
         sent: &mut usize,
-    ) -> Result<(), ExchangeError> {
+    ) -> Result<bool, ExchangeError> {
         if message.len() <= INLINE_WRITE_LIMIT {
             write_all_by(
                 &self.stream,
@@ -604,7 +613,7 @@ impl Socket {
                 &mut self.write_timeout,
                 sent,
             )?;
-            return read_exact_by(&self.stream, echo, &mut limit, &mut self.read_timeout);
+            return read_echo_by(&self.stream, echo, &mut limit, &mut self.read_timeout);
         }
         self.stream
             .set_nonblocking(true)
@@ -616,24 +625,26 @@ impl Socket {
             .stream
             .set_nonblocking(false)
             .map_err(ExchangeError::Io);
-        exchanged.and(restored)
+        exchanged.and_then(|more| restored.map(|()| more))
     }
 }
 
-/// Writes `message` and reads its echo into `echo` on a nonblocking socket,
-/// moving whichever direction can move and waiting in poll(2) for either
-/// when neither can, within `limit`. `sent` counts the bytes written.
+/// Writes `message` and reads its echo into `echo` (one byte longer, as for
+/// [`read_echo_by`]) on a nonblocking socket, moving whichever direction can
+/// move and waiting in poll(2) for either when neither can, within `limit`.
+/// `sent` counts the bytes written. True if a byte more than the echo came.
 fn interleave(
     mut stream: &TcpStream,
     message: &[u8],
     echo: &mut [u8],
     limit: &mut RoundTripLimit<'_>,
     sent: &mut usize,
-) -> Result<(), ExchangeError> {
+) -> Result<bool, ExchangeError> {
+    let len = echo.len() - 1;
     let mut received = 0;
     // Both directions finish: a server that adds bytes can fill the echo
     // early, and the rest of the message must still go out.
-    while received < echo.len() || *sent < message.len() {
+    while received < len || *sent < message.len() {
         // Checked on every pass, so a server that trickles cannot stretch it.
         let wait = limit.next_wait(received)?;
         let mut moved = false;
@@ -649,7 +660,7 @@ fn interleave(
                 Err(error) => return Err(ExchangeError::Io(error)),
             }
         }
-        if received < echo.len() {
+        if received < len {
             match stream.read(&mut echo[received..]) {
                 // The server closed before echoing everything.
                 Ok(0) => return Err(ExchangeError::Closed { received }),
@@ -663,10 +674,10 @@ fn interleave(
             }
         }
         if !moved {
-            wait_for(stream, received < echo.len(), *sent < message.len(), wait)?;
+            wait_for(stream, received < len, *sent < message.len(), wait)?;
         }
     }
-    Ok(())
+    Ok(received > len)
 }
 
 /// Waits until `stream` is readable if `reading`, or writable if `writing`,
@@ -737,15 +748,18 @@ fn write_all_by(
     Ok(())
 }
 
-/// Fills `buf` within `limit`.
-fn read_exact_by(
+/// Fills all but the last byte of `buf` within `limit`. The last byte is
+/// room for one more, read along with the echo when the server sent more
+/// than it was sent: true then.
+fn read_echo_by(
     mut stream: &TcpStream,
     buf: &mut [u8],
     limit: &mut RoundTripLimit<'_>,
     timeout_set: &mut Option<Duration>,
-) -> Result<(), ExchangeError> {
+) -> Result<bool, ExchangeError> {
+    let len = buf.len() - 1;
     let mut filled = 0;
-    while filled < buf.len() {
+    while filled < len {
         let left = limit.next_wait(filled)?;
         if needs_reset(*timeout_set, left) {
             stream
@@ -764,7 +778,7 @@ fn read_exact_by(
             Err(error) => return Err(ExchangeError::Io(error)),
         }
     }
-    Ok(())
+    Ok(filled > len)
 }
 
 /// When a round trip must end: at its deadline, or once the run has been
