@@ -751,6 +751,40 @@ fn tcp_buffer_max(name: &str) -> u64 {
         .unwrap_or_else(|| panic!("{path}: no third figure in {text:?}"))
 }
 
+/// Runs `config` and stops it `after` the first event that `stop_at` picks;
+/// returns the report, what the observer saw, and how long the run went on
+/// after the stop.
+fn run_and_stop(
+    config: &ClientConfig,
+    stop_at: impl Fn(&Event<'_>) -> bool + Sync,
+    after: Duration,
+) -> (Report, Seen, Duration) {
+    let stop = StopHandle::new();
+    let (picked, on_pick) = std::sync::mpsc::channel();
+    let seen = Mutex::new(Seen::default());
+    let (report, stopped_at) = std::thread::scope(|scope| {
+        let run = scope.spawn(|| {
+            let observe = |event: &Event<'_>| {
+                if stop_at(event) {
+                    // The test thread may have given up waiting.
+                    let _ = picked.send(());
+                }
+                record(&seen, event);
+            };
+            client::run(config, &observe, &stop).expect("valid config")
+        });
+        on_pick
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the event to stop at came");
+        std::thread::sleep(after);
+        stop.stop();
+        let stopped_at = Instant::now();
+        (run.join().expect("the run does not panic"), stopped_at)
+    });
+    let seen = seen.into_inner().expect("observer did not panic");
+    (report, seen, stopped_at.elapsed())
+}
+
 #[test]
 fn a_stop_ends_an_echo_still_out_without_waiting_for_the_timeout() {
     with_time_limit(LIMIT, || {
@@ -767,35 +801,9 @@ fn a_stop_ends_an_echo_still_out_without_waiting_for_the_timeout() {
                 payload,
                 ..config_for(server.addr())
             };
-            let stop = StopHandle::new();
-            let (connected, on_connect) = std::sync::mpsc::channel();
-            let seen = Mutex::new(Seen::default());
-            let (report, stopped_at) = std::thread::scope(|scope| {
-                let run = scope.spawn(|| {
-                    client::run(
-                        &config,
-                        &|event: &Event<'_>| {
-                            if let Event::Connected { .. } = event {
-                                // The test thread may have given up waiting.
-                                let _ = connected.send(());
-                            }
-                            record(&seen, event);
-                        },
-                        &stop,
-                    )
-                    .expect("valid config")
-                });
-                on_connect
-                    .recv_timeout(Duration::from_secs(10))
-                    .expect("the client connects");
-                // Long enough for the message to be out and the client waiting.
-                std::thread::sleep(Duration::from_millis(300));
-                stop.stop();
-                let stopped_at = Instant::now();
-                (run.join().expect("the run does not panic"), stopped_at)
-            });
-            let took = stopped_at.elapsed();
-            let seen = seen.into_inner().expect("observer did not panic");
+            // Long enough for the message to be out and the client waiting.
+            let connected = |event: &Event<'_>| matches!(event, Event::Connected { .. });
+            let (report, seen, took) = run_and_stop(&config, connected, Duration::from_millis(300));
             let expected = format!(
                 "echo 1 to {} was still out when the run was stopped, with 0 of {len} bytes back",
                 server.addr()
@@ -825,32 +833,8 @@ fn a_stop_lets_a_slow_but_answering_server_finish_the_echo_in_flight() {
             repeat: 0,
             ..config_for(server.addr())
         };
-        let stop = StopHandle::new();
-        let (third, on_third) = std::sync::mpsc::channel();
-        let seen = Mutex::new(Seen::default());
-        let report = std::thread::scope(|scope| {
-            let run = scope.spawn(|| {
-                client::run(
-                    &config,
-                    &|event: &Event<'_>| {
-                        if let Event::Echoed { seq: 3, .. } = event {
-                            // The test thread may have given up waiting.
-                            let _ = third.send(());
-                        }
-                        record(&seen, event);
-                    },
-                    &stop,
-                )
-                .expect("valid config")
-            });
-            on_third
-                .recv_timeout(Duration::from_secs(20))
-                .expect("three echoes come back");
-            std::thread::sleep(Duration::from_millis(20));
-            stop.stop();
-            run.join().expect("the run does not panic")
-        });
-        let seen = seen.into_inner().expect("observer did not panic");
+        let third = |event: &Event<'_>| matches!(event, Event::Echoed { seq: 3, .. });
+        let (report, seen, _) = run_and_stop(&config, third, Duration::from_millis(20));
         assert!(seen.failures.is_empty(), "{:?}\n{report:#?}", seen.failures);
         assert_eq!((report.sent, report.echoed), (4, 4), "{report:#?}");
     });

@@ -124,14 +124,7 @@ fn second_signal_exits_at_once(signal: i32, expected: i32) {
         // Wait until the drain has started before the second signal, and
         // until the second cannot be a repeat of the first.
         let started = Instant::now();
-        while !server.log().contains("shutting down") {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "no drain started; log:\n{}",
-                server.log()
-            );
-            thread::sleep(Duration::from_millis(5));
-        }
+        server.wait_for_log("shutting down", Duration::from_secs(10));
         thread::sleep(
             SAME_STOP_REQUEST.saturating_sub(started.elapsed()) + Duration::from_millis(100),
         );
@@ -161,14 +154,7 @@ fn a_repeat_soon_after_the_first_signal_is_the_same_request() {
             echo_on(&mut client, b"hello").expect("an echo before the signals");
             server.signal(libc::SIGTERM);
             let first = Instant::now();
-            while !server.log().contains("shutting down") {
-                assert!(
-                    first.elapsed() < Duration::from_secs(10),
-                    "no drain started; log:\n{}",
-                    server.log()
-                );
-                thread::sleep(Duration::from_millis(1));
-            }
+            server.wait_for_log("shutting down", Duration::from_secs(10));
             server.signal(libc::SIGTERM);
             if first.elapsed() >= SAME_STOP_REQUEST * 4 / 5 {
                 drop(client);

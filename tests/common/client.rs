@@ -104,18 +104,10 @@ pub const ECHO_DELAY: Duration = Duration::from_millis(402);
 
 /// Echoes everything, each read's echo [`ECHO_DELAY`] after it came.
 pub fn echoes_late(stream: TcpStream) {
-    let mut stream = stream;
-    let mut buf = [0u8; 4096];
-    loop {
-        let read = match stream.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(read) => read,
-        };
+    answer_each_read(stream, |data| {
         thread::sleep(ECHO_DELAY);
-        if stream.write_all(&buf[..read]).is_err() {
-            return;
-        }
-    }
+        data.to_vec()
+    });
 }
 
 /// Echoes faithfully except that the 6th byte of the stream has its lowest
@@ -228,34 +220,28 @@ pub fn echoes_then_resets(stream: TcpStream) {
 /// Sends back everything it reads twice, in one write: the repeat lands
 /// right behind the echo.
 pub fn echoes_everything_twice(stream: TcpStream) {
-    let mut stream = stream;
-    let mut buf = [0u8; 4096];
-    loop {
-        let read = match stream.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(read) => read,
-        };
-        let twice = [&buf[..read], &buf[..read]].concat();
-        if stream.write_all(&twice).is_err() {
-            return;
-        }
-    }
+    answer_each_read(stream, |data| [data, data].concat());
 }
 
 /// Echoes the first message it got (first read) again for every later read:
 /// a server that replays old bytes.
 pub fn replays_first_chunk(stream: TcpStream) {
-    let mut stream = stream;
     let mut first: Option<Vec<u8>> = None;
+    answer_each_read(stream, |data| {
+        let first = first.get_or_insert_with(|| data.to_vec());
+        first.iter().copied().cycle().take(data.len()).collect()
+    });
+}
+
+/// Answers each read with `reply(what was read)` until the client closes.
+fn answer_each_read(mut stream: TcpStream, mut reply: impl FnMut(&[u8]) -> Vec<u8>) {
     let mut buf = [0u8; 4096];
     loop {
         let read = match stream.read(&mut buf) {
             Ok(0) | Err(_) => return,
             Ok(read) => read,
         };
-        let first = first.get_or_insert_with(|| buf[..read].to_vec());
-        let reply: Vec<u8> = first.iter().copied().cycle().take(read).collect();
-        if stream.write_all(&reply).is_err() {
+        if stream.write_all(&reply(&buf[..read])).is_err() {
             return;
         }
     }

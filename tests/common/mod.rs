@@ -326,6 +326,20 @@ impl ServerProcess {
         self.summary()
     }
 
+    /// Waits up to `limit` for a log line containing `text`; fails the test
+    /// with the log if none comes.
+    pub fn wait_for_log(&self, text: &str, limit: Duration) {
+        let started = Instant::now();
+        while !self.log().contains(text) {
+            assert!(
+                started.elapsed() < limit,
+                "no {text:?} in the log within {limit:?}; log:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Everything the server has logged so far.
     pub fn log(&self) -> String {
         self.log.lock().expect("log lock").join("\n")
