@@ -195,9 +195,10 @@ pub enum Event<'a> {
 
 /// Runs `config` to the end: every connection does its echoes, or fails, or
 /// stops early because `stop` was triggered. An echo still out when `stop`
-/// fires gets twice the connection's p99 round trip more (at least 0.1 s,
-/// at most the timeout, counted once it has been out 0.1 s) before it
-/// counts as a [`FailureKind::Stopped`] failure.
+/// fires may stay silent for twice the connection's p99 round trip (at
+/// least 0.1 s, 1 s for a first echo, at most the timeout, counted from the
+/// stop or its last progress) before it counts as a
+/// [`FailureKind::Stopped`] failure.
 ///
 /// After its last echo each connection half-closes and reads until the
 /// server closes, for twice the p99 round trip (at least 100 ms, at most the

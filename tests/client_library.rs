@@ -826,13 +826,18 @@ fn a_stop_ends_an_echo_still_out_without_waiting_for_the_timeout() {
 #[test]
 fn a_stop_lets_a_slow_but_answering_server_finish_the_echo_in_flight() {
     with_time_limit(LIMIT, || {
-        // Each echo takes about 400 ms, and the stop comes early in echo 4:
-        // the patience after a stop follows the round trips seen so far.
+        // Each echo takes about 400 ms. Stopped early in echo 4, the
+        // patience follows the round trips seen so far; stopped early in
+        // echo 1, with none seen yet, it is a second.
         let server = TestServer::start(common::client::echoes_late);
         let config = ClientConfig {
             repeat: 0,
             ..config_for(server.addr())
         };
+        let connected = |event: &Event<'_>| matches!(event, Event::Connected { .. });
+        let (report, seen, _) = run_and_stop(&config, connected, Duration::from_millis(20));
+        assert!(seen.failures.is_empty(), "{:?}\n{report:#?}", seen.failures);
+        assert_eq!((report.sent, report.echoed), (1, 1), "{report:#?}");
         let third = |event: &Event<'_>| matches!(event, Event::Echoed { seq: 3, .. });
         let (report, seen, _) = run_and_stop(&config, third, Duration::from_millis(20));
         assert!(seen.failures.is_empty(), "{:?}\n{report:#?}", seen.failures);

@@ -46,6 +46,10 @@ const TIMEOUT_SLACK: Duration = Duration::from_millis(5);
 /// left (Go's `saneMinimum`).
 const MIN_CONNECT_SHARE: Duration = Duration::from_secs(2);
 
+/// How long a connection's first echo, still out at a stop, may stay silent;
+/// later ones follow the round trips seen so far.
+const FIRST_ECHO_STOP_PATIENCE: Duration = Duration::from_secs(1);
+
 /// The longest a blocked read or write waits before the round trip looks at
 /// the stop handle again.
 const STOP_CHECK: Duration = Duration::from_millis(100);
@@ -361,13 +365,21 @@ where
         }
         // Only this echo was due, so a byte that came with it was never
         // sent: a server that repeats itself would otherwise pass with a
-        // repeated message.
-        if more {
-            let queued = unread_len(&socket.stream).unwrap_or(0);
+        // repeated message. Past the inline limit, a byte written after the
+        // echo can miss the spare byte, and one FIONREAD costs nothing next
+        // to such a message.
+        let extra = if more {
+            Some(1 + unread_len(&socket.stream).unwrap_or(0))
+        } else if message.len() > INLINE_WRITE_LIMIT {
+            unread_len(&socket.stream).filter(|&bytes| bytes > 0)
+        } else {
+            None
+        };
+        if let Some(bytes) = extra {
             let kind = FailureKind::Extra {
                 after_seq: seq,
                 peer: socket.peer,
-                bytes: 1 + queued,
+                bytes,
             };
             fail(&mut tally, kind);
             break false;
@@ -793,8 +805,9 @@ struct RoundTripLimit<'a> {
     /// The connection's round trips so far, for the patience after a stop.
     rtt: &'a RttStats,
     timeout: Duration,
-    /// When the round trip first found the run stopped.
-    stop_seen: Option<Instant>,
+    /// When the round trip found the run stopped, or last saw more of the
+    /// echo after that, and how much of it had come by then.
+    stop_seen: Option<(Instant, usize)>,
 }
 
 impl RoundTripLimit<'_> {
@@ -808,12 +821,31 @@ impl RoundTripLimit<'_> {
             return Err(ExchangeError::TimedOut { received });
         }
         if now.duration_since(self.started) >= STOP_CHECK && self.stop.is_stopped() {
-            let seen = *self.stop_seen.get_or_insert(now);
-            if now.duration_since(seen) >= patience(self.rtt, self.timeout) {
+            // Counted from the stop, or from the last bytes of the echo
+            // since: an echo still coming back is not cut off.
+            let since = match self.stop_seen {
+                Some((at, before)) if received == before => at,
+                _ => {
+                    self.stop_seen = Some((now, received));
+                    now
+                }
+            };
+            if now.duration_since(since) >= self.stop_patience() {
                 return Err(ExchangeError::Stopped { received });
             }
         }
         Ok(left.min(STOP_CHECK))
+    }
+
+    /// How long an echo still out after a stop may stay silent: as long as
+    /// the connection's echoes take ([`patience`]); before its first echo,
+    /// which gives no measure, [`FIRST_ECHO_STOP_PATIENCE`].
+    fn stop_patience(&self) -> Duration {
+        if self.rtt.percentile(0.99).is_none() {
+            FIRST_ECHO_STOP_PATIENCE.min(self.timeout)
+        } else {
+            patience(self.rtt, self.timeout)
+        }
     }
 }
 

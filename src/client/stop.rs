@@ -30,8 +30,8 @@ impl StopHandle {
     }
 
     /// Stops sending: each connection sends no more, and an echo still out
-    /// gets about twice the connection's p99 round trip more to come back
-    /// before it counts as a failure
+    /// may stay silent for about twice the connection's p99 round trip (1 s
+    /// for a first echo) before it counts as a failure
     /// ([`FailureKind::Stopped`](super::FailureKind::Stopped)). Calling it
     /// again does nothing.
     pub fn stop(&self) {
