@@ -20,6 +20,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::error::{interrupted, io_cause, would_block};
 use crate::log::Logger;
 use crate::shutdown::ShutdownHandle;
+use crate::socket::keep_urgent_data_inline;
 use crate::stats::{OpenConnections, Refusal};
 use crate::worker::Handoff;
 
@@ -380,30 +381,6 @@ impl Acceptor {
         // Closing the listener resets whatever waits in its backlog.
         self.listener = None;
         self.workers.clear();
-    }
-}
-
-/// Sets `SO_OOBINLINE`, so that TCP urgent data stays in the byte stream
-/// and is echoed in place like any other byte. Without it the kernel holds
-/// each urgent byte aside, where an echo server never reads it, and drops
-/// one when the next arrives. Set on a listener, it is inherited by the
-/// connections the kernel completes from then on, even before `accept`.
-pub(crate) fn keep_urgent_data_inline(socket: &impl std::os::fd::AsRawFd) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: setsockopt reads one int from `on`, which outlives the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_OOBINLINE,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 

@@ -84,7 +84,7 @@ impl Server {
             .set_nonblocking(true)
             .map_err(setup("the listener".into()))?;
         // Before any urgent byte of a queued connection can be dropped.
-        acceptor::keep_urgent_data_inline(&listener).map_err(setup("the listener".into()))?;
+        crate::socket::keep_urgent_data_inline(&listener).map_err(setup("the listener".into()))?;
         let listener = mio::net::TcpListener::from_std(listener);
         let logger = Logger::new(config.log_level);
         let (acceptor_poll, acceptor_waker) =

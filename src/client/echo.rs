@@ -911,17 +911,8 @@ mod tests {
             l_onoff: 1,
             l_linger: 0,
         };
-        // SAFETY: setsockopt reads `linger` for the given length only.
-        let rc = unsafe {
-            libc::setsockopt(
-                stream.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&linger as *const libc::linger).cast(),
-                std::mem::size_of::<libc::linger>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "SO_LINGER: {}", io::Error::last_os_error());
+        crate::socket::set_option(&stream, libc::SOL_SOCKET, libc::SO_LINGER, &linger)
+            .expect("SO_LINGER on a connected socket");
     }
 
     /// A loopback listener whose accept queue is full, so that a connect
