@@ -304,16 +304,8 @@ where
         }
         tally.sent += 1;
         let started = Instant::now();
-        let deadline = deadline_after(started, context.timeout);
         let mut written = 0;
-        let limit = RoundTripLimit {
-            started,
-            deadline,
-            stop: context.stop,
-            rtt: &tally.rtt,
-            timeout: context.timeout,
-            stop_seen: None,
-        };
+        let limit = RoundTripLimit::new(started, context.timeout, context.stop, &tally.rtt);
         let exchanged = socket.exchange(&message, &mut echo, limit, &mut written);
         let rtt = started.elapsed();
         tally.bytes_sent += written as u64;
@@ -390,7 +382,7 @@ where
         let wait = if context.stop.is_stopped() {
             MIN_CLOSING_WAIT.min(context.timeout)
         } else {
-            patience(&tally.rtt, context.timeout)
+            patience(&tally.rtt, MIN_CLOSING_WAIT, context.timeout)
         };
         match socket.read_until_closed(wait, context.stop) {
             Ok(0) => {}
@@ -521,8 +513,7 @@ impl Socket {
     /// answers leaves time for the next, and a share is long enough to
     /// outlast one lost SYN (Linux resends it after 1 s).
     fn connect(addrs: &[SocketAddr], timeout: Duration) -> Result<Socket, FailureKind> {
-        let started = Instant::now();
-        let deadline = deadline_after(started, timeout);
+        let deadline = deadline_after(Instant::now(), timeout);
         let mut attempts = Vec::new();
         for (at, &addr) in addrs.iter().enumerate() {
             // The first try has the whole timeout, exactly, so that its
@@ -810,7 +801,19 @@ struct RoundTripLimit<'a> {
     stop_seen: Option<(Instant, usize)>,
 }
 
-impl RoundTripLimit<'_> {
+impl<'a> RoundTripLimit<'a> {
+    /// The limit of a round trip that began at `started`.
+    fn new(started: Instant, timeout: Duration, stop: &'a StopHandle, rtt: &'a RttStats) -> Self {
+        RoundTripLimit {
+            started,
+            deadline: deadline_after(started, timeout),
+            stop,
+            rtt,
+            timeout,
+            stop_seen: None,
+        }
+    }
+
     /// How long the next wait may block: until the deadline, but at most
     /// [`STOP_CHECK`]. Past the deadline, a timeout, and once stopped for
     /// long enough, a stop, each with `received` bytes of the echo back.
@@ -830,30 +833,23 @@ impl RoundTripLimit<'_> {
                     now
                 }
             };
-            if now.duration_since(since) >= self.stop_patience() {
+            let patience = patience(self.rtt, FIRST_ECHO_STOP_PATIENCE, self.timeout);
+            if now.duration_since(since) >= patience {
                 return Err(ExchangeError::Stopped { received });
             }
         }
         Ok(left.min(STOP_CHECK))
     }
-
-    /// How long an echo still out after a stop may stay silent: as long as
-    /// the connection's echoes take ([`patience`]); before its first echo,
-    /// which gives no measure, [`FIRST_ECHO_STOP_PATIENCE`].
-    fn stop_patience(&self) -> Duration {
-        if self.rtt.percentile(0.99).is_none() {
-            FIRST_ECHO_STOP_PATIENCE.min(self.timeout)
-        } else {
-            patience(self.rtt, self.timeout)
-        }
-    }
 }
 
 /// How long a server that answers may still take: twice the connection's
-/// p99 round trip so far, at least [`MIN_CLOSING_WAIT`], at most `timeout`.
-fn patience(rtt: &RttStats, timeout: Duration) -> Duration {
-    let p99 = rtt.percentile(0.99).unwrap_or_default();
-    (p99 * 2).max(MIN_CLOSING_WAIT).min(timeout)
+/// p99 round trip so far (`unmeasured` before its first echo), at least
+/// [`MIN_CLOSING_WAIT`], at most `timeout`.
+fn patience(rtt: &RttStats, unmeasured: Duration, timeout: Duration) -> Duration {
+    rtt.percentile(0.99)
+        .map_or(unmeasured, |p99| p99 * 2)
+        .max(MIN_CLOSING_WAIT)
+        .min(timeout)
 }
 
 /// The time left before `deadline`; past it, a timeout with `received`
