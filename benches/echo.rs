@@ -1,28 +1,33 @@
 //! The performance bench (`cargo bench`): our server side by side with the
 //! two designs a Rust engineer would otherwise pick, a blocking
-//! thread-per-connection server and tokio's canonical echo server.
+//! thread-per-connection server and tokio's canonical echo server. In
+//! case 2 a third peer, the floor, shows the least any readiness-based
+//! server can spend per echo.
 //!
 //! Flow: [`servers`] starts each server under test (in-process, or as a
 //! child process where a whole process is measured), [`load`] drives it
 //! and checks every echoed byte, [`procfs`] charges CPU and memory to the
 //! server alone, and [`report`] prints ours next to the ratio to each peer.
-//! The peers themselves live in [`peers`].
+//! The peers themselves live in [`peers`] and [`floor`].
 //!
 //! Cases (issue 4):
 //! 1. one connection, ping-pong of 64 B, 4 KiB, 64 KiB, 1 MiB: RTT p50, p99;
 //! 2. 1, 16, 64, 256 connections, 64 B ping-pong, 2 workers: echoes/s and
-//!    server CPU per echo;
+//!    server CPU per echo, also for the floor peer;
 //! 3. 4 connections x 64 KiB messages: MB/s each way;
 //! 4. 10,000 open connections, 50 active, 4 workers, separate processes:
 //!    echoes/s and the server's peak RSS;
 //! 5. idle server, separate process: SIGINT to exit, and idle CPU.
 //!
 //! Usage: `cargo bench --bench echo -- [--quick] [--cases 1,2] [--load-threads N]
-//! [--active-stride N] [--busy-poll DURATION] [--drive 127.0.0.1:PORT [--conns N]]`
+//! [--active-stride N] [--busy-poll DURATION] [--floor-in-turn]
+//! [--drive 127.0.0.1:PORT [--conns N]]`
 //! (plain `cargo bench` runs everything; the library and binaries set
 //! `bench = false`, so `cargo bench -- --quick` reaches only this bench).
 //! Everything runs on loopback, bounded in count and time.
 
+#[path = "echo/floor.rs"]
+mod floor;
 #[path = "echo/load.rs"]
 mod load;
 #[path = "echo/peers.rs"]
@@ -41,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use load::{Load, Spec};
 use report::{Better, Report, Row};
-use servers::{InProcess, Kind, ServerProcess};
+use servers::{InProcess, KINDS, Kind, ServerProcess};
 
 /// Workers for the in-process cases (the machine has 2 cores).
 const WORKERS: usize = 2;
@@ -61,10 +66,12 @@ struct Options {
     active_stride: usize,
     /// Our server's `--busy-poll`, if not its default.
     busy_poll: Option<Duration>,
+    /// How the floor peer places connections.
+    floor_placement: floor::Placement,
 }
 
 const USAGE: &str = "usage: cargo bench --bench echo -- [--quick] [--cases 1,2,3,4,5] \
-     [--load-threads N] [--active-stride N] [--busy-poll DURATION] \
+     [--load-threads N] [--active-stride N] [--busy-poll DURATION] [--floor-in-turn] \
      [--drive 127.0.0.1:PORT [--conns N]]";
 
 impl Options {
@@ -77,6 +84,7 @@ impl Options {
             conns: 256,
             active_stride: 199,
             busy_poll: None,
+            floor_placement: floor::Placement::Fewest,
         };
         let mut args = args.peekable();
         while let Some(arg) = args.next() {
@@ -137,6 +145,7 @@ impl Options {
                     }
                     options.busy_poll = Some(duration);
                 }
+                "--floor-in-turn" => options.floor_placement = floor::Placement::InTurn,
                 "-h" | "--help" => return Err(USAGE.to_string()),
                 other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
             }
@@ -379,23 +388,24 @@ fn case_round_trips(options: &Options, report: &mut Report) {
         // Per round: each server's round trips, and how busy other
         // processes kept the machine (a busy machine wakes threads faster on
         // this VM, which would flatter whichever server it coincided with).
-        let mut per_round: Vec<([Vec<Duration>; 3], f64)> = Vec::new();
-        let mut failed = [false; 3];
+        let mut per_round: Vec<([Vec<Duration>; KINDS], f64)> = Vec::new();
+        let mut failed = [false; KINDS];
         for _ in 0..rounds {
             wait_for_quiet();
-            let mut round: [Vec<Duration>; 3] = Default::default();
+            let mut round: [Vec<Duration>; KINDS] = Default::default();
             let mark = outside_load_mark();
-            for (at, kind) in Kind::ALL.into_iter().enumerate() {
+            for (at, kind) in kinds_in(1) {
                 if failed[at] {
                     continue;
                 }
                 let outcome =
-                    InProcess::start(kind, WORKERS, options.busy_poll).and_then(|server| {
-                        let taken =
-                            load::round_trips(server.addr(), size, warmup, 200_000, round_time);
-                        server.stop()?;
-                        taken
-                    });
+                    InProcess::start(kind, WORKERS, options.busy_poll, options.floor_placement)
+                        .and_then(|server| {
+                            let taken =
+                                load::round_trips(server.addr(), size, warmup, 200_000, round_time);
+                            server.stop()?;
+                            taken
+                        });
                 match outcome {
                     Ok(taken) => round[at] = taken,
                     Err(e) => {
@@ -415,7 +425,7 @@ fn case_round_trips(options: &Options, report: &mut Report) {
         if !any_clean {
             note_foreign(report, &format!("case 1 {label}"), worst);
         }
-        let mut times: [Vec<Duration>; 3] = Default::default();
+        let mut times: [Vec<Duration>; KINDS] = Default::default();
         for (round, foreign) in per_round {
             if any_clean && foreign > FOREIGN_LIMIT {
                 continue;
@@ -424,8 +434,8 @@ fn case_round_trips(options: &Options, report: &mut Report) {
                 times[at].extend(taken);
             }
         }
-        let mut p50 = [None; 3];
-        let mut p99 = [None; 3];
+        let mut p50 = [None; KINDS];
+        let mut p99 = [None; KINDS];
         let mut counts = Vec::new();
         for (at, kind) in Kind::ALL.into_iter().enumerate() {
             let times = &mut times[at];
@@ -580,33 +590,36 @@ fn measure_window(
     measured
 }
 
-/// Runs `rounds` windows per server against fresh in-process servers, the
+/// Runs `rounds` windows per server measured in `case` against fresh in-process servers, the
 /// servers taking turns so that a burst of outside load does not land on
 /// one server's figures only. A server that fails is reported and skipped.
 fn in_process_rounds(
     options: &Options,
+    case: u32,
     conns: usize,
     spec: Spec,
     label: &str,
     report: &mut Report,
-) -> [Vec<Window>; 3] {
-    let mut windows: [Vec<Window>; 3] = Default::default();
-    let mut failed = [false; 3];
+) -> [Vec<Window>; KINDS] {
+    let mut windows: [Vec<Window>; KINDS] = Default::default();
+    let mut failed = [false; KINDS];
     for _ in 0..options.rounds() {
-        for (at, kind) in Kind::ALL.into_iter().enumerate() {
+        for (at, kind) in kinds_in(case) {
             if failed[at] {
                 continue;
             }
             wait_for_quiet();
-            let outcome = InProcess::start(kind, WORKERS, options.busy_poll).and_then(|server| {
-                let window = load::connect(server.addr(), conns).and_then(|streams| {
-                    measure_window(streams, spec, options, Placement::InProcess, &|| {
-                        procfs::snapshot(None, &|comm| kind.owns_thread(comm))
-                    })
-                });
-                server.stop()?;
-                window
-            });
+            let outcome =
+                InProcess::start(kind, WORKERS, options.busy_poll, options.floor_placement)
+                    .and_then(|server| {
+                        let window = load::connect(server.addr(), conns).and_then(|streams| {
+                            measure_window(streams, spec, options, Placement::InProcess, &|| {
+                                procfs::snapshot(None, &|comm| kind.owns_thread(comm))
+                            })
+                        });
+                        server.stop()?;
+                        window
+                    });
             match outcome {
                 Ok(w) if w.echoes > 0 => windows[at].push(w),
                 Ok(_) => {
@@ -620,12 +633,20 @@ fn in_process_rounds(
             }
         }
     }
-    for at in 0..3 {
+    for at in 0..KINDS {
         if failed[at] {
             windows[at].clear();
         }
     }
     windows
+}
+
+/// The servers measured in `case`, each with its index in [`Kind::ALL`].
+fn kinds_in(case: u32) -> impl Iterator<Item = (usize, Kind)> {
+    Kind::ALL
+        .into_iter()
+        .enumerate()
+        .filter(move |(_, kind)| kind.in_case(case))
 }
 
 /// The median of `values` (the upper one of an even count); None if empty.
@@ -642,7 +663,7 @@ const FOREIGN_LIMIT: f64 = 0.1;
 /// (a round: one window per server, taken back to back), or all windows if
 /// no round was clean. Whole rounds are kept or dropped, so the servers are
 /// always compared over like conditions.
-fn clean(windows: &[Vec<Window>; 3]) -> [Vec<&Window>; 3] {
+fn clean(windows: &[Vec<Window>; KINDS]) -> [Vec<&Window>; KINDS] {
     let rounds = windows.iter().map(Vec::len).max().unwrap_or(0);
     let round_is_clean = |r: usize| {
         windows
@@ -662,7 +683,7 @@ fn clean(windows: &[Vec<Window>; 3]) -> [Vec<&Window>; 3] {
 }
 
 /// The highest share of a core that other processes took in any window.
-fn most_foreign(windows: &[Vec<Window>; 3]) -> f64 {
+fn most_foreign(windows: &[Vec<Window>; KINDS]) -> f64 {
     windows
         .iter()
         .flatten()
@@ -680,11 +701,11 @@ fn case_connection_scaling(options: &Options, report: &mut Report) {
     let mut foreign: f64 = 0.0;
     for conns in [1, 16, 64, 256] {
         let label = format!("case 2 {conns} conns");
-        let windows = in_process_rounds(options, conns, spec, &label, report);
+        let windows = in_process_rounds(options, 2, conns, spec, &label, report);
         foreign = foreign.max(most_foreign(&windows));
         let kept = clean(&windows);
-        let mut rate = [None; 3];
-        let mut cpu_per_echo = [None; 3];
+        let mut rate = [None; KINDS];
+        let mut cpu_per_echo = [None; KINDS];
         for (at, kind) in Kind::ALL.into_iter().enumerate() {
             rate[at] = median(kept[at].iter().map(|w| w.echoes as f64 / w.secs).collect());
             cpu_per_echo[at] = median(
@@ -736,11 +757,17 @@ fn case_connection_scaling(options: &Options, report: &mut Report) {
          the server's threads only, summed from /proc/self/task/<tid>/schedstat (ns). \
          utime+stime from .../stat (in the details) undercounts threads that run in bursts \
          shorter than a tick, such as the blocking peer's. Neither counts softirq work the \
-         kernel defers to ksoftirqd",
+         kernel defers to ksoftirqd; floor = the floor peer (benches/echo/floor.rs): per \
+         worker one level-triggered epoll and one recv and one send per ready connection, \
+         connections placed {}",
         options.load_threads,
         options.rounds(),
         warmup.as_secs_f64(),
-        measure.as_secs_f64()
+        measure.as_secs_f64(),
+        match options.floor_placement {
+            floor::Placement::Fewest => "as ours do (fewest, ties at random)",
+            floor::Placement::InTurn => "in turn (--floor-in-turn)",
+        }
     ));
     note_foreign(report, "case 2", foreign);
     for detail in details {
@@ -764,9 +791,9 @@ fn case_throughput(options: &Options, report: &mut Report) {
         message_len: 64 * 1024,
         window: 4,
     };
-    let windows = in_process_rounds(options, 4, spec, "case 3", report);
+    let windows = in_process_rounds(options, 3, 4, spec, "case 3", report);
     let kept = clean(&windows);
-    let mut rate = [None; 3];
+    let mut rate = [None; KINDS];
     for (at, kind) in Kind::ALL.into_iter().enumerate() {
         rate[at] = median(
             kept[at]
@@ -811,9 +838,9 @@ fn case_many_idle(options: &Options, report: &mut Report) {
         message_len: 64,
         window: 1,
     };
-    let mut rate = [None; 3];
-    let mut peak = [None; 3];
-    for (at, kind) in Kind::ALL.into_iter().enumerate() {
+    let mut rate = [None; KINDS];
+    let mut peak = [None; KINDS];
+    for (at, kind) in kinds_in(4) {
         wait_for_quiet();
         let outcome =
             ServerProcess::spawn(kind, MANY_WORKERS, options.busy_poll).and_then(|server| {
@@ -890,10 +917,10 @@ fn case_shutdown(options: &Options, report: &mut Report) {
     } else {
         Duration::from_secs(1)
     };
-    let mut p50 = [None; 3];
-    let mut max = [None; 3];
-    let mut idle_cpu = [None; 3];
-    for (at, kind) in Kind::ALL.into_iter().enumerate() {
+    let mut p50 = [None; KINDS];
+    let mut max = [None; KINDS];
+    let mut idle_cpu = [None; KINDS];
+    for (at, kind) in kinds_in(5) {
         let mut times = Vec::with_capacity(reps);
         wait_for_quiet();
         let outcome = (0..reps).try_for_each(|rep| {

@@ -1,7 +1,7 @@
 //! The bench's output: one row per measured figure, ours next to the
 //! ratio to each peer, plus notes on how the figures were taken.
 
-use crate::servers::Kind;
+use crate::servers::{KINDS, Kind};
 
 /// Which direction of a figure is good.
 #[derive(Clone, Copy, Debug)]
@@ -17,8 +17,9 @@ pub struct Row {
     /// Unit printed after each value.
     pub unit: &'static str,
     pub better: Better,
-    /// Indexed like [`Kind::ALL`]; `None` where that server failed.
-    pub values: [Option<f64>; 3],
+    /// Indexed like [`Kind::ALL`]; `None` where that server failed or
+    /// was not measured.
+    pub values: [Option<f64>; KINDS],
 }
 
 /// Everything the run printed at the end.
@@ -55,18 +56,44 @@ impl Report {
 
     /// The whole table, notes and failures.
     pub fn render(&self) -> String {
-        let header = format!(
-            "{:<40} | {:>12} | {:>8} | {:>11} | {:>12} | {:>12}",
-            "case", "ours", "vs tokio", "vs blocking", "tokio", "blocking"
+        let header = columns(
+            "case",
+            "ours",
+            PEERS.map(|peer| format!("vs {}", peer.name())),
+            PEERS.map(|peer| peer.name().to_string()),
         );
         let rule = "-".repeat(header.chars().count());
         let mut lines = vec![header, rule];
         lines.extend(self.rows.iter().map(render_row));
-        lines.push("ratios are ours / peer; (higher) or (lower) marks which way is better".into());
+        lines.push(
+            "ratios are ours / peer; (higher) or (lower) marks which way is better; \
+             - means not measured"
+                .into(),
+        );
         lines.extend(self.notes.iter().map(|note| format!("note: {note}")));
         lines.extend(self.failures.iter().map(|f| format!("FAILED: {f}")));
         lines.iter().map(|line| format!("{line}\n")).collect()
     }
+}
+
+/// The servers ours is compared with, in column order.
+const PEERS: [Kind; KINDS - 1] = [Kind::Tokio, Kind::Blocking, Kind::Floor];
+
+/// One line of the table: the case, ours, a ratio per peer, a value per peer.
+fn columns(
+    case: &str,
+    ours: &str,
+    ratios: [String; KINDS - 1],
+    peers: [String; KINDS - 1],
+) -> String {
+    let mut line = format!("{case:<40} | {ours:>12}");
+    for ratio in ratios {
+        line.push_str(&format!(" | {ratio:>11}"));
+    }
+    for peer in peers {
+        line.push_str(&format!(" | {peer:>12}"));
+    }
+    line
 }
 
 fn render_row(row: &Row) -> String {
@@ -87,14 +114,11 @@ fn render_row(row: &Row) -> String {
         Better::Higher => "(higher)",
         Better::Lower => "(lower)",
     };
-    format!(
-        "{:<40} | {:>12} | {:>8} | {:>11} | {:>12} | {:>12}",
-        format!("{} {direction}", row.case),
-        shown(ours),
-        ratio(value(Kind::Tokio)),
-        ratio(value(Kind::Blocking)),
-        shown(value(Kind::Tokio)),
-        shown(value(Kind::Blocking)),
+    columns(
+        &format!("{} {direction}", row.case),
+        &shown(ours),
+        PEERS.map(|peer| ratio(value(peer))),
+        PEERS.map(|peer| shown(value(peer))),
     )
 }
 

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use echo_chamber::config::{LogLevel, ServerConfig};
 use echo_chamber::server::Server;
 
+use crate::floor::{self, FloorPeer, Placement};
 use crate::peers::{self, BlockingPeer, TokioPeer};
 
 /// Environment variable that makes this binary serve as a peer
@@ -35,11 +36,22 @@ pub enum Kind {
     Ours,
     Tokio,
     Blocking,
+    /// The yardstick of [`crate::floor`], in case 2 only.
+    Floor,
 }
+
+/// How many servers there are.
+pub const KINDS: usize = 4;
 
 impl Kind {
     /// Every server, ours first.
-    pub const ALL: [Kind; 3] = [Kind::Ours, Kind::Tokio, Kind::Blocking];
+    pub const ALL: [Kind; KINDS] = [Kind::Ours, Kind::Tokio, Kind::Blocking, Kind::Floor];
+
+    /// Whether this server is measured in `case`: the floor peer echoes
+    /// only messages that one `send` takes whole, so only in case 2.
+    pub fn in_case(self, case: u32) -> bool {
+        self != Kind::Floor || case == 2
+    }
 
     /// Short name for tables and messages.
     pub fn name(self) -> &'static str {
@@ -47,6 +59,7 @@ impl Kind {
             Kind::Ours => "ours",
             Kind::Tokio => "tokio",
             Kind::Blocking => "blocking",
+            Kind::Floor => "floor",
         }
     }
 
@@ -57,6 +70,7 @@ impl Kind {
             Kind::Ours => comm.starts_with("echo-acceptor") || comm.starts_with("echo-worker"),
             Kind::Tokio => comm.starts_with(peers::TOKIO_THREADS),
             Kind::Blocking => comm.starts_with(peers::BLOCKING_THREADS),
+            Kind::Floor => comm.starts_with(floor::FLOOR_THREADS),
         }
     }
 }
@@ -66,12 +80,14 @@ pub enum InProcess {
     Ours(Server),
     Tokio(TokioPeer),
     Blocking(BlockingPeer),
+    Floor(FloorPeer),
 }
 
 impl InProcess {
     /// Starts `kind` on 127.0.0.1 port 0 with `workers` worker threads
     /// (the blocking peer has a thread per connection instead); `busy_poll`
-    /// overrides our server's default and means nothing to the peers.
+    /// overrides our server's default and means nothing to the peers, and
+    /// `floor_placement` is the floor peer's.
     ///
     /// # Errors
     /// The server could not start.
@@ -79,6 +95,7 @@ impl InProcess {
         kind: Kind,
         workers: usize,
         busy_poll: Option<Duration>,
+        floor_placement: Placement,
     ) -> Result<InProcess, String> {
         let started = match kind {
             Kind::Ours => {
@@ -88,6 +105,7 @@ impl InProcess {
             }
             Kind::Tokio => TokioPeer::start(workers).map(InProcess::Tokio),
             Kind::Blocking => BlockingPeer::start().map(InProcess::Blocking),
+            Kind::Floor => FloorPeer::start(workers, floor_placement).map(InProcess::Floor),
         };
         started.map_err(|e| format!("{}: cannot start: {e}", kind.name()))
     }
@@ -98,6 +116,7 @@ impl InProcess {
             InProcess::Ours(server) => server.local_addr(),
             InProcess::Tokio(peer) => peer.addr(),
             InProcess::Blocking(peer) => peer.addr(),
+            InProcess::Floor(peer) => peer.addr(),
         }
     }
 
@@ -115,7 +134,7 @@ impl InProcess {
                     .map_err(|e| format!("ours: {e}"))
             }
             // The peers stop and join in their Drop.
-            InProcess::Tokio(_) | InProcess::Blocking(_) => Ok(()),
+            InProcess::Tokio(_) | InProcess::Blocking(_) | InProcess::Floor(_) => Ok(()),
         }
     }
 }
@@ -173,6 +192,7 @@ impl ServerProcess {
                 command.env(WORKERS_ENV, workers.to_string());
                 command
             }
+            Kind::Floor => return Err("floor: runs only in-process, in case 2".to_string()),
         };
         command
             .stdin(Stdio::null())
