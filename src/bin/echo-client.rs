@@ -34,9 +34,9 @@ enum Exit {
     /// Every echo came back exact (also after Ctrl-C), or --help/--version.
     Success = 0,
     /// At least one echo failed: timed out, mismatched, cut short, refused,
-    /// reset, or still out when stopped; the server sent bytes it was never
-    /// sent; the host did not resolve; a message could not be allocated; or
-    /// stdin could not be read or stdout written.
+    /// reset, or still out (or still connecting) when stopped; the server
+    /// sent bytes it was never sent; the host did not resolve; a message
+    /// could not be allocated; or stdin could not be read or stdout written.
     Failed = 1,
     /// The command line was wrong.
     Usage = 2,
@@ -53,7 +53,7 @@ enum Exit {
     ),
     error_code(
         1,
-        "an echo failed (timed out, mismatched, cut short, refused, reset, or still out when stopped), the server sent bytes it was never sent, the host did not resolve, a message could not be allocated, or reading stdin or writing stdout failed"
+        "an echo failed (timed out, mismatched, cut short, refused, reset, or still out or still connecting when stopped), the server sent bytes it was never sent, the host did not resolve, a message could not be allocated, or reading stdin or writing stdout failed"
     ),
     error_code(2, "usage error"),
     error_code(130, "a second Ctrl-C or SIGTERM stopped the run at once")

@@ -4,7 +4,8 @@
 //!
 //! Sockets are blocking with timeouts. Every round trip has one deadline, and
 //! each read or write waits only for the time that is left, in slices of at
-//! most [`STOP_CHECK`] so that a stop is seen. Messages larger than
+//! most [`STOP_CHECK`] so that a stop is seen; so does the connect, which is
+//! nonblocking and polled. Messages larger than
 //! [`INLINE_WRITE_LIMIT`] are written and read back at once on a nonblocking
 //! socket around poll(2), because a server that stops reading until its echo
 //! is read would otherwise deadlock with a client that writes everything
@@ -19,7 +20,7 @@
 use std::convert::Infallible;
 use std::io::{self, BufRead, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, select};
@@ -271,7 +272,7 @@ where
         };
         (context.observer)(&Event::Failed(&failure));
     };
-    let mut socket = match Socket::connect(context.addrs, context.timeout) {
+    let mut socket = match Socket::connect(context.addrs, context.timeout, context.stop) {
         Ok(socket) => socket,
         Err(kind) => {
             fail(&mut tally, kind);
@@ -512,9 +513,18 @@ impl Socket {
     /// [`MIN_CONNECT_SHARE`] (or all that is left): an address that never
     /// answers leaves time for the next, and a share is long enough to
     /// outlast one lost SYN (Linux resends it after 1 s).
-    fn connect(addrs: &[SocketAddr], timeout: Duration) -> Result<Socket, FailureKind> {
+    ///
+    /// Once `stop` fires, an address that has not answered gets
+    /// [`FIRST_ECHO_STOP_PATIENCE`] more, as a first echo would, and the
+    /// addresses after it are not tried.
+    fn connect(
+        addrs: &[SocketAddr],
+        timeout: Duration,
+        stop: &StopHandle,
+    ) -> Result<Socket, FailureKind> {
         let deadline = deadline_after(Instant::now(), timeout);
         let mut attempts = Vec::new();
+        let mut stop_seen = None;
         for (at, &addr) in addrs.iter().enumerate() {
             // The first try has the whole timeout, exactly, so that its
             // message names the figure the user gave.
@@ -532,7 +542,7 @@ impl Socket {
             let share = (left / untried)
                 .max(MIN_CONNECT_SHARE.min(left))
                 .max(Duration::from_nanos(1));
-            match TcpStream::connect_timeout(&addr, share) {
+            match connect_one(addr, share, stop, &mut stop_seen) {
                 Ok(stream) => {
                     // Echoes are small and latency-bound; without this, Nagle
                     // would hold back a message's tail.
@@ -547,10 +557,18 @@ impl Socket {
                         write_timeout: None,
                     });
                 }
-                Err(error) if is_timeout(&error) => {
+                Err(ConnectError::Failed(error)) if is_timeout(&error) => {
                     attempts.push((addr, timed_out_after(whole_millis(share))));
                 }
-                Err(error) => attempts.push((addr, error)),
+                Err(ConnectError::Failed(error)) => attempts.push((addr, error)),
+                Err(ConnectError::Stopped { waited }) => {
+                    let waited = humantime::format_duration(whole_millis(waited));
+                    let error = io::Error::other(format!(
+                        "no answer after {waited}, and the run was stopped"
+                    ));
+                    attempts.push((addr, error));
+                    break;
+                }
             }
         }
         Err(FailureKind::Connect { attempts })
@@ -683,6 +701,69 @@ fn interleave(
     Ok(received > len)
 }
 
+/// Why one address did not connect.
+enum ConnectError {
+    /// Refused, unreachable, timed out and the like.
+    Failed(io::Error),
+    /// The run was stopped, and the address stayed silent for the patience
+    /// after it; `waited` is how long the attempt had lasted.
+    Stopped { waited: Duration },
+}
+
+/// Connects to `addr` within `limit`: what `TcpStream::connect_timeout`
+/// does (a nonblocking connect, then poll(2) for writability), but in waits
+/// of at most [`STOP_CHECK`] so that a stop is seen. After the stop, which
+/// `stop_seen` remembers across a connection's addresses, the attempt gets
+/// [`FIRST_ECHO_STOP_PATIENCE`] more.
+fn connect_one(
+    addr: SocketAddr,
+    limit: Duration,
+    stop: &StopHandle,
+    stop_seen: &mut Option<Instant>,
+) -> Result<TcpStream, ConnectError> {
+    let began = Instant::now();
+    let deadline = deadline_after(began, limit);
+    let stream = mio::net::TcpStream::connect(addr).map_err(ConnectError::Failed)?;
+    loop {
+        let now = Instant::now();
+        // Past the deadline, one last look without waiting.
+        let mut wait = deadline.saturating_duration_since(now).min(STOP_CHECK);
+        if stop.is_stopped() {
+            let since = *stop_seen.get_or_insert(now);
+            let patience_left = FIRST_ECHO_STOP_PATIENCE.saturating_sub(now - since);
+            if patience_left.is_zero() {
+                return Err(ConnectError::Stopped {
+                    waited: now - began,
+                });
+            }
+            wait = wait.min(patience_left);
+        }
+        let revents = poll_for(&stream, libc::POLLOUT, wait).map_err(ConnectError::Failed)?;
+        if let Some(error) = stream.take_error().map_err(ConnectError::Failed)? {
+            return Err(ConnectError::Failed(error));
+        }
+        if revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+            // As std's connect_timeout: a hang-up that left no error behind.
+            return Err(ConnectError::Failed(io::Error::other(
+                "the connection was closed while connecting",
+            )));
+        }
+        if revents & libc::POLLOUT != 0 {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return Err(ConnectError::Failed(io::ErrorKind::TimedOut.into()));
+        }
+    }
+    // SAFETY: the descriptor moves from the mio stream, which gives it up,
+    // to the std stream, which then owns it alone.
+    let stream = unsafe { TcpStream::from_raw_fd(stream.into_raw_fd()) };
+    stream
+        .set_nonblocking(false)
+        .map_err(ConnectError::Failed)?;
+    Ok(stream)
+}
+
 /// Waits until `stream` is readable if `reading`, or writable if `writing`,
 /// for at most `left`.
 fn wait_for(
@@ -698,8 +779,24 @@ fn wait_for(
     if writing {
         events |= libc::POLLOUT;
     }
+    // Readiness, an error or a hang-up: the next read or write says which.
+    poll_for(stream, events, left)
+        .map(|_revents| ())
+        .map_err(ExchangeError::Io)
+}
+
+/// poll(2) on one socket for `events`, for at most `left`. Returns the
+/// events that came (none after a timeout or a signal).
+///
+/// # Errors
+/// poll's own error; a signal is not one (the caller's loop tries again).
+fn poll_for(
+    socket: &impl AsRawFd,
+    events: libc::c_short,
+    left: Duration,
+) -> io::Result<libc::c_short> {
     let mut pollfd = libc::pollfd {
-        fd: stream.as_raw_fd(),
+        fd: socket.as_raw_fd(),
         events,
         revents: 0,
     };
@@ -709,13 +806,12 @@ fn wait_for(
     let ready = unsafe { libc::poll(&mut pollfd, 1, millis) };
     if ready < 0 {
         let error = io::Error::last_os_error();
-        // A signal arrived: the caller's loop tries again.
         if !interrupted(&error) {
-            return Err(ExchangeError::Io(error));
+            return Err(error);
         }
+        return Ok(0);
     }
-    // Readiness, an error or a hang-up: the next read or write says which.
-    Ok(())
+    Ok(pollfd.revents)
 }
 
 /// Writes all of `buf` within `limit`, counting in `sent` the bytes written.
@@ -932,7 +1028,7 @@ mod tests {
     }
 
     fn connect_error(addrs: &[SocketAddr], timeout: Duration) -> String {
-        match Socket::connect(addrs, timeout) {
+        match Socket::connect(addrs, timeout, &StopHandle::new()) {
             Ok(socket) => panic!("connected to {}", socket.peer),
             Err(kind) => Failure {
                 connection: None,
@@ -949,8 +1045,12 @@ mod tests {
         let working = TcpListener::bind("127.0.0.1:0").expect("bind on loopback");
         let working = working.local_addr().expect("bound address");
         // Each gets half of 5 s, more than the 2 s minimum.
-        let socket = Socket::connect(&[silent, working], Duration::from_secs(5))
-            .unwrap_or_else(|kind| panic!("{kind:?}"));
+        let socket = Socket::connect(
+            &[silent, working],
+            Duration::from_secs(5),
+            &StopHandle::new(),
+        )
+        .unwrap_or_else(|kind| panic!("{kind:?}"));
         assert_eq!(socket.peer, working);
     }
 
@@ -964,6 +1064,42 @@ mod tests {
             connect_error(&[silent, silent], Duration::from_millis(300)),
             format!("cannot connect to {silent}: timed out after 300ms")
         );
+    }
+
+    #[test]
+    fn a_stop_ends_a_connect_that_gets_no_answer_and_tries_no_further_address() {
+        let (silent, _held) = unanswering_listener();
+        let silent = silent.local_addr().expect("bound address");
+        let working = TcpListener::bind("127.0.0.1:0").expect("bind on loopback");
+        let working = working.local_addr().expect("bound address");
+        let stop = StopHandle::new();
+        let began = Instant::now();
+        let outcome = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                std::thread::sleep(Duration::from_millis(200));
+                stop.stop();
+            });
+            // 15 s for each address; the call is bounded by the 30 s.
+            Socket::connect(&[silent, working], Duration::from_secs(30), &stop)
+        });
+        let took = began.elapsed();
+        let message = match outcome {
+            Ok(socket) => panic!("connected to {}", socket.peer),
+            Err(kind) => Failure {
+                connection: None,
+                kind,
+            }
+            .to_string(),
+        };
+        // The silent address gets a second after the stop, and the working
+        // one is not tried: the run is over.
+        let prefix = format!("cannot connect to {silent}: no answer after 1s");
+        assert!(
+            message.starts_with(&prefix) && message.ends_with(", and the run was stopped"),
+            "expected {prefix:?}…, got {message:?}"
+        );
+        // Nowhere near the 15 s share, with room for a loaded machine.
+        assert!(took < Duration::from_secs(10), "the connect took {took:?}");
     }
 
     #[test]
