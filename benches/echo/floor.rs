@@ -57,6 +57,8 @@ struct WorkerShare {
 /// The running floor peer; dropping it stops and joins every thread.
 pub struct FloorPeer {
     addr: SocketAddr,
+    /// Shared with the acceptor, so that stopping can end its `accept`.
+    listener: Arc<TcpListener>,
     stopping: Arc<AtomicBool>,
     shares: Vec<Arc<WorkerShare>>,
     threads: Vec<JoinHandle<()>>,
@@ -69,11 +71,12 @@ impl FloorPeer {
     /// # Errors
     /// Bind, epoll, eventfd or thread spawn failures.
     pub fn start(workers: usize, placement: Placement) -> io::Result<FloorPeer> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let listener = Arc::new(TcpListener::bind("127.0.0.1:0")?);
         let addr = listener.local_addr()?;
         let stopping = Arc::new(AtomicBool::new(false));
         let mut peer = FloorPeer {
             addr,
+            listener: Arc::clone(&listener),
             stopping: Arc::clone(&stopping),
             shares: Vec::new(),
             threads: Vec::new(),
@@ -105,9 +108,12 @@ impl FloorPeer {
 impl Drop for FloorPeer {
     fn drop(&mut self) {
         self.stopping.store(true, Ordering::SeqCst);
-        // Wakes the acceptor from `accept` to see the flag; if it fails the
-        // acceptor is already gone, which is what we want.
-        let _ = TcpStream::connect(self.addr);
+        // On Linux, shutting a listener down ends an `accept` blocked on it
+        // (with EINVAL), without a connection that could fail to be made.
+        // SAFETY: a plain syscall on a descriptor the Arc keeps open.
+        unsafe {
+            libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RD);
+        }
         for share in &self.shares {
             share.wake();
         }
@@ -121,8 +127,9 @@ impl Drop for FloorPeer {
 
 impl WorkerShare {
     fn new() -> io::Result<WorkerShare> {
-        // SAFETY: plain syscalls; each result is checked before it is owned.
+        // SAFETY: a plain syscall; `owned` checks the result before owning it.
         let epoll = unsafe { owned(libc::epoll_create1(libc::EPOLL_CLOEXEC))? };
+        // SAFETY: as above.
         let stop = unsafe { owned(libc::eventfd(0, libc::EFD_CLOEXEC))? };
         let share = WorkerShare {
             epoll,
@@ -189,6 +196,8 @@ unsafe fn owned(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Accepts until stopped (or until `accept` fails for a reason that is not
+/// the client's), placing each connection on a worker's epoll.
 fn accept(
     listener: &TcpListener,
     shares: &[Arc<WorkerShare>],
@@ -201,9 +210,22 @@ fn accept(
         if stopping.load(Ordering::SeqCst) {
             return;
         }
-        let Ok(stream) = stream else {
-            // E.g. a connection reset before it was accepted.
-            continue;
+        let stream = match stream {
+            Ok(stream) => stream,
+            // The client gave up before it was accepted, or a signal came.
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::ConnectionAborted
+                        | io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
+            }
+            // Out of descriptors, or the listener was shut down: retrying
+            // would spin, and its CPU would count as the floor's.
+            Err(_) => return,
         };
         // Nagle off, as on the client side; failure only costs latency.
         let _ = stream.set_nodelay(true);
@@ -254,8 +276,12 @@ fn serve(share: &WorkerShare) {
             )
         };
         let Ok(ready) = usize::try_from(ready) else {
-            // EINTR: a signal landed on this thread; nothing is lost.
-            continue;
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                // A signal landed on this thread; nothing is lost.
+                continue;
+            }
+            // Retrying would spin; the load sees its connections fail.
+            return;
         };
         for event in &events[..ready] {
             let token = event.u64;
@@ -263,8 +289,9 @@ fn serve(share: &WorkerShare) {
                 return;
             }
             let fd = token as RawFd;
-            // SAFETY: `fd` stays open until `close` below removes it, which
-            // only this thread does; `buf` has room for its length.
+            // SAFETY: `fd` stays open until `close` below removes it; only
+            // this thread closes a registered fd (the acceptor closes one
+            // only when registering it failed). `buf` has room for its length.
             let received = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
             let keep_open = match usize::try_from(received) {
                 // The peer closed.
@@ -276,8 +303,11 @@ fn serve(share: &WorkerShare) {
                     // A short send is a failure here (see the module doc).
                     usize::try_from(sent) == Ok(n)
                 }
-                // A spurious wake-up leaves the connection as it was.
-                Err(_) => io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock,
+                // A spurious wake-up or a signal leaves the connection as it was.
+                Err(_) => matches!(
+                    io::Error::last_os_error().kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ),
             };
             if !keep_open {
                 share.close(fd);
