@@ -46,7 +46,7 @@ enum Exit {
 /// check that every byte comes back, with ping-style statistics.
 #[derive(FromArgs, Debug)]
 #[argh(
-    note = "Each connection runs on its own thread with blocking sockets: fine up to about 1000 connections (at most 10000).\nPercentiles come from a histogram accurate to within 0.4%; min/avg/max/mdev are exact (mdev is the population standard deviation, as in ping).\nCtrl-C (or SIGTERM) stops sending and prints the summary; an echo still out may stay silent for twice the p99 round trip (1 s for a first echo) before it counts as failed. A second one, 0.5 s or more later, exits at once.",
+    note = "Each connection runs on its own thread with blocking sockets: fine up to about 1000 connections (at most 10000).\nPercentiles come from a histogram accurate to within 0.4%; min/avg/max/mdev are exact (mdev is the population standard deviation, as in ping).\nCtrl-C (or SIGTERM) stops sending and prints the summary; an echo still out may stay silent for twice the p99 round trip (1 s for a first echo) before it counts as failed, and a connect still unanswered for 1 s. A second one, 0.5 s or more later, exits at once.",
     error_code(
         0,
         "every echo came back exact (also when stopped with Ctrl-C or SIGTERM)"
