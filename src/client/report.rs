@@ -96,7 +96,7 @@ impl Report {
             return 0.0;
         }
         let lost = self.sent.saturating_sub(self.echoed + self.mismatched);
-        lost as f64 * 100.0 / self.sent as f64
+        percent(lost, self.sent)
     }
 
     /// Complete echoes (exact or not) per second of the run.
@@ -130,7 +130,8 @@ impl Report {
             let plural = if self.errors == 1 { "" } else { "s" };
             let _ = write!(text, ", {} error{plural}", self.errors);
         }
-        let loss = format_loss(self.loss_percent());
+        let lost = self.sent.saturating_sub(self.echoed + self.mismatched);
+        let loss = format_loss(lost, self.sent);
         let _ = writeln!(text, ", {loss}% loss, time {}ms", self.elapsed.as_millis());
         if let (Some(min), Some(avg), Some(max), Some(mdev)) = (
             self.rtt.min(),
@@ -217,12 +218,37 @@ fn ms(duration: Duration) -> String {
     format!("{:.3}", duration.as_secs_f64() * 1e3)
 }
 
-/// `0`, `100`, `33.3`: whole numbers without decimals.
-fn format_loss(percent: f64) -> String {
-    let rounded = format!("{percent:.1}");
-    rounded
-        .strip_suffix(".0")
-        .map_or(rounded.clone(), str::to_owned)
+fn percent(part: u64, whole: u64) -> f64 {
+    part as f64 * 100.0 / whole as f64
+}
+
+/// `lost` of `sent` as a percentage: `0` and `100` only when exact, `50` and
+/// `33.3` with one decimal at most, and as many decimals as it takes for a
+/// loss near either end, so that one lost echo in 3000 shows as `0.03`, never
+/// as `0` beside a failure.
+fn format_loss(lost: u64, sent: u64) -> String {
+    if lost == 0 || sent == 0 {
+        return "0".to_owned();
+    }
+    if lost >= sent {
+        return "100".to_owned();
+    }
+    let value = percent(lost, sent);
+    (1..=18)
+        .map(|decimals| format!("{value:.decimals$}"))
+        .find(|shown| {
+            shown
+                .parse::<f64>()
+                .is_ok_and(|shown| shown > 0.0 && shown < 100.0)
+        })
+        .map_or_else(
+            || value.to_string(),
+            |shown| {
+                shown
+                    .strip_suffix(".0")
+                    .map_or(shown.clone(), str::to_owned)
+            },
+        )
 }
 
 fn per_second(count: u64, elapsed: Duration) -> f64 {
@@ -231,5 +257,20 @@ fn per_second(count: u64, elapsed: Duration) -> f64 {
         count as f64 / seconds
     } else {
         0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_loss;
+
+    #[test]
+    fn a_partial_loss_never_shows_as_none_or_all() {
+        let shown: Vec<String> = [(0, 3000), (1, 3000), (1, 3), (1, 2), (2999, 3000), (3, 3)]
+            .into_iter()
+            .map(|(lost, sent)| format_loss(lost, sent))
+            .collect();
+        assert_eq!(shown, ["0", "0.03", "33.3", "50", "99.97", "100"]);
+        assert_eq!(format_loss(1, 10_000_000), "0.00001");
     }
 }
