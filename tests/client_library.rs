@@ -846,6 +846,40 @@ fn a_stop_lets_a_slow_but_answering_server_finish_the_echo_in_flight() {
 }
 
 #[test]
+fn the_run_time_ends_at_the_last_echo_not_at_a_stop_during_the_pause_after_it() {
+    with_time_limit(LIMIT, || {
+        let server = TestServer::start(common::client::std_echo);
+        let config = ClientConfig {
+            repeat: 2,
+            interval: Duration::from_secs(30),
+            ..config_for(server.addr())
+        };
+        let began = Instant::now();
+        let first_echo_seen = std::sync::OnceLock::new();
+        let first = |event: &Event<'_>| {
+            let first = matches!(event, Event::Echoed { seq: 1, .. });
+            if first {
+                // Only the first echo sets it; a second set would be ignored.
+                let _ = first_echo_seen.set(began.elapsed());
+            }
+            first
+        };
+        // Stopped 500 ms into the 30 s pause before echo 2.
+        let (report, seen, _) = run_and_stop(&config, first, Duration::from_millis(500));
+        assert!(seen.failures.is_empty(), "{:?}\n{report:#?}", seen.failures);
+        assert_eq!((report.sent, report.echoed), (1, 1), "{report:#?}");
+        let seen_at = *first_echo_seen.get().expect("echo 1 came");
+        // The run began after `began` and its last echo ended before the
+        // observer saw it, so its time cannot be longer.
+        assert!(
+            report.elapsed <= seen_at,
+            "the run's time {:?} goes past echo 1, which was seen {seen_at:?} in",
+            report.elapsed
+        );
+    });
+}
+
+#[test]
 fn a_server_that_resets_after_the_last_echo_is_not_an_error() {
     with_time_limit(LIMIT, || {
         let server = TestServer::start(common::client::echoes_then_resets);

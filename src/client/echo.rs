@@ -284,6 +284,9 @@ where
         connection,
         peer: socket.peer,
     });
+    // The last echo's end (or the connect's, before any): the run's time
+    // ends there, not after a pause, a wait for input or a stop that follows.
+    let mut last_echo_ended = Instant::now();
     let mut message = Vec::new();
     let mut echo = Vec::new();
     let mut last_seq = 0;
@@ -309,6 +312,7 @@ where
         let limit = RoundTripLimit::new(started, context.timeout, context.stop, &tally.rtt);
         let exchanged = socket.exchange(&message, &mut echo, limit, &mut written);
         let rtt = started.elapsed();
+        last_echo_ended = started + rtt;
         tally.bytes_sent += written as u64;
         // The socket timeouts may overshoot the deadline by a few
         // milliseconds; the round trip's own clock decides.
@@ -378,7 +382,12 @@ where
             break false;
         }
     };
-    tally.echoing_ended = Some(Instant::now());
+    // A failure ends the connection when it happens.
+    tally.echoing_ended = Some(if in_step {
+        last_echo_ended
+    } else {
+        Instant::now()
+    });
     if in_step {
         let wait = if context.stop.is_stopped() {
             MIN_CLOSING_WAIT.min(context.timeout)
