@@ -281,6 +281,73 @@ fn server_that_never_answers_exits_1_after_about_the_timeout() {
 }
 
 #[test]
+fn an_error_in_a_quiet_run_on_a_terminal_takes_the_progress_line_s_place() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = TestServer::start(common::client::never_answers);
+        let addr = server.addr().to_string();
+        let (mut terminal, client_side) = open_terminal();
+        // The timeout leaves room for progress lines at 1 s and 2 s first.
+        let mut child = {
+            let mut command = Command::new(CLIENT);
+            command
+                .args([&addr, "-q", "--timeout", "3s"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(client_side));
+            // Dropping `command` closes our copy of the terminal's client
+            // side, so reading ends when the client exits.
+            command.spawn().expect("spawn echo-client")
+        };
+        let mut shown = Vec::new();
+        // Linux ends a terminal's reads with EIO once no process holds the
+        // other side; what came before is all there.
+        let _ = terminal.read_to_end(&mut shown);
+        let status = child.wait().expect("wait for echo-client");
+        let shown = String::from_utf8_lossy(&shown);
+        assert_eq!(status.code(), Some(1), "{shown:?}");
+        let error = format!("echo-client: echo 1 to {addr} timed out after 3s");
+        let at = shown
+            .find(&error)
+            .unwrap_or_else(|| panic!("no {error:?} in {shown:?}"));
+        assert!(
+            shown[..at].contains("0 echoes, 0/s, 0 failed"),
+            "no progress line before the error: {shown:?}"
+        );
+        // Without the erase, the error would follow the progress text on
+        // its line.
+        assert!(
+            shown[..at].ends_with("\r\x1b[K"),
+            "the error does not start a clean line: {shown:?}"
+        );
+    });
+}
+
+/// A new pseudo-terminal: our side, and the side a child writes to.
+fn open_terminal() -> (std::fs::File, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let (mut ours, mut theirs) = (-1, -1);
+    // SAFETY: openpty writes two descriptors, which we then own alone; the
+    // name, settings and size pointers may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut ours,
+            &mut theirs,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors are open and owned by nobody else.
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(ours),
+            std::os::fd::OwnedFd::from_raw_fd(theirs),
+        )
+    }
+}
+
+#[test]
 fn server_that_corrupts_one_byte_exits_1_with_a_mismatch_message() {
     with_time_limit(TEST_LIMIT, || {
         let server = TestServer::start(common::client::corrupts_one_byte);

@@ -369,6 +369,9 @@ struct Printer {
     binary: bool,
     echoes: AtomicU64,
     failures: AtomicU64,
+    /// Whether the progress line is on the terminal now; held while writing
+    /// either it or an error line, so an error never lands on its end.
+    progress_shown: Mutex<bool>,
     /// Stdout's reader went away, or a write to it failed: print nothing more.
     stdout_ended: AtomicBool,
     /// Why a write to stdout failed, if one did (a gone reader is no failure).
@@ -384,6 +387,7 @@ impl Printer {
             binary: args.size.is_some(),
             echoes: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            progress_shown: Mutex::new(false),
             stdout_ended: AtomicBool::new(false),
             stdout_failure: Mutex::new(None),
             stop,
@@ -427,6 +431,12 @@ impl Printer {
             }
             Event::Failed(failure) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
+                let mut progress_shown = self.progress_shown();
+                if std::mem::take(&mut *progress_shown) {
+                    // The error takes the progress line's place; the next
+                    // progress line comes under it.
+                    eprint!("\r\x1b[K");
+                }
                 cli::print_err(PROG, failure);
             }
         }
@@ -460,6 +470,12 @@ impl Printer {
                 .get_or_insert(message);
         }
         false
+    }
+
+    fn progress_shown(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.progress_shown
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Why writing to stdout failed, if it did.
@@ -501,7 +517,6 @@ impl fmt::Display for Shown<'_> {
 fn print_progress(printer: &Printer, finished: &crossbeam_channel::Receiver<()>) {
     let mut last_count = 0;
     let mut last_time = Instant::now();
-    let mut printed = false;
     while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
         finished.recv_timeout(Duration::from_secs(1))
     {
@@ -510,10 +525,11 @@ fn print_progress(printer: &Printer, finished: &crossbeam_channel::Receiver<()>)
         let now = Instant::now();
         let rate = (count - last_count) as f64 / now.duration_since(last_time).as_secs_f64();
         (last_count, last_time) = (count, now);
+        let mut progress_shown = printer.progress_shown();
         eprint!("\r{count} echoes, {rate:.0}/s, {failures} failed\x1b[K");
-        printed = true;
+        *progress_shown = true;
     }
-    if printed {
+    if std::mem::take(&mut *printer.progress_shown()) {
         eprint!("\r\x1b[K");
     }
 }
