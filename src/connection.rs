@@ -84,7 +84,8 @@ enum Phase {
 /// Why a connection ended.
 #[derive(Debug)]
 pub enum CloseReason {
-    /// The peer closed its sending side and got every byte back.
+    /// The peer closed its sending side and got every byte back. Our side
+    /// is still open: closing the stream ends it.
     Completed,
     /// The drain finished: every received byte was echoed and the peer closed.
     Drained,
@@ -243,8 +244,10 @@ impl Connection {
             }
             if self.pending_len() == 0 {
                 if self.peer_done {
-                    // Everything the peer sent is back; its side is already closed.
-                    shutdown_write(stream)?;
+                    // Everything the peer sent is back; its side is already
+                    // closed. Our end of stream is the caller's close: with
+                    // nothing unread it is a FIN, not a reset, and a server
+                    // can free the connection's place before the peer sees it.
                     return Ok(Outcome::Closed(CloseReason::Completed));
                 }
                 if self.phase == Phase::Draining && !self.may_read() {

@@ -417,6 +417,8 @@ impl Worker {
         if matches!(ending, Ending::CutAtDeadline) {
             self.summary.connections_cut += 1;
         }
+        // Before the stream closes: a peer that has seen our end of stream
+        // may connect again at once, and must find the place free.
         self.setup
             .open
             .release(Some(self.setup.index), slot.peer.ip());

@@ -158,6 +158,39 @@ fn max_connections_refuses_the_excess_at_once_and_warns_at_most_once_a_second() 
 }
 
 #[test]
+fn a_client_that_saw_its_only_allowed_connection_end_can_connect_again_at_once() {
+    with_time_limit(Duration::from_secs(60), || {
+        // As a health check or a sequential test does: half-close, read to
+        // the end, and reconnect at once. The server's end of stream must
+        // come after it has freed the connection's place.
+        for limit in ["--max-connections", "--max-connections-per-ip"] {
+            let mut server = ServerProcess::start(&["--workers", "2", "-q", limit, "1"]);
+            let addr = server.addr;
+            for round in 0..500 {
+                let mut stream = connect(addr);
+                let mut echoed = Vec::new();
+                let outcome = stream
+                    .write_all(b"hello")
+                    .and_then(|()| stream.shutdown(std::net::Shutdown::Write))
+                    .and_then(|()| stream.read_to_end(&mut echoed));
+                assert!(
+                    outcome.is_ok() && echoed == b"hello",
+                    "{limit} 1, connection {round}: {outcome:?}, echoed {:?}; log:\n{}",
+                    String::from_utf8_lossy(&echoed),
+                    server.log()
+                );
+            }
+            let summary = server.stop_cleanly();
+            assert_eq!(
+                summary_count(&summary, "connections refused"),
+                0,
+                "{summary}"
+            );
+        }
+    });
+}
+
+#[test]
 fn max_connections_per_ip_refuses_one_address_and_still_admits_another() {
     with_time_limit(Duration::from_secs(60), || {
         let mut server =
