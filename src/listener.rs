@@ -3,7 +3,7 @@
 //! harness) and still be handed to [`Server::start`](crate::server::Server::start).
 
 use std::io;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 
 /// The listen backlog asked for; the kernel caps it at `net.core.somaxconn`
 /// (4096 by default on current Linux). std and mio ask for only 128, which
@@ -14,7 +14,9 @@ pub const LISTEN_BACKLOG: i32 = 4096;
 /// `SO_REUSEADDR` and a backlog of [`LISTEN_BACKLOG`].
 ///
 /// # Errors
-/// Whatever `socket`, `bind` or `listen` report, such as `AddrInUse`.
+/// Whatever `socket`, `bind` or `listen` report, such as `AddrInUse`; and
+/// `AddrNotAvailable` for a multicast or broadcast address, which Linux
+/// lets a TCP socket bind but no connection can ever reach.
 ///
 /// # Examples
 /// ```
@@ -23,6 +25,12 @@ pub const LISTEN_BACKLOG: i32 = 4096;
 /// ```
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     use std::os::fd::AsRawFd;
+    if addr.ip().is_multicast() || addr.ip() == IpAddr::V4(Ipv4Addr::BROADCAST) {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrNotAvailable,
+            "a multicast or broadcast address takes no TCP connections",
+        ));
+    }
     // std sets SO_REUSEADDR and close-on-exec, then listens with 128.
     let listener = TcpListener::bind(addr)?;
     // Listening again on a listening socket only changes its backlog.

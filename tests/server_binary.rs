@@ -230,6 +230,32 @@ fn a_port_in_use_exits_1_naming_the_address_and_cause() {
 }
 
 #[test]
+fn a_multicast_or_broadcast_address_exits_1_naming_it() {
+    with_time_limit(Duration::from_secs(60), || {
+        for address in ["224.0.0.1", "255.255.255.255", "ff02::1"] {
+            let args = ["--bind", address, "--port", "0"];
+            let output = run_to_end(SERVER_BIN, &args, Duration::from_secs(20));
+            let shown = describe(SERVER_BIN, &args, &output);
+            assert_eq!(output.status.code(), Some(1), "{shown}");
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let bound = if address.contains(':') {
+                format!("[{address}]:0")
+            } else {
+                format!("{address}:0")
+            };
+            assert_eq!(
+                stderr.trim(),
+                format!(
+                    "echo-server: cannot listen on {bound}: a multicast or broadcast address \
+                     takes no TCP connections"
+                ),
+                "{shown}"
+            );
+        }
+    });
+}
+
+#[test]
 fn bad_flags_exit_2_with_one_line_naming_the_flag() {
     let cases: &[(&[&str], &str)] = &[
         (&["--workers", "0"], "--workers"),
