@@ -230,14 +230,21 @@ fn run() -> Result<(), Failure> {
 fn descriptor_warning(config: &ServerConfig, limit: std::io::Result<u64>) -> Option<String> {
     match limit {
         Ok(limit) => {
-            let needed = (config.max_connections as u64)
-                .saturating_add(limits::reserved_descriptors(config.workers));
-            (needed > limit).then(|| {
+            let reserved = limits::reserved_descriptors(config.workers);
+            let room = limit.saturating_sub(reserved);
+            if room == 0 {
+                return Some(format!(
+                    "the descriptor limit {limit} leaves next to no room for connections: {} \
+                     workers need about {reserved}; raise the open-file limit (ulimit -n) or \
+                     lower --workers",
+                    config.workers
+                ));
+            }
+            (config.max_connections as u64 > room).then(|| {
                 format!(
                     "the connection limit {} (--max-connections) is more than the descriptor \
-                     limit {limit} allows; expect accept failures past about {} connections",
+                     limit {limit} allows; expect accept failures past about {room} connections",
                     config.max_connections,
-                    limit.saturating_sub(limits::reserved_descriptors(config.workers)),
                 )
             })
         }

@@ -114,8 +114,9 @@ impl Report {
     /// rtt p50/p90/p99/p99.9 = 0.080/0.101/0.180/0.201 ms (histogram, within 0.4%)
     /// ```
     ///
-    /// A throughput line follows when more than one connection or echo was
-    /// asked for, and a histogram when `histogram` is true.
+    /// A throughput line follows when more than one echo was sent or more
+    /// than one connection was asked for, and a histogram when `histogram`
+    /// is true.
     #[must_use]
     pub fn summary(&self, histogram: bool) -> String {
         let mut text = String::new();
