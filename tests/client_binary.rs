@@ -509,7 +509,7 @@ fn usage_errors_exit_2_with_one_line_naming_the_flag_and_value() {
             (&["--repeat", "+5"], &["--repeat", "+5"]),
             (&["--connections", "+5"], &["--connections", "+5"]),
             (&["--size", "0"], &["--size", "0"]),
-            (&["--size", "1GiB"], &["--size", "1GiB"]),
+            (&["--size", "1GiB"], &["--size", "1GiB", "at most 64MiB"]),
             (&["--size", "ten"], &["--size", "ten"]),
             (&["--connections", "0"], &["--connections", "0"]),
             (

@@ -263,6 +263,10 @@ fn bad_flags_exit_2_with_one_line_naming_the_flag() {
         (&["--shutdown-timeout", "soon"], "--shutdown-timeout"),
         (&["--idle-timeout", "0s"], "--idle-timeout"),
         (&["--bind", "not-an-address"], "--bind"),
+        (
+            &["--bind", "fe80::1%lo"],
+            "scoped IPv6 addresses (with %zone) are not supported",
+        ),
         (&["--port", "70000"], "--port"),
         (&["--max-connections", "0"], "--max-connections"),
         (&["--no-such-flag"], "--no-such-flag"),

@@ -273,6 +273,8 @@ fn parse_size(value: &str) -> Result<NonZeroUsize, String> {
         "" | "b" => 1,
         "k" | "kib" => 1024,
         "m" | "mib" => 1024 * 1024,
+        // Only to say that it is too large.
+        "g" | "gib" => 1024 * 1024 * 1024,
         _ => return Err("expected a number of bytes such as 1024, 64KiB or 1MiB".to_owned()),
     };
     let bytes = digits

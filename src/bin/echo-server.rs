@@ -98,8 +98,13 @@ fn parse_ip(value: &str) -> Result<IpAddr, String> {
         .strip_prefix('[')
         .and_then(|rest| rest.strip_suffix(']'))
         .unwrap_or(value);
-    bare.parse()
-        .map_err(|_| "not an IPv4 or IPv6 address".to_string())
+    bare.parse().map_err(|_| {
+        if bare.contains('%') && bare.contains(':') {
+            "scoped IPv6 addresses (with %zone) are not supported".to_string()
+        } else {
+            "not an IPv4 or IPv6 address".to_string()
+        }
+    })
 }
 
 fn parse_port(value: &str) -> Result<u16, String> {
