@@ -25,7 +25,10 @@ pub const LISTEN_BACKLOG: i32 = 4096;
 /// ```
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     use std::os::fd::AsRawFd;
-    if addr.ip().is_multicast() || addr.ip() == IpAddr::V4(Ipv4Addr::BROADCAST) {
+    // `::ffff:224.0.0.1` is the same address. (A subnet's broadcast address,
+    // such as 192.168.1.255, is not caught: only the interfaces know it.)
+    let ip = addr.ip().to_canonical();
+    if ip.is_multicast() || ip == IpAddr::V4(Ipv4Addr::BROADCAST) {
         return Err(io::Error::new(
             io::ErrorKind::AddrNotAvailable,
             "a multicast or broadcast address takes no TCP connections",

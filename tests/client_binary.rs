@@ -338,6 +338,13 @@ fn open_terminal() -> (std::fs::File, std::os::fd::OwnedFd) {
         )
     };
     assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    for fd in [ours, theirs] {
+        // Close-on-exec, so that children of tests running alongside do not
+        // hold the terminal open; the client's stderr is a copy without it.
+        // SAFETY: fcntl on a descriptor we own.
+        let rc = unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        assert_eq!(rc, 0, "FD_CLOEXEC: {}", std::io::Error::last_os_error());
+    }
     // SAFETY: both descriptors are open and owned by nobody else.
     unsafe {
         (

@@ -232,7 +232,12 @@ fn a_port_in_use_exits_1_naming_the_address_and_cause() {
 #[test]
 fn a_multicast_or_broadcast_address_exits_1_naming_it() {
     with_time_limit(Duration::from_secs(60), || {
-        for address in ["224.0.0.1", "255.255.255.255", "ff02::1"] {
+        for address in [
+            "224.0.0.1",
+            "255.255.255.255",
+            "ff02::1",
+            "::ffff:224.0.0.1",
+        ] {
             let args = ["--bind", address, "--port", "0"];
             let output = run_to_end(SERVER_BIN, &args, Duration::from_secs(20));
             let shown = describe(SERVER_BIN, &args, &output);

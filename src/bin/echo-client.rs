@@ -3,7 +3,7 @@
 //! the exit code. All network logic lives in the library.
 
 use std::fmt;
-use std::io::{self, BufReader, IsTerminal};
+use std::io::{self, BufReader, IsTerminal, Write};
 use std::num::NonZeroUsize;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -435,11 +435,12 @@ impl Printer {
                 self.failures.fetch_add(1, Ordering::Relaxed);
                 let mut progress_shown = self.progress_shown();
                 if std::mem::take(&mut *progress_shown) {
-                    // The error takes the progress line's place; the next
-                    // progress line comes under it.
-                    eprint!("\r\x1b[K");
+                    // The error takes the progress line's place, in the one
+                    // write of the line; the next progress line comes under it.
+                    write_err(&format!("\r\x1b[K{PROG}: {failure}\n"));
+                } else {
+                    cli::print_err(PROG, failure);
                 }
-                cli::print_err(PROG, failure);
             }
         }
     }
@@ -522,18 +523,27 @@ fn print_progress(printer: &Printer, finished: &crossbeam_channel::Receiver<()>)
     while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
         finished.recv_timeout(Duration::from_secs(1))
     {
+        // Counted under the lock, so that an error line just printed is in.
+        let mut progress_shown = printer.progress_shown();
         let count = printer.echoes.load(Ordering::Relaxed);
         let failures = printer.failures.load(Ordering::Relaxed);
         let now = Instant::now();
         let rate = (count - last_count) as f64 / now.duration_since(last_time).as_secs_f64();
         (last_count, last_time) = (count, now);
-        let mut progress_shown = printer.progress_shown();
-        eprint!("\r{count} echoes, {rate:.0}/s, {failures} failed\x1b[K");
+        write_err(&format!(
+            "\r{count} echoes, {rate:.0}/s, {failures} failed\x1b[K"
+        ));
         *progress_shown = true;
     }
     if std::mem::take(&mut *printer.progress_shown()) {
-        eprint!("\r\x1b[K");
+        write_err("\r\x1b[K");
     }
+}
+
+/// One write to stderr, without the panic `eprint!` would give.
+fn write_err(text: &str) {
+    // Stderr is where failures are reported; if it fails there is no one left to tell.
+    let _ = io::stderr().lock().write_all(text.as_bytes());
 }
 
 fn print_report(args: &Args, report: &Report, printer: &Printer) {
