@@ -72,13 +72,10 @@ struct Args {
     shutdown_timeout: Duration,
 
     /// how long a worker keeps polling for the next message before it sleeps,
-    /// up to 1ms; 0 never spins (default 50us)
-    #[argh(
-        option,
-        default = "config::DEFAULT_BUSY_POLL",
-        from_str_fn(parse_busy_poll)
-    )]
-    busy_poll: Duration,
+    /// up to 1ms; 0 never spins (default 50us, or 0 under a cgroup CPU quota
+    /// smaller than the machine)
+    #[argh(option, from_str_fn(parse_busy_poll))]
+    busy_poll: Option<Duration>,
 
     /// also log the data received, escaped and cut to 80 characters
     #[argh(switch, short = 'v')]
@@ -188,13 +185,14 @@ fn run() -> Result<(), Failure> {
             "--verbose and --quiet cannot be used together".into(),
         ));
     }
+    let busy_poll = busy_poll_default(args.busy_poll, limits::cpu_quota(), online_cpus());
     let config = ServerConfig {
         workers: args.workers.unwrap_or_else(config::default_workers),
         max_connections: args.max_connections,
         max_connections_per_ip: args.max_connections_per_ip,
         idle_timeout: args.idle_timeout,
         shutdown_timeout: args.shutdown_timeout,
-        busy_poll: args.busy_poll,
+        busy_poll: busy_poll.duration,
         log_level: match (quiet, verbose) {
             (true, _) => LogLevel::Quiet,
             (_, true) => LogLevel::Verbose,
@@ -223,11 +221,51 @@ fn run() -> Result<(), Failure> {
     if let Some(warning) = descriptor_warning {
         logger.warn(format_args!("{warning}"));
     }
+    if let Some(why) = busy_poll.why_off {
+        logger.info(format_args!("{why}"));
+    }
     spawn_signal_thread(signals, server.shutdown_handle())?;
     server
         .join()
         .map(drop)
         .map_err(|err| Failure::Runtime(err.to_string()))
+}
+
+/// The busy-poll window, and why it is off if the server turned it off.
+struct BusyPollChoice {
+    duration: Duration,
+    why_off: Option<String>,
+}
+
+/// `--busy-poll` if given; otherwise the default, except under a cgroup CPU
+/// quota (a container's CPU limit) smaller than the machine's `cpus`, where
+/// spinning would spend the quota and get the server throttled.
+fn busy_poll_default(given: Option<Duration>, quota: Option<f64>, cpus: usize) -> BusyPollChoice {
+    match (given, quota) {
+        (Some(duration), _) => BusyPollChoice {
+            duration,
+            why_off: None,
+        },
+        (None, Some(cores)) if cores < cpus as f64 => BusyPollChoice {
+            duration: Duration::ZERO,
+            why_off: Some(format!(
+                "busy polling off: this cgroup's CPU quota is {cores:.2} of {cpus} cores \
+                 (--busy-poll turns it on)"
+            )),
+        },
+        (None, _) => BusyPollChoice {
+            duration: config::DEFAULT_BUSY_POLL,
+            why_off: None,
+        },
+    }
+}
+
+/// The CPUs online, whatever a cgroup quota allows (std's
+/// `available_parallelism` counts the quota in).
+fn online_cpus() -> usize {
+    // SAFETY: sysconf reads a system setting and touches no memory of ours.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(online).unwrap_or(1).max(1)
 }
 
 /// What to warn about once the server runs, given the open-file limit that
@@ -297,4 +335,27 @@ fn spawn_signal_thread(mut signals: Signals, shutdown: ShutdownHandle) -> Result
                 io_cause(&err)
             ))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_polling_is_off_by_default_only_under_a_quota_smaller_than_the_machine() {
+        let given = Duration::from_micros(200);
+        let choice = |flag, quota| busy_poll_default(flag, quota, 4).duration;
+        assert_eq!(choice(Some(given), Some(0.5)), given, "the flag wins");
+        assert_eq!(choice(None, Some(0.5)), Duration::ZERO);
+        assert_eq!(choice(None, Some(3.99)), Duration::ZERO);
+        assert_eq!(choice(None, Some(4.0)), config::DEFAULT_BUSY_POLL);
+        assert_eq!(choice(None, None), config::DEFAULT_BUSY_POLL);
+        let why = busy_poll_default(None, Some(1.5), 4).why_off;
+        assert_eq!(
+            why.as_deref(),
+            Some(
+                "busy polling off: this cgroup's CPU quota is 1.50 of 4 cores (--busy-poll turns it on)"
+            )
+        );
+    }
 }
