@@ -163,7 +163,7 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     /// Starts `kind` as a child on 127.0.0.1 port 0 with `workers` workers
-    /// (and our server with `busy_poll`, if given) and waits (bounded) for
+    /// (ours with `busy_poll`, or the default 50 µs) and waits (bounded) for
     /// its `listening on ADDR` line.
     ///
     /// # Errors
@@ -178,10 +178,11 @@ impl ServerProcess {
                 let mut command = Command::new(ECHO_SERVER);
                 command.args(["--bind", "127.0.0.1", "--port", "0", "-q"]);
                 command.args(["--workers", &workers.to_string()]);
-                if let Some(busy_poll) = busy_poll {
-                    let value = humantime::format_duration(busy_poll).to_string();
-                    command.args(["--busy-poll", &value]);
-                }
+                // Always given, so that a CPU quota cannot turn the binary's
+                // default off and make it differ from the in-process server.
+                let busy_poll = busy_poll.unwrap_or(echo_chamber::config::DEFAULT_BUSY_POLL);
+                let value = humantime::format_duration(busy_poll).to_string();
+                command.args(["--busy-poll", &value]);
                 command
             }
             Kind::Tokio | Kind::Blocking => {
