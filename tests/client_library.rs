@@ -411,6 +411,22 @@ fn server_that_echoes_half_and_closes_is_an_error() {
 }
 
 #[test]
+fn a_reset_says_how_much_of_the_echo_had_come_back() {
+    with_time_limit(LIMIT, || {
+        let server = TestServer::start(common::client::echoes_five_bytes_then_resets);
+        let (report, seen) = run_and_record(&config_for(server.addr()), &StopHandle::new());
+        assert_eq!((report.sent, report.errors), (1, 1), "{report:#?}");
+        assert_eq!(
+            seen.failures,
+            [format!(
+                "echo 1 to {} failed: connection reset by peer, with 5 of 11 bytes back",
+                server.addr()
+            )]
+        );
+    });
+}
+
+#[test]
 fn replaying_server_is_caught_by_generated_payloads() {
     with_time_limit(LIMIT, || {
         let server = TestServer::start(common::client::replays_first_chunk);

@@ -465,10 +465,18 @@ enum ExchangeError {
     Stopped {
         received: usize,
     },
-    Io(io::Error),
+    /// A socket error (such as a reset) with `received` bytes of the echo back.
+    Io {
+        error: io::Error,
+        received: usize,
+    },
 }
 
 impl ExchangeError {
+    fn io(error: io::Error, received: usize) -> Self {
+        ExchangeError::Io { error, received }
+    }
+
     /// The failure of echo `seq` of a `len`-byte message of which `sent`
     /// bytes were written.
     fn into_failure(
@@ -503,7 +511,13 @@ impl ExchangeError {
             },
             // A peer that closes while we still write shows up as EPIPE or
             // a reset; say so plainly.
-            ExchangeError::Io(error) => FailureKind::Io { seq, peer, error },
+            ExchangeError::Io { error, received } => FailureKind::Io {
+                seq,
+                peer,
+                error,
+                received,
+                len,
+            },
         }
     }
 }
@@ -644,14 +658,15 @@ impl Socket {
         }
         self.stream
             .set_nonblocking(true)
-            .map_err(ExchangeError::Io)?;
+            .map_err(|error| ExchangeError::io(error, 0))?;
         let exchanged = interleave(&self.stream, message, echo, &mut limit, sent);
         // Back to blocking for the next small message and the closing check;
-        // if that fails, the connection cannot go on anyway.
+        // if that fails, the connection cannot go on anyway. (Only looked at
+        // when the exchange went through, so the whole echo is back.)
         let restored = self
             .stream
             .set_nonblocking(false)
-            .map_err(ExchangeError::Io);
+            .map_err(|error| ExchangeError::io(error, echo.len() - 1));
         exchanged.and_then(|more| restored.map(|()| more))
     }
 }
@@ -677,14 +692,16 @@ fn interleave(
         let mut moved = false;
         if *sent < message.len() {
             match stream.write(&message[*sent..]) {
-                Ok(0) => return Err(ExchangeError::Io(io::ErrorKind::WriteZero.into())),
+                Ok(0) => {
+                    return Err(ExchangeError::io(io::ErrorKind::WriteZero.into(), received));
+                }
                 Ok(written) => {
                     *sent += written;
                     moved = true;
                 }
                 // A signal arrived, or the send buffer is full: go on reading.
                 Err(error) if interrupted(&error) || would_block(&error) => {}
-                Err(error) => return Err(ExchangeError::Io(error)),
+                Err(error) => return Err(ExchangeError::io(error, received)),
             }
         }
         if received < len {
@@ -697,11 +714,12 @@ fn interleave(
                 }
                 // A signal arrived, or nothing has come back yet.
                 Err(error) if interrupted(&error) || would_block(&error) => {}
-                Err(error) => return Err(ExchangeError::Io(error)),
+                Err(error) => return Err(ExchangeError::io(error, received)),
             }
         }
         if !moved {
-            wait_for(stream, received < len, *sent < message.len(), wait)?;
+            wait_for(stream, received < len, *sent < message.len(), wait)
+                .map_err(|error| ExchangeError::io(error, received))?;
         }
     }
     Ok(received > len)
@@ -770,12 +788,10 @@ fn connect_one(
 
 /// Waits until `stream` is readable if `reading`, or writable if `writing`,
 /// for at most `left`.
-fn wait_for(
-    stream: &TcpStream,
-    reading: bool,
-    writing: bool,
-    left: Duration,
-) -> Result<(), ExchangeError> {
+///
+/// # Errors
+/// poll's own error.
+fn wait_for(stream: &TcpStream, reading: bool, writing: bool, left: Duration) -> io::Result<()> {
     let mut events = 0;
     if reading {
         events |= libc::POLLIN;
@@ -784,9 +800,7 @@ fn wait_for(
         events |= libc::POLLOUT;
     }
     // Readiness, an error or a hang-up: the next read or write says which.
-    poll_for(stream, events, left)
-        .map(|_revents| ())
-        .map_err(ExchangeError::Io)
+    poll_for(stream, events, left).map(|_revents| ())
 }
 
 /// poll(2) on one socket for `events`, for at most `left`. Returns the
@@ -832,11 +846,11 @@ fn write_all_by(
         if needs_reset(*timeout_set, left) {
             stream
                 .set_write_timeout(Some(left))
-                .map_err(ExchangeError::Io)?;
+                .map_err(|error| ExchangeError::io(error, 0))?;
             *timeout_set = Some(left);
         }
         match stream.write(buf) {
-            Ok(0) => return Err(ExchangeError::Io(io::ErrorKind::WriteZero.into())),
+            Ok(0) => return Err(ExchangeError::io(io::ErrorKind::WriteZero.into(), 0)),
             Ok(written) => {
                 buf = &buf[written..];
                 *sent += written;
@@ -845,7 +859,7 @@ fn write_all_by(
             Err(error) if interrupted(&error) => {}
             // The socket timeout ran out; the loop checks the real deadline.
             Err(error) if is_timeout(&error) => {}
-            Err(error) => return Err(ExchangeError::Io(error)),
+            Err(error) => return Err(ExchangeError::io(error, 0)),
         }
     }
     Ok(())
@@ -867,7 +881,7 @@ fn read_echo_by(
         if needs_reset(*timeout_set, left) {
             stream
                 .set_read_timeout(Some(left))
-                .map_err(ExchangeError::Io)?;
+                .map_err(|error| ExchangeError::io(error, filled))?;
             *timeout_set = Some(left);
         }
         match stream.read(&mut buf[filled..]) {
@@ -878,7 +892,7 @@ fn read_echo_by(
             Err(error) if interrupted(&error) => {}
             // The socket timeout ran out; the loop checks the real deadline.
             Err(error) if is_timeout(&error) => {}
-            Err(error) => return Err(ExchangeError::Io(error)),
+            Err(error) => return Err(ExchangeError::io(error, filled)),
         }
     }
     Ok(filled > len)

@@ -116,6 +116,10 @@ pub enum FailureKind {
         peer: SocketAddr,
         /// The socket's error.
         error: io::Error,
+        /// Bytes of the echo received before it.
+        received: usize,
+        /// Message length.
+        len: usize,
     },
     /// Reading the input lines (`--stdin`) failed.
     Input {
@@ -246,8 +250,17 @@ impl fmt::Display for Failure {
                     describe(error)
                 )?;
             }
-            FailureKind::Io { seq, peer, error } => {
+            FailureKind::Io {
+                seq,
+                peer,
+                error,
+                received,
+                len,
+            } => {
                 write!(f, "echo {seq} to {peer} failed: {}", describe(error))?;
+                if *received > 0 {
+                    write!(f, ", with {received} of {len} bytes back")?;
+                }
             }
             FailureKind::Input { error } => {
                 write!(f, "cannot read standard input: {}", describe(error))?;

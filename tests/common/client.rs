@@ -217,6 +217,14 @@ pub fn echoes_then_resets(stream: TcpStream) {
     }
 }
 
+/// Echoes the first five bytes it reads, then resets the connection.
+pub fn echoes_five_bytes_then_resets(mut stream: TcpStream) {
+    let mut first = [0u8; 5];
+    if stream.read_exact(&mut first).is_ok() && stream.write_all(&first).is_ok() {
+        super::reset_on_close(&stream);
+    }
+}
+
 /// Sends back everything it reads twice, in one write: the repeat lands
 /// right behind the echo.
 pub fn echoes_everything_twice(stream: TcpStream) {
