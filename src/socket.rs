@@ -1,5 +1,6 @@
 //! Socket options and queries that std and mio do not offer, shared by the
-//! server (urgent data kept inline; how much to echo in a drain) and the
+//! server (urgent data kept inline; how much to echo in a drain; how much
+//! echo a client had not taken when the drain's deadline cut it) and the
 //! client (whether the server sent more than it was sent).
 
 use std::io;
@@ -12,6 +13,16 @@ pub(crate) fn unread_len(socket: &impl AsRawFd) -> Option<usize> {
     // SAFETY: FIONREAD writes one int, the receive queue's length.
     let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::FIONREAD, &mut unread) };
     (rc == 0).then_some(unread.max(0) as usize)
+}
+
+/// Bytes written to `socket` that the peer has not acknowledged yet (TCP's
+/// send queue, `SIOCOUTQ`; a queued end of stream counts as one), or `None`
+/// if the kernel would not say.
+pub(crate) fn unacknowledged_len(socket: &impl AsRawFd) -> Option<usize> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ on Linux) writes one int, the queue's length.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    (rc == 0).then_some(queued.max(0) as usize)
 }
 
 /// Sets `SO_OOBINLINE`, so that TCP urgent data stays in the byte stream

@@ -70,7 +70,11 @@ enum Ending {
     Echo(CloseReason),
     IdleTimeout,
     CutAtDeadline,
+    /// Drained, and the peer's kernel had taken every byte of the echo.
     LingerCut,
+    /// Drained, but the peer had not taken this many bytes of the echo (or
+    /// the kernel would not say: `None`).
+    CutUntaken(Option<usize>),
 }
 
 /// Everything a worker needs besides its thread.
@@ -389,13 +393,32 @@ impl Worker {
     fn cut_all(&mut self) {
         let now = Instant::now();
         for index in 0..self.slots.len() {
-            let Some(slot) = self.slots[index].as_ref() else {
+            let Some(slot) = self.slots[index].as_mut() else {
                 continue;
             };
-            let ending = if slot.connection.is_lingering() {
-                Ending::LingerCut
-            } else {
-                Ending::CutAtDeadline
+            if !slot.connection.is_lingering() {
+                self.close(index, Ending::CutAtDeadline, now);
+                continue;
+            }
+            // One last discard: with its input all read, the close ends with
+            // a FIN and the kernel goes on delivering the echo, where unread
+            // input would make it a reset that destroys what is still queued.
+            let readable = Readiness {
+                readable: true,
+                ..Readiness::default()
+            };
+            let outcome =
+                slot.connection
+                    .on_ready(&mut slot.stream, readable, &mut self.buf, |_| {});
+            let ending = match outcome {
+                Outcome::Closed(reason) => Ending::Echo(reason),
+                // All of the echo is in the kernel, but "got every byte" holds
+                // only if the peer's kernel acknowledged it; our end of stream
+                // is the queue's last byte.
+                Outcome::Open => match crate::socket::unacknowledged_len(&slot.stream) {
+                    Some(queued) if queued <= 1 => Ending::LingerCut,
+                    queued => Ending::CutUntaken(queued.map(|queued| queued - 1)),
+                },
             };
             self.close(index, ending, now);
         }
@@ -414,7 +437,7 @@ impl Worker {
         self.summary.bytes_received += stats.received;
         self.summary.bytes_echoed += stats.echoed;
         self.summary.bytes_discarded += stats.discarded;
-        if matches!(ending, Ending::CutAtDeadline) {
+        if matches!(ending, Ending::CutAtDeadline | Ending::CutUntaken(_)) {
             self.summary.connections_cut += 1;
         }
         // Before the stream closes: a peer that has seen our end of stream
@@ -451,6 +474,15 @@ fn describe(ending: &Ending) -> String {
         Ending::IdleTimeout => "idle timeout".into(),
         Ending::CutAtDeadline => "cut at the shutdown deadline".into(),
         Ending::LingerCut => "drained; the peer had not closed by the deadline".into(),
+        Ending::CutUntaken(Some(bytes)) => format!(
+            "cut at the shutdown deadline: drained, but the peer had not taken {bytes} bytes \
+             of the echo"
+        ),
+        Ending::CutUntaken(None) => {
+            "cut at the shutdown deadline: drained, but whether the peer took all of the echo \
+             is unknown"
+                .into()
+        }
     }
 }
 

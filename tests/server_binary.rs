@@ -187,6 +187,107 @@ fn a_second_sigterm_exits_at_once_with_143() {
 }
 
 #[test]
+fn a_drained_client_that_has_not_taken_its_echo_by_the_deadline_is_counted_as_cut() {
+    with_time_limit(Duration::from_secs(60), || {
+        const SENT: usize = 60_000;
+        let mut server = ServerProcess::start(&["--workers", "1", "--shutdown-timeout", "1s"]);
+        // A 4 KiB receive buffer: the server hands all of the echo to its
+        // kernel, and most of it waits there for a client that never reads.
+        let mut client = connect_with_receive_buffer(server.addr, 4096);
+        client
+            .set_write_timeout(Some(Duration::from_secs(10)))
+            .expect("set write timeout");
+        client
+            .write_all(&[b'e'; SENT])
+            .expect("the server reads it all");
+        thread::sleep(Duration::from_millis(500));
+        server.signal(libc::SIGTERM);
+        // Sending on after the drain began, as a client unaware of it would:
+        // the close at the deadline then resets the connection.
+        let stop_at = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < stop_at && client.write_all(b"more").is_ok() {
+            thread::sleep(Duration::from_millis(50));
+        }
+        let status = server.wait_exit(Duration::from_secs(20));
+        assert_eq!(status.code(), Some(0), "log:\n{}", server.log());
+        // What the client's kernel had taken is still readable after the reset.
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("set read timeout");
+        let mut received = 0;
+        let mut buf = [0u8; 65536];
+        while let Ok(read @ 1..) = client.read(&mut buf) {
+            received += read;
+        }
+        let summary = server.summary();
+        assert_eq!(summary_count(&summary, "connections cut"), 1, "{summary}");
+        // A "more" sent before the drain began is echoed too.
+        let echoed = summary_count(&summary, "bytes echoed") as usize;
+        assert!(
+            received < echoed,
+            "the client got all {echoed} bytes: nothing to test"
+        );
+        let expected = format!(
+            "drained, but the peer had not taken {} bytes of the echo",
+            echoed - received
+        );
+        assert!(
+            server.log().contains(&expected),
+            "expected {expected:?} ({received} of {echoed} bytes taken); log:\n{}",
+            server.log()
+        );
+    });
+}
+
+/// A connected client whose receive buffer was set to `bytes` before the
+/// handshake, so that the window it offers stays that small.
+fn connect_with_receive_buffer(addr: std::net::SocketAddr, bytes: libc::c_int) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let std::net::SocketAddr::V4(v4) = addr else {
+        panic!("the test server listens on IPv4, not {addr}");
+    };
+    // SAFETY: a plain syscall; the descriptor is checked, then owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is open and owned by nobody else.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    // SAFETY: setsockopt reads one int from `bytes`.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&raw const bytes).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+    let to = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*v4.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: `to` is a valid sockaddr_in for the length given.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            (&raw const to).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "connect to {addr}: {}",
+        std::io::Error::last_os_error()
+    );
+    stream
+}
+
+#[test]
 fn shutdown_timeout_cuts_a_client_that_never_reads_and_still_exits_0() {
     with_time_limit(Duration::from_secs(60), || {
         let mut server = ServerProcess::start(&["--workers", "1", "--shutdown-timeout", "500ms"]);
