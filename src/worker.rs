@@ -31,6 +31,11 @@ use crate::stats::{OpenConnections, Summary};
 /// The token of the worker's waker; connection `i` uses `Token(i + 1)`.
 pub(crate) const WAKE: Token = Token(0);
 
+/// How long an idle-looking connection with echo still in the kernel's send
+/// queue is watched for that queue to shrink (the client taking its echo)
+/// before it counts as idle; never longer than the idle timeout itself.
+const ECHO_TAKEN_LOOK: Duration = Duration::from_secs(1);
+
 /// Readiness events taken from the kernel per wake-up.
 const EVENTS_PER_POLL: usize = 1024;
 
@@ -58,6 +63,9 @@ struct Slot {
     peer: SocketAddr,
     opened: Instant,
     last_active: Instant,
+    /// Echo in the kernel's send queue, not yet acknowledged, when the idle
+    /// timer last looked; `None` since the last traffic the worker saw.
+    echo_queued: Option<usize>,
     /// Tells a reused slot from the connection an old idle timer was set for.
     serial: u64,
     /// Queued in `unfinished` for another turn; until it comes, events only
@@ -280,6 +288,7 @@ impl Worker {
             peer,
             opened: now,
             last_active: now,
+            echo_queued: None,
             serial,
             owed_turn: false,
         });
@@ -315,6 +324,7 @@ impl Worker {
             });
         if slot.connection.stats() != before {
             slot.last_active = now;
+            slot.echo_queued = None;
         }
         match outcome {
             Outcome::Open => {
@@ -360,13 +370,29 @@ impl Worker {
                 break;
             }
             self.idle_timers.pop();
-            let Some(slot) = self.slots[index].as_ref() else {
+            let Some(slot) = self.slots[index].as_mut() else {
                 continue;
             };
             if slot.serial != serial {
                 continue;
             }
-            let due = deadline_after(slot.last_active, idle);
+            let mut due = deadline_after(slot.last_active, idle);
+            if due <= now {
+                // A client taking its echo slowly moves no bytes the worker
+                // sees while the echo waits in the kernel, and is not idle:
+                // watch the send queue shrink before closing.
+                let queued = crate::socket::unacknowledged_len(&slot.stream).unwrap_or(0);
+                due = match slot.echo_queued {
+                    _ if queued == 0 => now,
+                    Some(before) if queued >= before => now,
+                    Some(_) => {
+                        slot.last_active = now;
+                        deadline_after(now, idle)
+                    }
+                    None => deadline_after(now, ECHO_TAKEN_LOOK.min(idle)),
+                };
+                slot.echo_queued = (queued > 0).then_some(queued);
+            }
             if due <= now {
                 self.close(index, Ending::IdleTimeout, now);
             } else {

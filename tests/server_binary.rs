@@ -239,6 +239,56 @@ fn a_drained_client_that_has_not_taken_its_echo_by_the_deadline_is_counted_as_cu
     });
 }
 
+#[test]
+fn a_client_slowly_taking_its_echo_is_not_idle() {
+    with_time_limit(Duration::from_secs(60), || {
+        const SENT: usize = 60_000;
+        let server = ServerProcess::start(&["--workers", "1", "--idle-timeout", "1s"]);
+        // The echo waits in the server's kernel while the client reads 4 KiB
+        // every 200 ms, about 3 s in all: the worker sees no traffic, but
+        // the connection is not idle. (A look at the queue spans five reads,
+        // so a loaded machine that delays one does not make it look idle.)
+        let mut client = connect_with_receive_buffer(server.addr, 4096);
+        client
+            .set_write_timeout(Some(Duration::from_secs(10)))
+            .expect("set write timeout");
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("set read timeout");
+        client
+            .write_all(&[b'e'; SENT])
+            .expect("the server reads it all");
+        // The client's kernel holds at most about its buffer; the rest of
+        // the echo is still in the server's send queue.
+        const CLIENT_HOLDS: usize = 16 * 1024;
+        let mut received = 0;
+        let mut buf = [0u8; 4096];
+        while received < SENT {
+            thread::sleep(Duration::from_millis(200));
+            assert!(
+                SENT - received <= CLIENT_HOLDS || !server.log().contains("(idle timeout)"),
+                "closed as idle with {} bytes of echo still to take; log:\n{}",
+                SENT - received,
+                server.log()
+            );
+            match client.read(&mut buf) {
+                Ok(0) => break,
+                Ok(read) => received += read,
+                Err(err) => panic!("after {received} bytes: {err}; log:\n{}", server.log()),
+            }
+        }
+        assert_eq!(received, SENT, "log:\n{}", server.log());
+        // Once it has all, the client is idle, and is closed as such.
+        server.wait_for_log("(idle timeout)", Duration::from_secs(10));
+        assert_eq!(
+            client.read(&mut buf).ok(),
+            Some(0),
+            "log:\n{}",
+            server.log()
+        );
+    });
+}
+
 /// A connected client whose receive buffer was set to `bytes` before the
 /// handshake, so that the window it offers stays that small.
 fn connect_with_receive_buffer(addr: std::net::SocketAddr, bytes: libc::c_int) -> TcpStream {
