@@ -31,11 +31,6 @@ use crate::stats::{OpenConnections, Summary};
 /// The token of the worker's waker; connection `i` uses `Token(i + 1)`.
 pub(crate) const WAKE: Token = Token(0);
 
-/// How long an idle-looking connection with echo still in the kernel's send
-/// queue is watched for that queue to shrink (the client taking its echo)
-/// before it counts as idle; never longer than the idle timeout itself.
-const ECHO_TAKEN_LOOK: Duration = Duration::from_secs(1);
-
 /// Readiness events taken from the kernel per wake-up.
 const EVENTS_PER_POLL: usize = 1024;
 
@@ -81,8 +76,12 @@ enum Ending {
     /// Drained, and the peer's kernel had taken every byte of the echo.
     LingerCut,
     /// Drained, but the peer had not taken this many bytes of the echo (or
-    /// the kernel would not say: `None`).
-    CutUntaken(Option<usize>),
+    /// the kernel would not say: `None`); `reset` if input was still unread,
+    /// so that the close resets the connection and destroys them.
+    CutUntaken {
+        untaken: Option<usize>,
+        reset: bool,
+    },
 }
 
 /// Everything a worker needs besides its thread.
@@ -380,7 +379,8 @@ impl Worker {
             if due <= now {
                 // A client taking its echo slowly moves no bytes the worker
                 // sees while the echo waits in the kernel, and is not idle:
-                // watch the send queue shrink before closing.
+                // it is idle once that send queue has stood still for a whole
+                // idle timeout, looked at now and again at the end of it.
                 let queued = crate::socket::unacknowledged_len(&slot.stream).unwrap_or(0);
                 due = match slot.echo_queued {
                     _ if queued == 0 => now,
@@ -389,7 +389,7 @@ impl Worker {
                         slot.last_active = now;
                         deadline_after(now, idle)
                     }
-                    None => deadline_after(now, ECHO_TAKEN_LOOK.min(idle)),
+                    None => deadline_after(now, idle),
                 };
                 slot.echo_queued = (queued > 0).then_some(queued);
             }
@@ -443,7 +443,10 @@ impl Worker {
                 // is the queue's last byte.
                 Outcome::Open => match crate::socket::unacknowledged_len(&slot.stream) {
                     Some(queued) if queued <= 1 => Ending::LingerCut,
-                    queued => Ending::CutUntaken(queued.map(|queued| queued - 1)),
+                    queued => Ending::CutUntaken {
+                        untaken: queued.map(|queued| queued - 1),
+                        reset: crate::socket::unread_len(&slot.stream).unwrap_or(0) > 0,
+                    },
                 },
             };
             self.close(index, ending, now);
@@ -463,7 +466,7 @@ impl Worker {
         self.summary.bytes_received += stats.received;
         self.summary.bytes_echoed += stats.echoed;
         self.summary.bytes_discarded += stats.discarded;
-        if matches!(ending, Ending::CutAtDeadline | Ending::CutUntaken(_)) {
+        if matches!(ending, Ending::CutAtDeadline | Ending::CutUntaken { .. }) {
             self.summary.connections_cut += 1;
         }
         // Before the stream closes: a peer that has seen our end of stream
@@ -500,14 +503,16 @@ fn describe(ending: &Ending) -> String {
         Ending::IdleTimeout => "idle timeout".into(),
         Ending::CutAtDeadline => "cut at the shutdown deadline".into(),
         Ending::LingerCut => "drained; the peer had not closed by the deadline".into(),
-        Ending::CutUntaken(Some(bytes)) => format!(
-            "cut at the shutdown deadline: drained, but the peer had not taken {bytes} bytes \
-             of the echo"
-        ),
-        Ending::CutUntaken(None) => {
-            "cut at the shutdown deadline: drained, but whether the peer took all of the echo \
-             is unknown"
-                .into()
+        Ending::CutUntaken { untaken, reset } => {
+            let untaken = match untaken {
+                Some(bytes) => format!("the peer had not taken {bytes} bytes of the echo"),
+                None => "whether the peer took all of the echo is unknown".into(),
+            };
+            let fate = match reset {
+                true => "the peer's input was still unread, so the close resets them away",
+                false => "the kernel goes on delivering them unless the peer sends more",
+            };
+            format!("cut at the shutdown deadline: drained, but {untaken}; {fate}")
         }
     }
 }

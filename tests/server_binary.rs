@@ -202,9 +202,10 @@ fn a_drained_client_that_has_not_taken_its_echo_by_the_deadline_is_counted_as_cu
             .expect("the server reads it all");
         thread::sleep(Duration::from_millis(500));
         server.signal(libc::SIGTERM);
-        // Sending on after the drain began, as a client unaware of it would:
-        // the close at the deadline then resets the connection.
-        let stop_at = Instant::now() + Duration::from_millis(1500);
+        // Sending on after the drain began, as a client unaware of it would,
+        // until the close at the deadline resets the connection (at most
+        // 10 s, however late the signal is handled).
+        let stop_at = Instant::now() + Duration::from_secs(10);
         while Instant::now() < stop_at && client.write_all(b"more").is_ok() {
             thread::sleep(Duration::from_millis(50));
         }
@@ -227,8 +228,10 @@ fn a_drained_client_that_has_not_taken_its_echo_by_the_deadline_is_counted_as_cu
             received < echoed,
             "the client got all {echoed} bytes: nothing to test"
         );
+        // Whether the close itself or the next "more" reset the connection
+        // depends on timing; either way those bytes were lost.
         let expected = format!(
-            "drained, but the peer had not taken {} bytes of the echo",
+            "drained, but the peer had not taken {} bytes of the echo; ",
             echoed - received
         );
         assert!(
