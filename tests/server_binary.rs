@@ -195,9 +195,6 @@ fn a_drained_client_that_has_not_taken_its_echo_by_the_deadline_is_counted_as_cu
         // kernel, and most of it waits there for a client that never reads.
         let mut client = connect_with_receive_buffer(server.addr, 4096);
         client
-            .set_write_timeout(Some(Duration::from_secs(10)))
-            .expect("set write timeout");
-        client
             .write_all(&[b'e'; SENT])
             .expect("the server reads it all");
         thread::sleep(Duration::from_millis(500));
@@ -212,9 +209,6 @@ fn a_drained_client_that_has_not_taken_its_echo_by_the_deadline_is_counted_as_cu
         let status = server.wait_exit(Duration::from_secs(20));
         assert_eq!(status.code(), Some(0), "log:\n{}", server.log());
         // What the client's kernel had taken is still readable after the reset.
-        client
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("set read timeout");
         let mut received = 0;
         let mut buf = [0u8; 65536];
         while let Ok(read @ 1..) = client.read(&mut buf) {
@@ -253,12 +247,6 @@ fn a_client_slowly_taking_its_echo_is_not_idle() {
         // so a loaded machine that delays one does not make it look idle.)
         let mut client = connect_with_receive_buffer(server.addr, 4096);
         client
-            .set_write_timeout(Some(Duration::from_secs(10)))
-            .expect("set write timeout");
-        client
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("set read timeout");
-        client
             .write_all(&[b'e'; SENT])
             .expect("the server reads it all");
         // The client's kernel holds at most about its buffer; the rest of
@@ -293,7 +281,8 @@ fn a_client_slowly_taking_its_echo_is_not_idle() {
 }
 
 /// A connected client whose receive buffer was set to `bytes` before the
-/// handshake, so that the window it offers stays that small.
+/// handshake, so that the window it offers stays that small; with the
+/// timeouts of [`connect`].
 fn connect_with_receive_buffer(addr: std::net::SocketAddr, bytes: libc::c_int) -> TcpStream {
     use std::os::fd::FromRawFd;
     let std::net::SocketAddr::V4(v4) = addr else {
@@ -337,7 +326,7 @@ fn connect_with_receive_buffer(addr: std::net::SocketAddr, bytes: libc::c_int) -
         "connect to {addr}: {}",
         std::io::Error::last_os_error()
     );
-    stream
+    with_connect_timeouts(stream)
 }
 
 #[test]

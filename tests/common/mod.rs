@@ -127,6 +127,11 @@ pub fn payload(seed: u64, len: usize) -> Vec<u8> {
 /// instead of hanging it.
 pub fn connect(addr: SocketAddr) -> TcpStream {
     let stream = TcpStream::connect(addr).unwrap_or_else(|err| panic!("connect to {addr}: {err}"));
+    with_connect_timeouts(stream)
+}
+
+/// `stream` with the 30 s read and write timeouts that [`connect`] sets.
+pub fn with_connect_timeouts(stream: TcpStream) -> TcpStream {
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .expect("set read timeout");
