@@ -9,20 +9,22 @@ use std::os::fd::AsRawFd;
 /// Bytes received and waiting to be read on `socket`, or `None` if the
 /// kernel would not say.
 pub(crate) fn unread_len(socket: &impl AsRawFd) -> Option<usize> {
-    let mut unread: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int, the receive queue's length.
-    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::FIONREAD, &mut unread) };
-    (rc == 0).then_some(unread.max(0) as usize)
+    queue_len(socket, libc::FIONREAD)
 }
 
 /// Bytes written to `socket` that the peer has not acknowledged yet (TCP's
-/// send queue, `SIOCOUTQ`; a queued end of stream counts as one), or `None`
-/// if the kernel would not say.
+/// send queue, `SIOCOUTQ`, which is `TIOCOUTQ` on Linux; a queued end of
+/// stream counts as one), or `None` if the kernel would not say.
 pub(crate) fn unacknowledged_len(socket: &impl AsRawFd) -> Option<usize> {
-    let mut queued: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ (TIOCOUTQ on Linux) writes one int, the queue's length.
-    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
-    (rc == 0).then_some(queued.max(0) as usize)
+    queue_len(socket, libc::TIOCOUTQ)
+}
+
+/// The length of one of `socket`'s queues, asked with `request`.
+fn queue_len(socket: &impl AsRawFd, request: libc::Ioctl) -> Option<usize> {
+    let mut len: libc::c_int = 0;
+    // SAFETY: both requests write one int, the queue's length.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), request, &mut len) };
+    (rc == 0).then_some(len.max(0) as usize)
 }
 
 /// Sets `SO_OOBINLINE`, so that TCP urgent data stays in the byte stream

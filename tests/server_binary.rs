@@ -293,17 +293,7 @@ fn connect_with_receive_buffer(addr: std::net::SocketAddr, bytes: libc::c_int) -
     assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
     // SAFETY: `fd` is open and owned by nobody else.
     let stream = unsafe { TcpStream::from_raw_fd(fd) };
-    // SAFETY: setsockopt reads one int from `bytes`.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&raw const bytes).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+    set_socket_option(fd, libc::SO_RCVBUF, &bytes, "SO_RCVBUF");
     let to = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: v4.port().to_be(),

@@ -3,7 +3,7 @@
 //! the exit code. All network logic lives in the library.
 
 use std::fmt;
-use std::io::{self, BufReader, IsTerminal, Write};
+use std::io::{self, BufReader, IsTerminal};
 use std::num::NonZeroUsize;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -437,7 +437,7 @@ impl Printer {
                 if std::mem::take(&mut *progress_shown) {
                     // The error takes the progress line's place, in the one
                     // write of the line; the next progress line comes under it.
-                    write_err(&format!("\r\x1b[K{PROG}: {failure}\n"));
+                    cli::write_err(&format!("\r\x1b[K{PROG}: {failure}\n"));
                 } else {
                     cli::print_err(PROG, failure);
                 }
@@ -530,20 +530,14 @@ fn print_progress(printer: &Printer, finished: &crossbeam_channel::Receiver<()>)
         let now = Instant::now();
         let rate = (count - last_count) as f64 / now.duration_since(last_time).as_secs_f64();
         (last_count, last_time) = (count, now);
-        write_err(&format!(
+        cli::write_err(&format!(
             "\r{count} echoes, {rate:.0}/s, {failures} failed\x1b[K"
         ));
         *progress_shown = true;
     }
     if std::mem::take(&mut *printer.progress_shown()) {
-        write_err("\r\x1b[K");
+        cli::write_err("\r\x1b[K");
     }
-}
-
-/// One write to stderr, without the panic `eprint!` would give.
-fn write_err(text: &str) {
-    // Stderr is where failures are reported; if it fails there is no one left to tell.
-    let _ = io::stderr().lock().write_all(text.as_bytes());
 }
 
 fn print_report(args: &Args, report: &Report, printer: &Printer) {

@@ -185,7 +185,7 @@ fn run() -> Result<(), Failure> {
             "--verbose and --quiet cannot be used together".into(),
         ));
     }
-    let busy_poll = busy_poll_default(args.busy_poll, limits::cpu_quota(), online_cpus());
+    let busy_poll = busy_poll_choice(args.busy_poll, || (limits::cpu_quota(), online_cpus()));
     let config = ServerConfig {
         workers: args.workers.unwrap_or_else(config::default_workers),
         max_connections: args.max_connections,
@@ -238,22 +238,29 @@ struct BusyPollChoice {
 }
 
 /// `--busy-poll` if given; otherwise the default, except under a cgroup CPU
-/// quota (a container's CPU limit) smaller than the machine's `cpus`, where
+/// quota (a container's CPU limit) smaller than the machine's CPUs, where
 /// spinning would spend the quota and get the server throttled.
-fn busy_poll_default(given: Option<Duration>, quota: Option<f64>, cpus: usize) -> BusyPollChoice {
-    match (given, quota) {
-        (Some(duration), _) => BusyPollChoice {
+/// `quota_and_cpus` (the cgroup files and the CPU count) is read only when
+/// the flag is not given.
+fn busy_poll_choice(
+    given: Option<Duration>,
+    quota_and_cpus: impl FnOnce() -> (Option<f64>, usize),
+) -> BusyPollChoice {
+    if let Some(duration) = given {
+        return BusyPollChoice {
             duration,
             why_off: None,
-        },
-        (None, Some(cores)) if cores < cpus as f64 => BusyPollChoice {
+        };
+    }
+    match quota_and_cpus() {
+        (Some(cores), cpus) if cores < cpus as f64 => BusyPollChoice {
             duration: Duration::ZERO,
             why_off: Some(format!(
                 "busy polling off: this cgroup's CPU quota is {cores:.2} of {cpus} cores \
                  (--busy-poll turns it on)"
             )),
         },
-        (None, _) => BusyPollChoice {
+        _ => BusyPollChoice {
             duration: config::DEFAULT_BUSY_POLL,
             why_off: None,
         },
@@ -344,13 +351,15 @@ mod tests {
     #[test]
     fn busy_polling_is_off_by_default_only_under_a_quota_smaller_than_the_machine() {
         let given = Duration::from_micros(200);
-        let choice = |flag, quota| busy_poll_default(flag, quota, 4).duration;
+        let choice = |flag, quota| busy_poll_choice(flag, || (quota, 4)).duration;
         assert_eq!(choice(Some(given), Some(0.5)), given, "the flag wins");
+        let unread = busy_poll_choice(Some(given), || panic!("cgroup read despite the flag"));
+        assert_eq!(unread.duration, given);
         assert_eq!(choice(None, Some(0.5)), Duration::ZERO);
         assert_eq!(choice(None, Some(3.99)), Duration::ZERO);
         assert_eq!(choice(None, Some(4.0)), config::DEFAULT_BUSY_POLL);
         assert_eq!(choice(None, None), config::DEFAULT_BUSY_POLL);
-        let why = busy_poll_default(None, Some(1.5), 4).why_off;
+        let why = busy_poll_choice(None, || (Some(1.5), 4)).why_off;
         assert_eq!(
             why.as_deref(),
             Some(

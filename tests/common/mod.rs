@@ -607,17 +607,25 @@ pub fn reset_on_close(stream: &TcpStream) {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: setsockopt reads `linger` for the given length only.
+    set_socket_option(stream.as_raw_fd(), libc::SO_LINGER, &linger, "SO_LINGER");
+}
+
+/// `setsockopt(fd, SOL_SOCKET, name, value)`, with `value` passed as the
+/// bytes of a `T`; fails the test, naming `label`, if it fails. (The crate's
+/// own `socket::set_option` is not public.)
+pub fn set_socket_option<T>(fd: std::os::fd::RawFd, name: libc::c_int, value: &T, label: &str) {
+    // SAFETY: setsockopt reads `size_of::<T>()` bytes from `value`, which
+    // outlives the call.
     let rc = unsafe {
         libc::setsockopt(
-            stream.as_raw_fd(),
+            fd,
             libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
-    assert_eq!(rc, 0, "set SO_LINGER: {}", std::io::Error::last_os_error());
+    assert_eq!(rc, 0, "set {label}: {}", std::io::Error::last_os_error());
 }
 
 /// Sends one byte as TCP urgent data (`MSG_OOB`), the way telnet's

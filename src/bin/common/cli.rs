@@ -104,9 +104,14 @@ pub fn whole_number<T: std::str::FromStr>(value: &str) -> Option<T> {
 pub fn print_err(prog: &str, message: impl Display) {
     // One write, so that lines from other processes on the same stderr do
     // not land inside it.
-    let line = format!("{prog}: {message}\n");
+    write_err(&format!("{prog}: {message}\n"));
+}
+
+/// Writes `text` to stderr in one write, without the panic `eprint!` would
+/// give.
+pub fn write_err(text: &str) {
     // Stderr is where failures are reported; if it fails there is no one left to tell.
-    let _ = io::stderr().lock().write_all(line.as_bytes());
+    let _ = io::stderr().lock().write_all(text.as_bytes());
 }
 
 /// A switch's occurrences as a yes or no; given twice is a usage error, as
