@@ -157,24 +157,28 @@ pub(crate) struct Acceptor {
 
 impl Acceptor {
     /// Prepares to accept on `listener`, whose events `poll` will report.
+    /// Without a listener (a server of UDP alone) the acceptor only waits
+    /// for the shutdown, to let the workers know.
     ///
     /// # Errors
     /// The error from registering the listener with `poll`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         poll: Poll,
-        mut listener: TcpListener,
+        mut listener: Option<TcpListener>,
         workers: Vec<WorkerLink>,
         open: Arc<OpenConnections>,
         admission: Admission,
         shutdown: ShutdownHandle,
         logger: Logger,
     ) -> io::Result<Self> {
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        if let Some(listener) = listener.as_mut() {
+            poll.registry()
+                .register(listener, LISTENER, Interest::READABLE)?;
+        }
         Ok(Acceptor {
             poll,
-            listener: Some(listener),
+            listener,
             workers,
             open,
             admission,

@@ -5,6 +5,8 @@
 use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
+use crate::source_guard::{DEFAULT_RATE_EXEMPT, DEFAULT_RATE_PER_IP, RateLimit};
+
 /// The port `echo-server` listens on when none is given.
 pub const DEFAULT_PORT: u16 = 9999;
 
@@ -77,6 +79,20 @@ pub struct ServerConfig {
     pub busy_poll: Duration,
     /// What gets logged.
     pub log_level: LogLevel,
+    /// The limit on UDP answers per source address; `None` answers every
+    /// source the guard allows, as fast as it sends.
+    pub udp_rate_limit: Option<RateLimit>,
+}
+
+/// The default UDP rate limit: [`DEFAULT_RATE_PER_IP`] datagrams a second
+/// per source, a second's worth at once, loopback and private sources exempt.
+pub fn default_udp_rate_limit() -> RateLimit {
+    RateLimit {
+        per_second: DEFAULT_RATE_PER_IP,
+        burst: DEFAULT_RATE_PER_IP,
+        exempt: crate::cidr::parse_list(DEFAULT_RATE_EXEMPT)
+            .expect("the default exempt list is well formed (a unit test parses it)"),
+    }
 }
 
 impl Default for ServerConfig {
@@ -89,6 +105,7 @@ impl Default for ServerConfig {
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             busy_poll: DEFAULT_BUSY_POLL,
             log_level: LogLevel::Normal,
+            udp_rate_limit: Some(default_udp_rate_limit()),
         }
     }
 }
@@ -115,6 +132,13 @@ impl ServerConfig {
         }
         if self.idle_timeout == Some(Duration::ZERO) {
             return Err("idle_timeout must be more than zero".into());
+        }
+        if let Some(rate) = &self.udp_rate_limit
+            && (rate.per_second == 0 || rate.burst == 0)
+        {
+            return Err(
+                "udp_rate_limit must allow at least 1 datagram a second and a burst of 1".into(),
+            );
         }
         if self.busy_poll > MAX_BUSY_POLL {
             return Err(format!(

@@ -13,12 +13,18 @@
 //! drives its [`connection`] echo state machine. [`shutdown`] stops the
 //! acceptor and makes the workers drain. The [`client`] module is the other
 //! side: it sends messages and checks their echoes.
+//!
+//! UDP has no acceptor: each worker also owns one UDP socket of the port
+//! ([`datagram`]), in its own event loop beside its connections, and echoes
+//! each datagram that the [`source_guard`] lets it answer.
 
 pub mod acceptor;
 mod busy_poll;
+pub mod cidr;
 pub mod client;
 pub mod config;
 pub mod connection;
+mod datagram;
 pub mod error;
 pub mod limits;
 pub mod listener;
@@ -26,5 +32,7 @@ pub mod log;
 pub mod server;
 pub mod shutdown;
 mod socket;
+pub mod source_guard;
 pub mod stats;
+mod udp_batch;
 pub mod worker;

@@ -1,9 +1,10 @@
-//! Creating the listening socket, kept apart from serving it so that a
-//! listener can later come from elsewhere (systemd socket activation, a test
+//! Creating the sockets the server serves: the TCP listener, and the UDP
+//! sockets that the workers take one each. Kept apart from serving them so
+//! that sockets can come from elsewhere (systemd socket activation, a test
 //! harness) and still be handed to [`Server::start`](crate::server::Server::start).
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 
 /// The listen backlog asked for; the kernel caps it at `net.core.somaxconn`
 /// (4096 by default on current Linux). std and mio ask for only 128, which
@@ -42,4 +43,124 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
         return Err(io::Error::last_os_error());
     }
     Ok(listener)
+}
+
+/// The transports a server serves on one port number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transports {
+    /// Echo over TCP connections.
+    pub tcp: bool,
+    /// Echo of UDP datagrams.
+    pub udp: bool,
+}
+
+/// The sockets a server serves: a TCP listener, and UDP sockets that the
+/// workers take one each (the first ones get one when there are fewer
+/// sockets than workers).
+#[derive(Debug, Default)]
+pub struct Sockets {
+    /// The TCP listener, if the server echoes over TCP.
+    pub tcp: Option<TcpListener>,
+    /// UDP sockets, at most one per worker.
+    pub udp: Vec<UdpSocket>,
+}
+
+impl From<TcpListener> for Sockets {
+    fn from(listener: TcpListener) -> Self {
+        Sockets {
+            tcp: Some(listener),
+            udp: Vec::new(),
+        }
+    }
+}
+
+/// How many times a free port number is sought for both TCP and UDP before
+/// giving up: one that is free for TCP may be taken for UDP.
+const PORT_TRIES: usize = 16;
+
+/// Binds the sockets of `transports` on `addr`: a TCP listener as [`bind`]
+/// does, and `udp_sockets` UDP sockets sharing the port with
+/// `SO_REUSEPORT` (one per worker). With port 0, one free port number is
+/// chosen that both transports use.
+///
+/// # Errors
+/// As [`bind`], for either transport; `InvalidInput` if no transport is asked for.
+///
+/// # Examples
+/// ```
+/// use echo_chamber::listener::{bind_sockets, Transports};
+/// let both = Transports { tcp: true, udp: true };
+/// let sockets = bind_sockets("127.0.0.1:0".parse().unwrap(), both, 2).unwrap();
+/// let port = sockets.tcp.as_ref().unwrap().local_addr().unwrap().port();
+/// assert_eq!(sockets.udp.len(), 2);
+/// assert!(sockets.udp.iter().all(|udp| udp.local_addr().unwrap().port() == port));
+/// ```
+pub fn bind_sockets(
+    addr: SocketAddr,
+    transports: Transports,
+    udp_sockets: usize,
+) -> io::Result<Sockets> {
+    if !transports.tcp && !transports.udp {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no transport to serve: choose TCP, UDP or both",
+        ));
+    }
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let tcp = transports.tcp.then(|| bind(addr)).transpose()?;
+        if !transports.udp {
+            return Ok(Sockets {
+                tcp,
+                udp: Vec::new(),
+            });
+        }
+        let mut udp_addr = addr;
+        if let Some(tcp) = &tcp {
+            udp_addr.set_port(tcp.local_addr()?.port());
+        }
+        match bind_udp(udp_addr, udp_sockets) {
+            Ok(udp) => return Ok(Sockets { tcp, udp }),
+            // The port TCP was given is taken for UDP: try another.
+            Err(err)
+                if addr.port() == 0
+                    && tcp.is_some()
+                    && err.kind() == io::ErrorKind::AddrInUse
+                    && tries < PORT_TRIES => {}
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// Binds `count` UDP sockets (at least one) on `addr` with `SO_REUSEPORT`,
+/// nonblocking; with port 0, the first chooses the port and the rest join it.
+///
+/// # Errors
+/// What `socket`, `setsockopt` or `bind` report; `AddrNotAvailable` for a
+/// multicast or broadcast address, which an echo server must not serve.
+pub fn bind_udp(addr: SocketAddr, count: usize) -> io::Result<Vec<UdpSocket>> {
+    let ip = addr.ip().to_canonical();
+    if ip.is_multicast() || ip == IpAddr::V4(Ipv4Addr::BROADCAST) {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrNotAvailable,
+            "an echo server does not answer multicast or broadcast datagrams",
+        ));
+    }
+    let mut sockets: Vec<UdpSocket> = Vec::with_capacity(count.max(1));
+    let mut addr = addr;
+    for _ in 0..count.max(1) {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        let socket: UdpSocket = socket.into();
+        addr.set_port(socket.local_addr()?.port());
+        sockets.push(socket);
+    }
+    Ok(sockets)
 }

@@ -71,6 +71,43 @@ impl Logger {
     }
 }
 
+/// Lets one warning of a kind through at most once a second, shared by every
+/// thread that may warn of it (the workers' UDP sockets, say), so that a
+/// flood of bad traffic costs a line a second, never a line a datagram.
+#[derive(Debug)]
+pub(crate) struct SharedThrottle {
+    epoch: std::time::Instant,
+    /// Milliseconds from `epoch` to the last warning let through, plus one
+    /// (zero: none yet).
+    last: AtomicU64,
+}
+
+/// The fewest milliseconds between two warnings of one kind.
+const WARNING_INTERVAL_MS: u64 = 1000;
+
+impl SharedThrottle {
+    pub(crate) fn new() -> Self {
+        SharedThrottle {
+            epoch: std::time::Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a warning may go out at `now`; at most one caller a second
+    /// gets true.
+    pub(crate) fn pass(&self, now: std::time::Instant) -> bool {
+        let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64 + 1;
+        let last = self.last.load(Ordering::Relaxed);
+        if last != 0 && now_ms.saturating_sub(last) < WARNING_INTERVAL_MS {
+            return false;
+        }
+        // Of two threads racing here, only one moves the mark.
+        self.last
+            .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    }
+}
+
 /// Lines dropped because stderr would have blocked, not yet reported.
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 
@@ -138,6 +175,16 @@ mod tests {
         let long = preview(&[b'x'; 200]);
         assert_eq!(long.chars().count(), 81);
         assert!(long.ends_with('…'));
+    }
+
+    #[test]
+    fn a_shared_throttle_passes_one_warning_a_second() {
+        let throttle = SharedThrottle::new();
+        let start = std::time::Instant::now();
+        assert!(throttle.pass(start));
+        assert!(!throttle.pass(start));
+        assert!(!throttle.pass(start + std::time::Duration::from_millis(999)));
+        assert!(throttle.pass(start + std::time::Duration::from_millis(1001)));
     }
 
     #[test]

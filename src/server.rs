@@ -1,7 +1,8 @@
 //! The server: wires the flow listener → acceptor → channels → workers →
-//! connections, with the shutdown controller beside them, and joins it all
-//! at the end. It installs no signal handlers and never exits the process;
-//! the binary does that.
+//! connections, with the shutdown controller beside them, gives each worker
+//! its UDP socket when the server serves UDP, and joins it all at the end.
+//! It installs no signal handlers and never exits the process; the binary
+//! does that.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,9 +12,12 @@ use mio::Poll;
 
 use crate::acceptor::{self, Acceptor, Admission, WorkerLink};
 use crate::config::ServerConfig;
+use crate::datagram::{UdpEcho, UdpShared};
 use crate::error::Error;
+use crate::listener::Sockets;
 use crate::log::Logger;
 use crate::shutdown::ShutdownHandle;
+use crate::source_guard::SourceGuard;
 use crate::stats::OpenConnections;
 use crate::worker::{self, Worker, WorkerSetup};
 
@@ -66,26 +70,63 @@ impl Drop for DeathWatch {
 }
 
 impl Server {
-    /// Starts serving `listener`: spawns the `echo-acceptor` thread and
+    /// Starts serving `sockets` (a TCP listener, UDP sockets, or both; a
+    /// bare `TcpListener` will do): spawns the `echo-acceptor` thread and
     /// `config.workers` threads named `echo-worker-N`, logs
-    /// `listening on ADDR`, and returns at once.
+    /// `listening on ADDR (TRANSPORTS; N workers)`, and returns at once.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] for a configuration that cannot work, and
-    /// [`Error::Setup`] when an event loop or a thread cannot be created, or
-    /// the listener cannot be set up (nonblocking, urgent data inline).
-    pub fn start(listener: std::net::TcpListener, config: ServerConfig) -> Result<Server, Error> {
+    /// [`Error::InvalidConfig`] for a configuration that cannot work (no
+    /// socket, or more UDP sockets than workers), and [`Error::Setup`] when
+    /// an event loop or a thread cannot be created, or a socket cannot be
+    /// set up (nonblocking, urgent data inline).
+    pub fn start(sockets: impl Into<Sockets>, config: ServerConfig) -> Result<Server, Error> {
         config.validate().map_err(Error::InvalidConfig)?;
+        let Sockets { tcp, udp } = sockets.into();
+        if tcp.is_none() && udp.is_empty() {
+            return Err(Error::InvalidConfig("no socket to serve".into()));
+        }
+        if udp.len() > config.workers {
+            return Err(Error::InvalidConfig(format!(
+                "{} UDP sockets for {} workers: each worker serves at most one",
+                udp.len(),
+                config.workers
+            )));
+        }
         let setup = |what: String| move |source| Error::Setup { what, source };
-        let local_addr = listener
-            .local_addr()
-            .map_err(setup("the listener".into()))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(setup("the listener".into()))?;
-        // Before any urgent byte of a queued connection can be dropped.
-        crate::socket::keep_urgent_data_inline(&listener).map_err(setup("the listener".into()))?;
-        let listener = mio::net::TcpListener::from_std(listener);
+        let listener = match tcp {
+            Some(listener) => {
+                listener
+                    .set_nonblocking(true)
+                    .map_err(setup("the listener".into()))?;
+                // Before any urgent byte of a queued connection can be dropped.
+                crate::socket::keep_urgent_data_inline(&listener)
+                    .map_err(setup("the listener".into()))?;
+                Some(listener)
+            }
+            None => None,
+        };
+        let local_addr = match (&listener, udp.first()) {
+            (Some(listener), _) => listener.local_addr(),
+            (None, Some(udp)) => udp.local_addr(),
+            (None, None) => unreachable!("checked above: there is a socket"),
+        }
+        .map_err(setup("the listener".into()))?;
+        let transports = match (listener.is_some(), !udp.is_empty()) {
+            (true, true) => "tcp, udp",
+            (true, false) => "tcp",
+            _ => "udp",
+        };
+        let listener = listener.map(mio::net::TcpListener::from_std);
+        let udp_shared = (!udp.is_empty()).then(|| {
+            let guard = SourceGuard::new(
+                local_addr.port(),
+                crate::socket::interface_broadcast_addresses(),
+                config.udp_rate_limit.clone(),
+            );
+            Arc::new(UdpShared::new(guard))
+        });
+        let mut udp = udp.into_iter();
         let logger = Logger::new(config.log_level);
         let (acceptor_poll, acceptor_waker) =
             acceptor::poll_and_waker().map_err(setup("the acceptor's event loop".into()))?;
@@ -113,6 +154,28 @@ impl Server {
                     .map_err(setup(of_worker("the waker")))?,
             );
             let (sender, inbox) = crossbeam_channel::unbounded();
+            let udp = match (udp.next(), &udp_shared) {
+                (Some(socket), Some(shared)) => {
+                    socket
+                        .set_nonblocking(true)
+                        .map_err(setup(of_worker("the UDP socket")))?;
+                    let mut echo = UdpEcho::new(
+                        mio::net::UdpSocket::from_std(socket),
+                        Arc::clone(shared),
+                        logger,
+                    );
+                    // Edge-triggered, like the connections: registered once.
+                    poll.registry()
+                        .register(
+                            echo.socket_mut(),
+                            worker::UDP,
+                            mio::Interest::READABLE.add(mio::Interest::WRITABLE),
+                        )
+                        .map_err(setup(of_worker("the UDP socket's registration")))?;
+                    Some(echo)
+                }
+                _ => None,
+            };
             let worker = Worker::new(WorkerSetup {
                 index,
                 poll,
@@ -123,6 +186,7 @@ impl Server {
                 idle_timeout: config.idle_timeout,
                 busy_poll: config.busy_poll,
                 logger,
+                udp,
             });
             let watch = DeathWatch {
                 shutdown: shutdown.clone(),
@@ -159,7 +223,7 @@ impl Server {
             .map_err(setup("the acceptor thread".into()))?;
         server.acceptor = Some(thread);
         logger.notice(format_args!(
-            "listening on {local_addr} ({} workers)",
+            "listening on {local_addr} ({transports}; {} workers)",
             config.workers
         ));
         Ok(server)

@@ -62,3 +62,69 @@ pub(crate) fn set_option<T>(
         Err(io::Error::last_os_error())
     }
 }
+
+/// Makes a UDP socket drop every datagram that arrives from now on, while
+/// those already queued in it can still be read: the drain's "stop taking
+/// new work". On Linux a one-instruction socket filter does it (the filter
+/// runs before a datagram is queued); elsewhere nothing is done, and the
+/// drain echoes what arrives until the socket is found empty.
+#[cfg(target_os = "linux")]
+pub(crate) fn drop_new_datagrams(socket: &impl AsRawFd) -> io::Result<()> {
+    // Classic BPF "return 0": keep no byte of any packet.
+    let mut drop_all = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }];
+    let program = libc::sock_fprog {
+        len: 1,
+        filter: drop_all.as_mut_ptr(),
+    };
+    // The kernel copies the program during the call; `drop_all` outlives it.
+    set_option(socket, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &program)
+}
+
+/// See the Linux version: elsewhere the drain cannot shut new datagrams out.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn drop_new_datagrams(_socket: &impl AsRawFd) -> io::Result<()> {
+    Ok(())
+}
+
+/// The IPv4 broadcast addresses of this machine's interfaces (such as
+/// 192.168.1.255), which only a broadcast is ever sent to; empty if the
+/// interfaces cannot be listed.
+pub(crate) fn interface_broadcast_addresses() -> Vec<std::net::IpAddr> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes the head of a list it allocates into `list`.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Vec::new();
+    }
+    let mut found = Vec::new();
+    let mut entry = list;
+    while !entry.is_null() {
+        // SAFETY: `entry` is a node of the list getifaddrs made, not yet freed.
+        let node = unsafe { &*entry };
+        let is_broadcast = node.ifa_flags & libc::IFF_BROADCAST as libc::c_uint != 0;
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        let broadcast = node.ifa_ifu;
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        let broadcast = node.ifa_dstaddr;
+        if is_broadcast && !broadcast.is_null() {
+            // SAFETY: a non-null address of the node, which holds a sockaddr
+            // at least as long as its family's.
+            let family = libc::c_int::from(unsafe { (*broadcast).sa_family });
+            if family == libc::AF_INET {
+                // SAFETY: the family says it is a sockaddr_in.
+                let v4 = unsafe { &*broadcast.cast::<libc::sockaddr_in>() };
+                found.push(std::net::IpAddr::from(
+                    u32::from_be(v4.sin_addr.s_addr).to_be_bytes(),
+                ));
+            }
+        }
+        entry = node.ifa_next;
+    }
+    // SAFETY: `list` came from getifaddrs and is freed once, after its last use.
+    unsafe { libc::freeifaddrs(list) };
+    found
+}

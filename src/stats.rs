@@ -1,6 +1,7 @@
-//! Counters: what each worker served (summed into the shutdown [`Summary`]),
-//! and the live count of open connections that the acceptor reads to place
-//! and admit new ones and that workers lower as connections close.
+//! Counters: what each worker served over TCP and UDP (summed into the
+//! shutdown [`Summary`]), and the live count of open connections that the
+//! acceptor reads to place and admit new ones and that workers lower as
+//! connections close.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -28,6 +29,56 @@ pub struct Summary {
     /// Waits that busy polling ended with events, each sparing a worker a
     /// sleep and its wake-up (see `--busy-poll`).
     pub busy_poll_catches: u64,
+    /// What the UDP sockets did, when the server serves UDP.
+    pub udp: Option<UdpSummary>,
+}
+
+/// What the server's UDP sockets did from start to stop.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UdpSummary {
+    /// Datagrams taken from the sockets, answered or not.
+    pub datagrams_received: u64,
+    /// Datagrams sent back.
+    pub datagrams_echoed: u64,
+    /// Bytes in the datagrams sent back.
+    pub bytes_echoed: u64,
+    /// Datagrams from sources that are never answered: a port below 1024,
+    /// a well-known responder's port, the server's own port, or a
+    /// broadcast, multicast or unspecified address.
+    pub refused_source: u64,
+    /// Datagrams over their source's rate (`--udp-rate-per-ip`).
+    pub rate_limited: u64,
+    /// Echoes that could not be sent: the send buffer stayed full past the
+    /// wait, the drain's deadline came, or the kernel refused them.
+    pub send_failed: u64,
+}
+
+impl UdpSummary {
+    /// Adds another part's counts to this one.
+    pub fn add(&mut self, other: &UdpSummary) {
+        self.datagrams_received += other.datagrams_received;
+        self.datagrams_echoed += other.datagrams_echoed;
+        self.bytes_echoed += other.bytes_echoed;
+        self.refused_source += other.refused_source;
+        self.rate_limited += other.rate_limited;
+        self.send_failed += other.send_failed;
+    }
+}
+
+impl fmt::Display for UdpSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} datagrams received, {} echoed ({} bytes), {} refused by source, \
+             {} rate-limited, {} send failures",
+            self.datagrams_received,
+            self.datagrams_echoed,
+            self.bytes_echoed,
+            self.refused_source,
+            self.rate_limited,
+            self.send_failed,
+        )
+    }
 }
 
 impl Summary {
@@ -41,6 +92,9 @@ impl Summary {
         self.bytes_discarded += other.bytes_discarded;
         self.worker_sleeps += other.worker_sleeps;
         self.busy_poll_catches += other.busy_poll_catches;
+        if let Some(other) = &other.udp {
+            self.udp.get_or_insert_default().add(other);
+        }
     }
 }
 
@@ -59,7 +113,11 @@ impl fmt::Display for Summary {
             self.connections_refused,
             self.busy_poll_catches,
             self.busy_poll_catches + self.worker_sleeps,
-        )
+        )?;
+        if let Some(udp) = &self.udp {
+            write!(f, "; udp: {udp}")?;
+        }
+        Ok(())
     }
 }
 

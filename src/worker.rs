@@ -7,6 +7,10 @@
 //! stream's [`Connection`] state machine with one read buffer shared by all of
 //! them. When the channel disconnects, the shutdown controller has spoken:
 //! the worker drains its connections and exits before the deadline.
+//!
+//! A worker of a server that serves UDP also owns one UDP socket of the
+//! port ([`UdpEcho`]) in the same event loop: datagrams and connections take
+//! turns, and the drain waits for both.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -23,6 +27,7 @@ use mio::{Events, Interest, Poll, Token};
 use crate::busy_poll::BusyPoll;
 use crate::config::{LogLevel, READ_BUFFER_SIZE, deadline_after};
 use crate::connection::{CloseReason, Connection, Outcome, Readiness};
+use crate::datagram::{Turn, UdpEcho};
 use crate::error::{interrupted, io_cause};
 use crate::log::{Logger, preview};
 use crate::shutdown::ShutdownHandle;
@@ -30,6 +35,8 @@ use crate::stats::{OpenConnections, Summary};
 
 /// The token of the worker's waker; connection `i` uses `Token(i + 1)`.
 pub(crate) const WAKE: Token = Token(0);
+/// The token of the worker's UDP socket, past any connection's.
+pub(crate) const UDP: Token = Token(usize::MAX);
 
 /// Readiness events taken from the kernel per wake-up.
 const EVENTS_PER_POLL: usize = 1024;
@@ -98,6 +105,8 @@ pub(crate) struct WorkerSetup {
     /// The longest the worker spins on its event loop before sleeping.
     pub(crate) busy_poll: Duration,
     pub(crate) logger: Logger,
+    /// The worker's UDP socket, registered with `poll` as [`UDP`].
+    pub(crate) udp: Option<UdpEcho>,
 }
 
 /// A worker's event loop and the connections it owns.
@@ -110,6 +119,8 @@ pub(crate) struct Worker {
     idle_timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     /// Connections that used up their turn with bytes still to move.
     unfinished: Vec<usize>,
+    /// The UDP socket used up its turn with datagrams perhaps still waiting.
+    udp_owed: bool,
     drain_deadline: Option<Instant>,
     busy_poll: BusyPoll,
     summary: Summary,
@@ -123,6 +134,7 @@ impl Worker {
             buf: vec![0; READ_BUFFER_SIZE].into_boxed_slice(),
             idle_timers: BinaryHeap::new(),
             unfinished: Vec::new(),
+            udp_owed: false,
             drain_deadline: None,
             busy_poll: BusyPoll::new(setup.busy_poll),
             summary: Summary::default(),
@@ -152,11 +164,16 @@ impl Worker {
             let now = Instant::now();
             // Taken first: what this pass leaves unfinished waits for the next.
             let owed = std::mem::take(&mut self.unfinished);
+            let udp_owed = std::mem::take(&mut self.udp_owed);
             for event in events.iter() {
                 match event.token() {
                     WAKE => self.take_handoffs(now),
+                    UDP => self.serve_udp(now),
                     token => self.serve(token.0 - 1, readiness(event), now),
                 }
+            }
+            if udp_owed {
+                self.serve_udp(now);
             }
             for index in owed {
                 if let Some(slot) = self.slots.get_mut(index).and_then(Option::as_mut) {
@@ -165,8 +182,16 @@ impl Worker {
                 self.serve(index, Readiness::default(), now);
             }
             self.expire_idle(now);
+            if let Some(udp) = self.setup.udp.as_mut()
+                && udp.expire(now)
+            {
+                // The dropped echoes made room to read again.
+                self.udp_owed = true;
+            }
             if let Some(deadline) = self.drain_deadline {
-                if self.open_count() == 0 {
+                if self.open_count() == 0
+                    && self.setup.udp.as_ref().is_none_or(UdpEcho::is_finished)
+                {
                     break;
                 }
                 if now >= deadline {
@@ -175,7 +200,22 @@ impl Worker {
                 }
             }
         }
+        if let Some(udp) = self.setup.udp.take() {
+            self.summary.udp = Some(udp.stats());
+            // Dropping it closes the socket.
+        }
         self.summary
+    }
+
+    /// Gives the UDP socket its turn: read and echo what is waiting.
+    fn serve_udp(&mut self, now: Instant) {
+        let Some(udp) = self.setup.udp.as_mut() else {
+            return;
+        };
+        match udp.on_ready(now) {
+            Turn::Done | Turn::Blocked(_) => {}
+            Turn::More => self.udp_owed = true,
+        }
     }
 
     /// Fills `events`, spinning first for the busy-poll window (see
@@ -225,11 +265,12 @@ impl Worker {
 
     /// How long the loop may sleep: until the soonest timer, or for ever.
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
-        if !self.unfinished.is_empty() {
+        if !self.unfinished.is_empty() || self.udp_owed {
             return Some(Duration::ZERO);
         }
         let idle = self.idle_timers.peek().map(|Reverse((at, _, _))| *at);
-        [idle, self.drain_deadline]
+        let udp = self.setup.udp.as_ref().and_then(UdpEcho::wake_at);
+        [idle, udp, self.drain_deadline]
             .into_iter()
             .flatten()
             .min()
@@ -350,6 +391,10 @@ impl Worker {
         for index in 0..self.slots.len() {
             self.start_draining(index, now);
         }
+        if let Some(udp) = self.setup.udp.as_mut() {
+            udp.begin_drain();
+            self.serve_udp(now);
+        }
     }
 
     fn start_draining(&mut self, index: usize, now: Instant) {
@@ -418,6 +463,9 @@ impl Worker {
     /// The drain deadline came: close everything that is left.
     fn cut_all(&mut self) {
         let now = Instant::now();
+        if let Some(udp) = self.setup.udp.as_mut() {
+            udp.cut();
+        }
         for index in 0..self.slots.len() {
             let Some(slot) = self.slots[index].as_mut() else {
                 continue;

@@ -13,11 +13,14 @@ use argh::FromArgs;
 mod cli;
 #[path = "common/stop_signals.rs"]
 mod stop_signals;
+use echo_chamber::cidr::{self, Cidr};
 use echo_chamber::config::{self, LogLevel, ServerConfig};
 use echo_chamber::error::io_cause;
 use echo_chamber::limits;
+use echo_chamber::listener::Transports;
 use echo_chamber::server::Server;
 use echo_chamber::shutdown::ShutdownHandle;
+use echo_chamber::source_guard::{self, RateLimit};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use stop_signals::{Meaning, StopSignals};
@@ -30,11 +33,36 @@ const EXIT_USAGE: u8 = 2;
 
 #[derive(FromArgs)]
 /// A byte-exact RFC 862 echo server: every byte received on a TCP connection
-/// is sent back, in order and unchanged. SIGINT or SIGTERM drains open
-/// connections and exits 0; a second signal (0.5 s or more after the first)
-/// exits at once (130 or 143).
+/// is sent back, in order and unchanged, and with --udp every UDP datagram,
+/// whole, to where it came from. SIGINT or SIGTERM drains open connections
+/// and queued datagrams and exits 0; a second signal (0.5 s or more after
+/// the first) exits at once (130 or 143).
 /// Exit codes: 0 clean stop, 1 runtime error, 2 usage error.
 struct Args {
+    /// serve TCP (the default when neither --tcp nor --udp is given)
+    #[argh(switch)]
+    tcp: u8,
+
+    /// serve UDP: alone, UDP only; with --tcp, both on the same port
+    #[argh(switch)]
+    udp: u8,
+
+    /// UDP datagrams answered per second to one source address (an IPv6
+    /// source: its /64), with a second's worth at once; 0 for no limit
+    /// (default 1000)
+    #[argh(
+        option,
+        default = "source_guard::DEFAULT_RATE_PER_IP",
+        from_str_fn(parse_rate)
+    )]
+    udp_rate_per_ip: u32,
+
+    /// sources the UDP rate limit does not apply to, as address blocks
+    /// separated by commas, or "none" (default: loopback, private and
+    /// link-local: 127.0.0.0/8,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,169.254.0.0/16,::1/128,fc00::/7,fe80::/10)
+    #[argh(option, from_str_fn(parse_cidr_list), arg_name = "cidrs")]
+    udp_rate_exempt: Option<Vec<Cidr>>,
+
     /// address to listen on, IPv4 or IPv6 (default 0.0.0.0)
     #[argh(option, default = "IpAddr::from([0, 0, 0, 0])", from_str_fn(parse_ip))]
     bind: IpAddr,
@@ -125,6 +153,16 @@ fn parse_workers(value: &str) -> Result<usize, String> {
     }
 }
 
+fn parse_rate(value: &str) -> Result<u32, String> {
+    cli::whole_number(value)
+        .ok_or_else(|| format!("must be a whole number from 0 (no limit) to {}", u32::MAX))
+}
+
+fn parse_cidr_list(value: &str) -> Result<Vec<Cidr>, String> {
+    cidr::parse_list(value)
+        .map_err(|why| format!("{why}; give blocks such as 10.0.0.0/8,fc00::/7, or none"))
+}
+
 fn parse_duration(value: &str) -> Result<Duration, String> {
     humantime::parse_duration(value)
         .map_err(|err| format!("not a duration such as 2s, 500ms or 1m 30s ({err})"))
@@ -176,6 +214,20 @@ fn run() -> Result<(), Failure> {
     let version = cli::once(args.version, "--version").map_err(Failure::Usage)?;
     let verbose = cli::once(args.verbose, "--verbose").map_err(Failure::Usage)?;
     let quiet = cli::once(args.quiet, "--quiet").map_err(Failure::Usage)?;
+    let tcp = cli::once(args.tcp, "--tcp").map_err(Failure::Usage)?;
+    let udp = cli::once(args.udp, "--udp").map_err(Failure::Usage)?;
+    let transports = Transports {
+        tcp: tcp || !udp,
+        udp,
+    };
+    if !udp
+        && (args.udp_rate_exempt.is_some()
+            || args.udp_rate_per_ip != source_guard::DEFAULT_RATE_PER_IP)
+    {
+        return Err(Failure::Usage(
+            "--udp-rate-per-ip and --udp-rate-exempt apply to UDP: add --udp".into(),
+        ));
+    }
     if version {
         return cli::print_out(&format!("{PROG} {}\n", env!("CARGO_PKG_VERSION")))
             .map_err(Failure::Runtime);
@@ -198,6 +250,13 @@ fn run() -> Result<(), Failure> {
             (_, true) => LogLevel::Verbose,
             _ => LogLevel::Normal,
         },
+        udp_rate_limit: (args.udp_rate_per_ip > 0).then(|| RateLimit {
+            per_second: args.udp_rate_per_ip,
+            burst: args.udp_rate_per_ip,
+            exempt: args
+                .udp_rate_exempt
+                .unwrap_or_else(|| config::default_udp_rate_limit().exempt),
+        }),
     };
 
     // Handlers go in before the listener exists, so an early signal is queued
@@ -213,10 +272,11 @@ fn run() -> Result<(), Failure> {
     let logger = echo_chamber::log::Logger::new(config.log_level);
 
     let addr = SocketAddr::new(args.bind, args.port);
-    let listener = echo_chamber::listener::bind(addr)
+    let udp_sockets = if transports.udp { config.workers } else { 0 };
+    let sockets = echo_chamber::listener::bind_sockets(addr, transports, udp_sockets)
         .map_err(|err| Failure::Runtime(format!("cannot listen on {addr}: {}", io_cause(&err))))?;
     let server =
-        Server::start(listener, config).map_err(|err| Failure::Runtime(start_failure(&err)))?;
+        Server::start(sockets, config).map_err(|err| Failure::Runtime(start_failure(&err)))?;
     // Only once the server runs: if it cannot start, its one error line says why.
     if let Some(warning) = descriptor_warning {
         logger.warn(format_args!("{warning}"));

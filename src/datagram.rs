@@ -1,0 +1,411 @@
+//! A worker's UDP socket: the UDP side of the worker step, beside the
+//! [connections](crate::connection) of the flow acceptor → channel → worker
+//! → connection.
+//!
+//! UDP has no acceptor. Each worker owns one UDP socket bound to the port
+//! with `SO_REUSEPORT`, so the kernel hashes each flow (source and
+//! destination address and port) to one worker, and a worker echoes what it
+//! reads in the order it read it: the server never reorders a flow. Each
+//! datagram goes back whole to where it came from, unless the
+//! [source guard](crate::source_guard) says it must not. Datagrams move in
+//! [batches](crate::udp_batch) and are echoed from the buffers they arrived
+//! in: no allocation and no copy per datagram.
+//!
+//! When the send buffer is full, the batch's remaining echoes wait for room
+//! for [`SEND_PATIENCE`], with the socket's reading paused, and are then
+//! dropped and counted. At the drain the socket stops taking datagrams,
+//! echoes those already queued, and closes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use mio::net::UdpSocket;
+
+use crate::config::LogLevel;
+use crate::error::{interrupted, io_cause, would_block};
+use crate::log::{Logger, SharedThrottle, preview};
+use crate::source_guard::{ForbiddenSource, SourceGuard, Verdict};
+use crate::stats::UdpSummary;
+use crate::udp_batch::{BATCH, Batch};
+
+/// How long echoes wait for room in a full send buffer before they are
+/// dropped and counted. Meanwhile the socket is not read, so its receive
+/// buffer fills and the kernel drops what arrives: the sender sees loss, and
+/// nothing the server holds grows.
+pub const SEND_PATIENCE: Duration = Duration::from_millis(100);
+
+/// Batches taken in one turn before the worker serves its connections again.
+const BATCHES_PER_TURN: usize = 8;
+
+/// What the UDP sockets of one server share: the source checks and the
+/// counts behind the warnings, which go out at most once a second.
+#[derive(Debug)]
+pub(crate) struct UdpShared {
+    pub(crate) guard: SourceGuard,
+    refused_since_warning: AtomicU64,
+    limited_since_warning: AtomicU64,
+    refusal_warnings: SharedThrottle,
+    send_warnings: SharedThrottle,
+}
+
+impl UdpShared {
+    pub(crate) fn new(guard: SourceGuard) -> Self {
+        UdpShared {
+            guard,
+            refused_since_warning: AtomicU64::new(0),
+            limited_since_warning: AtomicU64::new(0),
+            refusal_warnings: SharedThrottle::new(),
+            send_warnings: SharedThrottle::new(),
+        }
+    }
+}
+
+/// Where a worker's UDP socket stands after a turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Turn {
+    /// Everything waiting was taken; the next readiness event brings more.
+    Done,
+    /// Datagrams may still be waiting: give the socket another turn soon.
+    More,
+    /// Echoes wait for room in the send buffer, until a writable event or
+    /// the instant given.
+    Blocked(Instant),
+}
+
+/// One worker's UDP socket and its echoes in flight.
+pub(crate) struct UdpEcho {
+    socket: UdpSocket,
+    batch: Batch,
+    /// Indices into `batch` of the datagrams to echo, in arrival order.
+    queue: [u8; BATCH],
+    queued: usize,
+    /// How many of `queue` have been sent.
+    sent: usize,
+    /// When the send buffer first had no room for the queue.
+    blocked_since: Option<Instant>,
+    shared: Arc<UdpShared>,
+    /// Refused and rate-limited datagrams not yet added to the shared counts.
+    refused_unreported: u64,
+    limited_unreported: u64,
+    /// One refused source, and one rate-limited one, for the next warning.
+    refused_example: Option<(SocketAddr, ForbiddenSource)>,
+    limited_example: Option<SocketAddr>,
+    /// Echoes dropped since the last send warning, and the last cause.
+    send_failures_unreported: u64,
+    send_failure_example: Option<String>,
+    /// Set at the drain: the socket takes no new datagrams.
+    draining: bool,
+    /// The drain is over, or the socket failed: nothing more to do.
+    finished: bool,
+    stats: UdpSummary,
+    logger: Logger,
+}
+
+impl UdpEcho {
+    pub(crate) fn new(socket: UdpSocket, shared: Arc<UdpShared>, logger: Logger) -> Self {
+        UdpEcho {
+            socket,
+            batch: Batch::new(),
+            queue: [0; BATCH],
+            queued: 0,
+            sent: 0,
+            blocked_since: None,
+            shared,
+            refused_unreported: 0,
+            limited_unreported: 0,
+            refused_example: None,
+            limited_example: None,
+            send_failures_unreported: 0,
+            send_failure_example: None,
+            draining: false,
+            finished: false,
+            stats: UdpSummary::default(),
+            logger,
+        }
+    }
+
+    /// The socket, for registering it with the worker's event loop.
+    pub(crate) fn socket_mut(&mut self) -> &mut UdpSocket {
+        &mut self.socket
+    }
+
+    /// What this socket did so far.
+    pub(crate) fn stats(&self) -> UdpSummary {
+        self.stats
+    }
+
+    /// Whether the drain has echoed everything and the socket can close.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Reads and echoes what is waiting, a bounded amount per turn.
+    pub(crate) fn on_ready(&mut self, now: Instant) -> Turn {
+        if self.finished {
+            return Turn::Done;
+        }
+        let mut turn = Turn::More;
+        for _ in 0..BATCHES_PER_TURN {
+            if let Some(until) = self.flush(now) {
+                turn = Turn::Blocked(until);
+                break;
+            }
+            match self.batch.receive(&self.socket) {
+                Ok(_) => self.admit(now),
+                // Nothing is waiting: the next event says when there is.
+                Err(err) if would_block(&err) => {
+                    turn = Turn::Done;
+                    break;
+                }
+                // A signal landed; the datagrams are still there.
+                Err(err) if interrupted(&err) => {}
+                // Anything else (out of memory, say) is the socket's, not a
+                // peer's: warn and wait for the next event.
+                Err(err) => {
+                    if self.shared.send_warnings.pass(now) {
+                        self.logger
+                            .warn(format_args!("udp: cannot receive: {}", io_cause(&err)));
+                    }
+                    turn = Turn::Done;
+                    break;
+                }
+            }
+        }
+        // The last batch of a turn that used its budget is still queued.
+        if !matches!(turn, Turn::Blocked(_))
+            && let Some(until) = self.flush(now)
+        {
+            turn = Turn::Blocked(until);
+        }
+        self.report(now);
+        if self.draining && turn == Turn::Done {
+            self.finished = true;
+        }
+        turn
+    }
+
+    /// Checks each datagram of the new batch against the guard and queues
+    /// those to echo.
+    fn admit(&mut self, now: Instant) {
+        self.queued = 0;
+        self.sent = 0;
+        let verbose = self.logger.enabled(LogLevel::Verbose);
+        for index in 0..self.batch.len() {
+            self.stats.datagrams_received += 1;
+            let Some(peer) = self.batch.peer(index) else {
+                // Not IPv4 or IPv6: nothing this server can answer.
+                self.refused_unreported += 1;
+                continue;
+            };
+            if self.batch.is_truncated(index) {
+                self.note_send_failure(1, format!("a datagram from {peer} did not fit its buffer"));
+                continue;
+            }
+            match self.shared.guard.check(peer, now) {
+                Verdict::Answer => {
+                    if verbose {
+                        let data = self.batch.payload(index);
+                        self.logger.debug(format_args!(
+                            "udp {peer} sent {} bytes: \"{}\"",
+                            data.len(),
+                            preview(data)
+                        ));
+                    }
+                    self.queue[self.queued] = index as u8;
+                    self.queued += 1;
+                }
+                Verdict::Forbidden(why) => {
+                    self.refused_unreported += 1;
+                    self.refused_example = Some((peer, why));
+                }
+                Verdict::RateLimited => {
+                    self.limited_unreported += 1;
+                    self.limited_example = Some(peer);
+                }
+            }
+        }
+    }
+
+    /// Sends the queued echoes; returns until when it waits for room if the
+    /// send buffer is full.
+    fn flush(&mut self, now: Instant) -> Option<Instant> {
+        while self.sent < self.queued {
+            match self
+                .batch
+                .send(&self.socket, &self.queue[self.sent..self.queued])
+            {
+                Ok(count) if count > 0 => {
+                    for &index in &self.queue[self.sent..self.sent + count] {
+                        self.stats.bytes_echoed +=
+                            self.batch.payload(usize::from(index)).len() as u64;
+                    }
+                    self.stats.datagrams_echoed += count as u64;
+                    self.sent += count;
+                }
+                // Nothing went and nothing was said: wait as for a full buffer.
+                Ok(_) => return Some(self.blocked(now)),
+                Err(err) if would_block(&err) => return Some(self.blocked(now)),
+                // A signal landed before anything was sent: try again.
+                Err(err) if interrupted(&err) => {}
+                // The kernel refused this one echo (no route, a firewall, a
+                // message too long for the path): drop it, send the rest.
+                Err(err) => {
+                    let index = usize::from(self.queue[self.sent]);
+                    let peer = self
+                        .batch
+                        .peer(index)
+                        .map_or_else(|| "an unknown address".into(), |peer| peer.to_string());
+                    self.sent += 1;
+                    self.note_send_failure(1, format!("cannot echo to {peer}: {}", io_cause(&err)));
+                }
+            }
+        }
+        self.blocked_since = None;
+        None
+    }
+
+    fn blocked(&mut self, now: Instant) -> Instant {
+        *self.blocked_since.get_or_insert(now) + SEND_PATIENCE
+    }
+
+    /// When the worker must wake for this socket: the end of the wait for
+    /// send room.
+    pub(crate) fn wake_at(&self) -> Option<Instant> {
+        self.blocked_since.map(|since| since + SEND_PATIENCE)
+    }
+
+    /// Drops the waiting echoes once the wait for room is over; true if it
+    /// did, and the socket should be read again.
+    pub(crate) fn expire(&mut self, now: Instant) -> bool {
+        match self.wake_at() {
+            Some(at) if at <= now => {
+                self.drop_queue(format!(
+                    "the send buffer stayed full for {}",
+                    humantime::format_duration(SEND_PATIENCE)
+                ));
+                self.report(now);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn drop_queue(&mut self, why: String) {
+        let dropped = (self.queued - self.sent) as u64;
+        self.queued = 0;
+        self.sent = 0;
+        self.blocked_since = None;
+        if dropped > 0 {
+            self.note_send_failure(dropped, why);
+        }
+    }
+
+    /// Starts the drain: from now on the socket takes no new datagrams;
+    /// those already queued in it are still echoed.
+    pub(crate) fn begin_drain(&mut self) {
+        if self.draining {
+            return;
+        }
+        self.draining = true;
+        if let Err(err) = crate::socket::drop_new_datagrams(&self.socket) {
+            // Datagrams arriving during the drain are echoed too, then.
+            self.logger.warn(format_args!(
+                "udp: cannot stop new datagrams for the drain: {}; echoing them too",
+                io_cause(&err)
+            ));
+        }
+    }
+
+    /// The drain's deadline came: whatever still waits is dropped.
+    pub(crate) fn cut(&mut self) {
+        self.drop_queue("the shutdown deadline came".into());
+        self.finished = true;
+        self.report_now();
+    }
+
+    fn note_send_failure(&mut self, count: u64, why: String) {
+        self.stats.send_failed += count;
+        self.send_failures_unreported += count;
+        self.send_failure_example = Some(why);
+    }
+
+    /// Adds this socket's refusals to the shared counts, and writes the
+    /// warnings if their second has come.
+    fn report(&mut self, now: Instant) {
+        let refused = std::mem::take(&mut self.refused_unreported);
+        let limited = std::mem::take(&mut self.limited_unreported);
+        self.stats.refused_source += refused;
+        self.stats.rate_limited += limited;
+        let shared = &self.shared;
+        if refused > 0 {
+            shared
+                .refused_since_warning
+                .fetch_add(refused, Ordering::Relaxed);
+        }
+        if limited > 0 {
+            shared
+                .limited_since_warning
+                .fetch_add(limited, Ordering::Relaxed);
+        }
+        if (refused > 0 || limited > 0) && shared.refusal_warnings.pass(now) {
+            let refused = shared.refused_since_warning.swap(0, Ordering::Relaxed);
+            let limited = shared.limited_since_warning.swap(0, Ordering::Relaxed);
+            let mut parts = Vec::new();
+            if refused > 0 {
+                let example = match self.refused_example {
+                    Some((peer, why)) => format!(" (such as {peer}: {})", why.describe()),
+                    None => String::new(),
+                };
+                parts.push(format!("{refused} from sources never answered{example}"));
+            }
+            if limited > 0 {
+                let example = match self.limited_example {
+                    Some(peer) => format!(" (such as {})", peer.ip()),
+                    None => String::new(),
+                };
+                parts.push(format!("{limited} over their source's rate limit{example}"));
+            }
+            self.logger.warn(format_args!(
+                "udp: datagrams not answered since the last warning: {}",
+                parts.join(", ")
+            ));
+        }
+        if self.send_failures_unreported > 0 && shared.send_warnings.pass(now) {
+            self.report_send_failures();
+        }
+    }
+
+    /// Writes the send-failure warning now, whatever the throttle says: the
+    /// socket is closing and will have no later chance.
+    fn report_now(&mut self) {
+        if self.send_failures_unreported > 0 {
+            self.report_send_failures();
+        }
+    }
+
+    fn report_send_failures(&mut self) {
+        let count = std::mem::take(&mut self.send_failures_unreported);
+        let why = self.send_failure_example.take().unwrap_or_default();
+        let unit = if count == 1 { "echo" } else { "echoes" };
+        self.logger.warn(format_args!(
+            "udp: {count} {unit} not sent since the last warning; the last because {why}"
+        ));
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.report_now();
+    }
+}
+
+impl std::fmt::Debug for UdpEcho {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UdpEcho")
+            .field("socket", &self.socket)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,300 @@
+//! Batched datagram I/O for a worker's UDP socket: up to [`BATCH`]
+//! datagrams taken with one `recvmmsg` and echoed from the same buffers
+//! with one `sendmmsg` on Linux, and one `recv_from`/`send_to` each
+//! elsewhere. It sits under [`crate::datagram`], which decides what to
+//! echo; the `unsafe` of the batched calls is kept in this file, behind
+//! [`Batch`]'s safe methods, as quinn-udp keeps its own.
+//!
+//! A datagram is never copied: it is received into its slot and sent from
+//! there, so a batch must be sent before the next one is received.
+
+use std::io;
+use std::net::SocketAddr;
+
+use mio::net::UdpSocket;
+
+/// Datagrams received with one call, as quinn-udp's batch on Linux.
+pub(crate) const BATCH: usize = 32;
+
+/// Each slot's room: more than the largest UDP payload (65,507 bytes over
+/// IPv4, 65,527 over IPv6), so no datagram is ever cut. The pages of a slot
+/// are only touched as far as its datagrams reach, so small datagrams keep
+/// the worker's memory small.
+pub(crate) const SLOT_SIZE: usize = 65_536;
+
+/// The received datagrams of one batch and where they came from.
+pub(crate) struct Batch {
+    buffers: Box<[u8]>,
+    lens: [usize; BATCH],
+    peers: [Option<SocketAddr>; BATCH],
+    truncated: [bool; BATCH],
+    #[cfg(target_os = "linux")]
+    names: Box<[libc::sockaddr_storage; BATCH]>,
+    #[cfg(target_os = "linux")]
+    name_lens: [libc::socklen_t; BATCH],
+    count: usize,
+}
+
+impl Batch {
+    pub(crate) fn new() -> Self {
+        Batch {
+            // Zeroed memory comes from the kernel untouched: a slot costs
+            // nothing until a datagram is written into it.
+            buffers: vec![0; BATCH * SLOT_SIZE].into_boxed_slice(),
+            lens: [0; BATCH],
+            peers: [None; BATCH],
+            truncated: [false; BATCH],
+            #[cfg(target_os = "linux")]
+            // SAFETY: sockaddr_storage is plain data, valid when all zero.
+            names: Box::new(unsafe { std::mem::zeroed() }),
+            #[cfg(target_os = "linux")]
+            name_lens: [0; BATCH],
+            count: 0,
+        }
+    }
+
+    /// Datagrams in the batch.
+    pub(crate) fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Where datagram `index` came from; `None` for an address family the
+    /// server does not serve.
+    pub(crate) fn peer(&self, index: usize) -> Option<SocketAddr> {
+        self.peers[index]
+    }
+
+    /// The bytes of datagram `index`.
+    pub(crate) fn payload(&self, index: usize) -> &[u8] {
+        &self.buffers[index * SLOT_SIZE..][..self.lens[index]]
+    }
+
+    /// Whether datagram `index` was longer than its slot (it cannot be, by
+    /// [`SLOT_SIZE`]; it is checked all the same, since a cut echo is wrong).
+    pub(crate) fn is_truncated(&self, index: usize) -> bool {
+        self.truncated[index]
+    }
+
+    /// Receives up to [`BATCH`] datagrams, replacing the last batch.
+    ///
+    /// # Errors
+    /// `WouldBlock` when none is waiting, or what the socket reports.
+    #[cfg(target_os = "linux")]
+    pub(crate) fn receive(&mut self, socket: &UdpSocket) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        self.count = 0;
+        let mut iovecs: [libc::iovec; BATCH] = std::array::from_fn(|index| libc::iovec {
+            iov_base: self.buffers[index * SLOT_SIZE..].as_mut_ptr().cast(),
+            iov_len: SLOT_SIZE,
+        });
+        // SAFETY: mmsghdr is plain data (pointers and integers), valid when
+        // all zero; the fields that matter are set below.
+        let mut headers: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        for (index, header) in headers.iter_mut().enumerate() {
+            header.msg_hdr.msg_name = (&raw mut self.names[index]).cast();
+            header.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            header.msg_hdr.msg_iov = &raw mut iovecs[index];
+            header.msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: every header points at its own iovec and address slot, and
+        // every iovec at its own SLOT_SIZE bytes of `buffers`; all of them
+        // outlive the call, and the kernel writes no more than those sizes.
+        let received = unsafe {
+            libc::recvmmsg(
+                socket.as_raw_fd(),
+                headers.as_mut_ptr(),
+                BATCH as libc::c_uint,
+                0,
+                std::ptr::null_mut(),
+            )
+        };
+        if received < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let received = received as usize;
+        for (index, header) in headers.iter().enumerate().take(received) {
+            self.lens[index] = header.msg_len as usize;
+            self.truncated[index] = header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+            self.name_lens[index] = header.msg_hdr.msg_namelen;
+            self.peers[index] = socket_addr(&self.names[index]);
+        }
+        self.count = received;
+        Ok(received)
+    }
+
+    /// Sends the datagrams `order` (indices into the batch) back to where
+    /// each came from, in that order; returns how many of them went, from
+    /// the first.
+    ///
+    /// # Errors
+    /// What sending the first of them reported, such as `WouldBlock` when
+    /// the socket's send buffer is full.
+    #[cfg(target_os = "linux")]
+    pub(crate) fn send(&mut self, socket: &UdpSocket, order: &[u8]) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        let count = order.len().min(BATCH);
+        let mut iovecs: [libc::iovec; BATCH] = std::array::from_fn(|_| libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        });
+        // SAFETY: as in `receive`: plain data, valid when all zero.
+        let mut headers: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        for (at, &index) in order[..count].iter().enumerate() {
+            let index = usize::from(index);
+            iovecs[at] = libc::iovec {
+                iov_base: self.buffers[index * SLOT_SIZE..].as_mut_ptr().cast(),
+                iov_len: self.lens[index],
+            };
+            let header = &mut headers[at].msg_hdr;
+            header.msg_name = (&raw mut self.names[index]).cast();
+            header.msg_namelen = self.name_lens[index];
+            header.msg_iov = &raw mut iovecs[at];
+            header.msg_iovlen = 1;
+        }
+        // SAFETY: the first `count` headers point at live iovecs and address
+        // slots, each iovec at the received bytes of its slot; the kernel
+        // only reads them, during the call.
+        let sent = unsafe {
+            libc::sendmmsg(
+                socket.as_raw_fd(),
+                headers.as_mut_ptr(),
+                count as libc::c_uint,
+                0,
+            )
+        };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(sent as usize)
+    }
+
+    /// Receives up to [`BATCH`] datagrams, one call each.
+    ///
+    /// # Errors
+    /// `WouldBlock` when none is waiting, or what the socket reports.
+    #[cfg(not(target_os = "linux"))]
+    pub(crate) fn receive(&mut self, socket: &UdpSocket) -> io::Result<usize> {
+        self.count = 0;
+        while self.count < BATCH {
+            let index = self.count;
+            let slot = &mut self.buffers[index * SLOT_SIZE..][..SLOT_SIZE];
+            match socket.recv_from(slot) {
+                Ok((len, peer)) => {
+                    self.lens[index] = len;
+                    self.truncated[index] = len > SLOT_SIZE;
+                    self.peers[index] = Some(peer);
+                    self.count += 1;
+                }
+                Err(err) if self.count > 0 && crate::error::would_block(&err) => break,
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(self.count)
+    }
+
+    /// Sends the datagrams `order` back, one call each; see the Linux version.
+    ///
+    /// # Errors
+    /// What sending the first of them reported.
+    #[cfg(not(target_os = "linux"))]
+    pub(crate) fn send(&mut self, socket: &UdpSocket, order: &[u8]) -> io::Result<usize> {
+        for (sent, &index) in order.iter().enumerate() {
+            let index = usize::from(index);
+            let Some(peer) = self.peers[index] else {
+                return Ok(sent);
+            };
+            if let Err(err) = socket.send_to(self.payload(index), peer) {
+                return if sent == 0 { Err(err) } else { Ok(sent) };
+            }
+        }
+        Ok(order.len())
+    }
+}
+
+/// The address the kernel wrote into `name`, if it is IPv4 or IPv6.
+#[cfg(target_os = "linux")]
+fn socket_addr(name: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+    match libc::c_int::from(name.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the kernel wrote a sockaddr_in, which
+            // sockaddr_storage is sized and aligned to hold.
+            let v4 =
+                unsafe { &*(name as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr)),
+                u16::from_be(v4.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, for a sockaddr_in6.
+            let v6 =
+                unsafe { &*(name as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(v6.sin6_addr.s6_addr),
+                u16::from_be(v6.sin6_port),
+                v6.sin6_flowinfo,
+                v6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn socket() -> UdpSocket {
+        UdpSocket::bind("127.0.0.1:0".parse().expect("an address")).expect("bind")
+    }
+
+    /// Receives until `count` datagrams are in, within a hard limit.
+    fn receive_all(batch: &mut Batch, socket: &UdpSocket, count: usize) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match batch.receive(socket) {
+                Ok(got) if got >= count => return got,
+                Ok(_) | Err(_) if Instant::now() > deadline => panic!("datagrams did not arrive"),
+                _ => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    }
+
+    #[test]
+    fn a_batch_echoes_each_datagram_whole_to_its_sender_in_order() {
+        let server = socket();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let sizes = [0usize, 1, 1472, 9000, 65_507];
+        for (n, size) in sizes.iter().enumerate() {
+            let datagram: Vec<u8> = (0..*size).map(|at| (at + n) as u8).collect();
+            client
+                .send_to(&datagram, server.local_addr().expect("addr"))
+                .expect("send");
+        }
+        let mut batch = Batch::new();
+        assert_eq!(receive_all(&mut batch, &server, sizes.len()), sizes.len());
+        for index in 0..batch.len() {
+            assert_eq!(batch.peer(index), Some(client.local_addr().expect("addr")));
+            assert!(!batch.is_truncated(index));
+        }
+        let order: Vec<u8> = (0..sizes.len() as u8).collect();
+        assert_eq!(batch.send(&server, &order).expect("send"), sizes.len());
+        let mut echo = vec![0; SLOT_SIZE];
+        for (n, size) in sizes.iter().enumerate() {
+            let (len, from) = client.recv_from(&mut echo).expect("echo");
+            assert_eq!(from, server.local_addr().expect("addr"));
+            assert_eq!(len, *size, "datagram {n}");
+            assert!(
+                echo[..len]
+                    .iter()
+                    .enumerate()
+                    .all(|(at, b)| *b == (at + n) as u8)
+            );
+        }
+    }
+}
