@@ -203,7 +203,11 @@ impl UdpEcho {
                 self.note_send_failure(1, format!("a datagram from {peer} did not fit its buffer"));
                 continue;
             }
-            match self.shared.guard.check(peer, now) {
+            match self
+                .shared
+                .guard
+                .check(peer, self.batch.destination(index), now)
+            {
                 Verdict::Answer => {
                     if verbose {
                         let data = self.batch.payload(index);

@@ -159,11 +159,10 @@ impl Server {
                     socket
                         .set_nonblocking(true)
                         .map_err(setup(of_worker("the UDP socket")))?;
-                    let mut echo = UdpEcho::new(
-                        mio::net::UdpSocket::from_std(socket),
-                        Arc::clone(shared),
-                        logger,
-                    );
+                    let socket = mio::net::UdpSocket::from_std(socket);
+                    crate::udp_batch::receive_destinations(&socket)
+                        .map_err(setup(of_worker("the UDP socket's packet info")))?;
+                    let mut echo = UdpEcho::new(socket, Arc::clone(shared), logger);
                     // Edge-triggered, like the connections: registered once.
                     poll.registry()
                         .register(

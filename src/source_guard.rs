@@ -65,6 +65,9 @@ pub enum ForbiddenSource {
     OwnPort,
     /// A broadcast, multicast or unspecified address, which no one sends from.
     NotUnicast,
+    /// Sent to a broadcast or multicast address: answering would make every
+    /// echo server that heard it reply to one source, an amplifier.
+    ToGroup,
 }
 
 impl ForbiddenSource {
@@ -75,6 +78,7 @@ impl ForbiddenSource {
             ForbiddenSource::ResponderPort => "source port of a well-known UDP responder",
             ForbiddenSource::OwnPort => "source port is the server's own",
             ForbiddenSource::NotUnicast => "broadcast, multicast or unspecified source address",
+            ForbiddenSource::ToGroup => "sent to a broadcast or multicast address",
         }
     }
 }
@@ -124,10 +128,16 @@ impl SourceGuard {
         }
     }
 
-    /// Whether to answer a datagram from `source` that arrived at `now`.
-    pub fn check(&self, source: SocketAddr, now: Instant) -> Verdict {
+    /// Whether to answer a datagram from `source`, sent to `destination`
+    /// (where the kernel says), that arrived at `now`.
+    pub fn check(&self, source: SocketAddr, destination: Option<IpAddr>, now: Instant) -> Verdict {
         if let Some(why) = self.forbidden(source) {
             return Verdict::Forbidden(why);
+        }
+        if let Some(destination) = destination
+            && self.is_group(destination.to_canonical())
+        {
+            return Verdict::Forbidden(ForbiddenSource::ToGroup);
         }
         let Some((limit, table)) = &self.rate else {
             return Verdict::Answer;
@@ -155,19 +165,25 @@ impl SourceGuard {
             return Some(ForbiddenSource::ResponderPort);
         }
         let ip = source.ip().to_canonical();
-        let not_unicast = match ip {
-            IpAddr::V4(v4) => {
-                let first = v4.octets()[0];
-                // 0.0.0.0/8 is "this network", 224/4 multicast and 240/4
-                // (with 255.255.255.255) reserved: none is a sender.
-                first == 0 || first >= 224
-            }
-            IpAddr::V6(v6) => v6.is_unspecified() || v6.is_multicast(),
+        let unspecified = match ip {
+            // 0.0.0.0/8 is "this network": no one sends from it.
+            IpAddr::V4(v4) => v4.octets()[0] == 0,
+            IpAddr::V6(v6) => v6.is_unspecified(),
         };
-        if not_unicast || self.broadcasts.contains(&ip) {
+        if unspecified || self.is_group(ip) {
             return Some(ForbiddenSource::NotUnicast);
         }
         None
+    }
+
+    /// Whether `ip` (canonical) reaches a group: multicast, broadcast, or
+    /// IPv4's reserved 240/4 that holds the limited broadcast address.
+    fn is_group(&self, ip: IpAddr) -> bool {
+        let group = match ip {
+            IpAddr::V4(v4) => v4.octets()[0] >= 224,
+            IpAddr::V6(v6) => v6.is_multicast(),
+        };
+        group || self.broadcasts.contains(&ip)
     }
 }
 
@@ -303,6 +319,29 @@ mod tests {
     }
 
     #[test]
+    fn datagrams_sent_to_a_broadcast_or_multicast_address_are_never_answered() {
+        let guard = guard(None);
+        let from = source("198.51.100.1:40000");
+        let now = Instant::now();
+        for text in [
+            "255.255.255.255",
+            "192.168.1.255",
+            "224.0.0.1",
+            "ff02::1",
+            "::ffff:192.168.1.255",
+        ] {
+            let to = Some(text.parse().expect("an address"));
+            assert_eq!(
+                guard.check(from, to, now),
+                Verdict::Forbidden(ForbiddenSource::ToGroup),
+                "{text}"
+            );
+        }
+        let unicast = Some("192.168.1.7".parse().expect("an address"));
+        assert_eq!(guard.check(from, unicast, now), Verdict::Answer);
+    }
+
+    #[test]
     fn the_rate_limit_holds_one_source_to_its_burst_and_rate() {
         let limit = RateLimit {
             per_second: 10,
@@ -313,19 +352,19 @@ mod tests {
         let now = Instant::now();
         let noisy = source("198.51.100.1:40000");
         let answered = (0..20)
-            .filter(|_| guard.check(noisy, now) == Verdict::Answer)
+            .filter(|_| guard.check(noisy, None, now) == Verdict::Answer)
             .count();
         assert_eq!(answered, 5, "the burst, then nothing at the same instant");
         // Another source has its own bucket (unless the keyed hash puts both
         // in one cell, one chance in 65,536: the next address is tried then).
         let quiet = (2..10)
             .map(|host| source(&format!("198.51.100.{host}:40000")))
-            .find(|other| guard.check(*other, now) == Verdict::Answer);
+            .find(|other| guard.check(*other, None, now) == Verdict::Answer);
         assert!(quiet.is_some(), "other sources are still answered");
         // A tenth of a second later, one more datagram's worth has accrued.
         let later = now + Duration::from_millis(100);
-        assert_eq!(guard.check(noisy, later), Verdict::Answer);
-        assert_eq!(guard.check(noisy, later), Verdict::RateLimited);
+        assert_eq!(guard.check(noisy, None, later), Verdict::Answer);
+        assert_eq!(guard.check(noisy, None, later), Verdict::RateLimited);
     }
 
     #[test]
@@ -343,7 +382,11 @@ mod tests {
             "[fd00::1]:40000",
         ] {
             for _ in 0..100 {
-                assert_eq!(guard.check(source(text), now), Verdict::Answer, "{text}");
+                assert_eq!(
+                    guard.check(source(text), None, now),
+                    Verdict::Answer,
+                    "{text}"
+                );
             }
         }
     }
@@ -358,11 +401,11 @@ mod tests {
         let guard = guard(Some(limit));
         let now = Instant::now();
         assert_eq!(
-            guard.check(source("[2001:db8::1]:40000"), now),
+            guard.check(source("[2001:db8::1]:40000"), None, now),
             Verdict::Answer
         );
         assert_eq!(
-            guard.check(source("[2001:db8::2]:40000"), now),
+            guard.check(source("[2001:db8::2]:40000"), None, now),
             Verdict::RateLimited,
             "the same /64"
         );

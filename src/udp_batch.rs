@@ -7,9 +7,16 @@
 //!
 //! A datagram is never copied: it is received into its slot and sent from
 //! there, so a batch must be sent before the next one is received.
+//!
+//! On Linux each datagram also brings the address it was sent to
+//! (`IP_PKTINFO`, `IPV6_PKTINFO`; see [`receive_destinations`]), and its echo
+//! goes out with the same message, so that it leaves from the address the
+//! peer sent to even when the socket is bound to `0.0.0.0` on a host with
+//! several addresses; otherwise the route would choose the source, and the
+//! peer would get its echo from an address it never wrote to.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use mio::net::UdpSocket;
 
@@ -22,16 +29,29 @@ pub(crate) const BATCH: usize = 32;
 /// the worker's memory small.
 pub(crate) const SLOT_SIZE: usize = 65_536;
 
-/// The received datagrams of one batch and where they came from.
+/// Room for a datagram's control messages: one `in6_pktinfo` (40 bytes
+/// with its header) with room to spare, in words for the alignment
+/// `cmsghdr` needs.
+#[cfg(target_os = "linux")]
+const CONTROL_WORDS: usize = 16;
+
+/// The received datagrams of one batch, where they came from and where
+/// they were sent to.
 pub(crate) struct Batch {
     buffers: Box<[u8]>,
     lens: [usize; BATCH],
     peers: [Option<SocketAddr>; BATCH],
+    destinations: [Option<IpAddr>; BATCH],
     truncated: [bool; BATCH],
     #[cfg(target_os = "linux")]
     names: Box<[libc::sockaddr_storage; BATCH]>,
     #[cfg(target_os = "linux")]
     name_lens: [libc::socklen_t; BATCH],
+    /// Each datagram's packet-info message, sent back with its echo.
+    #[cfg(target_os = "linux")]
+    controls: Box<[[u64; CONTROL_WORDS]; BATCH]>,
+    #[cfg(target_os = "linux")]
+    control_lens: [usize; BATCH],
     count: usize,
 }
 
@@ -43,12 +63,17 @@ impl Batch {
             buffers: vec![0; BATCH * SLOT_SIZE].into_boxed_slice(),
             lens: [0; BATCH],
             peers: [None; BATCH],
+            destinations: [None; BATCH],
             truncated: [false; BATCH],
             #[cfg(target_os = "linux")]
             // SAFETY: sockaddr_storage is plain data, valid when all zero.
             names: Box::new(unsafe { std::mem::zeroed() }),
             #[cfg(target_os = "linux")]
             name_lens: [0; BATCH],
+            #[cfg(target_os = "linux")]
+            controls: Box::new([[0; CONTROL_WORDS]; BATCH]),
+            #[cfg(target_os = "linux")]
+            control_lens: [0; BATCH],
             count: 0,
         }
     }
@@ -62,6 +87,12 @@ impl Batch {
     /// server does not serve.
     pub(crate) fn peer(&self, index: usize) -> Option<SocketAddr> {
         self.peers[index]
+    }
+
+    /// The address datagram `index` was sent to, where the kernel says
+    /// (Linux, once [`receive_destinations`] is set on the socket).
+    pub(crate) fn destination(&self, index: usize) -> Option<IpAddr> {
+        self.destinations[index]
     }
 
     /// The bytes of datagram `index`.
@@ -95,10 +126,13 @@ impl Batch {
             header.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             header.msg_hdr.msg_iov = &raw mut iovecs[index];
             header.msg_hdr.msg_iovlen = 1;
+            header.msg_hdr.msg_control = self.controls[index].as_mut_ptr().cast();
+            header.msg_hdr.msg_controllen = size_of::<[u64; CONTROL_WORDS]>() as _;
         }
-        // SAFETY: every header points at its own iovec and address slot, and
-        // every iovec at its own SLOT_SIZE bytes of `buffers`; all of them
-        // outlive the call, and the kernel writes no more than those sizes.
+        // SAFETY: every header points at its own iovec, address slot and
+        // control buffer, and every iovec at its own SLOT_SIZE bytes of
+        // `buffers`; all of them outlive the call, and the kernel writes no
+        // more than the sizes given.
         let received = unsafe {
             libc::recvmmsg(
                 socket.as_raw_fd(),
@@ -117,6 +151,19 @@ impl Batch {
             self.truncated[index] = header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
             self.name_lens[index] = header.msg_hdr.msg_namelen;
             self.peers[index] = socket_addr(&self.names[index]);
+            // A cut control message is not sent back: the route picks the
+            // echo's source then, as it would without packet info.
+            let whole = header.msg_hdr.msg_flags & libc::MSG_CTRUNC == 0;
+            self.control_lens[index] = if whole {
+                header.msg_hdr.msg_controllen
+            } else {
+                0
+            };
+            self.destinations[index] = if whole {
+                packet_destination(&header.msg_hdr)
+            } else {
+                None
+            };
         }
         self.count = received;
         Ok(received)
@@ -150,10 +197,15 @@ impl Batch {
             header.msg_namelen = self.name_lens[index];
             header.msg_iov = &raw mut iovecs[at];
             header.msg_iovlen = 1;
+            if self.control_lens[index] > 0 {
+                header.msg_control = self.controls[index].as_mut_ptr().cast();
+                header.msg_controllen = self.control_lens[index] as _;
+            }
         }
-        // SAFETY: the first `count` headers point at live iovecs and address
-        // slots, each iovec at the received bytes of its slot; the kernel
-        // only reads them, during the call.
+        // SAFETY: the first `count` headers point at live iovecs, address
+        // slots and control messages as the kernel wrote them, each iovec at
+        // the received bytes of its slot; the kernel only reads them, during
+        // the call.
         let sent = unsafe {
             libc::sendmmsg(
                 socket.as_raw_fd(),
@@ -209,6 +261,62 @@ impl Batch {
         }
         Ok(order.len())
     }
+}
+
+/// The destination address in a received message's packet info, if any.
+#[cfg(target_os = "linux")]
+fn packet_destination(message: &libc::msghdr) -> Option<IpAddr> {
+    // SAFETY: `message` is as recvmmsg left it: its control pointer and
+    // length describe the control messages the kernel wrote, which the
+    // CMSG macros walk without leaving them; each message's type says
+    // which struct its data holds.
+    unsafe {
+        let mut control = libc::CMSG_FIRSTHDR(message);
+        while !control.is_null() {
+            let header = &*control;
+            let data = libc::CMSG_DATA(control);
+            match (header.cmsg_level, header.cmsg_type) {
+                (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                    let info = data.cast::<libc::in_pktinfo>().read_unaligned();
+                    return Some(IpAddr::from(
+                        u32::from_be(info.ipi_addr.s_addr).to_be_bytes(),
+                    ));
+                }
+                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                    let info = data.cast::<libc::in6_pktinfo>().read_unaligned();
+                    return Some(IpAddr::from(info.ipi6_addr.s6_addr).to_canonical());
+                }
+                _ => control = libc::CMSG_NXTHDR(message, control),
+            }
+        }
+    }
+    None
+}
+
+/// Asks the kernel to tell, with each datagram received on `socket`, the
+/// address it was sent to: the batch checks it and sends the echo from it.
+/// Does nothing off Linux.
+///
+/// # Errors
+/// The `setsockopt` error.
+pub(crate) fn receive_destinations(socket: &UdpSocket) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        let on: libc::c_int = 1;
+        // An IPv6 socket's option covers the IPv4 peers it serves too, with
+        // mapped addresses, which the kernel accepts back when sending.
+        match socket.local_addr()? {
+            SocketAddr::V4(_) => {
+                crate::socket::set_option(socket, libc::IPPROTO_IP, libc::IP_PKTINFO, &on)?
+            }
+            SocketAddr::V6(_) => {
+                crate::socket::set_option(socket, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, &on)?
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = socket;
+    Ok(())
 }
 
 /// The address the kernel wrote into `name`, if it is IPv4 or IPv6.

@@ -98,6 +98,26 @@ fn ipv6_datagrams_up_to_the_ipv6_maximum_and_mapped_ipv4_peers_are_echoed() {
 }
 
 #[test]
+fn on_a_wildcard_address_the_echo_leaves_from_the_address_the_peer_sent_to() {
+    with_time_limit(LIMIT, || {
+        let server = start_udp("0.0.0.0", quiet_config(2));
+        let port = server.local_addr().port();
+        let client = client_on("127.0.0.1", 0, Duration::from_secs(10));
+        // Every 127/8 address is this host's; the route back to 127.0.0.1
+        // would pick 127.0.0.1 as the source, which the peer never wrote to.
+        for host in [5u8, 77, 1] {
+            let to = SocketAddr::new(Ipv4Addr::new(127, 0, 0, host).into(), port);
+            assert_eq!(round_trip(&client, to, b"from where?"), b"from where?");
+        }
+        if UdpSocket::bind("[::1]:0").is_ok() {
+            let dual = start_udp("::", quiet_config(1));
+            let to = SocketAddr::new(Ipv4Addr::new(127, 0, 0, 9).into(), dual.local_addr().port());
+            assert_eq!(round_trip(&client, to, b"mapped"), b"mapped");
+        }
+    });
+}
+
+#[test]
 fn many_flows_in_parallel_each_get_every_echo_exact_and_in_order() {
     with_time_limit(LIMIT, || {
         let server = start_udp("127.0.0.1", quiet_config(2));

@@ -20,7 +20,7 @@ use echo_chamber::limits;
 use echo_chamber::listener::Transports;
 use echo_chamber::server::Server;
 use echo_chamber::shutdown::ShutdownHandle;
-use echo_chamber::source_guard::{self, RateLimit};
+use echo_chamber::source_guard::RateLimit;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use stop_signals::{Meaning, StopSignals};
@@ -50,12 +50,8 @@ struct Args {
     /// UDP datagrams answered per second to one source address (an IPv6
     /// source: its /64), with a second's worth at once; 0 for no limit
     /// (default 1000)
-    #[argh(
-        option,
-        default = "source_guard::DEFAULT_RATE_PER_IP",
-        from_str_fn(parse_rate)
-    )]
-    udp_rate_per_ip: u32,
+    #[argh(option, from_str_fn(parse_rate))]
+    udp_rate_per_ip: Option<u32>,
 
     /// sources the UDP rate limit does not apply to, as address blocks
     /// separated by commas, or "none" (default: loopback, private and
@@ -220,10 +216,7 @@ fn run() -> Result<(), Failure> {
         tcp: tcp || !udp,
         udp,
     };
-    if !udp
-        && (args.udp_rate_exempt.is_some()
-            || args.udp_rate_per_ip != source_guard::DEFAULT_RATE_PER_IP)
-    {
+    if !udp && (args.udp_rate_exempt.is_some() || args.udp_rate_per_ip.is_some()) {
         return Err(Failure::Usage(
             "--udp-rate-per-ip and --udp-rate-exempt apply to UDP: add --udp".into(),
         ));
@@ -250,13 +243,7 @@ fn run() -> Result<(), Failure> {
             (_, true) => LogLevel::Verbose,
             _ => LogLevel::Normal,
         },
-        udp_rate_limit: (args.udp_rate_per_ip > 0).then(|| RateLimit {
-            per_second: args.udp_rate_per_ip,
-            burst: args.udp_rate_per_ip,
-            exempt: args
-                .udp_rate_exempt
-                .unwrap_or_else(|| config::default_udp_rate_limit().exempt),
-        }),
+        udp_rate_limit: udp_rate_limit(args.udp_rate_per_ip, args.udp_rate_exempt),
     };
 
     // Handlers go in before the listener exists, so an early signal is queued
@@ -289,6 +276,19 @@ fn run() -> Result<(), Failure> {
         .join()
         .map(drop)
         .map_err(|err| Failure::Runtime(err.to_string()))
+}
+
+/// The UDP rate limit the flags ask for: the default's, with the rate and
+/// the exempt sources each replaced if given; a rate of 0 turns it off.
+fn udp_rate_limit(per_second: Option<u32>, exempt: Option<Vec<Cidr>>) -> Option<RateLimit> {
+    let default = config::default_udp_rate_limit();
+    let per_second = per_second.unwrap_or(default.per_second);
+    (per_second > 0).then(|| RateLimit {
+        per_second,
+        // A second's worth at once.
+        burst: per_second,
+        exempt: exempt.unwrap_or(default.exempt),
+    })
 }
 
 /// The busy-poll window, and why it is off if the server turned it off.
