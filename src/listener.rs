@@ -128,6 +128,13 @@ pub fn bind_sockets(
                     && tcp.is_some()
                     && err.kind() == io::ErrorKind::AddrInUse
                     && tries < PORT_TRIES => {}
+            // With both transports, say which one the port is not free for.
+            Err(err) if transports.tcp => {
+                return Err(io::Error::new(
+                    err.kind(),
+                    format!("for UDP: {}", crate::error::io_cause(&err)),
+                ));
+            }
             Err(err) => return Err(err),
         }
     }

@@ -345,6 +345,24 @@ fn a_udp_only_server_takes_no_tcp_connections_and_says_so_first() {
 }
 
 #[test]
+fn a_udp_port_taken_by_another_program_is_a_one_line_error_naming_udp() {
+    with_time_limit(LIMIT, || {
+        let taken = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let port = taken.local_addr().expect("addr").port().to_string();
+        let args = ["--bind", "127.0.0.1", "--port", &port, "--tcp", "--udp"];
+        let output = common::run_to_end(common::SERVER_BIN, &args, Duration::from_secs(20));
+        assert_eq!(output.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            stderr.trim_end(),
+            format!(
+                "echo-server: cannot listen on 127.0.0.1:{port}: for UDP: address already in use"
+            ),
+        );
+    });
+}
+
+#[test]
 fn udp_flags_without_udp_are_a_usage_error() {
     with_time_limit(LIMIT, || {
         let output = common::run_to_end(
