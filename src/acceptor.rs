@@ -195,14 +195,32 @@ impl Acceptor {
         })
     }
 
-    /// Accepts until a shutdown is requested, then closes the listener and
-    /// lets the workers drain. Returns how many connections were refused.
+    /// Accepts until a shutdown is requested and its drain delay is over,
+    /// then closes the listener and lets the workers drain. Returns how many
+    /// connections were refused.
     pub(crate) fn run(mut self) -> u64 {
         let mut events = Events::with_capacity(8);
+        let mut delay_announced = false;
         loop {
-            let timeout = self
-                .retry_at
-                .map(|at| at.saturating_duration_since(Instant::now()));
+            let now = Instant::now();
+            let accepting_until = self.shutdown.accepting_until();
+            if let Some(until) = accepting_until {
+                if now >= until {
+                    break;
+                }
+                if !delay_announced {
+                    delay_announced = true;
+                    self.logger.notice(format_args!(
+                        "shutdown requested: still accepting for {} (--drain-delay), not ready",
+                        humantime::format_duration(self.shutdown.drain_delay())
+                    ));
+                }
+            }
+            let timeout = [self.retry_at, accepting_until]
+                .into_iter()
+                .flatten()
+                .min()
+                .map(|at| at.saturating_duration_since(now));
             if let Err(err) = self.poll.poll(&mut events, timeout) {
                 if interrupted(&err) {
                     // A signal landed on this thread; nothing is lost.
@@ -213,8 +231,9 @@ impl Acceptor {
                     io_cause(&err)
                 ));
                 self.shutdown.shutdown();
+                break;
             }
-            if self.shutdown.is_shutting_down() {
+            if self.is_past_drain_delay() {
                 break;
             }
             if let Some(at) = self.retry_at {
@@ -244,7 +263,7 @@ impl Acceptor {
                     if since_wake == ACCEPTS_PER_WAKE {
                         self.wake_workers_with_news();
                         since_wake = 0;
-                        if self.shutdown.is_shutting_down() {
+                        if self.is_past_drain_delay() {
                             // A connect storm must not hold off the shutdown;
                             // what waits in the backlog is refused with it.
                             return;
@@ -375,14 +394,46 @@ impl Acceptor {
         }
     }
 
-    /// Closes the listener, then disconnects and wakes every worker.
+    /// Whether a shutdown was requested and its drain delay is over.
+    fn is_past_drain_delay(&self) -> bool {
+        self.shutdown
+            .accepting_until()
+            .is_some_and(|until| Instant::now() >= until)
+    }
+
+    /// Takes the connections already waiting in the backlog, at most a
+    /// backlog's worth, so that the drain serves them instead of the close
+    /// resetting them: their clients connected before the listener closed.
+    fn accept_backlog(&mut self) {
+        let Some(listener) = self.listener.as_ref() else {
+            return;
+        };
+        let mut taken = Vec::new();
+        while taken.len() < crate::listener::LISTEN_BACKLOG as usize {
+            match listener.accept() {
+                Ok(accepted) => taken.push(accepted),
+                // A signal: try again.
+                Err(err) if interrupted(&err) => {}
+                // Empty, or out of descriptors: what is left is reset.
+                Err(_) => break,
+            }
+        }
+        for (stream, peer) in taken {
+            self.place(stream, peer);
+        }
+        self.wake_workers_with_news();
+    }
+
+    /// Serves what waits in the backlog, closes the listener, then
+    /// disconnects and wakes every worker.
     fn stop(&mut self) {
+        self.accept_backlog();
         let draining = self.open.total();
         self.logger.notice(format_args!(
             "shutting down: draining {draining} connections (deadline {})",
             humantime::format_duration(self.shutdown.timeout())
         ));
-        // Closing the listener resets whatever waits in its backlog.
+        // Closing the listener resets whatever reached its backlog since.
         self.listener = None;
         self.workers.clear();
     }

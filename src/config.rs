@@ -74,6 +74,9 @@ pub struct ServerConfig {
     pub idle_timeout: Option<Duration>,
     /// How long the drain may take before busy connections are cut.
     pub shutdown_timeout: Duration,
+    /// How long the server goes on accepting after a shutdown is requested,
+    /// for load balancers that need time to stop sending it new clients.
+    pub drain_delay: Duration,
     /// The longest a worker spins on its event loop before sleeping, to save
     /// the wake-up of the next message; zero never spins. At most [`MAX_BUSY_POLL`].
     pub busy_poll: Duration,
@@ -103,6 +106,7 @@ impl Default for ServerConfig {
             max_connections_per_ip: None,
             idle_timeout: None,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            drain_delay: Duration::ZERO,
             busy_poll: DEFAULT_BUSY_POLL,
             log_level: LogLevel::Normal,
             udp_rate_limit: Some(default_udp_rate_limit()),

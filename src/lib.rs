@@ -8,7 +8,8 @@
 //!                └──────── shutdown controller ──────┘  (wake-ups, then drain)
 //! ```
 //!
-//! [`listener`] creates the listening socket, [`acceptor`] accepts and hands
+//! [`listener`] creates the listening socket (or [`activation`] takes the
+//! one a service manager passed), [`acceptor`] accepts and hands
 //! each stream to the least-loaded [`worker`], which owns it from then on and
 //! drives its [`connection`] echo state machine. [`shutdown`] stops the
 //! acceptor and makes the workers drain. The [`client`] module is the other
@@ -19,6 +20,7 @@
 //! each datagram that the [`source_guard`] lets it answer.
 
 pub mod acceptor;
+pub mod activation;
 mod busy_poll;
 pub mod cidr;
 pub mod client;

@@ -25,6 +25,16 @@ pub const LISTEN_BACKLOG: i32 = 4096;
 /// assert_ne!(listener.local_addr().unwrap().port(), 0);
 /// ```
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    bind_tcp(addr, false)
+}
+
+/// [`bind`], with `SO_REUSEPORT` too if `share_port`: then another server
+/// may listen on the same port at the same time, as a restart without
+/// refusals needs, and the kernel spreads new connections over both.
+///
+/// # Errors
+/// As [`bind`].
+pub fn bind_tcp(addr: SocketAddr, share_port: bool) -> io::Result<TcpListener> {
     use std::os::fd::AsRawFd;
     // `::ffff:224.0.0.1` is the same address. (A subnet's broadcast address,
     // such as 192.168.1.255, is not caught: only the interfaces know it.)
@@ -35,8 +45,22 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
             "a multicast or broadcast address takes no TCP connections",
         ));
     }
-    // std sets SO_REUSEADDR and close-on-exec, then listens with 128.
-    let listener = TcpListener::bind(addr)?;
+    let listener = if share_port {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        // As std does, so that a restart need not wait out TIME_WAIT.
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(LISTEN_BACKLOG)?;
+        socket.into()
+    } else {
+        // std sets SO_REUSEADDR and close-on-exec, then listens with 128.
+        TcpListener::bind(addr)?
+    };
     // Listening again on a listening socket only changes its backlog.
     // SAFETY: listen reads nothing but its two integer arguments.
     if unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) } != 0 {
@@ -100,6 +124,21 @@ pub fn bind_sockets(
     transports: Transports,
     udp_sockets: usize,
 ) -> io::Result<Sockets> {
+    bind_sockets_with(addr, transports, udp_sockets, false)
+}
+
+/// [`bind_sockets`], sharing the port with other servers if `share_port`
+/// (`SO_REUSEPORT` on every socket, as `--reuse-port` asks); without it, a
+/// port another program already has for UDP is an error, as for TCP.
+///
+/// # Errors
+/// As [`bind_sockets`].
+pub fn bind_sockets_with(
+    addr: SocketAddr,
+    transports: Transports,
+    udp_sockets: usize,
+    share_port: bool,
+) -> io::Result<Sockets> {
     if !transports.tcp && !transports.udp {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -109,7 +148,10 @@ pub fn bind_sockets(
     let mut tries = 0;
     loop {
         tries += 1;
-        let tcp = transports.tcp.then(|| bind(addr)).transpose()?;
+        let tcp = transports
+            .tcp
+            .then(|| bind_tcp(addr, share_port))
+            .transpose()?;
         if !transports.udp {
             return Ok(Sockets {
                 tcp,
@@ -120,7 +162,7 @@ pub fn bind_sockets(
         if let Some(tcp) = &tcp {
             udp_addr.set_port(tcp.local_addr()?.port());
         }
-        match bind_udp(udp_addr, udp_sockets) {
+        match bind_udp(udp_addr, udp_sockets, share_port) {
             Ok(udp) => return Ok(Sockets { tcp, udp }),
             // The port TCP was given is taken for UDP: try another.
             Err(err)
@@ -141,12 +183,16 @@ pub fn bind_sockets(
 }
 
 /// Binds `count` UDP sockets (at least one) on `addr` with `SO_REUSEPORT`,
-/// nonblocking; with port 0, the first chooses the port and the rest join it.
+/// nonblocking; with port 0, on one port number that no socket had.
+/// The sockets need `SO_REUSEPORT` to share the port among themselves, which
+/// would also let another server of the same user join them unnoticed; so
+/// unless `share_port`, a port that is already bound is an error.
 ///
 /// # Errors
-/// What `socket`, `setsockopt` or `bind` report; `AddrNotAvailable` for a
-/// multicast or broadcast address, which an echo server must not serve.
-pub fn bind_udp(addr: SocketAddr, count: usize) -> io::Result<Vec<UdpSocket>> {
+/// What `socket`, `setsockopt` or `bind` report (`AddrInUse` for a port
+/// taken); `AddrNotAvailable` for a multicast or broadcast address, which an
+/// echo server must not serve.
+pub fn bind_udp(addr: SocketAddr, count: usize, share_port: bool) -> io::Result<Vec<UdpSocket>> {
     let ip = addr.ip().to_canonical();
     if ip.is_multicast() || ip == IpAddr::V4(Ipv4Addr::BROADCAST) {
         return Err(io::Error::new(
@@ -154,8 +200,33 @@ pub fn bind_udp(addr: SocketAddr, count: usize) -> io::Result<Vec<UdpSocket>> {
             "an echo server does not answer multicast or broadcast datagrams",
         ));
     }
+    if addr.port() == 0 {
+        // The kernel gives a port 0 bind with SO_REUSEPORT a port that other
+        // sockets with it (of the same user) may already share: another
+        // server's. A port free for a plain bind is free for all.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let mut free = addr;
+            free.set_port(UdpSocket::bind(addr)?.local_addr()?.port());
+            match bind_udp_group(free, count) {
+                // Taken in the instant between: try another.
+                Err(err) if err.kind() == io::ErrorKind::AddrInUse && tries < PORT_TRIES => {}
+                result => return result,
+            }
+        }
+    }
+    if !share_port {
+        // Fails if anyone holds the port; freed at once. (A server that
+        // binds in the instant between is not seen.)
+        drop(UdpSocket::bind(addr)?);
+    }
+    bind_udp_group(addr, count)
+}
+
+/// Binds `count` sockets (at least one) on `addr` with `SO_REUSEPORT`.
+fn bind_udp_group(addr: SocketAddr, count: usize) -> io::Result<Vec<UdpSocket>> {
     let mut sockets: Vec<UdpSocket> = Vec::with_capacity(count.max(1));
-    let mut addr = addr;
     for _ in 0..count.max(1) {
         let socket = socket2::Socket::new(
             socket2::Domain::for_address(addr),
@@ -165,9 +236,7 @@ pub fn bind_udp(addr: SocketAddr, count: usize) -> io::Result<Vec<UdpSocket>> {
         socket.set_reuse_port(true)?;
         socket.set_nonblocking(true)?;
         socket.bind(&addr.into())?;
-        let socket: UdpSocket = socket.into();
-        addr.set_port(socket.local_addr()?.port());
-        sockets.push(socket);
+        sockets.push(socket.into());
     }
     Ok(sockets)
 }

@@ -3,11 +3,16 @@
 //! holds a copy of the [`Logger`] and asks it before formatting anything, so a
 //! disabled level costs one comparison on the hot path. Logging never blocks:
 //! a line that stderr cannot take at once is dropped and counted.
+//!
+//! When stderr is systemd's journal ([`stderr_is_journal`]), lines carry a
+//! syslog priority marker (`<3>` error, `<4>` warning, `<6>` info, `<7>`
+//! debug) instead of a timestamp, which the journal adds itself; so
+//! `journalctl -p warning` shows warnings and errors only.
 
 use std::fmt;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use crate::config::LogLevel;
@@ -108,14 +113,55 @@ impl SharedThrottle {
     }
 }
 
+/// Whether lines are written for the journal (see the module doc).
+static JOURNAL_FORMAT: AtomicBool = AtomicBool::new(false);
+
+/// Writes lines for systemd's journal from now on: priority markers and no
+/// timestamps. The binary turns it on when [`stderr_is_journal`].
+pub fn use_journal_format(on: bool) {
+    JOURNAL_FORMAT.store(on, Ordering::Relaxed);
+}
+
+/// Whether stderr is the journal stream that `journal_stream` (the value of
+/// `JOURNAL_STREAM`, `DEVICE:INODE`) names, as systemd documents the check:
+/// a process whose stderr was redirected elsewhere must not use the format.
+pub fn stderr_is_journal(journal_stream: &str) -> bool {
+    let Some((device, inode)) = journal_stream.split_once(':') else {
+        return false;
+    };
+    let (Ok(device), Ok(inode)) = (device.parse::<u64>(), inode.parse::<u64>()) else {
+        return false;
+    };
+    // SAFETY: fstat writes one stat struct, which we own, for descriptor 2.
+    let mut status: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; descriptor 2 may be closed, which fstat reports.
+    if unsafe { libc::fstat(2, &mut status) } != 0 {
+        return false;
+    }
+    status.st_dev as u64 == device && status.st_ino as u64 == inode
+}
+
 /// Lines dropped because stderr would have blocked, not yet reported.
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 
 fn write_line(tag: &str, message: fmt::Arguments<'_>) {
-    let now = humantime::format_rfc3339_millis(SystemTime::now());
+    let journal = JOURNAL_FORMAT.load(Ordering::Relaxed);
+    // The journal stamps each line itself; a priority marker tells it the level.
+    let prefix = |tag: &str| match journal {
+        true => match tag {
+            "ERROR" => "<3>".to_string(),
+            "WARN" => "<4>".to_string(),
+            "DEBUG" => "<7>".to_string(),
+            _ => "<6>".to_string(),
+        },
+        false => format!(
+            "{} {tag} ",
+            humantime::format_rfc3339_millis(SystemTime::now())
+        ),
+    };
     // Formatted first so the line goes out in one write: stderr is
     // unbuffered, and writing the pieces would cost a syscall each.
-    let mut line = format!("{now} {tag} {message}\n");
+    let mut line = format!("{}{message}\n", prefix(tag));
     let mut stderr = std::io::stderr().lock();
     // A reader that stopped reading (a paused pager, a stuck log collector)
     // must not stall the workers or the shutdown: a line that would block
@@ -130,7 +176,10 @@ fn write_line(tag: &str, message: fmt::Arguments<'_>) {
         let unit = if dropped == 1 { "line" } else { "lines" };
         line.insert_str(
             0,
-            &format!("{now} WARN {dropped} log {unit} dropped: stderr was not being read\n"),
+            &format!(
+                "{}{dropped} log {unit} dropped: stderr was not being read\n",
+                prefix("WARN")
+            ),
         );
     }
     // A log line that cannot be written (stderr closed, a pipe whose reader

@@ -49,9 +49,38 @@ pub use crate::stats::Summary;
 pub struct Server {
     local_addr: SocketAddr,
     shutdown: ShutdownHandle,
+    open: Arc<OpenConnections>,
     acceptor: Option<JoinHandle<u64>>,
     workers: Vec<JoinHandle<crate::stats::Summary>>,
     logger: Logger,
+}
+
+/// A live view of a running server, for status reports (such as systemd's
+/// `STATUS=` lines) and health checks. Cheap to clone; reading it costs the
+/// workers nothing.
+#[derive(Debug, Clone)]
+pub struct Monitor {
+    open: Arc<OpenConnections>,
+    shutdown: ShutdownHandle,
+}
+
+impl Monitor {
+    /// TCP connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.open.total()
+    }
+
+    /// Whether a shutdown has been requested: from then on the server is
+    /// not ready for new clients, though it may still accept through the
+    /// drain delay.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown.is_shutting_down()
+    }
+
+    /// Waits up to `limit` for a shutdown request; true once there is one.
+    pub fn wait_for_shutdown(&self, limit: std::time::Duration) -> bool {
+        self.shutdown.wait_requested(limit)
+    }
 }
 
 /// Reports a worker's death to the shutdown controller as its thread unwinds,
@@ -130,7 +159,12 @@ impl Server {
         let logger = Logger::new(config.log_level);
         let (acceptor_poll, acceptor_waker) =
             acceptor::poll_and_waker().map_err(setup("the acceptor's event loop".into()))?;
-        let shutdown = ShutdownHandle::new(acceptor_waker, config.shutdown_timeout, logger);
+        let shutdown = ShutdownHandle::new(
+            acceptor_waker,
+            config.drain_delay,
+            config.shutdown_timeout,
+            logger,
+        );
         let open = Arc::new(OpenConnections::new(
             config.workers,
             config.max_connections_per_ip.is_some(),
@@ -141,6 +175,7 @@ impl Server {
         let mut server = Server {
             local_addr,
             shutdown: shutdown.clone(),
+            open: Arc::clone(&open),
             acceptor: None,
             workers: Vec::with_capacity(config.workers),
             logger,
@@ -238,6 +273,14 @@ impl Server {
         self.shutdown.clone()
     }
 
+    /// A live view of the server for status reports, usable from any thread.
+    pub fn monitor(&self) -> Monitor {
+        Monitor {
+            open: Arc::clone(&self.open),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+
     /// Waits for the server to stop (after [`ShutdownHandle::shutdown`]),
     /// logs the summary line and returns it.
     ///
@@ -302,8 +345,12 @@ mod tests {
     #[test]
     fn a_worker_that_panics_is_reported_and_starts_the_shutdown() {
         let (_poll, waker) = acceptor::poll_and_waker().expect("poll and waker");
-        let shutdown =
-            ShutdownHandle::new(waker, Duration::from_secs(1), Logger::new(LogLevel::Quiet));
+        let shutdown = ShutdownHandle::new(
+            waker,
+            Duration::ZERO,
+            Duration::from_secs(1),
+            Logger::new(LogLevel::Quiet),
+        );
         let watch = DeathWatch {
             shutdown: shutdown.clone(),
             index: 3,
@@ -321,8 +368,12 @@ mod tests {
     #[test]
     fn a_worker_that_returns_normally_reports_nothing() {
         let (_poll, waker) = acceptor::poll_and_waker().expect("poll and waker");
-        let shutdown =
-            ShutdownHandle::new(waker, Duration::from_secs(1), Logger::new(LogLevel::Quiet));
+        let shutdown = ShutdownHandle::new(
+            waker,
+            Duration::ZERO,
+            Duration::from_secs(1),
+            Logger::new(LogLevel::Quiet),
+        );
         let watch = DeathWatch {
             shutdown: shutdown.clone(),
             index: 0,

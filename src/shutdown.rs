@@ -2,13 +2,14 @@
 //!
 //! A [`ShutdownHandle`] is what a signal handler, a test or an embedder holds.
 //! [`ShutdownHandle::shutdown`] fixes the drain deadline and wakes the
-//! acceptor; the acceptor closes the listener and drops its channel senders,
-//! and each worker, seeing its channel disconnected, drains its connections.
-//! Nothing polls a flag on a timer: every step is an ownership change or a
-//! wake-up.
+//! acceptor; the acceptor goes on accepting through the drain delay (if one
+//! is set), then closes the listener and drops its channel senders, and each
+//! worker, seeing its channel disconnected, drains its connections. Nothing
+//! polls a flag on a timer: every step is an ownership change, a wake-up or
+//! a timer the acceptor sets for the end of the delay.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use mio::Waker;
@@ -27,8 +28,12 @@ pub struct ShutdownHandle {
 
 #[derive(Debug)]
 struct Controller {
-    /// Set once, by the first request: when the drain must end.
-    deadline: OnceLock<Instant>,
+    /// Set once, by the first request: when it came.
+    requested: OnceLock<Instant>,
+    /// Kept in step with `requested`, for those who wait for it.
+    requested_signal: (Mutex<bool>, Condvar),
+    /// How long the acceptor goes on accepting after the request.
+    drain_delay: Duration,
     timeout: Duration,
     acceptor: Arc<Waker>,
     failed_worker: AtomicUsize,
@@ -36,10 +41,17 @@ struct Controller {
 }
 
 impl ShutdownHandle {
-    pub(crate) fn new(acceptor: Arc<Waker>, timeout: Duration, logger: Logger) -> Self {
+    pub(crate) fn new(
+        acceptor: Arc<Waker>,
+        drain_delay: Duration,
+        timeout: Duration,
+        logger: Logger,
+    ) -> Self {
         ShutdownHandle {
             controller: Arc::new(Controller {
-                deadline: OnceLock::new(),
+                requested: OnceLock::new(),
+                requested_signal: (Mutex::new(false), Condvar::new()),
+                drain_delay,
                 timeout,
                 acceptor,
                 failed_worker: AtomicUsize::new(NO_FAILURE),
@@ -48,14 +60,19 @@ impl ShutdownHandle {
         }
     }
 
-    /// Starts the drain: stop accepting, echo what has arrived, then close.
-    /// Returns at once; [`Server::join`](crate::server::Server::join) waits
-    /// for the end. Calling it again does nothing.
+    /// Starts the shutdown: after the drain delay, stop accepting, echo
+    /// what has arrived, then close. Returns at once;
+    /// [`Server::join`](crate::server::Server::join) waits for the end.
+    /// Calling it again does nothing.
     pub fn shutdown(&self) {
-        let deadline = crate::config::deadline_after(Instant::now(), self.controller.timeout);
-        if self.controller.deadline.set(deadline).is_err() {
+        if self.controller.requested.set(Instant::now()).is_err() {
             return;
         }
+        let (requested, changed) = &self.controller.requested_signal;
+        *requested
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        changed.notify_all();
         if let Err(err) = self.controller.acceptor.wake() {
             self.controller.logger.error(format_args!(
                 "cannot wake the acceptor to shut down: {}",
@@ -64,14 +81,47 @@ impl ShutdownHandle {
         }
     }
 
-    /// Whether a shutdown has been requested.
+    /// Whether a shutdown has been requested (the server may still be
+    /// accepting, through the drain delay).
     pub fn is_shutting_down(&self) -> bool {
-        self.controller.deadline.get().is_some()
+        self.controller.requested.get().is_some()
     }
 
-    /// When the drain must end, once a shutdown has been requested.
+    /// Waits up to `limit` for a shutdown to be requested; true if it was.
+    pub fn wait_requested(&self, limit: Duration) -> bool {
+        let (requested, changed) = &self.controller.requested_signal;
+        let guard = requested
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (guard, _) = changed
+            .wait_timeout_while(guard, limit, |requested| !*requested)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *guard
+    }
+
+    /// Until when the acceptor goes on accepting, once a shutdown has been
+    /// requested: the end of the drain delay.
+    pub(crate) fn accepting_until(&self) -> Option<Instant> {
+        let requested = *self.controller.requested.get()?;
+        Some(crate::config::deadline_after(
+            requested,
+            self.controller.drain_delay,
+        ))
+    }
+
+    /// When the drain must end, once a shutdown has been requested: the
+    /// drain delay and then the shutdown timeout after the request.
     pub(crate) fn deadline(&self) -> Option<Instant> {
-        self.controller.deadline.get().copied()
+        let accepting_until = self.accepting_until()?;
+        Some(crate::config::deadline_after(
+            accepting_until,
+            self.controller.timeout,
+        ))
+    }
+
+    /// The configured drain delay.
+    pub(crate) fn drain_delay(&self) -> Duration {
+        self.controller.drain_delay
     }
 
     /// The configured drain time.

@@ -13,12 +13,13 @@ use argh::FromArgs;
 mod cli;
 #[path = "common/stop_signals.rs"]
 mod stop_signals;
+use echo_chamber::activation::{self, Inherited};
 use echo_chamber::cidr::{self, Cidr};
 use echo_chamber::config::{self, LogLevel, ServerConfig};
 use echo_chamber::error::io_cause;
 use echo_chamber::limits;
 use echo_chamber::listener::Transports;
-use echo_chamber::server::Server;
+use echo_chamber::server::{Monitor, Server};
 use echo_chamber::shutdown::ShutdownHandle;
 use echo_chamber::source_guard::RateLimit;
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -60,12 +61,23 @@ struct Args {
     udp_rate_exempt: Option<Vec<Cidr>>,
 
     /// address to listen on, IPv4 or IPv6 (default 0.0.0.0)
-    #[argh(option, default = "IpAddr::from([0, 0, 0, 0])", from_str_fn(parse_ip))]
-    bind: IpAddr,
+    #[argh(option, from_str_fn(parse_ip))]
+    bind: Option<IpAddr>,
 
     /// port to listen on; 0 picks a free one (default 9999)
-    #[argh(option, default = "config::DEFAULT_PORT", from_str_fn(parse_port))]
-    port: u16,
+    #[argh(option, from_str_fn(parse_port))]
+    port: Option<u16>,
+
+    /// set SO_REUSEPORT on every socket, so that a new server can start on
+    /// the port before this one is stopped (a restart that refuses no one)
+    #[argh(switch)]
+    reuse_port: u8,
+
+    /// after the first signal, go on accepting for this long while not
+    /// ready, then drain, e.g. 5s, for load balancers slow to notice
+    /// (default 0)
+    #[argh(option, default = "Duration::ZERO", from_str_fn(parse_duration))]
+    drain_delay: Duration,
 
     /// worker threads, each serving many connections, 1 to 1024 (default: one per CPU)
     #[argh(option, from_str_fn(parse_workers))]
@@ -207,16 +219,49 @@ fn run() -> Result<(), Failure> {
         cli::Parsed::CannotAnswer(message) => return Err(Failure::Runtime(message)),
         cli::Parsed::Usage(message) => return Err(Failure::Usage(message)),
     };
+    // First, before any thread starts: taking the descriptors unsets the
+    // LISTEN_* variables, so that no child inherits them.
+    let inherited = inherited_sockets().map_err(Failure::Runtime)?;
     let version = cli::once(args.version, "--version").map_err(Failure::Usage)?;
     let verbose = cli::once(args.verbose, "--verbose").map_err(Failure::Usage)?;
     let quiet = cli::once(args.quiet, "--quiet").map_err(Failure::Usage)?;
     let tcp = cli::once(args.tcp, "--tcp").map_err(Failure::Usage)?;
     let udp = cli::once(args.udp, "--udp").map_err(Failure::Usage)?;
-    let transports = Transports {
-        tcp: tcp || !udp,
-        udp,
+    let reuse_port = cli::once(args.reuse_port, "--reuse-port").map_err(Failure::Usage)?;
+    if !inherited.is_empty() {
+        let given = [
+            (args.bind.is_some(), "--bind"),
+            (args.port.is_some(), "--port"),
+            (tcp, "--tcp"),
+            (udp, "--udp"),
+            (reuse_port, "--reuse-port"),
+        ];
+        if let Some((_, flag)) = given.iter().find(|(given, _)| *given) {
+            return Err(Failure::Usage(format!(
+                "{flag} cannot be used with sockets passed by the service manager \
+                 (LISTEN_FDS): the .socket unit sets them; drop {flag}"
+            )));
+        }
+    }
+    let workers = args.workers.unwrap_or_else(config::default_workers);
+    let inherited = match inherited.is_empty() {
+        true => None,
+        false => Some(
+            activation::sort_sockets(inherited, workers)
+                .map_err(|err| Failure::Runtime(err.to_string()))?,
+        ),
     };
-    if !udp && (args.udp_rate_exempt.is_some() || args.udp_rate_per_ip.is_some()) {
+    let transports = match &inherited {
+        Some(sockets) => Transports {
+            tcp: sockets.tcp.is_some(),
+            udp: !sockets.udp.is_empty(),
+        },
+        None => Transports {
+            tcp: tcp || !udp,
+            udp,
+        },
+    };
+    if !transports.udp && (args.udp_rate_exempt.is_some() || args.udp_rate_per_ip.is_some()) {
         return Err(Failure::Usage(
             "--udp-rate-per-ip and --udp-rate-exempt apply to UDP: add --udp".into(),
         ));
@@ -232,11 +277,12 @@ fn run() -> Result<(), Failure> {
     }
     let busy_poll = busy_poll_choice(args.busy_poll, || (limits::cpu_quota(), online_cpus()));
     let config = ServerConfig {
-        workers: args.workers.unwrap_or_else(config::default_workers),
+        workers,
         max_connections: args.max_connections,
         max_connections_per_ip: args.max_connections_per_ip,
         idle_timeout: args.idle_timeout,
         shutdown_timeout: args.shutdown_timeout,
+        drain_delay: args.drain_delay,
         busy_poll: busy_poll.duration,
         log_level: match (quiet, verbose) {
             (true, _) => LogLevel::Quiet,
@@ -256,12 +302,26 @@ fn run() -> Result<(), Failure> {
     })?;
     // Raised before the workers start: each needs an event loop and a waker.
     let descriptor_warning = descriptor_warning(&config, limits::raise_open_file_limit());
+    if let Some(stream) = std::env::var_os("JOURNAL_STREAM") {
+        let stream = stream.to_string_lossy();
+        echo_chamber::log::use_journal_format(echo_chamber::log::stderr_is_journal(&stream));
+    }
     let logger = echo_chamber::log::Logger::new(config.log_level);
 
-    let addr = SocketAddr::new(args.bind, args.port);
-    let udp_sockets = if transports.udp { config.workers } else { 0 };
-    let sockets = echo_chamber::listener::bind_sockets(addr, transports, udp_sockets)
-        .map_err(|err| Failure::Runtime(format!("cannot listen on {addr}: {}", io_cause(&err))))?;
+    let sockets = match inherited {
+        Some(sockets) => sockets,
+        None => {
+            let addr = SocketAddr::new(
+                args.bind.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+                args.port.unwrap_or(config::DEFAULT_PORT),
+            );
+            let udp_sockets = if transports.udp { config.workers } else { 0 };
+            echo_chamber::listener::bind_sockets_with(addr, transports, udp_sockets, reuse_port)
+                .map_err(|err| {
+                    Failure::Runtime(format!("cannot listen on {addr}: {}", io_cause(&err)))
+                })?
+        }
+    };
     let server =
         Server::start(sockets, config).map_err(|err| Failure::Runtime(start_failure(&err)))?;
     // Only once the server runs: if it cannot start, its one error line says why.
@@ -272,10 +332,90 @@ fn run() -> Result<(), Failure> {
         logger.info(format_args!("{why}"));
     }
     spawn_signal_thread(signals, server.shutdown_handle())?;
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        spawn_notifier(server.monitor(), logger)?;
+    }
     server
         .join()
         .map(drop)
         .map_err(|err| Failure::Runtime(err.to_string()))
+}
+
+/// The descriptors a service manager passed (systemd socket activation),
+/// with `LISTEN_PID`, `LISTEN_FDS` and `LISTEN_FDNAMES` unset; none when
+/// `LISTEN_PID` is not this process.
+fn inherited_sockets() -> Result<Vec<Inherited>, String> {
+    const VARIABLES: [&str; 3] = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"];
+    let pid = std::env::var("LISTEN_PID").ok();
+    if pid.and_then(|pid| pid.parse::<u32>().ok()) != Some(std::process::id()) {
+        // Meant for another process (or absent): ignored, as sd_listen_fds
+        // does. (sd-notify would instead reject LISTEN_FDNAMES, whose names
+        // then outnumber the descriptors it counts for us: none.)
+        for variable in VARIABLES {
+            // SAFETY: as below, no other thread runs yet.
+            unsafe { std::env::remove_var(variable) };
+        }
+        return Ok(Vec::new());
+    }
+    // SAFETY: called first thing in `run`, before this process starts any
+    // thread, as removing environment variables requires.
+    let passed = unsafe { sd_notify::listen_fds_with_names_and_unset_env() }.map_err(|err| {
+        format!(
+            "cannot take the sockets the service manager passed (LISTEN_FDS, LISTEN_FDNAMES): {}",
+            io_cause(&err)
+        )
+    })?;
+    Ok(passed
+        .map(|(fd, name)| Inherited {
+            // SAFETY: LISTEN_PID is this process, so the manager passed
+            // this descriptor to us alone, and nothing else here owns it.
+            fd: unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) },
+            name,
+        })
+        .collect())
+}
+
+/// Tells the service manager (`Type=notify`) that the server is ready,
+/// then that it is stopping and, once a second during the drain, how many
+/// connections are left.
+fn spawn_notifier(monitor: Monitor, logger: echo_chamber::log::Logger) -> Result<(), Failure> {
+    let send = move |states: &[sd_notify::NotifyState]| {
+        if let Err(err) = sd_notify::notify(states) {
+            logger.warn(format_args!(
+                "cannot notify the service manager (NOTIFY_SOCKET): {}",
+                io_cause(&err)
+            ));
+        }
+    };
+    send(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("serving"),
+    ]);
+    std::thread::Builder::new()
+        .name("echo-notify".into())
+        .spawn(move || {
+            // Asleep until the shutdown: no wake-ups while serving.
+            while !monitor.wait_for_shutdown(Duration::from_secs(24 * 3600)) {}
+            let status = |monitor: &Monitor| {
+                format!("stopping: {} connections open", monitor.open_connections())
+            };
+            send(&[
+                sd_notify::NotifyState::Stopping,
+                sd_notify::NotifyState::Status(&status(&monitor)),
+            ]);
+            // The process ends when the drain does, and this thread with it.
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                send(&[sd_notify::NotifyState::Status(&status(&monitor))]);
+            }
+        })
+        .map(drop)
+        .map_err(|err| {
+            Failure::Runtime(format!(
+                "cannot start the notification thread: {}",
+                io_cause(&err)
+            ))
+        })
 }
 
 /// The UDP rate limit the flags ask for: the default's, with the rate and

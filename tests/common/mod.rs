@@ -220,14 +220,17 @@ impl ServerProcess {
 
     /// Like [`start`](Self::start), from a prepared command (one with
     /// [`limit_open_files`], say); the server's arguments are appended.
-    pub fn start_with(mut command: Command, args: &[&str]) -> ServerProcess {
-        let mut all: Vec<String> = vec![
-            "--bind".into(),
-            "127.0.0.1".into(),
-            "--port".into(),
-            "0".into(),
-        ];
-        all.extend(args.iter().map(|arg| arg.to_string()));
+    pub fn start_with(command: Command, args: &[&str]) -> ServerProcess {
+        let mut all = vec!["--bind", "127.0.0.1", "--port", "0"];
+        all.extend_from_slice(args);
+        Self::start_exact(command, &all)
+    }
+
+    /// Like [`start_with`](Self::start_with), with exactly `args`: no
+    /// `--bind` or `--port` is added (for sockets passed by a test or a
+    /// service manager).
+    pub fn start_exact(mut command: Command, args: &[&str]) -> ServerProcess {
+        let all: Vec<String> = args.iter().map(|arg| arg.to_string()).collect();
         dies_with_test(&mut command);
         let mut child = command
             .args(&all)
