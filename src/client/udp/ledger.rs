@@ -15,9 +15,11 @@
 //! including those that name no datagram), and **foreign** (from an address
 //! other than the server's; the flow counts those, they name nothing).
 //!
-//! Memory is fixed when the ledger is made: a ring of `window` records for
-//! the datagrams that may still be in flight, and one bit per datagram for
-//! the `history` before that, to tell a late echo from a duplicate.
+//! Memory is fixed when the ledger is made: a ring of records for twice the
+//! `window` of datagrams that may be in flight (so that the round trip of
+//! a datagram's neighbour is still there for the jitter when its echo
+//! comes), and one bit per datagram for the `history` before that, to tell
+//! a late echo from a duplicate.
 
 use std::time::Duration;
 
@@ -91,7 +93,7 @@ pub enum Verdict {
     },
 }
 
-/// Where a datagram in the window stands.
+/// Where a datagram with a record stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Sent, no answer yet, timeout not reached.
@@ -109,19 +111,21 @@ enum State {
 /// One flow's accounting. See the module documentation for what it counts.
 #[derive(Debug)]
 pub struct Ledger {
-    /// Records kept for the newest `window` datagrams; at most that many
-    /// are in flight.
+    /// At most this many datagrams are in flight.
     window: u64,
-    /// Datagrams older than the window whose answered bit is kept.
+    /// Records are kept for this many of the newest datagrams: twice the
+    /// window.
+    records: u64,
+    /// Datagrams (records included) whose answered bit is kept.
     history: u64,
     timeout: Duration,
     /// The sequence number the next datagram gets (from 1).
     next_seq: u64,
     /// No datagram below it is pending.
     oldest_pending: u64,
-    /// Per window slot: when it was sent, in ns since the flow began.
+    /// Per record: when it was sent, in ns since the flow began.
     sent_at: Box<[u64]>,
-    /// Per window slot: the round trip of an echoed datagram, in ns.
+    /// Per record: the round trip of an echoed datagram, in ns.
     rtt_ns: Box<[u64]>,
     state: Box<[State]>,
     /// One bit per datagram of the history: answered (echoed, corrupted
@@ -172,23 +176,25 @@ impl Jitter {
 }
 
 impl Ledger {
-    /// A ledger keeping records for `window` datagrams in flight and an
+    /// A ledger allowing `window` datagrams in flight and keeping an
     /// answered bit for `history` datagrams (both rounded up to powers of
-    /// two; `history` is at least `window`). A datagram with no answer
-    /// after `timeout` is lost.
+    /// two; `history` is at least twice `window`). A datagram with no
+    /// answer after `timeout` is lost.
     #[must_use]
     pub fn new(window: usize, history: usize, timeout: Duration) -> Ledger {
         let window = window.max(1).next_power_of_two();
-        let history = history.max(window).next_power_of_two();
+        let records = 2 * window;
+        let history = history.max(records).next_power_of_two();
         Ledger {
             window: window as u64,
+            records: records as u64,
             history: history as u64,
             timeout,
             next_seq: 1,
             oldest_pending: 1,
-            sent_at: vec![0; window].into_boxed_slice(),
-            rtt_ns: vec![0; window].into_boxed_slice(),
-            state: vec![State::Lost; window].into_boxed_slice(),
+            sent_at: vec![0; records].into_boxed_slice(),
+            rtt_ns: vec![0; records].into_boxed_slice(),
+            state: vec![State::Lost; records].into_boxed_slice(),
             answered: vec![0; history.div_ceil(64)].into_boxed_slice(),
             highest_echoed: 0,
             counts: Counts::default(),
@@ -322,8 +328,8 @@ impl Ledger {
                 Verdict::Corrupted { seq: Some(seq) }
             };
         }
-        if behind >= self.window {
-            // Out of the window and not answered: it was counted lost.
+        if behind >= self.records {
+            // No record left and not answered: it was counted lost.
             return self.late_or_corrupted(seq, exact, None);
         }
         let slot = self.slot(seq);
@@ -400,7 +406,7 @@ impl Ledger {
         if behind < self.history {
             self.set_answered(seq, true);
         }
-        if behind < self.window {
+        if behind < self.records {
             let slot = self.slot(seq);
             self.state[slot] = State::Late;
             self.advance();
@@ -409,11 +415,11 @@ impl Ledger {
         Verdict::Late { seq, rtt }
     }
 
-    /// The round trip of datagram `seq` if it is in the window and echoed.
+    /// The round trip of datagram `seq` if it has a record and was echoed.
     fn echoed_rtt(&self, seq: u64) -> Option<Duration> {
-        let in_window = seq >= 1 && seq < self.next_seq && self.highest_sent() - seq < self.window;
+        let recorded = seq >= 1 && seq < self.next_seq && self.highest_sent() - seq < self.records;
         let slot = self.slot(seq);
-        (in_window && self.state[slot] == State::Echoed)
+        (recorded && self.state[slot] == State::Echoed)
             .then(|| Duration::from_nanos(self.rtt_ns[slot]))
     }
 
@@ -431,7 +437,7 @@ impl Ledger {
     }
 
     fn slot(&self, seq: u64) -> usize {
-        (seq & (self.window - 1)) as usize
+        (seq & (self.records - 1)) as usize
     }
 
     fn is_answered(&self, seq: u64) -> bool {
