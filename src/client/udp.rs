@@ -127,7 +127,12 @@ struct Context<'a, F> {
 /// Runs `config` over UDP to the end: each of `config.connections` flows
 /// sends `repeat` datagrams (`0`: until `stop` fires), `interval` apart on
 /// a fixed schedule, and waits for each echo up to `timeout` before
-/// counting its datagram lost. A `--size` payload of `n` bytes sends `n`
+/// counting its datagram lost. A datagram whose time has come while the
+/// flow has as many in flight as it can match (1,024 for `--size` of 2
+/// bytes or more; see the `datagram` module) waits for room, and the
+/// schedule then catches up. With a zero `interval` a flow plays
+/// ping-pong instead: one datagram in flight, the next sent as soon as the
+/// last is answered or lost. A `--size` payload of `n` bytes sends `n`
 /// bytes per datagram; an empty [`Payload::Text`](super::Payload::Text)
 /// sends empty datagrams.
 ///

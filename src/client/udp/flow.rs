@@ -93,6 +93,14 @@ where
         peer,
     });
     let (window, history) = datagrams.window_and_history();
+    // No interval: ping-pong, the next datagram goes when the last one is
+    // answered or lost. An open loop with no gap would only measure how
+    // fast the server's receive buffer overflows.
+    let window = if context.config.interval.is_zero() {
+        1
+    } else {
+        window
+    };
     let mut flow = Flow {
         context,
         number,
