@@ -364,16 +364,13 @@ where
         let after = context.config.timeout;
         self.ledger.expire(now - self.epoch, |seq| {
             let peer = context.peer;
-            let stopped = false;
-            context.fail(
-                number,
-                UdpFailureKind::Lost {
-                    seq,
-                    peer,
-                    after,
-                    stopped,
-                },
-            );
+            let kind = UdpFailureKind::Lost {
+                seq,
+                peer,
+                after,
+                stopped: false,
+            };
+            context.fail(number, kind);
         });
     }
 
