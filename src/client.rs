@@ -9,9 +9,10 @@
 //! ```
 //!
 //! Connections use plain threads and blocking std sockets with timeouts, which
-//! is fine up to about a thousand connections. The `echo-client` binary only
-//! parses arguments, prints [`Event`]s and the [`Report`], and picks the exit
-//! code; the tests and benchmarks call this module directly.
+//! is fine up to about a thousand connections. [`udp`] is the same client
+//! over UDP: flows of datagrams instead of connections. The `echo-client`
+//! binary only parses arguments, prints [`Event`]s and the [`Report`], and
+//! picks the exit code; the tests and benchmarks call this module directly.
 //!
 //! # Example
 //!
@@ -50,6 +51,7 @@ mod report;
 mod rtt;
 mod stop;
 mod target;
+pub mod udp;
 
 use std::io::BufRead;
 use std::net::SocketAddr;
@@ -148,6 +150,14 @@ pub enum ConfigError {
     MessageTooLarge,
     /// More connections than [`MAX_CONNECTIONS`].
     TooManyConnections,
+    /// A UDP datagram larger than UDP carries to the server's address
+    /// family ([`udp::MAX_DATAGRAM_V4`], [`udp::MAX_DATAGRAM_V6`]).
+    DatagramTooLarge {
+        /// The datagram's size.
+        size: usize,
+        /// The largest the family carries.
+        limit: usize,
+    },
 }
 
 impl std::fmt::Display for ConfigError {
@@ -160,6 +170,17 @@ impl std::fmt::Display for ConfigError {
             }
             ConfigError::TooManyConnections => {
                 write!(f, "more than {MAX_CONNECTIONS} connections")
+            }
+            ConfigError::DatagramTooLarge { size, limit } => {
+                let family = if *limit == udp::MAX_DATAGRAM_V4 {
+                    "IPv4"
+                } else {
+                    "IPv6"
+                };
+                write!(
+                    f,
+                    "a {size}-byte datagram is over the largest UDP payload over {family}, {limit} bytes"
+                )
             }
         }
     }

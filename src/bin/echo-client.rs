@@ -20,13 +20,17 @@ use stop_signals::{Meaning, StopSignals};
 mod cli;
 #[path = "common/stop_signals.rs"]
 mod stop_signals;
+use echo_chamber::client::udp::{self, MaxLoss, UdpEvent, UdpReport};
 use echo_chamber::client::{
-    self, ClientConfig, Event, MAX_CONNECTIONS, Payload, Report, StopHandle, Target,
+    self, ClientConfig, ConfigError, Event, MAX_CONNECTIONS, Payload, Report, StopHandle, Target,
 };
 
 const PROG: &str = "echo-client";
 /// Longest message shown as text in per-echo lines; longer ones show a length.
 const MAX_SHOWN_TEXT: usize = 80;
+/// Failure lines a UDP run prints before it only counts them: a lossy
+/// path at a high rate would otherwise bury the terminal.
+const MAX_UDP_FAILURE_LINES: u64 = 100;
 
 /// Every exit status this program uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +41,8 @@ enum Exit {
     /// reset, or still out (or still connecting) when stopped; the server
     /// sent bytes it was never sent; the host did not resolve; a message
     /// could not be allocated; or stdin could not be read or stdout written.
+    /// With `--udp`: more datagrams lost than `--max-loss`, or an echo
+    /// corrupted, duplicated or from another address, or a socket error.
     Failed = 1,
     /// The command line was wrong.
     Usage = 2,
@@ -46,14 +52,14 @@ enum Exit {
 /// check that every byte comes back, with ping-style statistics.
 #[derive(FromArgs, Debug)]
 #[argh(
-    note = "Each connection runs on its own thread with blocking sockets: fine up to about 1000 connections (at most 10000).\nPercentiles come from a histogram accurate to within 0.4%; min/avg/max/mdev are exact (mdev is the population standard deviation, as in ping).\nCtrl-C (or SIGTERM) stops sending and prints the summary; an echo still out may stay silent for twice the p99 round trip (1 s for a first echo) before it counts as failed, and a connect still unanswered for 1 s. A second one, 0.5 s or more later, exits at once.",
+    note = "Each connection runs on its own thread with blocking sockets: fine up to about 1000 connections (at most 10000).\nWith --udp, each of --connections flows sends --repeat datagrams on its own socket, --interval apart whether or not the last came back (default 20ms; 0 sends each when the last is answered or lost), and a datagram whose echo has not come within --timeout counts as lost. --size datagrams carry their sequence number, so many may be in flight; --message and 0-byte datagrams carry none, so their flow keeps one in flight. Jitter is the mean difference between the round trips of consecutive datagrams, as Cisco IP SLA reports it.\nPercentiles come from a histogram accurate to within 0.4%; min/avg/max/mdev are exact (mdev is the population standard deviation, as in ping).\nCtrl-C (or SIGTERM) stops sending and prints the summary; an echo still out may stay silent for twice the p99 round trip (1 s for a first echo) before it counts as failed, and a connect still unanswered for 1 s. A second one, 0.5 s or more later, exits at once.",
     error_code(
         0,
         "every echo came back exact (also when stopped with Ctrl-C or SIGTERM)"
     ),
     error_code(
         1,
-        "an echo failed (timed out, mismatched, cut short, refused, reset, or still out or still connecting when stopped), the server sent bytes it was never sent, the host did not resolve, a message could not be allocated, or reading stdin or writing stdout failed"
+        "an echo failed (timed out, mismatched, cut short, refused, reset, or still out or still connecting when stopped), the server sent bytes it was never sent, the host did not resolve, a message could not be allocated, or reading stdin or writing stdout failed; with --udp: more datagrams lost than --max-loss allows, or an echo corrupted, duplicated or from another address"
     ),
     error_code(2, "usage error"),
     error_code(130, "a second Ctrl-C or SIGTERM stopped the run at once")
@@ -71,29 +77,37 @@ struct Args {
     #[argh(option, from_str_fn(parse_message))]
     message: Option<String>,
 
-    /// send BYTES of binary data per message instead of --message, different every message (1 to 64MiB; KiB and MiB suffixes allowed)
+    /// send BYTES of binary data per message instead of --message, different every message (1 to 64MiB; KiB and MiB suffixes allowed; with --udp 0 to 65507, or 65527 over IPv6)
     #[argh(option, from_str_fn(parse_size), arg_name = "bytes")]
-    size: Option<NonZeroUsize>,
+    size: Option<SizeArg>,
 
     /// echoes per connection, 0 for until Ctrl-C (default 1)
     #[argh(option, from_str_fn(parse_repeat), arg_name = "n")]
     repeat: Option<u64>,
 
-    /// pause between echoes on one connection, like ping -i, e.g. 200ms (default 0)
+    /// pause between echoes on one connection, like ping -i, e.g. 200ms (default 0; with --udp, the gap between sends, default 20ms)
     #[argh(option, from_str_fn(parse_interval), arg_name = "dur")]
     interval: Option<Duration>,
 
-    /// limit for connecting and for each round trip, e.g. 2s or 500ms (default 5s)
+    /// limit for connecting and for each round trip, e.g. 2s or 500ms (default 5s; with --udp, how long an echo may take before its datagram counts as lost)
     #[argh(option, from_str_fn(parse_timeout), arg_name = "dur")]
     timeout: Option<Duration>,
 
-    /// concurrent connections, each doing --repeat echoes, 1 to 10000, each on its own thread (default 1)
+    /// concurrent connections, each doing --repeat echoes, 1 to 10000, each on its own thread (default 1; with --udp, flows, each with its own socket)
     #[argh(option, from_str_fn(parse_connections), arg_name = "n")]
     connections: Option<NonZeroUsize>,
 
     /// send each line of standard input as one message, until end of input
     #[argh(switch)]
     stdin: u8,
+
+    /// send UDP datagrams instead of using a TCP connection (see the notes below)
+    #[argh(switch)]
+    udp: u8,
+
+    /// with --udp: the loss that still exits 0, e.g. 1% or 0.5% (default 0)
+    #[argh(option, from_str_fn(parse_max_loss), arg_name = "pct")]
+    max_loss: Option<MaxLoss>,
 
     /// print only errors and the summary (plus a progress line each second when stderr is a terminal)
     #[argh(switch, short = 'q')]
@@ -150,18 +164,27 @@ fn run() -> Exit {
         cli::print_err(PROG, &message);
         return Exit::Usage;
     }
+    let udp = on(args.udp);
     let config = ClientConfig {
         target: args
             .addr
             .clone()
             .unwrap_or_else(|| Target::new("127.0.0.1", 9999)),
-        payload: match (args.size, &args.message) {
-            (Some(size), _) => Payload::Generated { size },
+        payload: match (&args.size, &args.message) {
+            // check_combinations lets 0 through only with --udp.
+            (Some(size), _) => NonZeroUsize::new(size.bytes).map_or_else(
+                || Payload::Text(Vec::new()),
+                |size| Payload::Generated { size },
+            ),
             (None, Some(text)) => Payload::Text(text.clone().into_bytes()),
             (None, None) => ClientConfig::default().payload,
         },
         repeat: args.repeat.unwrap_or(1),
-        interval: args.interval.unwrap_or(Duration::ZERO),
+        interval: args.interval.unwrap_or(if udp {
+            udp::DEFAULT_INTERVAL
+        } else {
+            Duration::ZERO
+        }),
         timeout: args.timeout.unwrap_or(Duration::from_secs(5)),
         connections: args.connections.unwrap_or(NonZeroUsize::MIN),
     };
@@ -170,6 +193,7 @@ fn run() -> Exit {
     install_stop_signals(&stop);
     let printer = Printer::new(&args, config.connections.get() > 1, stop.clone());
     let observer = |event: &Event<'_>| printer.on_event(event);
+    let udp_observer = |event: &UdpEvent<'_>| printer.on_udp_event(event);
     let show_progress = on(args.quiet) && io::stderr().is_terminal();
     let result = thread::scope(|scope| {
         // Dropping `done` ends the progress thread.
@@ -183,16 +207,25 @@ fn run() -> Exit {
                 cli::print_err(PROG, format_args!("no progress line: {error}"));
             }
         }
-        let result = if on(args.stdin) {
+        let result = if udp {
+            udp::run(&config, &udp_observer, &stop).map(Outcome::Udp)
+        } else if on(args.stdin) {
             client::run_lines(&config, BufReader::new(io::stdin()), &observer, &stop)
+                .map(Outcome::Tcp)
         } else {
-            client::run(&config, &observer, &stop)
+            client::run(&config, &observer, &stop).map(Outcome::Tcp)
         };
         drop(done);
         result
     });
     let report = match result {
         Ok(report) => report,
+        // Only known once the name resolves to an address family.
+        Err(error @ ConfigError::DatagramTooLarge { .. }) => {
+            let size = args.size.as_ref().map_or("", |size| size.text.as_str());
+            cli::print_err(PROG, format_args!("--size {size}: {error}"));
+            return Exit::Usage;
+        }
         Err(error) => {
             // The flags are checked above, so this means a check is missing there.
             cli::print_err(PROG, &error);
@@ -206,10 +239,32 @@ fn run() -> Exit {
         cli::print_err(PROG, &message);
         return Exit::Failed;
     }
-    if report.is_success() {
-        Exit::Success
-    } else {
-        Exit::Failed
+    let success = match &report {
+        Outcome::Tcp(report) => report.is_success(),
+        Outcome::Udp(report) => report.is_success(args.max_loss.unwrap_or(MaxLoss::NONE)),
+    };
+    if success { Exit::Success } else { Exit::Failed }
+}
+
+/// The report of a TCP or a UDP run.
+enum Outcome {
+    Tcp(Report),
+    Udp(UdpReport),
+}
+
+impl Outcome {
+    fn summary(&self, histogram: bool) -> String {
+        match self {
+            Outcome::Tcp(report) => report.summary(histogram),
+            Outcome::Udp(report) => report.summary(histogram),
+        }
+    }
+
+    fn to_json(&self) -> String {
+        match self {
+            Outcome::Tcp(report) => report.to_json(),
+            Outcome::Udp(report) => report.to_json(),
+        }
     }
 }
 
@@ -228,8 +283,21 @@ fn check_combinations(args: &Args) -> Result<(), String> {
     for (flag, count) in switches {
         cli::once(count, flag)?;
     }
+    cli::once(args.udp, "--udp")?;
     if args.size.is_some() && args.message.is_some() {
         return Err("--size and --message cannot be combined: pick one payload".to_owned());
+    }
+    if let Some(size) = &args.size {
+        check_size(size, on(args.udp))?;
+    }
+    if on(args.udp) && on(args.stdin) {
+        return Err(
+            "--stdin cannot be combined with --udp: datagrams come from --message or --size"
+                .to_owned(),
+        );
+    }
+    if !on(args.udp) && args.max_loss.is_some() {
+        return Err("--max-loss applies only to --udp: over TCP nothing may be lost".to_owned());
     }
     if on(args.stdin) {
         let conflicts = [
@@ -264,7 +332,47 @@ fn parse_message(value: &str) -> Result<String, String> {
     Ok(value.to_owned())
 }
 
-fn parse_size(value: &str) -> Result<NonZeroUsize, String> {
+/// A `--size` as given: its limits depend on `--udp`, so `check_size`
+/// checks them once every flag is known.
+#[derive(Debug, Clone)]
+struct SizeArg {
+    text: String,
+    bytes: usize,
+}
+
+/// `--size` within the limits of its transport.
+fn check_size(size: &SizeArg, udp: bool) -> Result<(), String> {
+    // The same words as argh's, which gave them before --udp existed.
+    let refused = |why: String| {
+        Err(format!(
+            "error parsing option '--size' with value '{}': {why} (see --help)",
+            size.text
+        ))
+    };
+    if udp {
+        if size.bytes > udp::MAX_DATAGRAM_V6 {
+            return Err(format!(
+                "--size {} is over the largest UDP datagram: {} bytes over IPv4, {} over IPv6",
+                size.text,
+                udp::MAX_DATAGRAM_V4,
+                udp::MAX_DATAGRAM_V6
+            ));
+        }
+        return Ok(());
+    }
+    if size.bytes > client::MAX_MESSAGE {
+        return refused(format!(
+            "at most {}MiB per message",
+            client::MAX_MESSAGE >> 20
+        ));
+    }
+    if size.bytes == 0 {
+        return refused("a message needs at least 1 byte".to_owned());
+    }
+    Ok(())
+}
+
+fn parse_size(value: &str) -> Result<SizeArg, String> {
     let (digits, unit) = match value.find(|c: char| !c.is_ascii_digit()) {
         Some(at) => value.split_at(at),
         None => (value, ""),
@@ -282,13 +390,14 @@ fn parse_size(value: &str) -> Result<NonZeroUsize, String> {
         .ok()
         .and_then(|n| n.checked_mul(unit))
         .ok_or_else(|| "expected a number of bytes such as 1024, 64KiB or 1MiB".to_owned())?;
-    if bytes > client::MAX_MESSAGE {
-        return Err(format!(
-            "at most {}MiB per message",
-            client::MAX_MESSAGE >> 20
-        ));
-    }
-    NonZeroUsize::new(bytes).ok_or_else(|| "a message needs at least 1 byte".to_owned())
+    Ok(SizeArg {
+        text: value.to_owned(),
+        bytes,
+    })
+}
+
+fn parse_max_loss(value: &str) -> Result<MaxLoss, String> {
+    value.parse()
 }
 
 fn parse_repeat(value: &str) -> Result<u64, String> {
@@ -433,15 +542,73 @@ impl Printer {
             }
             Event::Failed(failure) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
-                let mut progress_shown = self.progress_shown();
-                if std::mem::take(&mut *progress_shown) {
-                    // The error takes the progress line's place, in the one
-                    // write of the line; the next progress line comes under it.
-                    cli::write_err(&format!("\r\x1b[K{PROG}: {failure}\n"));
-                } else {
-                    cli::print_err(PROG, failure);
+                self.print_failure(failure);
+            }
+        }
+    }
+
+    fn on_udp_event(&self, event: &UdpEvent<'_>) {
+        match event {
+            UdpEvent::Started { flow, local, peer } => {
+                if self.chatty {
+                    let port = local.port();
+                    match self.multiple {
+                        true => self.say(format_args!(
+                            "sending to {peer} over UDP from port {port} (flow {flow})"
+                        )),
+                        false => {
+                            self.say(format_args!("sending to {peer} over UDP from port {port}"))
+                        }
+                    }
                 }
             }
+            UdpEvent::Echoed {
+                flow,
+                seq,
+                rtt,
+                message,
+                reordered,
+            } => {
+                self.echoes.fetch_add(1, Ordering::Relaxed);
+                if self.chatty {
+                    let shown = Shown {
+                        message,
+                        binary: self.binary,
+                    };
+                    let time = rtt.as_secs_f64() * 1e3;
+                    let reordered = if *reordered { ", reordered" } else { "" };
+                    match self.multiple {
+                        true => self.say(format_args!(
+                            "Server echoed: {shown} (flow={flow} seq={seq} time={time:.3} ms{reordered})"
+                        )),
+                        false => self.say(format_args!(
+                            "Server echoed: {shown} (seq={seq} time={time:.3} ms{reordered})"
+                        )),
+                    }
+                }
+            }
+            UdpEvent::Failed(failure) => {
+                let before = self.failures.fetch_add(1, Ordering::Relaxed);
+                if before < MAX_UDP_FAILURE_LINES {
+                    self.print_failure(failure);
+                } else if before == MAX_UDP_FAILURE_LINES {
+                    self.print_failure(format_args!(
+                        "{MAX_UDP_FAILURE_LINES} failures shown; the summary counts the rest"
+                    ));
+                }
+            }
+        }
+    }
+
+    /// One failure line on stderr, in place of the progress line if shown.
+    fn print_failure(&self, failure: impl fmt::Display) {
+        let mut progress_shown = self.progress_shown();
+        if std::mem::take(&mut *progress_shown) {
+            // The error takes the progress line's place, in the one
+            // write of the line; the next progress line comes under it.
+            cli::write_err(&format!("\r\x1b[K{PROG}: {failure}\n"));
+        } else {
+            cli::print_err(PROG, failure);
         }
     }
 
@@ -540,7 +707,7 @@ fn print_progress(printer: &Printer, finished: &crossbeam_channel::Receiver<()>)
     }
 }
 
-fn print_report(args: &Args, report: &Report, printer: &Printer) {
+fn print_report(args: &Args, report: &Outcome, printer: &Printer) {
     let text = if on(args.json) {
         format!("{}\n", report.to_json())
     } else {

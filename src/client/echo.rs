@@ -49,7 +49,7 @@ const MIN_CONNECT_SHARE: Duration = Duration::from_secs(2);
 
 /// How long a connection's first echo, still out at a stop, may stay silent;
 /// later ones follow the round trips seen so far.
-const FIRST_ECHO_STOP_PATIENCE: Duration = Duration::from_secs(1);
+pub(super) const FIRST_ECHO_STOP_PATIENCE: Duration = Duration::from_secs(1);
 
 /// The longest a blocked read or write waits before the round trip looks at
 /// the stop handle again.
@@ -58,7 +58,7 @@ const STOP_CHECK: Duration = Duration::from_millis(100);
 /// The shortest wait for a server's close after the last echo, and the
 /// whole wait once the run is stopped; otherwise it is twice the p99 round
 /// trip, and never more than the timeout.
-const MIN_CLOSING_WAIT: Duration = Duration::from_millis(100);
+pub(super) const MIN_CLOSING_WAIT: Duration = Duration::from_millis(100);
 
 /// Shared by all connection threads of a run.
 pub(super) struct Context<'a, F> {
@@ -959,7 +959,7 @@ impl<'a> RoundTripLimit<'a> {
 /// How long a server that answers may still take: twice the connection's
 /// p99 round trip so far (`unmeasured` before its first echo), at least
 /// [`MIN_CLOSING_WAIT`], at most `timeout`.
-fn patience(rtt: &RttStats, unmeasured: Duration, timeout: Duration) -> Duration {
+pub(super) fn patience(rtt: &RttStats, unmeasured: Duration, timeout: Duration) -> Duration {
     rtt.percentile(0.99)
         .map_or(unmeasured, |p99| p99 * 2)
         .max(MIN_CLOSING_WAIT)

@@ -29,7 +29,7 @@ pub(super) fn fill(buf: &mut [u8], seed: u64, connection: usize, seq: u64) {
 
 /// SplitMix64's output function: cheap, and every bit of the input affects
 /// every bit of the output.
-fn splitmix64(x: u64) -> u64 {
+pub(super) fn splitmix64(x: u64) -> u64 {
     let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

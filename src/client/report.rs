@@ -215,7 +215,7 @@ impl Report {
 }
 
 /// Milliseconds with microsecond resolution, as ping prints them.
-fn ms(duration: Duration) -> String {
+pub(super) fn ms(duration: Duration) -> String {
     format!("{:.3}", duration.as_secs_f64() * 1e3)
 }
 
@@ -227,7 +227,7 @@ fn percent(part: u64, whole: u64) -> f64 {
 /// `33.3` with one decimal at most, and as many decimals as it takes for a
 /// loss near either end, so that one lost echo in 3000 shows as `0.03`, never
 /// as `0` beside a failure.
-fn format_loss(lost: u64, sent: u64) -> String {
+pub(super) fn format_loss(lost: u64, sent: u64) -> String {
     if lost == 0 || sent == 0 {
         return "0".to_owned();
     }
@@ -252,7 +252,7 @@ fn format_loss(lost: u64, sent: u64) -> String {
         )
 }
 
-fn per_second(count: u64, elapsed: Duration) -> f64 {
+pub(super) fn per_second(count: u64, elapsed: Duration) -> f64 {
     let seconds = elapsed.as_secs_f64();
     if seconds > 0.0 {
         count as f64 / seconds

@@ -1,0 +1,699 @@
+//! `echo-client --udp` as a user sees it: exact echoes from 0 bytes to the
+//! largest datagram, many flows at once, and servers that drop, duplicate,
+//! reorder, delay past the timeout, corrupt, and answer from another port,
+//! each told apart in the JSON counts and the exit code; `--max-loss` on
+//! both sides of its threshold; Ctrl-C and SIGTERM ending a run with the
+//! summary; usage errors; and socat, a UDP echo server we did not write.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::client::{CLIENT, Json, Run, run_client};
+use common::udp::{Reply, Socat, UdpTestServer};
+use common::with_time_limit;
+
+/// The most one client process may run; it is killed after that.
+const LIMIT: Duration = Duration::from_secs(60);
+/// The most one test may take.
+const TEST_LIMIT: Duration = Duration::from_secs(120);
+
+/// The JSON keys of a UDP run, in order.
+const UDP_JSON_KEYS: [&str; 14] = [
+    "sent",
+    "echoed",
+    "lost",
+    "late",
+    "duplicated",
+    "reordered",
+    "corrupted",
+    "foreign",
+    "errors",
+    "loss_pct",
+    "rtt_ms",
+    "jitter_ms",
+    "elapsed_s",
+    "echoes_per_s",
+];
+
+/// Runs the client with `--udp --json` and `args` against `addr`.
+fn run_json(addr: &str, args: &[&str]) -> (Run, Json) {
+    let mut all = vec![addr, "--udp", "--json"];
+    all.extend_from_slice(args);
+    let run = run_client(&all, b"", LIMIT);
+    let json = Json::parse(&run.stdout).unwrap_or_else(|err| {
+        panic!(
+            "the output is not one JSON object ({err})\n{}",
+            run.describe()
+        )
+    });
+    assert_eq!(json.keys(), UDP_JSON_KEYS, "{}", run.describe());
+    (run, json)
+}
+
+/// Asserts the JSON counts named in `expected`, and the exit code.
+fn assert_counts(run: &Run, json: &Json, code: i32, expected: &[(&str, u64)]) {
+    for (key, value) in expected {
+        assert_eq!(
+            json.number(key),
+            Some(*value as f64),
+            "{key}: expected {value}\n{}",
+            run.describe()
+        );
+    }
+    assert_eq!(run.code(), Some(code), "{}", run.describe());
+}
+
+#[test]
+fn every_size_from_0_bytes_to_the_largest_ipv4_datagram_comes_back_exact() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = UdpTestServer::echo();
+        let addr = server.addr().to_string();
+        for size in ["0", "1", "1472", "9000", "65507"] {
+            let (run, json) = run_json(
+                &addr,
+                &["--size", size, "--repeat", "5", "--interval", "2ms"],
+            );
+            assert_counts(
+                &run,
+                &json,
+                0,
+                &[
+                    ("sent", 5),
+                    ("echoed", 5),
+                    ("lost", 0),
+                    ("corrupted", 0),
+                    ("duplicated", 0),
+                ],
+            );
+        }
+    });
+}
+
+#[test]
+fn the_largest_ipv6_datagram_comes_back_exact_over_ipv6() {
+    with_time_limit(TEST_LIMIT, || {
+        let respond = Box::new(|_, datagram: &[u8]| vec![Reply::now(datagram)]);
+        let Ok(server) = UdpTestServer::start_on("[::1]:0", respond) else {
+            println!("skipped: this machine has no IPv6 loopback");
+            return;
+        };
+        let addr = server.addr().to_string();
+        let (run, json) = run_json(&addr, &["--size", "65527", "--repeat", "3"]);
+        assert_counts(&run, &json, 0, &[("sent", 3), ("echoed", 3)]);
+        // The IPv4 limit is refused for an IPv4 server, naming the limit.
+        let v4 = UdpTestServer::echo();
+        let run = run_client(
+            &[&v4.addr().to_string(), "--udp", "--size", "65527"],
+            b"",
+            LIMIT,
+        );
+        assert_eq!(run.code(), Some(2), "{}", run.describe());
+        assert!(run.stderr.contains("65507"), "{}", run.describe());
+    });
+}
+
+#[test]
+fn prints_each_echo_and_a_summary_with_loss_rtt_and_jitter() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = UdpTestServer::echo();
+        let addr = server.addr().to_string();
+        let run = run_client(
+            &[&addr, "--udp", "--repeat", "3", "--interval", "5ms"],
+            b"",
+            LIMIT,
+        );
+        assert_eq!(run.code(), Some(0), "{}", run.describe());
+        let lines: Vec<&str> = run.stdout.lines().collect();
+        assert!(
+            lines[0].starts_with(&format!("sending to {addr} over UDP from port ")),
+            "{}",
+            run.describe()
+        );
+        for (seq, line) in lines.iter().enumerate().take(4).skip(1) {
+            let prefix = format!("Server echoed: Hello Echo! (seq={seq} time=");
+            assert!(
+                line.starts_with(&prefix) && line.ends_with(" ms)"),
+                "line {seq}: {}",
+                run.describe()
+            );
+        }
+        assert_eq!(lines[5], format!("--- {addr} udp echo statistics ---"));
+        assert!(
+            lines[6].starts_with(
+                "3 sent, 3 echoed, 0 lost, 0 late, 0 duplicated, 0 reordered, 0 corrupted, 0% loss, time "
+            ),
+            "{}",
+            run.describe()
+        );
+        assert!(lines[7].starts_with("rtt min/avg/max/mdev = "));
+        assert!(lines[8].starts_with("rtt p50/p90/p99/p99.9 = "));
+        assert!(
+            lines[9].starts_with("jitter ")
+                && lines[9].ends_with("(mean difference of consecutive round trips, 2 pairs)"),
+            "{}",
+            run.describe()
+        );
+        assert!(lines[10].starts_with("throughput "), "{}", run.describe());
+        assert_eq!(run.stderr, "", "{}", run.describe());
+    });
+}
+
+#[test]
+fn quiet_and_histogram_work_as_for_tcp() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = UdpTestServer::echo();
+        let run = run_client(
+            &[
+                &server.addr().to_string(),
+                "--udp",
+                "-q",
+                "--histogram",
+                "--size",
+                "100",
+                "--repeat",
+                "20",
+                "--interval",
+                "1ms",
+            ],
+            b"",
+            LIMIT,
+        );
+        assert_eq!(run.code(), Some(0), "{}", run.describe());
+        assert!(!run.stdout.contains("Server echoed"), "{}", run.describe());
+        assert!(
+            run.stdout.contains("20 sent, 20 echoed")
+                && run.stdout.contains("rtt histogram (20 exact echoes"),
+            "{}",
+            run.describe()
+        );
+    });
+}
+
+#[test]
+fn many_flows_in_parallel_have_every_echo_checked() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = UdpTestServer::echo();
+        let (run, json) = run_json(
+            &server.addr().to_string(),
+            &[
+                "--connections",
+                "32",
+                "--repeat",
+                "40",
+                "--interval",
+                "5ms",
+                "--size",
+                "64",
+            ],
+        );
+        assert_counts(
+            &run,
+            &json,
+            0,
+            &[
+                ("sent", 1280),
+                ("echoed", 1280),
+                ("lost", 0),
+                ("corrupted", 0),
+                ("duplicated", 0),
+                ("foreign", 0),
+            ],
+        );
+    });
+}
+
+#[test]
+fn dropped_datagrams_count_as_lost_after_the_timeout() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = UdpTestServer::start(|index, datagram| match index {
+            2 | 4 => Vec::new(),
+            _ => vec![Reply::now(datagram)],
+        });
+        let (run, json) = run_json(
+            &server.addr().to_string(),
+            &[
+                "--size",
+                "64",
+                "--repeat",
+                "6",
+                "--interval",
+                "10ms",
+                "--timeout",
+                "300ms",
+            ],
+        );
+        assert_counts(
+            &run,
+            &json,
+            1,
+            &[("sent", 6), ("echoed", 4), ("lost", 2), ("late", 0)],
+        );
+        assert!(
+            (json.number("loss_pct").unwrap_or(0.0) - 33.3).abs() < 1e-9,
+            "{}",
+            run.describe()
+        );
+        assert!(
+            run.stderr.contains("echo 2 from ")
+                && run.stderr.contains("lost: none came within 300ms"),
+            "{}",
+            run.describe()
+        );
+    });
+}
+
+#[test]
+fn max_loss_tolerates_loss_up_to_its_threshold_and_not_beyond() {
+    with_time_limit(TEST_LIMIT, || {
+        // One datagram in ten is dropped: 10% loss.
+        let server = UdpTestServer::start(|index, datagram| match index % 10 {
+            5 => Vec::new(),
+            _ => vec![Reply::now(datagram)],
+        });
+        let addr = server.addr().to_string();
+        let common = [
+            "--size",
+            "32",
+            "--repeat",
+            "10",
+            "--interval",
+            "2ms",
+            "--timeout",
+            "300ms",
+        ];
+        for (max_loss, code) in [("10%", 0), ("9.9%", 1), ("10", 0), ("100%", 0)] {
+            let mut args = common.to_vec();
+            args.extend(["--max-loss", max_loss]);
+            let (run, json) = run_json(&addr, &args);
+            assert_counts(&run, &json, code, &[("sent", 10), ("lost", 1)]);
+        }
+        // Without --max-loss, any loss fails.
+        let (run, json) = run_json(&addr, &common);
+        assert_counts(&run, &json, 1, &[("lost", 1)]);
+    });
+}
+
+#[test]
+fn duplicated_echoes_are_counted_and_fail_the_run() {
+    with_time_limit(TEST_LIMIT, || {
+        let server =
+            UdpTestServer::start(|_, datagram| vec![Reply::now(datagram), Reply::now(datagram)]);
+        let (run, json) = run_json(
+            &server.addr().to_string(),
+            &["--size", "64", "--repeat", "5", "--interval", "10ms"],
+        );
+        assert_counts(
+            &run,
+            &json,
+            1,
+            &[("sent", 5), ("echoed", 5), ("duplicated", 5), ("lost", 0)],
+        );
+        assert!(
+            run.stderr.contains("came back again (duplicated)"),
+            "{}",
+            run.describe()
+        );
+    });
+}
+
+#[test]
+fn reordered_echoes_are_counted_and_pass() {
+    with_time_limit(TEST_LIMIT, || {
+        // Holds each odd datagram until the next one, then answers both,
+        // the later first.
+        let mut held: Option<Vec<u8>> = None;
+        let server = UdpTestServer::start(move |index, datagram| {
+            if index % 2 == 1 {
+                held = Some(datagram.to_vec());
+                return Vec::new();
+            }
+            let mut replies = vec![Reply::now(datagram)];
+            replies.extend(held.take().map(|earlier| Reply::now(&earlier)));
+            replies
+        });
+        let (run, json) = run_json(
+            &server.addr().to_string(),
+            &["--size", "64", "--repeat", "6", "--interval", "10ms"],
+        );
+        assert_counts(
+            &run,
+            &json,
+            0,
+            &[
+                ("sent", 6),
+                ("echoed", 6),
+                ("reordered", 3),
+                ("lost", 0),
+                ("duplicated", 0),
+            ],
+        );
+    });
+}
+
+#[test]
+fn an_echo_after_the_timeout_counts_lost_and_late() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = UdpTestServer::start(|index, datagram| match index {
+            2 => vec![Reply::later(Duration::from_millis(600), datagram)],
+            _ => vec![Reply::now(datagram)],
+        });
+        // Datagram 2 goes at 200 ms, times out at 400 ms, and its echo
+        // comes at 800 ms, while datagram 8 (at 1400 ms) is still to go.
+        let (run, json) = run_json(
+            &server.addr().to_string(),
+            &[
+                "--size",
+                "64",
+                "--repeat",
+                "8",
+                "--interval",
+                "200ms",
+                "--timeout",
+                "200ms",
+            ],
+        );
+        assert_counts(
+            &run,
+            &json,
+            1,
+            &[
+                ("sent", 8),
+                ("echoed", 7),
+                ("lost", 1),
+                ("late", 1),
+                ("duplicated", 0),
+            ],
+        );
+        assert!(
+            run.stderr.contains("echo 2 from ") && run.stderr.contains("came back late, after "),
+            "{}",
+            run.describe()
+        );
+    });
+}
+
+#[test]
+fn corrupted_and_truncated_echoes_are_counted_and_fail_the_run() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = UdpTestServer::start(|index, datagram| {
+            let mut echo = datagram.to_vec();
+            match index {
+                2 => echo[20] ^= 1,
+                4 => echo.truncate(10),
+                _ => {}
+            }
+            vec![Reply::now(&echo)]
+        });
+        let (run, json) = run_json(
+            &server.addr().to_string(),
+            &["--size", "64", "--repeat", "5", "--interval", "10ms"],
+        );
+        assert_counts(
+            &run,
+            &json,
+            1,
+            &[("sent", 5), ("echoed", 3), ("corrupted", 2), ("lost", 0)],
+        );
+        for text in [
+            "echo 2 from ",
+            "corrupted: byte 20 of 64 came back as",
+            "echo 4 from ",
+            "corrupted: 10 bytes came back, 64 sent",
+        ] {
+            assert!(run.stderr.contains(text), "no {text:?}\n{}", run.describe());
+        }
+    });
+}
+
+#[test]
+fn a_corrupted_message_is_caught_with_one_datagram_in_flight() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = UdpTestServer::start(|index, datagram| {
+            let mut echo = datagram.to_vec();
+            if index == 2 {
+                echo[0] = b'J';
+            }
+            vec![Reply::now(&echo)]
+        });
+        let (run, json) = run_json(
+            &server.addr().to_string(),
+            &[
+                "--message",
+                "Hello Echo!",
+                "--repeat",
+                "3",
+                "--interval",
+                "0",
+            ],
+        );
+        assert_counts(
+            &run,
+            &json,
+            1,
+            &[("sent", 3), ("echoed", 2), ("corrupted", 1), ("lost", 0)],
+        );
+    });
+}
+
+#[test]
+fn echoes_from_another_port_are_foreign_and_their_datagrams_lost() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = UdpTestServer::start(|_, datagram| {
+            vec![Reply {
+                from_other_port: true,
+                ..Reply::now(datagram)
+            }]
+        });
+        let (run, json) = run_json(
+            &server.addr().to_string(),
+            &[
+                "--size",
+                "64",
+                "--repeat",
+                "3",
+                "--interval",
+                "10ms",
+                "--timeout",
+                "300ms",
+            ],
+        );
+        assert_counts(
+            &run,
+            &json,
+            1,
+            &[("sent", 3), ("echoed", 0), ("foreign", 3), ("lost", 3)],
+        );
+        let from = format!(
+            "a 64-byte datagram came from {}, not from the server {}",
+            server.other_addr(),
+            server.addr()
+        );
+        assert!(
+            run.stderr.contains(&from),
+            "no {from:?}\n{}",
+            run.describe()
+        );
+    });
+}
+
+#[test]
+fn sigint_during_an_endless_udp_run_prints_the_summary_and_exits_0() {
+    stop_signal_ends_an_endless_run_with_the_summary(libc::SIGINT);
+}
+
+#[test]
+fn sigterm_during_an_endless_udp_run_prints_the_summary_and_exits_0() {
+    stop_signal_ends_an_endless_run_with_the_summary(libc::SIGTERM);
+}
+
+fn stop_signal_ends_an_endless_run_with_the_summary(signal: i32) {
+    with_time_limit(LIMIT, move || {
+        let server = UdpTestServer::echo();
+        let mut child = Command::new(CLIENT)
+            .args([
+                &server.addr().to_string(),
+                "--udp",
+                "--repeat",
+                "0",
+                "--interval",
+                "10ms",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the client binary starts");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
+        let mut seen = String::new();
+        while seen.matches("Server echoed").count() < 3 {
+            let mut line = String::new();
+            let read = stdout
+                .read_line(&mut line)
+                .expect("reading the client's stdout");
+            assert!(read > 0, "the client ended before being stopped:\n{seen}");
+            seen.push_str(&line);
+        }
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+        let sent = unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        assert_eq!(sent, 0, "kill({signal}) failed");
+        let stopped = Instant::now();
+        stdout
+            .read_to_string(&mut seen)
+            .expect("reading the client's stdout");
+        let mut stderr = String::new();
+        let mut pipe = child.stderr.take().expect("stderr is piped");
+        pipe.read_to_string(&mut stderr)
+            .expect("reading the client's stderr");
+        let status = child.wait().expect("waiting for the client");
+        let context = format!("status {status}\n--- stdout ---\n{seen}\n--- stderr ---\n{stderr}");
+        assert_eq!(status.code(), Some(0), "{context}");
+        assert!(seen.contains("udp echo statistics ---"), "{context}");
+        assert!(seen.contains(" echoed, 0 lost, 0 late"), "{context}");
+        assert!(stopped.elapsed() < Duration::from_secs(5), "{context}");
+    });
+}
+
+#[test]
+fn a_stop_gives_datagrams_in_flight_a_moment_then_counts_them_lost() {
+    with_time_limit(LIMIT, || {
+        let server = UdpTestServer::start(|_, _| Vec::new());
+        let mut child = Command::new(CLIENT)
+            .args([
+                &server.addr().to_string(),
+                "--udp",
+                "--json",
+                "--repeat",
+                "0",
+                "--interval",
+                "50ms",
+                "--timeout",
+                "30s",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the client binary starts");
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+        let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+        assert_eq!(sent, 0, "kill(SIGINT) failed");
+        let stopped = Instant::now();
+        let mut stdout = String::new();
+        child
+            .stdout
+            .take()
+            .expect("stdout is piped")
+            .read_to_string(&mut stdout)
+            .expect("reading the client's stdout");
+        let status = child.wait().expect("waiting for the client");
+        let took = stopped.elapsed();
+        let json = Json::parse(&stdout).unwrap_or_else(|err| panic!("{err}: {stdout}"));
+        let (sent, lost) = (json.number("sent"), json.number("lost"));
+        assert!(
+            sent.is_some_and(|sent| sent >= 1.0) && sent == lost,
+            "every datagram sent is lost: {stdout}"
+        );
+        assert_eq!(status.code(), Some(1), "{stdout}");
+        // A second of patience before any echo, nowhere near the 30 s timeout.
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(10),
+            "the stop took {took:?}"
+        );
+    });
+}
+
+#[test]
+fn usage_errors_exit_2_with_one_line_naming_the_flag() {
+    with_time_limit(TEST_LIMIT, || {
+        let cases: &[(&[&str], &[&str])] = &[
+            (&["--udp", "--stdin"], &["--stdin", "--udp"]),
+            (&["--max-loss", "1%"], &["--max-loss", "--udp"]),
+            (&["--udp", "--max-loss", "101%"], &["--max-loss", "101%"]),
+            (&["--udp", "--max-loss", "lots"], &["--max-loss", "lots"]),
+            (&["--udp", "--size", "65528"], &["--size", "65507", "65527"]),
+            (&["--udp", "--size", "1GiB"], &["--size", "65507", "65527"]),
+            (
+                &["127.0.0.1:9", "--udp", "--size", "65508"],
+                &["--size", "65508", "IPv4", "65507"],
+            ),
+            (&["--udp", "--udp"], &["--udp"]),
+            // Without --udp, --size keeps its TCP limits and words.
+            (&["--size", "0"], &["--size", "0", "at least 1 byte"]),
+            (&["--size", "1GiB"], &["--size", "1GiB", "at most 64MiB"]),
+        ];
+        for (args, named) in cases {
+            let run = run_client(args, b"", LIMIT);
+            assert_eq!(run.code(), Some(2), "{}", run.describe());
+            assert_eq!(run.stdout, "", "{}", run.describe());
+            assert!(
+                run.stderr.starts_with("echo-client: ") && run.stderr.lines().count() == 1,
+                "expected one line starting with 'echo-client: '\n{}",
+                run.describe()
+            );
+            for word in *named {
+                assert!(
+                    run.stderr.contains(word),
+                    "expected {word:?} in the message\n{}",
+                    run.describe()
+                );
+            }
+        }
+    });
+}
+
+#[test]
+fn interoperates_with_socat_as_the_udp_echo_server() {
+    with_time_limit(TEST_LIMIT, || {
+        let Some(socat) = Socat::start() else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "socat is not on PATH, and CI is set: .ci/run should have installed it"
+            );
+            println!("skipped: socat is not on PATH (apt-get install socat)");
+            return;
+        };
+        let addr = socat.addr.to_string();
+        // socat forks a process per datagram: a gentle rate.
+        for args in [
+            &["--size", "1472", "--repeat", "20", "--interval", "20ms"][..],
+            &[
+                "--message",
+                "Hello socat",
+                "--repeat",
+                "5",
+                "--interval",
+                "20ms",
+            ][..],
+            &[
+                "--size",
+                "9000",
+                "--repeat",
+                "5",
+                "--interval",
+                "20ms",
+                "--connections",
+                "3",
+            ][..],
+        ] {
+            let (run, json) = run_json(&addr, args);
+            let sent = json.number("sent").unwrap_or(0.0);
+            assert!(sent > 0.0, "{}", run.describe());
+            assert_counts(
+                &run,
+                &json,
+                0,
+                &[
+                    ("lost", 0),
+                    ("corrupted", 0),
+                    ("duplicated", 0),
+                    ("foreign", 0),
+                ],
+            );
+            assert_eq!(json.number("echoed"), Some(sent), "{}", run.describe());
+        }
+    });
+}
