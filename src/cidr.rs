@@ -20,6 +20,13 @@ impl Cidr {
     /// # Errors
     /// A prefix longer than the address (32 bits for IPv4, 128 for IPv6).
     pub fn new(addr: IpAddr, prefix: u8) -> Result<Cidr, String> {
+        // `::ffff:10.0.0.0/104` is `10.0.0.0/8`: addresses are matched in
+        // their IPv4 form, so the block must be too.
+        if let (IpAddr::V6(v6), 96..=128) = (addr, prefix)
+            && let Some(v4) = v6.to_ipv4_mapped()
+        {
+            return Cidr::new(IpAddr::V4(v4), prefix - 96);
+        }
         let bits = match addr {
             IpAddr::V4(_) => 32,
             IpAddr::V6(_) => 128,
@@ -131,6 +138,9 @@ mod tests {
         let one: Cidr = "192.0.2.7".parse().expect("a block");
         assert!(one.contains(ip("192.0.2.7")));
         assert!(!one.contains(ip("192.0.2.8")));
+        let mapped: Cidr = "::ffff:10.0.0.0/104".parse().expect("a block");
+        assert_eq!(mapped.to_string(), "10.0.0.0/8");
+        assert!(mapped.contains(ip("::ffff:10.9.9.9")));
         let all: Cidr = "0.0.0.0/0".parse().expect("a block");
         assert!(all.contains(ip("203.0.113.1")));
     }

@@ -39,6 +39,10 @@ pub const SEND_PATIENCE: Duration = Duration::from_millis(100);
 /// Batches taken in one turn before the worker serves its connections again.
 const BATCHES_PER_TURN: usize = 8;
 
+/// Receive errors in a row (other than "nothing waiting") after which the
+/// socket waits for its next event instead of trying again at once.
+const RECEIVE_RETRIES: u32 = 8;
+
 /// What the UDP sockets of one server share: the source checks and the
 /// counts behind the warnings, which go out at most once a second.
 #[derive(Debug)]
@@ -48,6 +52,7 @@ pub(crate) struct UdpShared {
     limited_since_warning: AtomicU64,
     refusal_warnings: SharedThrottle,
     send_warnings: SharedThrottle,
+    receive_warnings: SharedThrottle,
 }
 
 impl UdpShared {
@@ -58,6 +63,7 @@ impl UdpShared {
             limited_since_warning: AtomicU64::new(0),
             refusal_warnings: SharedThrottle::new(),
             send_warnings: SharedThrottle::new(),
+            receive_warnings: SharedThrottle::new(),
         }
     }
 }
@@ -70,8 +76,56 @@ pub(crate) enum Turn {
     /// Datagrams may still be waiting: give the socket another turn soon.
     More,
     /// Echoes wait for room in the send buffer, until a writable event or
-    /// the instant given.
-    Blocked(Instant),
+    /// [`UdpEcho::wake_at`].
+    Blocked,
+}
+
+/// Why echoes were not sent, kept without formatting (a flood of failures
+/// must not cost an allocation each) until a warning goes out.
+#[derive(Debug, Clone, Copy)]
+enum SendFailure {
+    /// The kernel refused the echo to this peer.
+    Refused {
+        peer: Option<SocketAddr>,
+        kind: std::io::ErrorKind,
+        os_error: Option<i32>,
+    },
+    /// A datagram from this peer was longer than its buffer.
+    Truncated { peer: SocketAddr },
+    /// The send buffer stayed full past [`SEND_PATIENCE`].
+    NoRoom,
+    /// The drain's deadline came with echoes still waiting.
+    Deadline,
+}
+
+impl std::fmt::Display for SendFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            SendFailure::Refused {
+                peer,
+                kind,
+                os_error,
+            } => {
+                let err = match os_error {
+                    Some(code) => std::io::Error::from_raw_os_error(code),
+                    None => std::io::Error::from(kind),
+                };
+                match peer {
+                    Some(peer) => write!(f, "cannot echo to {peer}: {}", io_cause(&err)),
+                    None => write!(f, "cannot echo: {}", io_cause(&err)),
+                }
+            }
+            SendFailure::Truncated { peer } => {
+                write!(f, "a datagram from {peer} did not fit its buffer")
+            }
+            SendFailure::NoRoom => write!(
+                f,
+                "the send buffer stayed full for {}",
+                humantime::format_duration(SEND_PATIENCE)
+            ),
+            SendFailure::Deadline => write!(f, "the shutdown deadline came"),
+        }
+    }
 }
 
 /// One worker's UDP socket and its echoes in flight.
@@ -94,10 +148,13 @@ pub(crate) struct UdpEcho {
     limited_example: Option<SocketAddr>,
     /// Echoes dropped since the last send warning, and the last cause.
     send_failures_unreported: u64,
-    send_failure_example: Option<String>,
+    send_failure_example: Option<SendFailure>,
+    /// Receive errors since the last successful receive.
+    receive_errors: u32,
     /// Set at the drain: the socket takes no new datagrams.
     draining: bool,
-    /// The drain is over, or the socket failed: nothing more to do.
+    /// The drain has found the socket empty, or its deadline came: nothing
+    /// more to do.
     finished: bool,
     stats: UdpSummary,
     logger: Logger,
@@ -119,6 +176,7 @@ impl UdpEcho {
             limited_example: None,
             send_failures_unreported: 0,
             send_failure_example: None,
+            receive_errors: 0,
             draining: false,
             finished: false,
             stats: UdpSummary::default(),
@@ -141,45 +199,69 @@ impl UdpEcho {
         self.finished
     }
 
-    /// Reads and echoes what is waiting, a bounded amount per turn.
-    pub(crate) fn on_ready(&mut self, now: Instant) -> Turn {
+    /// Reads and echoes what is waiting, a bounded amount per turn, after a
+    /// readiness event (`readable`: whether it said there is input) or for a
+    /// turn owed.
+    pub(crate) fn on_ready(&mut self, readable: bool, now: Instant) -> Turn {
         if self.finished {
+            return Turn::Done;
+        }
+        // Each echo sent frees send room, and with it comes a writable event
+        // that brings nothing to read: only a wait for room needs it.
+        if !readable && self.blocked_since.is_none() {
             return Turn::Done;
         }
         let mut turn = Turn::More;
         for _ in 0..BATCHES_PER_TURN {
-            if let Some(until) = self.flush(now) {
-                turn = Turn::Blocked(until);
+            if self.flush(now) {
+                turn = Turn::Blocked;
                 break;
             }
             match self.batch.receive(&self.socket) {
-                Ok(_) => self.admit(now),
+                Ok(count) => {
+                    self.receive_errors = 0;
+                    self.admit(now);
+                    // Short of a full batch, the queue was empty: a datagram
+                    // arriving after the call brings an event of its own.
+                    if count < BATCH {
+                        turn = Turn::Done;
+                        break;
+                    }
+                }
                 // Nothing is waiting: the next event says when there is.
                 Err(err) if would_block(&err) => {
+                    self.receive_errors = 0;
                     turn = Turn::Done;
                     break;
                 }
                 // A signal landed; the datagrams are still there.
                 Err(err) if interrupted(&err) => {}
                 // Anything else (out of memory, say) is the socket's, not a
-                // peer's: warn and wait for the next event.
+                // peer's: warn, and try again soon, since datagrams may still
+                // be waiting with no event to come for them; after a few
+                // failures in a row, wait for the next event.
                 Err(err) => {
-                    if self.shared.send_warnings.pass(now) {
+                    if self.shared.receive_warnings.pass(now) {
                         self.logger
                             .warn(format_args!("udp: cannot receive: {}", io_cause(&err)));
                     }
-                    turn = Turn::Done;
+                    self.receive_errors += 1;
+                    turn = if self.receive_errors < RECEIVE_RETRIES {
+                        Turn::More
+                    } else {
+                        self.receive_errors = 0;
+                        Turn::Blocked
+                    };
                     break;
                 }
             }
         }
-        // The last batch of a turn that used its budget is still queued.
-        if !matches!(turn, Turn::Blocked(_))
-            && let Some(until) = self.flush(now)
-        {
-            turn = Turn::Blocked(until);
+        // The last batch of the turn may still be queued.
+        if turn != Turn::Blocked && self.flush(now) {
+            turn = Turn::Blocked;
         }
         self.report(now);
+        // Only an empty socket ends the drain, never an error.
         if self.draining && turn == Turn::Done {
             self.finished = true;
         }
@@ -200,14 +282,17 @@ impl UdpEcho {
                 continue;
             };
             if self.batch.is_truncated(index) {
-                self.note_send_failure(1, format!("a datagram from {peer} did not fit its buffer"));
+                self.note_send_failure(1, SendFailure::Truncated { peer });
                 continue;
             }
-            match self
-                .shared
-                .guard
-                .check(peer, self.batch.destination(index), now)
-            {
+            let verdict = match self.batch.arrived_as_broadcast(index) {
+                true => Verdict::Forbidden(ForbiddenSource::ToGroup),
+                false => self
+                    .shared
+                    .guard
+                    .check(peer, self.batch.destination(index), now),
+            };
+            match verdict {
                 Verdict::Answer => {
                     if verbose {
                         let data = self.batch.payload(index);
@@ -232,9 +317,9 @@ impl UdpEcho {
         }
     }
 
-    /// Sends the queued echoes; returns until when it waits for room if the
-    /// send buffer is full.
-    fn flush(&mut self, now: Instant) -> Option<Instant> {
+    /// Sends the queued echoes; true if the send buffer is full and some
+    /// must wait for room.
+    fn flush(&mut self, now: Instant) -> bool {
         while self.sent < self.queued {
             match self
                 .batch
@@ -249,29 +334,31 @@ impl UdpEcho {
                     self.sent += count;
                 }
                 // Nothing went and nothing was said: wait as for a full buffer.
-                Ok(_) => return Some(self.blocked(now)),
-                Err(err) if would_block(&err) => return Some(self.blocked(now)),
+                Ok(_) => return self.blocked(now),
+                Err(err) if would_block(&err) => return self.blocked(now),
                 // A signal landed before anything was sent: try again.
                 Err(err) if interrupted(&err) => {}
                 // The kernel refused this one echo (no route, a firewall, a
                 // message too long for the path): drop it, send the rest.
                 Err(err) => {
-                    let index = usize::from(self.queue[self.sent]);
-                    let peer = self
-                        .batch
-                        .peer(index)
-                        .map_or_else(|| "an unknown address".into(), |peer| peer.to_string());
+                    let peer = self.batch.peer(usize::from(self.queue[self.sent]));
                     self.sent += 1;
-                    self.note_send_failure(1, format!("cannot echo to {peer}: {}", io_cause(&err)));
+                    let failure = SendFailure::Refused {
+                        peer,
+                        kind: err.kind(),
+                        os_error: err.raw_os_error(),
+                    };
+                    self.note_send_failure(1, failure);
                 }
             }
         }
         self.blocked_since = None;
-        None
+        false
     }
 
-    fn blocked(&mut self, now: Instant) -> Instant {
-        *self.blocked_since.get_or_insert(now) + SEND_PATIENCE
+    fn blocked(&mut self, now: Instant) -> bool {
+        self.blocked_since.get_or_insert(now);
+        true
     }
 
     /// When the worker must wake for this socket: the end of the wait for
@@ -285,10 +372,7 @@ impl UdpEcho {
     pub(crate) fn expire(&mut self, now: Instant) -> bool {
         match self.wake_at() {
             Some(at) if at <= now => {
-                self.drop_queue(format!(
-                    "the send buffer stayed full for {}",
-                    humantime::format_duration(SEND_PATIENCE)
-                ));
+                self.drop_queue(SendFailure::NoRoom);
                 self.report(now);
                 true
             }
@@ -296,7 +380,7 @@ impl UdpEcho {
         }
     }
 
-    fn drop_queue(&mut self, why: String) {
+    fn drop_queue(&mut self, why: SendFailure) {
         let dropped = (self.queued - self.sent) as u64;
         self.queued = 0;
         self.sent = 0;
@@ -324,12 +408,12 @@ impl UdpEcho {
 
     /// The drain's deadline came: whatever still waits is dropped.
     pub(crate) fn cut(&mut self) {
-        self.drop_queue("the shutdown deadline came".into());
+        self.drop_queue(SendFailure::Deadline);
         self.finished = true;
         self.report_now();
     }
 
-    fn note_send_failure(&mut self, count: u64, why: String) {
+    fn note_send_failure(&mut self, count: u64, why: SendFailure) {
         self.stats.send_failed += count;
         self.send_failures_unreported += count;
         self.send_failure_example = Some(why);
@@ -391,11 +475,15 @@ impl UdpEcho {
 
     fn report_send_failures(&mut self) {
         let count = std::mem::take(&mut self.send_failures_unreported);
-        let why = self.send_failure_example.take().unwrap_or_default();
         let unit = if count == 1 { "echo" } else { "echoes" };
-        self.logger.warn(format_args!(
-            "udp: {count} {unit} not sent since the last warning; the last because {why}"
-        ));
+        match self.send_failure_example.take() {
+            Some(why) => self.logger.warn(format_args!(
+                "udp: {count} {unit} not sent since the last warning; the last because {why}"
+            )),
+            None => self.logger.warn(format_args!(
+                "udp: {count} {unit} not sent since the last warning"
+            )),
+        }
     }
 }
 

@@ -8,12 +8,14 @@
 //! A datagram is never copied: it is received into its slot and sent from
 //! there, so a batch must be sent before the next one is received.
 //!
-//! On Linux each datagram also brings the address it was sent to
-//! (`IP_PKTINFO`, `IPV6_PKTINFO`; see [`receive_destinations`]), and its echo
-//! goes out with the same message, so that it leaves from the address the
-//! peer sent to even when the socket is bound to `0.0.0.0` on a host with
-//! several addresses; otherwise the route would choose the source, and the
-//! peer would get its echo from an address it never wrote to.
+//! On Linux each datagram also brings its packet info (`IP_PKTINFO`,
+//! `IPV6_PKTINFO`; see [`receive_destinations`]): the address it was sent
+//! to, and whether that was a broadcast. Its echo names that address as its
+//! source, so that it leaves from the address the peer sent to even when the
+//! socket is bound to `0.0.0.0` on a host with several addresses (otherwise
+//! the route would choose, and the peer would get its echo from an address
+//! it never wrote to). The interface is left to the route: forcing the one
+//! the datagram came in on would lose echoes whose way back is another.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -29,11 +31,22 @@ pub(crate) const BATCH: usize = 32;
 /// the worker's memory small.
 pub(crate) const SLOT_SIZE: usize = 65_536;
 
-/// Room for a datagram's control messages: one `in6_pktinfo` (40 bytes
-/// with its header) with room to spare, in words for the alignment
-/// `cmsghdr` needs.
+/// Room for a datagram's control messages (an `in_pktinfo` and an
+/// `in6_pktinfo`, 72 bytes with their headers) with room to spare, in words
+/// for the alignment `cmsghdr` needs.
 #[cfg(target_os = "linux")]
 const CONTROL_WORDS: usize = 16;
+
+/// What a datagram's packet info says.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct PacketInfo {
+    /// The destination in the datagram's IP header.
+    destination: Option<IpAddr>,
+    /// The local address its echo should leave from.
+    local: Option<IpAddr>,
+    /// Sent to a broadcast address, or its packet info was cut short.
+    to_group: bool,
+}
 
 /// The received datagrams of one batch, where they came from and where
 /// they were sent to.
@@ -41,17 +54,15 @@ pub(crate) struct Batch {
     buffers: Box<[u8]>,
     lens: [usize; BATCH],
     peers: [Option<SocketAddr>; BATCH],
-    destinations: [Option<IpAddr>; BATCH],
+    infos: [PacketInfo; BATCH],
     truncated: [bool; BATCH],
     #[cfg(target_os = "linux")]
     names: Box<[libc::sockaddr_storage; BATCH]>,
     #[cfg(target_os = "linux")]
     name_lens: [libc::socklen_t; BATCH],
-    /// Each datagram's packet-info message, sent back with its echo.
+    /// Where `recvmmsg` writes each datagram's control messages.
     #[cfg(target_os = "linux")]
     controls: Box<[[u64; CONTROL_WORDS]; BATCH]>,
-    #[cfg(target_os = "linux")]
-    control_lens: [usize; BATCH],
     count: usize,
 }
 
@@ -63,7 +74,7 @@ impl Batch {
             buffers: vec![0; BATCH * SLOT_SIZE].into_boxed_slice(),
             lens: [0; BATCH],
             peers: [None; BATCH],
-            destinations: [None; BATCH],
+            infos: [PacketInfo::default(); BATCH],
             truncated: [false; BATCH],
             #[cfg(target_os = "linux")]
             // SAFETY: sockaddr_storage is plain data, valid when all zero.
@@ -72,8 +83,6 @@ impl Batch {
             name_lens: [0; BATCH],
             #[cfg(target_os = "linux")]
             controls: Box::new([[0; CONTROL_WORDS]; BATCH]),
-            #[cfg(target_os = "linux")]
-            control_lens: [0; BATCH],
             count: 0,
         }
     }
@@ -92,7 +101,15 @@ impl Batch {
     /// The address datagram `index` was sent to, where the kernel says
     /// (Linux, once [`receive_destinations`] is set on the socket).
     pub(crate) fn destination(&self, index: usize) -> Option<IpAddr> {
-        self.destinations[index]
+        self.infos[index].destination
+    }
+
+    /// Whether datagram `index` was sent to a broadcast address (IPv4: its
+    /// header's destination is not the local address that takes it), or
+    /// came with its packet info cut short, so that where it was sent is
+    /// unknown: either way it is not to be answered.
+    pub(crate) fn arrived_as_broadcast(&self, index: usize) -> bool {
+        self.infos[index].to_group
     }
 
     /// The bytes of datagram `index`.
@@ -114,8 +131,10 @@ impl Batch {
     pub(crate) fn receive(&mut self, socket: &UdpSocket) -> io::Result<usize> {
         use std::os::fd::AsRawFd;
         self.count = 0;
+        let base = self.buffers.as_mut_ptr();
         let mut iovecs: [libc::iovec; BATCH] = std::array::from_fn(|index| libc::iovec {
-            iov_base: self.buffers[index * SLOT_SIZE..].as_mut_ptr().cast(),
+            // SAFETY: `buffers` holds BATCH slots of SLOT_SIZE bytes.
+            iov_base: unsafe { base.add(index * SLOT_SIZE) }.cast(),
             iov_len: SLOT_SIZE,
         });
         // SAFETY: mmsghdr is plain data (pointers and integers), valid when
@@ -151,18 +170,13 @@ impl Batch {
             self.truncated[index] = header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
             self.name_lens[index] = header.msg_hdr.msg_namelen;
             self.peers[index] = socket_addr(&self.names[index]);
-            // A cut control message is not sent back: the route picks the
-            // echo's source then, as it would without packet info.
-            let whole = header.msg_hdr.msg_flags & libc::MSG_CTRUNC == 0;
-            self.control_lens[index] = if whole {
-                header.msg_hdr.msg_controllen
+            self.infos[index] = if header.msg_hdr.msg_flags & libc::MSG_CTRUNC == 0 {
+                packet_info(&header.msg_hdr)
             } else {
-                0
-            };
-            self.destinations[index] = if whole {
-                packet_destination(&header.msg_hdr)
-            } else {
-                None
+                PacketInfo {
+                    to_group: true,
+                    ..PacketInfo::default()
+                }
             };
         }
         self.count = received;
@@ -180,16 +194,19 @@ impl Batch {
     pub(crate) fn send(&mut self, socket: &UdpSocket, order: &[u8]) -> io::Result<usize> {
         use std::os::fd::AsRawFd;
         let count = order.len().min(BATCH);
+        let base = self.buffers.as_mut_ptr();
         let mut iovecs: [libc::iovec; BATCH] = std::array::from_fn(|_| libc::iovec {
             iov_base: std::ptr::null_mut(),
             iov_len: 0,
         });
+        let mut controls = [[0u64; CONTROL_WORDS]; BATCH];
         // SAFETY: as in `receive`: plain data, valid when all zero.
         let mut headers: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
         for (at, &index) in order[..count].iter().enumerate() {
             let index = usize::from(index);
             iovecs[at] = libc::iovec {
-                iov_base: self.buffers[index * SLOT_SIZE..].as_mut_ptr().cast(),
+                // SAFETY: `buffers` holds BATCH slots of SLOT_SIZE bytes.
+                iov_base: unsafe { base.add(index * SLOT_SIZE) }.cast(),
                 iov_len: self.lens[index],
             };
             let header = &mut headers[at].msg_hdr;
@@ -197,15 +214,14 @@ impl Batch {
             header.msg_namelen = self.name_lens[index];
             header.msg_iov = &raw mut iovecs[at];
             header.msg_iovlen = 1;
-            if self.control_lens[index] > 0 {
-                header.msg_control = self.controls[index].as_mut_ptr().cast();
-                header.msg_controllen = self.control_lens[index] as _;
+            if let Some(local) = self.infos[index].local {
+                let family = libc::c_int::from(self.names[index].ss_family);
+                write_source(header, &mut controls[at], family, local);
             }
         }
         // SAFETY: the first `count` headers point at live iovecs, address
-        // slots and control messages as the kernel wrote them, each iovec at
-        // the received bytes of its slot; the kernel only reads them, during
-        // the call.
+        // slots and control messages, each iovec at the received bytes of
+        // its slot; the kernel only reads them, during the call.
         let sent = unsafe {
             libc::sendmmsg(
                 socket.as_raw_fd(),
@@ -233,11 +249,14 @@ impl Batch {
             match socket.recv_from(slot) {
                 Ok((len, peer)) => {
                     self.lens[index] = len;
-                    self.truncated[index] = len > SLOT_SIZE;
+                    // recv_from cuts silently here; no datagram exceeds a slot.
+                    self.truncated[index] = false;
                     self.peers[index] = Some(peer);
                     self.count += 1;
                 }
-                Err(err) if self.count > 0 && crate::error::would_block(&err) => break,
+                // What was taken is served; the error, if it lasts, comes
+                // again on the next call.
+                Err(_) if self.count > 0 => break,
                 Err(err) => return Err(err),
             }
         }
@@ -263,34 +282,110 @@ impl Batch {
     }
 }
 
-/// The destination address in a received message's packet info, if any.
+/// What a received message's packet info says (nothing, if it has none).
 #[cfg(target_os = "linux")]
-fn packet_destination(message: &libc::msghdr) -> Option<IpAddr> {
+fn packet_info(message: &libc::msghdr) -> PacketInfo {
+    let mut info = PacketInfo::default();
     // SAFETY: `message` is as recvmmsg left it: its control pointer and
-    // length describe the control messages the kernel wrote, which the
-    // CMSG macros walk without leaving them; each message's type says
-    // which struct its data holds.
+    // length describe the control messages the kernel wrote, which the CMSG
+    // macros walk without leaving them; each message's level and type say
+    // which struct its data holds, and its length is checked to cover it.
     unsafe {
         let mut control = libc::CMSG_FIRSTHDR(message);
         while !control.is_null() {
             let header = &*control;
             let data = libc::CMSG_DATA(control);
+            let holds =
+                |size: usize| header.cmsg_len as usize >= libc::CMSG_LEN(size as u32) as usize;
             match (header.cmsg_level, header.cmsg_type) {
-                (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
-                    let info = data.cast::<libc::in_pktinfo>().read_unaligned();
-                    return Some(IpAddr::from(
-                        u32::from_be(info.ipi_addr.s_addr).to_be_bytes(),
-                    ));
+                (libc::IPPROTO_IP, libc::IP_PKTINFO) if holds(size_of::<libc::in_pktinfo>()) => {
+                    let v4 = data.cast::<libc::in_pktinfo>().read_unaligned();
+                    let header_destination = u32::from_be(v4.ipi_addr.s_addr);
+                    let local = u32::from_be(v4.ipi_spec_dst.s_addr);
+                    info.destination = Some(IpAddr::from(header_destination.to_be_bytes()));
+                    info.local = Some(IpAddr::from(local.to_be_bytes()));
+                    // A unicast datagram is taken by the address it names;
+                    // a broadcast by an interface's own address.
+                    info.to_group |= header_destination != local;
                 }
-                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
-                    let info = data.cast::<libc::in6_pktinfo>().read_unaligned();
-                    return Some(IpAddr::from(info.ipi6_addr.s6_addr).to_canonical());
+                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO)
+                    if holds(size_of::<libc::in6_pktinfo>()) =>
+                {
+                    let v6 = data.cast::<libc::in6_pktinfo>().read_unaligned();
+                    let destination = IpAddr::from(v6.ipi6_addr.s6_addr).to_canonical();
+                    // IPv4's message, when both came, says more.
+                    info.destination.get_or_insert(destination);
+                    info.local.get_or_insert(destination);
                 }
-                _ => control = libc::CMSG_NXTHDR(message, control),
+                _ => {}
+            }
+            control = libc::CMSG_NXTHDR(message, control);
+        }
+    }
+    info
+}
+
+/// Writes into `header`, with `space` as its room, the packet info that
+/// makes the echo leave from `local`, on whatever interface the route picks.
+#[cfg(target_os = "linux")]
+fn write_source(
+    header: &mut libc::msghdr,
+    space: &mut [u64; CONTROL_WORDS],
+    family: libc::c_int,
+    local: IpAddr,
+) {
+    let (level, kind, size) = match family {
+        libc::AF_INET => (
+            libc::IPPROTO_IP,
+            libc::IP_PKTINFO,
+            size_of::<libc::in_pktinfo>(),
+        ),
+        _ => (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_PKTINFO,
+            size_of::<libc::in6_pktinfo>(),
+        ),
+    };
+    header.msg_control = space.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a size.
+    header.msg_controllen = unsafe { libc::CMSG_SPACE(size as u32) } as _;
+    // SAFETY: `header` points at `space`, which is aligned for cmsghdr and
+    // larger than CMSG_SPACE of either struct, so the first control message
+    // and its data lie inside it; each is written whole, unaligned-safe.
+    unsafe {
+        let control = libc::CMSG_FIRSTHDR(header);
+        (*control).cmsg_level = level;
+        (*control).cmsg_type = kind;
+        (*control).cmsg_len = libc::CMSG_LEN(size as u32) as _;
+        let data = libc::CMSG_DATA(control);
+        match (family, local) {
+            (libc::AF_INET, IpAddr::V4(v4)) => {
+                data.cast::<libc::in_pktinfo>()
+                    .write_unaligned(libc::in_pktinfo {
+                        ipi_ifindex: 0,
+                        ipi_spec_dst: libc::in_addr {
+                            s_addr: u32::from(v4).to_be(),
+                        },
+                        ipi_addr: libc::in_addr { s_addr: 0 },
+                    });
+            }
+            (_, local) => {
+                // An IPv4 peer of an IPv6 socket: its mapped address, which
+                // the kernel takes as the IPv4 source.
+                let v6 = match local {
+                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                    IpAddr::V6(v6) => v6,
+                };
+                data.cast::<libc::in6_pktinfo>()
+                    .write_unaligned(libc::in6_pktinfo {
+                        ipi6_addr: libc::in6_addr {
+                            s6_addr: v6.octets(),
+                        },
+                        ipi6_ifindex: 0,
+                    });
             }
         }
     }
-    None
 }
 
 /// Asks the kernel to tell, with each datagram received on `socket`, the
@@ -303,17 +398,22 @@ pub(crate) fn receive_destinations(socket: &UdpSocket) -> io::Result<()> {
     #[cfg(target_os = "linux")]
     {
         let on: libc::c_int = 1;
-        // An IPv6 socket's option covers the IPv4 peers it serves too, with
-        // mapped addresses, which the kernel accepts back when sending.
-        match socket.local_addr()? {
-            SocketAddr::V4(_) => {
-                crate::socket::set_option(socket, libc::IPPROTO_IP, libc::IP_PKTINFO, &on)?
-            }
-            SocketAddr::V6(_) => {
-                crate::socket::set_option(socket, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, &on)?
-            }
+        // IPv4's packet info tells a broadcast apart; Linux delivers it on
+        // an IPv6 socket too, for the IPv4 peers it serves. IPv6's gives the
+        // destination of the rest.
+        let v6 = socket.local_addr()?.is_ipv6();
+        match crate::socket::set_option(socket, libc::IPPROTO_IP, libc::IP_PKTINFO, &on) {
+            Ok(()) => {}
+            // Without it, an IPv6 socket's IPv4 broadcasts are told apart by
+            // the interfaces' broadcast addresses alone.
+            Err(_) if v6 => {}
+            Err(err) => return Err(err),
+        }
+        if v6 {
+            crate::socket::set_option(socket, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, &on)?;
         }
     }
+    // Off Linux the socket is left as it is: there is no packet info to ask for.
     #[cfg(not(target_os = "linux"))]
     let _ = socket;
     Ok(())

@@ -168,12 +168,12 @@ impl Worker {
             for event in events.iter() {
                 match event.token() {
                     WAKE => self.take_handoffs(now),
-                    UDP => self.serve_udp(now),
+                    UDP => self.serve_udp(event.is_readable() || event.is_error(), now),
                     token => self.serve(token.0 - 1, readiness(event), now),
                 }
             }
             if udp_owed {
-                self.serve_udp(now);
+                self.serve_udp(true, now);
             }
             for index in owed {
                 if let Some(slot) = self.slots.get_mut(index).and_then(Option::as_mut) {
@@ -207,13 +207,14 @@ impl Worker {
         self.summary
     }
 
-    /// Gives the UDP socket its turn: read and echo what is waiting.
-    fn serve_udp(&mut self, now: Instant) {
+    /// Gives the UDP socket its turn: read and echo what is waiting
+    /// (`readable`: whether there may be input, not only send room).
+    fn serve_udp(&mut self, readable: bool, now: Instant) {
         let Some(udp) = self.setup.udp.as_mut() else {
             return;
         };
-        match udp.on_ready(now) {
-            Turn::Done | Turn::Blocked(_) => {}
+        match udp.on_ready(readable, now) {
+            Turn::Done | Turn::Blocked => {}
             Turn::More => self.udp_owed = true,
         }
     }
@@ -393,7 +394,7 @@ impl Worker {
         }
         if let Some(udp) = self.setup.udp.as_mut() {
             udp.begin_drain();
-            self.serve_udp(now);
+            self.serve_udp(true, now);
         }
     }
 

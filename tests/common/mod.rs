@@ -745,3 +745,50 @@ pub fn echo_on(stream: &mut TcpStream, data: &[u8]) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Runs `body` on a thread of its own inside a new network namespace (with
+/// its loopback up, and whatever `setup` commands of `ip` ran), so that a
+/// test can have interfaces, addresses and sysctls of its own without
+/// touching the machine's. Children spawned by `body` join the namespace;
+/// in-process servers started there serve it. `None` when the namespace
+/// cannot be made (not root): the caller skips, except in CI.
+pub fn in_network_namespace<T: Send + 'static>(
+    setup: &[&[&str]],
+    body: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let setup: Vec<Vec<String>> = setup
+        .iter()
+        .map(|args| args.iter().map(|arg| arg.to_string()).collect())
+        .collect();
+    let thread = thread::spawn(move || {
+        // SAFETY: unshare changes only this thread's namespaces.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            let err = std::io::Error::last_os_error();
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI runs as root: a network namespace must be possible ({err})"
+            );
+            eprintln!("skipped: cannot make a network namespace ({err})");
+            return None;
+        }
+        let mut commands = vec![vec![
+            "link".to_string(),
+            "set".into(),
+            "lo".into(),
+            "up".into(),
+        ]];
+        commands.extend(setup);
+        for args in commands {
+            let status = Command::new("ip")
+                .args(&args)
+                .status()
+                .unwrap_or_else(|err| panic!("run ip {args:?}: {err}"));
+            assert!(status.success(), "ip {args:?} failed: {status}");
+        }
+        Some(body())
+    });
+    match thread.join() {
+        Ok(value) => value,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
