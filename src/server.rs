@@ -197,6 +197,7 @@ impl Server {
                     let socket = mio::net::UdpSocket::from_std(socket);
                     crate::udp_batch::receive_destinations(&socket)
                         .map_err(setup(of_worker("the UDP socket's packet info")))?;
+                    crate::socket::grow_udp_buffers(&socket);
                     let mut echo = UdpEcho::new(socket, Arc::clone(shared), logger);
                     // Edge-triggered, like the connections: registered once.
                     poll.registry()

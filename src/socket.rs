@@ -128,3 +128,19 @@ pub(crate) fn interface_broadcast_addresses() -> Vec<std::net::IpAddr> {
     unsafe { libc::freeifaddrs(list) };
     found
 }
+
+/// The receive and send buffer a UDP socket asks for: the default (about
+/// 208 KiB on Linux) holds only three datagrams of the largest size, and a
+/// burst of small ones overflows it within microseconds. The kernel caps the
+/// request at `net.core.rmem_max` / `wmem_max`, and memory is used only as
+/// datagrams wait.
+pub(crate) const UDP_BUFFER_BYTES: libc::c_int = 4 << 20;
+
+/// Asks for [`UDP_BUFFER_BYTES`] of receive and send buffer on `socket`;
+/// a smaller cap or a refusal leaves what the kernel gives, which still works.
+pub(crate) fn grow_udp_buffers(socket: &impl AsRawFd) {
+    for option in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+        // A failure leaves the default buffer, smaller but working.
+        let _ = set_option(socket, libc::SOL_SOCKET, option, &UDP_BUFFER_BYTES);
+    }
+}

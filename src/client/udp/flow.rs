@@ -69,6 +69,7 @@ where
     };
     let socket = match UdpSocket::bind(unspecified)
         .and_then(|socket| socket.set_nonblocking(true).map(|()| socket))
+        .inspect(crate::socket::grow_udp_buffers)
     {
         Ok(socket) => socket,
         Err(error) => {
