@@ -31,6 +31,7 @@ pub mod error;
 pub mod limits;
 pub mod listener;
 pub mod log;
+pub mod proxy_header;
 pub mod server;
 pub mod shutdown;
 mod socket;
