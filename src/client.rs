@@ -47,6 +47,7 @@
 mod echo;
 mod failure;
 mod payload;
+mod reconnect;
 mod report;
 mod rtt;
 mod stop;
@@ -59,6 +60,7 @@ use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
 pub use failure::{Failure, FailureKind};
+pub use reconnect::Reconnect;
 pub use report::Report;
 pub use rtt::RttStats;
 pub use stop::StopHandle;
@@ -91,11 +93,15 @@ pub struct ClientConfig {
     /// Concurrent connections, each doing `repeat` echoes over one kept-open
     /// connection.
     pub connections: NonZeroUsize,
+    /// Open a connection again when the server ends it, and go on (TCP only;
+    /// [`udp::run`] ignores it). A message the server ended the connection
+    /// on before echoing any of it is sent again; see [`Reconnect`].
+    pub reconnect: bool,
 }
 
 impl Default for ClientConfig {
     /// `127.0.0.1:9999`, `"Hello Echo!"` once, no interval, a 5 s timeout, one
-    /// connection.
+    /// connection, no reconnecting.
     fn default() -> Self {
         ClientConfig {
             target: Target::new("127.0.0.1", 9999),
@@ -104,6 +110,7 @@ impl Default for ClientConfig {
             interval: Duration::ZERO,
             timeout: Duration::from_secs(5),
             connections: NonZeroUsize::MIN,
+            reconnect: false,
         }
     }
 }
@@ -212,6 +219,17 @@ pub enum Event<'a> {
     },
     /// Something failed; the failure also counts in the [`Report`].
     Failed(&'a Failure),
+    /// With [`ClientConfig::reconnect`]: connection `connection` is open
+    /// again, to `peer`, and goes on with its next echo (or, after
+    /// [`Reconnect::Declined`], the same one again).
+    Reconnected {
+        /// Connection number, from 1.
+        connection: usize,
+        /// The address actually connected to.
+        peer: SocketAddr,
+        /// Why the last connection was let go.
+        why: Reconnect,
+    },
 }
 
 /// Runs `config` to the end: every connection does its echoes, or fails, or
@@ -254,6 +272,7 @@ where
                 multiple: connections > 1,
                 observer,
                 stop,
+                reconnect: config.reconnect,
             };
             std::thread::scope(|scope| {
                 let mut handles = Vec::with_capacity(connections);
@@ -297,7 +316,7 @@ where
 
 /// Interactive mode (`--stdin`): one connection, each line of `input`
 /// (including its line ending) sent as one message, until end of input or
-/// until `stop` fires. Uses `target` and `timeout` of `config`; its `payload`,
+/// until `stop` fires. Uses `target`, `timeout` and `reconnect` of `config`; its `payload`,
 /// `repeat`, `interval` and `connections` are ignored.
 ///
 /// `input` is read on its own thread so that `stop` is seen even while no line
@@ -334,6 +353,7 @@ where
                 multiple: false,
                 observer,
                 stop,
+                reconnect: config.reconnect,
             };
             let mut messages = echo::LineMessages::new(lines, stop);
             echo::run_connection(&context, 1, &mut messages)

@@ -22,7 +22,8 @@ mod cli;
 mod stop_signals;
 use echo_chamber::client::udp::{self, MaxLoss, UdpEvent, UdpReport};
 use echo_chamber::client::{
-    self, ClientConfig, ConfigError, Event, MAX_CONNECTIONS, Payload, Report, StopHandle, Target,
+    self, ClientConfig, ConfigError, Event, MAX_CONNECTIONS, Payload, Reconnect, Report,
+    StopHandle, Target,
 };
 
 const PROG: &str = "echo-client";
@@ -52,7 +53,7 @@ enum Exit {
 /// check that every byte comes back, with ping-style statistics.
 #[derive(FromArgs, Debug)]
 #[argh(
-    note = "Each connection runs on its own thread with blocking sockets: fine up to about 1000 connections (at most 10000).\nWith --udp, each of --connections flows sends --repeat datagrams on its own socket, --interval apart whether or not the last came back (default 20ms; 0 sends each when the last is answered or lost), and a datagram whose echo has not come within --timeout counts as lost. --size datagrams carry their sequence number, so many may be in flight; --message and 0-byte datagrams carry none, so their flow keeps one in flight. Jitter is the mean difference between the round trips of consecutive datagrams, as Cisco IP SLA reports it.\nPercentiles come from a histogram accurate to within 0.4%; min/avg/max/mdev are exact (mdev is the population standard deviation, as in ping).\nCtrl-C (or SIGTERM) stops sending and prints the summary; an echo still out may stay silent for twice the p99 round trip (1 s for a first echo) before it counts as failed, and a connect still unanswered for 1 s. A second one, 0.5 s or more later, exits at once.",
+    note = "Each connection runs on its own thread with blocking sockets: fine up to about 1000 connections (at most 10000).\nWith --udp, each of --connections flows sends --repeat datagrams on its own socket, --interval apart whether or not the last came back (default 20ms; 0 sends each when the last is answered or lost), and a datagram whose echo has not come within --timeout counts as lost. --size datagrams carry their sequence number, so many may be in flight; --message and 0-byte datagrams carry none, so their flow keeps one in flight. Jitter is the mean difference between the round trips of consecutive datagrams, as Cisco IP SLA reports it.\nPercentiles come from a histogram accurate to within 0.4%; min/avg/max/mdev are exact (mdev is the population standard deviation, as in ping).\nWith --reconnect, a connection the server ends cleanly is opened again, and one that broke (an echo cut short, a reset, a timeout: each still counts as failed) too. An end of stream before any byte of an echo came back means the server never took that message (the drain guarantee of echo-server; another server may differ): it is sent again and counted as resent. A refused connect is tried again after 10ms, doubling to 500ms, for --timeout from the first failure; the summary and --json count reconnects and resent.\nCtrl-C (or SIGTERM) stops sending and prints the summary; an echo still out may stay silent for twice the p99 round trip (1 s for a first echo) before it counts as failed, and a connect still unanswered for 1 s. A second one, 0.5 s or more later, exits at once.",
     error_code(
         0,
         "every echo came back exact (also when stopped with Ctrl-C or SIGTERM)"
@@ -104,6 +105,10 @@ struct Args {
     /// send UDP datagrams instead of using a TCP connection (see the notes below)
     #[argh(switch)]
     udp: u8,
+
+    /// when the server ends a connection, connect again and go on; a message it closed on before echoing any byte of it is sent again (TCP only; see the notes below)
+    #[argh(switch)]
+    reconnect: u8,
 
     /// with --udp: the loss that still exits 0, e.g. 1% or 0.5% (default 0)
     #[argh(option, from_str_fn(parse_max_loss), arg_name = "pct")]
@@ -187,6 +192,7 @@ fn run() -> Exit {
         }),
         timeout: args.timeout.unwrap_or(Duration::from_secs(5)),
         connections: args.connections.unwrap_or(NonZeroUsize::MIN),
+        reconnect: on(args.reconnect),
     };
 
     let stop = StopHandle::new();
@@ -279,6 +285,7 @@ fn check_combinations(args: &Args) -> Result<(), String> {
         ("--quiet", args.quiet),
         ("--json", args.json),
         ("--histogram", args.histogram),
+        ("--reconnect", args.reconnect),
     ];
     for (flag, count) in switches {
         cli::once(count, flag)?;
@@ -293,6 +300,12 @@ fn check_combinations(args: &Args) -> Result<(), String> {
     if on(args.udp) && on(args.stdin) {
         return Err(
             "--stdin cannot be combined with --udp: datagrams come from --message or --size"
+                .to_owned(),
+        );
+    }
+    if on(args.udp) && on(args.reconnect) {
+        return Err(
+            "--reconnect cannot be combined with --udp: UDP has no connection to open again"
                 .to_owned(),
         );
     }
@@ -543,6 +556,27 @@ impl Printer {
             Event::Failed(failure) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
                 self.print_failure(failure);
+            }
+            Event::Reconnected {
+                connection,
+                peer,
+                why,
+            } => {
+                if self.chatty {
+                    let why = match why {
+                        Reconnect::Closed => "the server closed the connection".to_owned(),
+                        Reconnect::Declined { seq } => format!(
+                            "the server closed the connection before echoing {seq}, which goes again"
+                        ),
+                        Reconnect::Failed => "a failure".to_owned(),
+                    };
+                    match self.multiple {
+                        true => self.say(format_args!(
+                            "reconnected to {peer} after {why} (connection {connection})"
+                        )),
+                        false => self.say(format_args!("reconnected to {peer} after {why}")),
+                    }
+                }
             }
         }
     }

@@ -16,6 +16,9 @@
 //! one byte longer, so such a byte shows without another syscall. After the last echo
 //! the client shuts down its sending side and reads until the server
 //! closes, for a short while, and counts such bytes too.
+//!
+//! With `--reconnect` the loop lets a connection go when the server ends
+//! it or it breaks, and [`reconnect`](super::reconnect) opens the next.
 
 use std::convert::Infallible;
 use std::io::{self, BufRead, Read, Write};
@@ -26,6 +29,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, select};
 
 use super::failure::{Failure, FailureKind};
+use super::reconnect::{Backoff, Idle, Reconnect, idle_state, reconnect};
 use super::rtt::RttStats;
 use super::stop::StopHandle;
 use super::{ClientConfig, Event, MAX_MESSAGE, Payload, payload};
@@ -71,6 +75,8 @@ pub(super) struct Context<'a, F> {
     /// out gets its connection's patience, and the closing check after the
     /// last echo is cut short.
     pub stop: &'a StopHandle,
+    /// `--reconnect`: open a connection again when the server ends it.
+    pub reconnect: bool,
 }
 
 /// What one connection did; merged into the report.
@@ -84,6 +90,11 @@ pub(super) struct ConnectionTally {
     pub bytes_sent: u64,
     pub bytes_echoed: u64,
     pub rtt: RttStats,
+    /// Connections opened again (`--reconnect`).
+    pub reconnects: u64,
+    /// Messages sent again after the server ended a connection before
+    /// echoing any of them (`--reconnect`).
+    pub resent: u64,
     /// When the last echo (or the failure that ended the connection) came.
     pub echoing_ended: Option<Instant>,
 }
@@ -255,6 +266,11 @@ pub(super) fn read_lines_in_background<R: BufRead + Send + 'static>(
 /// Connects, then echoes until `messages` runs out, the stop handle fires or
 /// the connection breaks. A mismatch does not end the connection: the right
 /// number of bytes came back, so the stream is still in step.
+///
+/// With [`Context::reconnect`], a connection that the server ends or that
+/// breaks is opened again and the echoes go on (see
+/// [`reconnect`](super::reconnect) for the rule); only a reconnect that
+/// cannot connect ends it.
 pub(super) fn run_connection<F>(
     context: &Context<'_, F>,
     connection: usize,
@@ -264,122 +280,148 @@ where
     F: Fn(&Event<'_>) + Sync,
 {
     let mut tally = ConnectionTally::default();
-    let fail = |tally: &mut ConnectionTally, kind: FailureKind| {
-        tally.count(&kind);
-        let failure = Failure {
-            connection: context.multiple.then_some(connection),
-            kind,
-        };
-        (context.observer)(&Event::Failed(&failure));
-    };
-    let mut socket = match Socket::connect(context.addrs, context.timeout, context.stop) {
+    let first = match Socket::connect(context.addrs, context.timeout, context.stop) {
         Ok(socket) => socket,
         Err(kind) => {
-            fail(&mut tally, kind);
+            context.fail(connection, &mut tally, kind);
             tally.echoing_ended = Some(Instant::now());
             return tally;
         }
     };
-    (context.observer)(&Event::Connected {
-        connection,
-        peer: socket.peer,
-    });
+    let mut peer = first.peer;
+    (context.observer)(&Event::Connected { connection, peer });
+    // `None` only with --reconnect, between letting one go and the next.
+    let mut socket = Some(first);
+    // Only with --reconnect: why the connection was let go, the pauses
+    // between reconnects, and whether the current one echoed anything.
+    let mut why = Reconnect::Failed;
+    let mut backoff = Backoff::new();
+    let mut productive = false;
     // The last echo's end (or the connect's, before any): the run's time
     // ends there, not after a pause, a wait for input or a stop that follows.
     let mut last_echo_ended = Instant::now();
     let mut message = Vec::new();
     let mut echo = Vec::new();
     let mut last_seq = 0;
-    let in_step = loop {
+    let in_step = 'messages: loop {
         let seq = last_seq + 1;
         match messages.next(seq, &mut message) {
             Ok(true) => last_seq = seq,
             Ok(false) => break true,
             Err(kind) => {
-                fail(&mut tally, kind);
+                context.fail(connection, &mut tally, kind);
                 break false;
             }
         }
         // One byte of room past the echo: a read that fills it shows, with
         // no extra syscall, that the server sent more than it was sent.
         if let Err(kind) = resize(&mut echo, message.len() + 1) {
-            fail(&mut tally, kind);
+            context.fail(connection, &mut tally, kind);
             break false;
         }
-        tally.sent += 1;
-        let started = Instant::now();
-        let mut written = 0;
-        let limit = RoundTripLimit::new(started, context.timeout, context.stop, &tally.rtt);
-        let exchanged = socket.exchange(&message, &mut echo, limit, &mut written);
-        let rtt = started.elapsed();
-        last_echo_ended = started + rtt;
-        tally.bytes_sent += written as u64;
-        // The socket timeouts may overshoot the deadline by a few
-        // milliseconds; the round trip's own clock decides.
-        let exchanged = exchanged.and_then(|more| {
-            if rtt > context.timeout {
-                Err(ExchangeError::TimedOut {
-                    received: message.len(),
-                })
+        // Sent once however often it goes: one echo is due.
+        let mut counted = false;
+        // Since when, and over how many connections, this message has
+        // waited for a connection that takes it (--reconnect).
+        let mut waiting: Option<(Instant, u64)> = None;
+        loop {
+            if context.reconnect {
+                if let Some(open) = &socket
+                    && let Some(reason) =
+                        ended_while_idle(context, connection, open, seq, &mut tally)
+                {
+                    why = reason;
+                    let (_, connections) = waiting.get_or_insert((Instant::now(), 0));
+                    *connections += 1;
+                    socket = None;
+                }
+                if socket.is_none() {
+                    if let Some((since, connections)) = waiting
+                        && since.elapsed() >= context.timeout
+                    {
+                        // Every connection ended before taking it, for a
+                        // whole timeout: it fails, and the next one goes on.
+                        if !counted {
+                            tally.sent += 1;
+                        }
+                        let kind = FailureKind::NeverTaken {
+                            seq,
+                            peer,
+                            connections,
+                            after: context.timeout,
+                        };
+                        context.fail(connection, &mut tally, kind);
+                        why = Reconnect::Failed;
+                        last_echo_ended = Instant::now();
+                        continue 'messages;
+                    }
+                    match reconnect(
+                        context.addrs,
+                        context.timeout,
+                        context.stop,
+                        &mut backoff,
+                        productive,
+                    ) {
+                        Ok(open) => {
+                            tally.reconnects += 1;
+                            productive = false;
+                            peer = open.peer;
+                            (context.observer)(&Event::Reconnected {
+                                connection,
+                                peer: open.peer,
+                                why,
+                            });
+                            socket = Some(open);
+                        }
+                        Err(failure) => {
+                            // The server never took this message: as if it
+                            // had never been sent.
+                            if counted {
+                                tally.sent -= 1;
+                            }
+                            match failure {
+                                Some(kind) => {
+                                    context.fail(connection, &mut tally, kind);
+                                    break 'messages false;
+                                }
+                                // Stopped: nothing is lost.
+                                None => break 'messages true,
+                            }
+                        }
+                    }
+                }
+            }
+            let open = socket.as_mut().expect(
+                "a connection is open: only --reconnect lets one go, and it opens another first",
+            );
+            if counted {
+                tally.resent += 1;
             } else {
-                Ok(more)
+                tally.sent += 1;
+                counted = true;
             }
-        });
-        let more = match exchanged {
-            Ok(more) => more,
-            Err(error) => {
-                let kind =
-                    error.into_failure(seq, socket.peer, context.timeout, message.len(), written);
-                fail(&mut tally, kind);
-                // The stream is out of step (or gone): this connection is done.
-                break false;
+            let (trip, ended) = round_trip(
+                context, connection, open, seq, &message, &mut echo, &mut tally,
+            );
+            last_echo_ended = ended;
+            match trip {
+                RoundTrip::InStep => {
+                    productive = true;
+                    continue 'messages;
+                }
+                RoundTrip::Declined => {
+                    why = Reconnect::Declined { seq };
+                    let (_, connections) = waiting.get_or_insert((Instant::now(), 0));
+                    *connections += 1;
+                    socket = None;
+                }
+                RoundTrip::Broken if context.reconnect => {
+                    why = Reconnect::Failed;
+                    socket = None;
+                    continue 'messages;
+                }
+                RoundTrip::Broken => break 'messages false,
             }
-        };
-        let echo = &echo[..message.len()];
-        tally.bytes_echoed += echo.len() as u64;
-        match first_difference(&message, echo) {
-            None => {
-                tally.echoed += 1;
-                tally.rtt.record(rtt);
-                (context.observer)(&Event::Echoed {
-                    connection,
-                    seq,
-                    rtt,
-                    message: &message,
-                });
-            }
-            Some(offset) => {
-                let kind = FailureKind::Mismatch {
-                    seq,
-                    peer: socket.peer,
-                    len: message.len(),
-                    offset,
-                    sent: message[offset],
-                    got: echo[offset],
-                };
-                fail(&mut tally, kind);
-            }
-        }
-        // Only this echo was due, so a byte that came with it was never
-        // sent: a server that repeats itself would otherwise pass with a
-        // repeated message. Past the inline limit, a byte written after the
-        // echo can miss the spare byte, and one FIONREAD costs nothing next
-        // to such a message.
-        let extra = if more {
-            Some(1 + unread_len(&socket.stream).unwrap_or(0))
-        } else if message.len() > INLINE_WRITE_LIMIT {
-            unread_len(&socket.stream).filter(|&bytes| bytes > 0)
-        } else {
-            None
-        };
-        if let Some(bytes) = extra {
-            let kind = FailureKind::Extra {
-                after_seq: seq,
-                peer: socket.peer,
-                bytes,
-            };
-            fail(&mut tally, kind);
-            break false;
         }
     };
     // A failure ends the connection when it happens.
@@ -388,7 +430,7 @@ where
     } else {
         Instant::now()
     });
-    if in_step {
+    if let (true, Some(socket)) = (in_step, socket.as_mut()) {
         let wait = if context.stop.is_stopped() {
             MIN_CLOSING_WAIT.min(context.timeout)
         } else {
@@ -396,7 +438,8 @@ where
         };
         match socket.read_until_closed(wait, context.stop) {
             Ok(0) => {}
-            Ok(bytes) => fail(
+            Ok(bytes) => context.fail(
+                connection,
                 &mut tally,
                 FailureKind::Extra {
                     after_seq: last_seq,
@@ -404,7 +447,8 @@ where
                     bytes,
                 },
             ),
-            Err(error) => fail(
+            Err(error) => context.fail(
+                connection,
                 &mut tally,
                 FailureKind::Closing {
                     peer: socket.peer,
@@ -416,10 +460,159 @@ where
     tally
 }
 
+/// With `--reconnect`, before a message: why to let `socket` go, if the
+/// server ended it, broke it or sent bytes on it since the last echo (the
+/// last two are failures, reported here).
+fn ended_while_idle<F>(
+    context: &Context<'_, F>,
+    connection: usize,
+    socket: &Socket,
+    seq: u64,
+    tally: &mut ConnectionTally,
+) -> Option<Reconnect>
+where
+    F: Fn(&Event<'_>) + Sync,
+{
+    let kind = match idle_state(socket) {
+        Idle::Open => return None,
+        Idle::Closed => return Some(Reconnect::Closed),
+        Idle::Extra(bytes) => FailureKind::Extra {
+            after_seq: seq - 1,
+            peer: socket.peer,
+            bytes,
+        },
+        Idle::Broken(error) => FailureKind::Dropped {
+            after_seq: seq - 1,
+            peer: socket.peer,
+            error,
+        },
+    };
+    context.fail(connection, tally, kind);
+    Some(Reconnect::Failed)
+}
+
+/// How one round trip left the connection.
+enum RoundTrip {
+    /// The echo came back whole, exact or not: the stream is in step.
+    InStep,
+    /// With `--reconnect`: the server ended the connection before any byte
+    /// of the echo came back, so it never took the message.
+    Declined,
+    /// A failure, already reported, left the stream out of step or gone.
+    Broken,
+}
+
+/// Sends `message` as echo `seq` on `socket` and checks what comes back,
+/// reporting the echo or its failure. Returns how that left the connection
+/// and when the round trip ended.
+fn round_trip<F>(
+    context: &Context<'_, F>,
+    connection: usize,
+    socket: &mut Socket,
+    seq: u64,
+    message: &[u8],
+    echo: &mut [u8],
+    tally: &mut ConnectionTally,
+) -> (RoundTrip, Instant)
+where
+    F: Fn(&Event<'_>) + Sync,
+{
+    let started = Instant::now();
+    let mut written = 0;
+    let limit = RoundTripLimit::new(started, context.timeout, context.stop, &tally.rtt);
+    let exchanged = socket.exchange(message, echo, limit, &mut written);
+    let rtt = started.elapsed();
+    let ended = started + rtt;
+    tally.bytes_sent += written as u64;
+    // The socket timeouts may overshoot the deadline by a few
+    // milliseconds; the round trip's own clock decides.
+    let exchanged = exchanged.and_then(|more| {
+        if rtt > context.timeout {
+            Err(ExchangeError::TimedOut {
+                received: message.len(),
+            })
+        } else {
+            Ok(more)
+        }
+    });
+    let more = match exchanged {
+        Ok(more) => more,
+        // The drain guarantee: an end of stream before any byte of the echo
+        // means the server never took the message.
+        Err(ExchangeError::Closed { received: 0 }) if context.reconnect => {
+            return (RoundTrip::Declined, ended);
+        }
+        Err(error) => {
+            let kind =
+                error.into_failure(seq, socket.peer, context.timeout, message.len(), written);
+            context.fail(connection, tally, kind);
+            // The stream is out of step (or gone): this connection is done.
+            return (RoundTrip::Broken, ended);
+        }
+    };
+    let echo = &echo[..message.len()];
+    tally.bytes_echoed += echo.len() as u64;
+    match first_difference(message, echo) {
+        None => {
+            tally.echoed += 1;
+            tally.rtt.record(rtt);
+            (context.observer)(&Event::Echoed {
+                connection,
+                seq,
+                rtt,
+                message,
+            });
+        }
+        Some(offset) => {
+            let kind = FailureKind::Mismatch {
+                seq,
+                peer: socket.peer,
+                len: message.len(),
+                offset,
+                sent: message[offset],
+                got: echo[offset],
+            };
+            context.fail(connection, tally, kind);
+        }
+    }
+    // Only this echo was due, so a byte that came with it was never
+    // sent: a server that repeats itself would otherwise pass with a
+    // repeated message. Past the inline limit, a byte written after the
+    // echo can miss the spare byte, and one FIONREAD costs nothing next
+    // to such a message.
+    let extra = if more {
+        Some(1 + unread_len(&socket.stream).unwrap_or(0))
+    } else if message.len() > INLINE_WRITE_LIMIT {
+        unread_len(&socket.stream).filter(|&bytes| bytes > 0)
+    } else {
+        None
+    };
+    if let Some(bytes) = extra {
+        let kind = FailureKind::Extra {
+            after_seq: seq,
+            peer: socket.peer,
+            bytes,
+        };
+        context.fail(connection, tally, kind);
+        return (RoundTrip::Broken, ended);
+    }
+    (RoundTrip::InStep, ended)
+}
+
 impl<F> Context<'_, F>
 where
     F: Fn(&Event<'_>) + Sync,
 {
+    /// Counts `kind` in `tally` and reports it to the observer.
+    fn fail(&self, connection: usize, tally: &mut ConnectionTally, kind: FailureKind) {
+        tally.count(&kind);
+        let failure = Failure {
+            connection: self.multiple.then_some(connection),
+            kind,
+        };
+        (self.observer)(&Event::Failed(&failure));
+    }
+
     /// Tally for a connection whose thread could not be started.
     pub fn fail_unstarted(&self, connection: usize, error: io::Error) -> ConnectionTally {
         let mut tally = ConnectionTally::default();
@@ -523,9 +716,9 @@ impl ExchangeError {
 }
 
 /// A connected blocking socket and the timeouts currently set on it.
-struct Socket {
-    stream: TcpStream,
-    peer: SocketAddr,
+pub(super) struct Socket {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
     read_timeout: Option<Duration>,
     write_timeout: Option<Duration>,
 }
@@ -540,7 +733,7 @@ impl Socket {
     /// Once `stop` fires, an address that has not answered gets
     /// [`FIRST_ECHO_STOP_PATIENCE`] more, as a first echo would, and the
     /// addresses after it are not tried.
-    fn connect(
+    pub fn connect(
         addrs: &[SocketAddr],
         timeout: Duration,
         stop: &StopHandle,

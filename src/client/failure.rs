@@ -100,6 +100,29 @@ pub enum FailureKind {
         /// last one before the server closed or the wait ran out.
         bytes: usize,
     },
+    /// With `--reconnect`: one connection after another ended (closed,
+    /// reset, or sent bytes it was never sent) before any byte of this echo
+    /// came back, for a whole timeout.
+    NeverTaken {
+        /// Echo number on the connection, from 1.
+        seq: u64,
+        /// The server's address, the last time.
+        peer: SocketAddr,
+        /// How many connections ended before the echo came.
+        connections: u64,
+        /// The timeout that ran out.
+        after: Duration,
+    },
+    /// With `--reconnect`: the connection broke (a reset, say) while no echo
+    /// was due; it is opened again.
+    Dropped {
+        /// The last echo on the connection (0 if none).
+        after_seq: u64,
+        /// The server's address.
+        peer: SocketAddr,
+        /// The socket's error.
+        error: io::Error,
+    },
     /// The check after the last echo failed for a reason other than the
     /// server going away.
     Closing {
@@ -240,6 +263,37 @@ impl fmt::Display for Failure {
                     write!(
                         f,
                         "after echo {after_seq}, {peer} sent {bytes} more {unit} than it received"
+                    )?;
+                }
+            }
+            FailureKind::NeverTaken {
+                seq,
+                peer,
+                connections,
+                after,
+            } => {
+                let after = humantime::format_duration(*after);
+                let plural = if *connections == 1 { "" } else { "s" };
+                write!(
+                    f,
+                    "echo {seq} to {peer} was never taken: {connections} connection{plural} ended before echoing any of it, for {after}"
+                )?;
+            }
+            FailureKind::Dropped {
+                after_seq,
+                peer,
+                error,
+            } => {
+                let error = describe(error);
+                if *after_seq == 0 {
+                    write!(
+                        f,
+                        "before any echo, the connection to {peer} failed: {error}"
+                    )?;
+                } else {
+                    write!(
+                        f,
+                        "after echo {after_seq}, the connection to {peer} failed: {error}"
                     )?;
                 }
             }

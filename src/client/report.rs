@@ -37,6 +37,16 @@ pub struct Report {
     pub elapsed: Duration,
     /// True if the run was stopped through its [`StopHandle`](super::StopHandle).
     pub stopped: bool,
+    /// True if the run reconnected when the server ended a connection
+    /// ([`ClientConfig::reconnect`]); the summary and the JSON then show
+    /// the next two counts.
+    pub reconnect: bool,
+    /// Connections opened again after the server ended one or a failure
+    /// broke one.
+    pub reconnects: u64,
+    /// Messages sent again because the server ended their connection
+    /// before echoing any of them (each still counts once in `sent`).
+    pub resent: u64,
 }
 
 impl Report {
@@ -68,6 +78,9 @@ impl Report {
             rtt: RttStats::new(),
             elapsed,
             stopped,
+            reconnect: config.reconnect,
+            reconnects: 0,
+            resent: 0,
         };
         for tally in tallies {
             report.sent += tally.sent;
@@ -77,6 +90,8 @@ impl Report {
             report.errors += tally.errors;
             report.bytes_sent += tally.bytes_sent;
             report.bytes_echoed += tally.bytes_echoed;
+            report.reconnects += tally.reconnects;
+            report.resent += tally.resent;
             report.rtt.merge(&tally.rtt);
         }
         report
@@ -114,9 +129,10 @@ impl Report {
     /// rtt p50/p90/p99/p99.9 = 0.080/0.101/0.180/0.201 ms (histogram, within 0.4%)
     /// ```
     ///
-    /// A throughput line follows when more than one echo was sent or more
-    /// than one connection was asked for, and a histogram when `histogram`
-    /// is true.
+    /// With [`reconnect`](Self::reconnect), a line `3 reconnects, 1 resent`
+    /// follows the counts. A throughput line follows when more than one echo
+    /// was sent or more than one connection was asked for, and a histogram
+    /// when `histogram` is true.
     #[must_use]
     pub fn summary(&self, histogram: bool) -> String {
         let mut text = String::new();
@@ -134,6 +150,14 @@ impl Report {
         let lost = self.sent.saturating_sub(self.echoed + self.mismatched);
         let loss = format_loss(lost, self.sent);
         let _ = writeln!(text, ", {loss}% loss, time {}ms", self.elapsed.as_millis());
+        if self.reconnect {
+            let plural = if self.reconnects == 1 { "" } else { "s" };
+            let _ = writeln!(
+                text,
+                "{} reconnect{plural}, {} resent",
+                self.reconnects, self.resent
+            );
+        }
         if let (Some(min), Some(avg), Some(max), Some(mdev)) = (
             self.rtt.min(),
             self.rtt.mean(),
@@ -183,17 +207,26 @@ impl Report {
     /// The report as one JSON object on one line, with the keys `sent`,
     /// `echoed`, `mismatched`, `timed_out`, `errors`, `rtt_ms` (`min`, `avg`,
     /// `max`, `mdev`, `p50`, `p90`, `p99`, `p999`; `null` without exact
-    /// echoes), `elapsed_s` and `echoes_per_s`.
+    /// echoes), `elapsed_s` and `echoes_per_s`; with
+    /// [`reconnect`](Self::reconnect), then `reconnects` and `resent`.
     #[must_use]
     pub fn to_json(&self) -> String {
         let rtt = |value: Option<Duration>| value.map_or_else(|| "null".to_owned(), ms);
         let p = |q| rtt(self.rtt.percentile(q));
+        let reconnects = if self.reconnect {
+            format!(
+                ",\"reconnects\":{},\"resent\":{}",
+                self.reconnects, self.resent
+            )
+        } else {
+            String::new()
+        };
         format!(
             concat!(
                 "{{\"sent\":{},\"echoed\":{},\"mismatched\":{},\"timed_out\":{},\"errors\":{},",
                 "\"rtt_ms\":{{\"min\":{},\"avg\":{},\"max\":{},\"mdev\":{},",
                 "\"p50\":{},\"p90\":{},\"p99\":{},\"p999\":{}}},",
-                "\"elapsed_s\":{:.6},\"echoes_per_s\":{:.3}}}"
+                "\"elapsed_s\":{:.6},\"echoes_per_s\":{:.3}{}}}"
             ),
             self.sent,
             self.echoed,
@@ -210,6 +243,7 @@ impl Report {
             p(0.999),
             self.elapsed.as_secs_f64(),
             self.echoes_per_second(),
+            reconnects,
         )
     }
 }

@@ -32,18 +32,32 @@ impl TestServer {
     }
 
     pub fn start_on(bind: &str, handle: fn(TcpStream)) -> io::Result<TestServer> {
+        Self::serve(bind, move |stream, _| handle(stream))
+    }
+
+    /// Like [`start`](Self::start), telling `handle` which connection it
+    /// has, from 0 in the order accepted: for servers that treat their
+    /// first connection apart.
+    pub fn start_numbered(handle: fn(TcpStream, usize)) -> TestServer {
+        Self::serve("127.0.0.1:0", handle).expect("bind 127.0.0.1:0")
+    }
+
+    fn serve(
+        bind: &str,
+        handle: impl Fn(TcpStream, usize) + Copy + Send + 'static,
+    ) -> io::Result<TestServer> {
         let listener = TcpListener::bind(bind)?;
         let addr = listener.local_addr()?;
         let stopping = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stopping);
         let acceptor = thread::spawn(move || {
-            for stream in listener.incoming() {
+            for (number, stream) in listener.incoming().enumerate() {
                 if flag.load(Ordering::SeqCst) {
                     break;
                 }
                 match stream {
                     Ok(stream) => {
-                        thread::spawn(move || handle(stream));
+                        thread::spawn(move || handle(stream, number));
                     }
                     // A failed accept (e.g. the client gave up) is not the test's concern.
                     Err(_) => continue,
@@ -253,6 +267,123 @@ fn answer_each_read(mut stream: TcpStream, mut reply: impl FnMut(&[u8]) -> Vec<u
             return;
         }
     }
+}
+
+/// The default message, `Hello Echo!`, whose length the reconnect servers
+/// below count in.
+pub const GREETING_LEN: usize = b"Hello Echo!".len();
+
+/// Echoes three greetings, then ends the connection cleanly, as a draining
+/// server does between echoes. The third echo is held back (`TCP_CORK`) so
+/// that the end of stream leaves in the same segment: the client has it by
+/// the time it has the echo, and never races it with its next message.
+pub fn closes_after_three_greetings(stream: TcpStream) {
+    echo_then_close(stream, 3 * GREETING_LEN);
+}
+
+/// Echoes two greetings on its first connection, reads the third whole
+/// and ends the connection cleanly without echoing any of it (what a
+/// client sees when its message crossed a draining server's end of
+/// stream); echoes everything on later connections.
+pub fn declines_the_third_greeting_on_its_first_connection(stream: TcpStream, number: usize) {
+    if number > 0 {
+        return std_echo(stream);
+    }
+    let Some(mut stream) = echo_exactly(stream, 2 * GREETING_LEN) else {
+        return;
+    };
+    let mut third = [0u8; GREETING_LEN];
+    if stream.read_exact(&mut third).is_ok() {
+        end_cleanly(stream);
+    }
+}
+
+/// Reads each greeting whole and ends the connection cleanly without
+/// echoing any of it, on every connection: a server that never takes one.
+pub fn declines_every_greeting(mut stream: TcpStream) {
+    let mut greeting = [0u8; GREETING_LEN];
+    if stream.read_exact(&mut greeting).is_ok() {
+        end_cleanly(stream);
+    }
+}
+
+/// Echoes one greeting on its first connection, then resets it while no
+/// echo is due; echoes everything on later connections.
+pub fn resets_after_one_greeting_on_its_first_connection(stream: TcpStream, number: usize) {
+    if number > 0 {
+        return std_echo(stream);
+    }
+    if let Some(stream) = echo_exactly(stream, GREETING_LEN) {
+        super::reset_on_close(&stream);
+    }
+}
+
+/// Echoes half of the first greeting on its first connection and ends it
+/// cleanly ([`echoes_half_then_closes`]); echoes everything on later ones.
+pub fn echoes_half_on_its_first_connection(stream: TcpStream, number: usize) {
+    match number {
+        0 => echoes_half_then_closes(stream),
+        _ => std_echo(stream),
+    }
+}
+
+/// Echoes the first `bytes` bytes, the last of them corked together with
+/// the end of stream, then reads and drops whatever else comes until the
+/// client closes.
+pub fn echo_then_close(stream: TcpStream, bytes: usize) {
+    if let Some(stream) = echo_exactly_then_cork(stream, bytes) {
+        end_cleanly(stream);
+    }
+}
+
+/// Echoes the first `bytes` bytes read, read by read; `None` if the client
+/// went away first.
+fn echo_exactly(stream: TcpStream, bytes: usize) -> Option<TcpStream> {
+    echo_up_to(stream, bytes, false)
+}
+
+/// As [`echo_exactly`], with `TCP_CORK` set before the last write, so that
+/// it waits for the end of stream and leaves with it.
+fn echo_exactly_then_cork(stream: TcpStream, bytes: usize) -> Option<TcpStream> {
+    echo_up_to(stream, bytes, true)
+}
+
+fn echo_up_to(mut stream: TcpStream, bytes: usize, cork_last: bool) -> Option<TcpStream> {
+    let mut echoed = 0;
+    let mut buf = [0u8; 4096];
+    while echoed < bytes {
+        let room = buf.len().min(bytes - echoed);
+        let read = match stream.read(&mut buf[..room]) {
+            Ok(0) | Err(_) => return None,
+            Ok(read) => read,
+        };
+        if cork_last && echoed + read == bytes {
+            let on: libc::c_int = 1;
+            // SAFETY: setsockopt reads one int, which outlives the call.
+            let rc = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&stream),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_CORK,
+                    (&raw const on).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0, "TCP_CORK: {}", io::Error::last_os_error());
+        }
+        stream.write_all(&buf[..read]).ok()?;
+        echoed += read;
+    }
+    Some(stream)
+}
+
+/// Ends the connection with a clean end of stream, then reads and drops
+/// what the client still sends until it closes, so that nothing unread
+/// turns the close into a reset.
+fn end_cleanly(mut stream: TcpStream) {
+    // Errors here only mean the client is gone already.
+    let _ = stream.shutdown(Shutdown::Write);
+    let _ = io::copy(&mut stream, &mut io::sink());
 }
 
 /// A port on 127.0.0.1 that refuses connections: a TCP socket bound there
