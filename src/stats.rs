@@ -4,8 +4,8 @@
 //! reads to place and admit new ones and that workers lower as connections
 //! close.
 //!
-//! Each thread counts into a block of its own ([`AcceptorCounters`],
-//! [`WorkerCounters`]), written only by that thread and read by anyone
+//! Each thread counts into a block of its own (`AcceptorCounters`,
+//! `WorkerCounters`), written only by that thread and read by anyone
 //! without a lock: the metrics endpoint reads them while the server runs,
 //! and the shutdown [`Summary`] is summed from the same blocks at the end,
 //! so the two always agree.

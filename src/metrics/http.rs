@@ -1,7 +1,7 @@
 //! The metrics endpoint's HTTP, beside the echo flow: what a request head
 //! asks for and the bytes of each answer. No sockets here: the endpoint's
-//! loop ([`super`]) reads a head, asks [`parse`] what it is, and writes what
-//! [`answer`] gives.
+//! loop ([`super`]) reads a head, asks `parse` what it is, and writes what
+//! `answer` gives.
 //!
 //! The heads are parsed by `httparse`, the parser under hyper; the rules on
 //! top are few and strict: only `GET`, three paths, a head of at most

@@ -8,7 +8,7 @@
 //! nothing the workers read, so a scrape costs them nothing. Whatever
 //! arrives on its port is bounded: at most [`MAX_CLIENTS`] connections at
 //! once (more are closed at once), a request head of at most
-//! [`MAX_HEAD`](http::MAX_HEAD) bytes (else 431), [`REQUEST_DEADLINE`] for
+//! [`http::MAX_HEAD`] bytes (else 431), [`REQUEST_DEADLINE`] for
 //! a connection's whole life (a slow client is cut, with a 408 if the
 //! socket takes it), and only `GET` of three paths (else 405 or 404).
 //!
