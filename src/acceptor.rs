@@ -21,7 +21,7 @@ use crate::error::{interrupted, io_cause, would_block};
 use crate::log::Logger;
 use crate::shutdown::ShutdownHandle;
 use crate::socket::keep_urgent_data_inline;
-use crate::stats::{OpenConnections, Refusal};
+use crate::stats::{AcceptorCounters, OpenConnections, Refusal};
 use crate::worker::Handoff;
 
 /// The token of the acceptor's waker, which the shutdown controller uses.
@@ -147,7 +147,8 @@ pub(crate) struct Acceptor {
     logger: Logger,
     backoff: Duration,
     retry_at: Option<Instant>,
-    refused: u64,
+    /// What it refused, which only this thread writes.
+    counters: Arc<AcceptorCounters>,
     tie_breaker: TieBreaker,
     full_warning: Throttled,
     address_full_warning: Throttled,
@@ -168,6 +169,7 @@ impl Acceptor {
         mut listener: Option<TcpListener>,
         workers: Vec<WorkerLink>,
         open: Arc<OpenConnections>,
+        counters: Arc<AcceptorCounters>,
         admission: Admission,
         shutdown: ShutdownHandle,
         logger: Logger,
@@ -186,7 +188,7 @@ impl Acceptor {
             logger,
             backoff: MIN_ACCEPT_BACKOFF,
             retry_at: None,
-            refused: 0,
+            counters,
             tie_breaker: TieBreaker::new(),
             full_warning: Throttled::default(),
             address_full_warning: Throttled::default(),
@@ -196,9 +198,8 @@ impl Acceptor {
     }
 
     /// Accepts until a shutdown is requested and its drain delay is over,
-    /// then closes the listener and lets the workers drain. Returns how many
-    /// connections were refused.
-    pub(crate) fn run(mut self) -> u64 {
+    /// then closes the listener and lets the workers drain.
+    pub(crate) fn run(mut self) {
         let mut events = Events::with_capacity(8);
         let mut delay_announced = false;
         loop {
@@ -246,7 +247,6 @@ impl Acceptor {
             self.accept_all();
         }
         self.stop();
-        self.refused
     }
 
     fn accept_all(&mut self) {
@@ -280,6 +280,12 @@ impl Acceptor {
                 // existing connections go on, and closing ones free what we need.
                 Err(err) => {
                     let now = Instant::now();
+                    match err.raw_os_error() {
+                        Some(libc::EMFILE | libc::ENFILE) => {
+                            self.counters.accept_out_of_descriptors.add(1)
+                        }
+                        _ => self.counters.accept_failed.add(1),
+                    }
                     self.accept_warning.warn(
                         &self.logger,
                         now,
@@ -306,8 +312,11 @@ impl Acceptor {
             admission.max_connections,
             admission.max_connections_per_ip,
         ) {
-            self.refused += 1;
             let now = Instant::now();
+            match refusal {
+                Refusal::ServerFull => self.counters.refused_server_full.add(1),
+                Refusal::AddressFull => self.counters.refused_address_full.add(1),
+            }
             match refusal {
                 Refusal::ServerFull => self.full_warning.warn(
                     &self.logger,

@@ -27,7 +27,7 @@ use crate::config::LogLevel;
 use crate::error::{interrupted, io_cause, would_block};
 use crate::log::{Logger, SharedThrottle, preview};
 use crate::source_guard::{ForbiddenSource, SourceGuard, Verdict};
-use crate::stats::UdpSummary;
+use crate::stats::WorkerCounters;
 use crate::udp_batch::{BATCH, Batch};
 
 /// How long echoes wait for room in a full send buffer before they are
@@ -156,12 +156,18 @@ pub(crate) struct UdpEcho {
     /// The drain has found the socket empty, or its deadline came: nothing
     /// more to do.
     finished: bool,
-    stats: UdpSummary,
+    /// The worker's counts, which this socket's UDP counts go into.
+    counters: Arc<WorkerCounters>,
     logger: Logger,
 }
 
 impl UdpEcho {
-    pub(crate) fn new(socket: UdpSocket, shared: Arc<UdpShared>, logger: Logger) -> Self {
+    pub(crate) fn new(
+        socket: UdpSocket,
+        shared: Arc<UdpShared>,
+        counters: Arc<WorkerCounters>,
+        logger: Logger,
+    ) -> Self {
         UdpEcho {
             socket,
             batch: Batch::new(),
@@ -179,7 +185,7 @@ impl UdpEcho {
             receive_errors: 0,
             draining: false,
             finished: false,
-            stats: UdpSummary::default(),
+            counters,
             logger,
         }
     }
@@ -187,11 +193,6 @@ impl UdpEcho {
     /// The socket, for registering it with the worker's event loop.
     pub(crate) fn socket_mut(&mut self) -> &mut UdpSocket {
         &mut self.socket
-    }
-
-    /// What this socket did so far.
-    pub(crate) fn stats(&self) -> UdpSummary {
-        self.stats
     }
 
     /// Whether the drain has echoed everything and the socket can close.
@@ -274,8 +275,10 @@ impl UdpEcho {
         self.queued = 0;
         self.sent = 0;
         let verbose = self.logger.enabled(LogLevel::Verbose);
+        self.counters
+            .udp_datagrams_received
+            .add(self.batch.len() as u64);
         for index in 0..self.batch.len() {
-            self.stats.datagrams_received += 1;
             let Some(peer) = self.batch.peer(index) else {
                 // Not IPv4 or IPv6: nothing this server can answer.
                 self.refused_unreported += 1;
@@ -326,11 +329,12 @@ impl UdpEcho {
                 .send(&self.socket, &self.queue[self.sent..self.queued])
             {
                 Ok(count) if count > 0 => {
-                    for &index in &self.queue[self.sent..self.sent + count] {
-                        self.stats.bytes_echoed +=
-                            self.batch.payload(usize::from(index)).len() as u64;
-                    }
-                    self.stats.datagrams_echoed += count as u64;
+                    let bytes: usize = self.queue[self.sent..self.sent + count]
+                        .iter()
+                        .map(|&index| self.batch.payload(usize::from(index)).len())
+                        .sum();
+                    self.counters.udp_bytes_echoed.add(bytes as u64);
+                    self.counters.udp_datagrams_echoed.add(count as u64);
                     self.sent += count;
                 }
                 // Nothing went and nothing was said: wait as for a full buffer.
@@ -414,7 +418,7 @@ impl UdpEcho {
     }
 
     fn note_send_failure(&mut self, count: u64, why: SendFailure) {
-        self.stats.send_failed += count;
+        self.counters.udp_send_failed.add(count);
         self.send_failures_unreported += count;
         self.send_failure_example = Some(why);
     }
@@ -424,8 +428,8 @@ impl UdpEcho {
     fn report(&mut self, now: Instant) {
         let refused = std::mem::take(&mut self.refused_unreported);
         let limited = std::mem::take(&mut self.limited_unreported);
-        self.stats.refused_source += refused;
-        self.stats.rate_limited += limited;
+        self.counters.udp_refused_source.add(refused);
+        self.counters.udp_rate_limited.add(limited);
         let shared = &self.shared;
         if refused > 0 {
             shared
@@ -497,7 +501,7 @@ impl std::fmt::Debug for UdpEcho {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UdpEcho")
             .field("socket", &self.socket)
-            .field("stats", &self.stats)
+            .field("counters", &self.counters)
             .finish_non_exhaustive()
     }
 }

@@ -18,6 +18,10 @@
 //! UDP has no acceptor: each worker also owns one UDP socket of the port
 //! ([`datagram`]), in its own event loop beside its connections, and echoes
 //! each datagram that the [`source_guard`] lets it answer.
+//!
+//! Every thread counts into a block of [`stats`] of its own; the exit
+//! summary is summed from those blocks, and the [`metrics`] endpoint, on a
+//! thread of its own beside the flow, reads them live without a lock.
 
 pub mod acceptor;
 pub mod activation;
@@ -32,6 +36,7 @@ pub mod limits;
 pub mod listener;
 pub mod log;
 pub mod proxy_header;
+pub mod metrics;
 pub mod server;
 pub mod shutdown;
 mod socket;

@@ -18,10 +18,10 @@ use crate::listener::Sockets;
 use crate::log::Logger;
 use crate::shutdown::ShutdownHandle;
 use crate::source_guard::SourceGuard;
-use crate::stats::OpenConnections;
+use crate::stats::{Counters, OpenConnections};
 use crate::worker::{self, Worker, WorkerSetup};
 
-pub use crate::stats::Summary;
+pub use crate::stats::{Snapshot, Summary};
 
 /// A running echo server. Dropping it shuts it down and waits for it.
 ///
@@ -50,21 +50,33 @@ pub struct Server {
     local_addr: SocketAddr,
     shutdown: ShutdownHandle,
     open: Arc<OpenConnections>,
-    acceptor: Option<JoinHandle<u64>>,
-    workers: Vec<JoinHandle<crate::stats::Summary>>,
+    counters: Arc<Counters>,
+    acceptor: Option<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
     logger: Logger,
 }
 
 /// A live view of a running server, for status reports (such as systemd's
-/// `STATUS=` lines) and health checks. Cheap to clone; reading it costs the
-/// workers nothing.
+/// `STATUS=` lines), health checks and metrics. Cheap to clone; reading it
+/// costs the workers nothing: it takes no lock and writes nothing they read.
 #[derive(Debug, Clone)]
 pub struct Monitor {
     open: Arc<OpenConnections>,
+    counters: Arc<Counters>,
     shutdown: ShutdownHandle,
 }
 
 impl Monitor {
+    /// Everything counted so far, from the counts the summary line will be
+    /// made of at the end.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            open_connections: self.open.total(),
+            shutting_down: self.shutdown.is_shutting_down(),
+            ..self.counters.snapshot()
+        }
+    }
+
     /// TCP connections open now.
     pub fn open_connections(&self) -> usize {
         self.open.total()
@@ -169,6 +181,7 @@ impl Server {
             config.workers,
             config.max_connections_per_ip.is_some(),
         ));
+        let counters = Arc::new(Counters::new(config.workers, udp_shared.is_some()));
 
         // If anything below fails, dropping `links` disconnects and wakes the
         // workers already started, and dropping `server` joins them.
@@ -176,6 +189,7 @@ impl Server {
             local_addr,
             shutdown: shutdown.clone(),
             open: Arc::clone(&open),
+            counters: Arc::clone(&counters),
             acceptor: None,
             workers: Vec::with_capacity(config.workers),
             logger,
@@ -198,7 +212,12 @@ impl Server {
                     crate::udp_batch::receive_destinations(&socket)
                         .map_err(setup(of_worker("the UDP socket's packet info")))?;
                     crate::socket::grow_udp_buffers(&socket);
-                    let mut echo = UdpEcho::new(socket, Arc::clone(shared), logger);
+                    let mut echo = UdpEcho::new(
+                        socket,
+                        Arc::clone(shared),
+                        Arc::clone(&counters.workers[index]),
+                        logger,
+                    );
                     // Edge-triggered, like the connections: registered once.
                     poll.registry()
                         .register(
@@ -217,6 +236,7 @@ impl Server {
                 _waker: Arc::clone(&waker),
                 inbox,
                 open: Arc::clone(&open),
+                counters: Arc::clone(&counters.workers[index]),
                 shutdown: shutdown.clone(),
                 idle_timeout: config.idle_timeout,
                 busy_poll: config.busy_poll,
@@ -247,6 +267,7 @@ impl Server {
             listener,
             links,
             open,
+            Arc::clone(&counters.acceptor),
             admission,
             shutdown,
             logger,
@@ -278,6 +299,7 @@ impl Server {
     pub fn monitor(&self) -> Monitor {
         Monitor {
             open: Arc::clone(&self.open),
+            counters: Arc::clone(&self.counters),
             shutdown: self.shutdown.clone(),
         }
     }
@@ -293,26 +315,24 @@ impl Server {
     }
 
     fn wait(&mut self) -> Result<Summary, Error> {
-        let mut summary = Summary::default();
         let mut acceptor_died = false;
         // Without an acceptor the server never started: no summary to give.
         let started = self.acceptor.is_some();
-        if let Some(acceptor) = self.acceptor.take() {
-            match acceptor.join() {
-                Ok(refused) => summary.connections_refused = refused,
-                Err(_) => {
-                    acceptor_died = true;
-                    self.logger
-                        .error(format_args!("the acceptor thread panicked; shutting down"));
-                }
-            }
+        if let Some(acceptor) = self.acceptor.take()
+            && acceptor.join().is_err()
+        {
+            acceptor_died = true;
+            self.logger
+                .error(format_args!("the acceptor thread panicked; shutting down"));
         }
         for worker in self.workers.drain(..) {
-            // A worker that panicked has told the shutdown controller already.
-            if let Ok(part) = worker.join() {
-                summary.add(&part);
-            }
+            // A worker that panicked has told the shutdown controller
+            // already; what it counted before is still in the counters.
+            let _ = worker.join();
         }
+        // Every writer has stopped: these are the final counts, the same
+        // ones the metrics read.
+        let summary = self.counters.summary();
         if started {
             self.logger
                 .notice(format_args!("shutdown complete: {summary}"));

@@ -1,13 +1,20 @@
-//! Counters: what each worker served over TCP and UDP (summed into the
-//! shutdown [`Summary`]), and the live count of open connections that the
-//! acceptor reads to place and admit new ones and that workers lower as
-//! connections close.
+//! Counters, beside every step of the flow acceptor → channel → worker →
+//! connection: what the acceptor refused and what each worker served over
+//! TCP and UDP, and the live count of open connections that the acceptor
+//! reads to place and admit new ones and that workers lower as connections
+//! close.
+//!
+//! Each thread counts into a block of its own (`AcceptorCounters`,
+//! `WorkerCounters`), written only by that thread and read by anyone
+//! without a lock: the metrics endpoint reads them while the server runs,
+//! and the shutdown [`Summary`] is summed from the same blocks at the end,
+//! so the two always agree.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// What the server did from start to stop.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -121,6 +128,155 @@ impl fmt::Display for Summary {
     }
 }
 
+/// What a running server has done so far: the [`Summary`] it would give if
+/// it stopped now, with the finer counts that only the metrics show.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The counts of the summary line, so far.
+    pub summary: Summary,
+    /// TCP connections open now (admitted, on a worker or on their way).
+    pub open_connections: usize,
+    /// Connections refused at `--max-connections`.
+    pub refused_server_full: u64,
+    /// Connections refused at `--max-connections-per-ip`.
+    pub refused_address_full: u64,
+    /// `accept` calls that failed for want of descriptors (`EMFILE`,
+    /// `ENFILE`); the client waits in the backlog while the acceptor pauses.
+    pub accept_out_of_descriptors: u64,
+    /// `accept` calls that failed otherwise for want of resources (memory,
+    /// buffers); the client waits in the backlog as above.
+    pub accept_failed: u64,
+    /// Connections closed for staying idle past `--idle-timeout`.
+    pub idle_timeouts: u64,
+    /// Whether a shutdown was requested: not ready, draining or about to.
+    pub shutting_down: bool,
+}
+
+/// A count that one thread writes and any thread reads. The writer adds
+/// with a plain load and store, not a locked read-modify-write: no other
+/// writer can race it, and a reader sees each store whole.
+#[derive(Debug, Default)]
+pub(crate) struct OwnedCount(AtomicU64);
+
+impl OwnedCount {
+    /// Adds `n`; only the owning thread may call it.
+    #[inline]
+    pub(crate) fn add(&self, n: u64) {
+        let count = &self.0;
+        count.store(
+            count.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The count now.
+    #[inline]
+    pub(crate) fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One worker's counts, written only by that worker's thread (its
+/// connections and its UDP socket). Aligned to 128 bytes, the pair of cache
+/// lines that x86's adjacent-line prefetcher moves together, so that no other
+/// thread's writes share its lines: counting costs the worker a few plain
+/// adds to memory it alone touches.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct WorkerCounters {
+    pub(crate) connections_served: OwnedCount,
+    pub(crate) bytes_received: OwnedCount,
+    pub(crate) bytes_echoed: OwnedCount,
+    pub(crate) bytes_discarded: OwnedCount,
+    pub(crate) connections_cut: OwnedCount,
+    pub(crate) idle_timeouts: OwnedCount,
+    pub(crate) worker_sleeps: OwnedCount,
+    pub(crate) busy_poll_catches: OwnedCount,
+    pub(crate) udp_datagrams_received: OwnedCount,
+    pub(crate) udp_datagrams_echoed: OwnedCount,
+    pub(crate) udp_bytes_echoed: OwnedCount,
+    pub(crate) udp_refused_source: OwnedCount,
+    pub(crate) udp_rate_limited: OwnedCount,
+    pub(crate) udp_send_failed: OwnedCount,
+}
+
+/// The acceptor's counts, written only by the acceptor thread.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct AcceptorCounters {
+    pub(crate) refused_server_full: OwnedCount,
+    pub(crate) refused_address_full: OwnedCount,
+    pub(crate) accept_out_of_descriptors: OwnedCount,
+    pub(crate) accept_failed: OwnedCount,
+}
+
+/// Every thread's counts: the one source of both the metrics and the summary.
+#[derive(Debug)]
+pub(crate) struct Counters {
+    pub(crate) acceptor: Arc<AcceptorCounters>,
+    pub(crate) workers: Vec<Arc<WorkerCounters>>,
+    /// Whether the server serves UDP, and so has UDP counts to report.
+    serves_udp: bool,
+}
+
+impl Counters {
+    /// Zeroed counts for `workers` workers.
+    pub(crate) fn new(workers: usize, serves_udp: bool) -> Self {
+        Counters {
+            acceptor: Arc::default(),
+            workers: (0..workers).map(|_| Arc::default()).collect(),
+            serves_udp,
+        }
+    }
+
+    /// The summary of everything counted so far. Each count is read once,
+    /// without stopping anyone: while the server runs, counts that move
+    /// together (bytes received and echoed, say) may be a moment apart.
+    pub(crate) fn summary(&self) -> Summary {
+        let mut summary = Summary::default();
+        let mut udp = UdpSummary::default();
+        for worker in &self.workers {
+            summary.connections_served += worker.connections_served.get();
+            summary.bytes_received += worker.bytes_received.get();
+            summary.bytes_echoed += worker.bytes_echoed.get();
+            summary.connections_cut += worker.connections_cut.get();
+            summary.bytes_discarded += worker.bytes_discarded.get();
+            summary.worker_sleeps += worker.worker_sleeps.get();
+            summary.busy_poll_catches += worker.busy_poll_catches.get();
+            udp.datagrams_received += worker.udp_datagrams_received.get();
+            udp.datagrams_echoed += worker.udp_datagrams_echoed.get();
+            udp.bytes_echoed += worker.udp_bytes_echoed.get();
+            udp.refused_source += worker.udp_refused_source.get();
+            udp.rate_limited += worker.udp_rate_limited.get();
+            udp.send_failed += worker.udp_send_failed.get();
+        }
+        let acceptor = &self.acceptor;
+        summary.connections_refused =
+            acceptor.refused_server_full.get() + acceptor.refused_address_full.get();
+        summary.udp = self.serves_udp.then_some(udp);
+        summary
+    }
+
+    /// The summary so far with the finer counts; `open_connections` and
+    /// `shutting_down` come from elsewhere and are left at zero.
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        let acceptor = &self.acceptor;
+        Snapshot {
+            summary: self.summary(),
+            refused_server_full: acceptor.refused_server_full.get(),
+            refused_address_full: acceptor.refused_address_full.get(),
+            accept_out_of_descriptors: acceptor.accept_out_of_descriptors.get(),
+            accept_failed: acceptor.accept_failed.get(),
+            idle_timeouts: self
+                .workers
+                .iter()
+                .map(|worker| worker.idle_timeouts.get())
+                .sum(),
+            ..Snapshot::default()
+        }
+    }
+}
+
 /// Open connections, in total, per worker and per peer address. Touched once
 /// when a connection opens and once when it closes, never per echo.
 #[derive(Debug)]
@@ -219,4 +375,48 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_threads_counts_fill_lines_of_their_own() {
+        assert_eq!(std::mem::align_of::<WorkerCounters>(), 128);
+        assert_eq!(std::mem::size_of::<WorkerCounters>(), 128);
+        assert_eq!(std::mem::align_of::<AcceptorCounters>(), 128);
+    }
+
+    #[test]
+    fn the_summary_adds_up_every_workers_counts_and_the_acceptors_refusals() {
+        let counters = Counters::new(2, true);
+        for (index, worker) in counters.workers.iter().enumerate() {
+            let n = index as u64 + 1;
+            worker.connections_served.add(n);
+            worker.bytes_received.add(100 * n);
+            worker.bytes_echoed.add(90 * n);
+            worker.idle_timeouts.add(n);
+            worker.udp_datagrams_received.add(10 * n);
+            worker.udp_refused_source.add(n);
+        }
+        counters.acceptor.refused_server_full.add(4);
+        counters.acceptor.refused_address_full.add(3);
+        counters.acceptor.accept_out_of_descriptors.add(9);
+        let snapshot = counters.snapshot();
+        let summary = snapshot.summary;
+        assert_eq!(summary, counters.summary());
+        assert_eq!(summary.connections_served, 3);
+        assert_eq!(summary.bytes_received, 300);
+        assert_eq!(summary.bytes_echoed, 270);
+        assert_eq!(
+            summary.connections_refused, 7,
+            "descriptor failures refuse no one"
+        );
+        let udp = summary.udp.expect("UDP is served");
+        assert_eq!((udp.datagrams_received, udp.refused_source), (30, 3));
+        assert_eq!(snapshot.idle_timeouts, 3);
+        assert_eq!(snapshot.accept_out_of_descriptors, 9);
+        assert_eq!(Counters::new(1, false).summary().udp, None);
+    }
 }

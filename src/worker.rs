@@ -26,12 +26,12 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::busy_poll::BusyPoll;
 use crate::config::{LogLevel, READ_BUFFER_SIZE, deadline_after};
-use crate::connection::{CloseReason, Connection, Outcome, Readiness};
+use crate::connection::{CloseReason, Connection, ConnectionStats, Outcome, Readiness};
 use crate::datagram::{Turn, UdpEcho};
 use crate::error::{interrupted, io_cause};
 use crate::log::{Logger, preview};
 use crate::shutdown::ShutdownHandle;
-use crate::stats::{OpenConnections, Summary};
+use crate::stats::{OpenConnections, WorkerCounters};
 
 /// The token of the worker's waker; connection `i` uses `Token(i + 1)`.
 pub(crate) const WAKE: Token = Token(0);
@@ -100,6 +100,8 @@ pub(crate) struct WorkerSetup {
     pub(crate) _waker: Arc<mio::Waker>,
     pub(crate) inbox: Receiver<Handoff>,
     pub(crate) open: Arc<OpenConnections>,
+    /// This worker's counts, which only this worker writes.
+    pub(crate) counters: Arc<WorkerCounters>,
     pub(crate) shutdown: ShutdownHandle,
     pub(crate) idle_timeout: Option<Duration>,
     /// The longest the worker spins on its event loop before sleeping.
@@ -123,7 +125,8 @@ pub(crate) struct Worker {
     udp_owed: bool,
     drain_deadline: Option<Instant>,
     busy_poll: BusyPoll,
-    summary: Summary,
+    /// The serial number of the last connection opened.
+    last_serial: u64,
 }
 
 impl Worker {
@@ -137,13 +140,14 @@ impl Worker {
             udp_owed: false,
             drain_deadline: None,
             busy_poll: BusyPoll::new(setup.busy_poll),
-            summary: Summary::default(),
+            last_serial: 0,
             setup,
         }
     }
 
-    /// Serves until the drain is over, then returns what was served.
-    pub(crate) fn run(mut self) -> Summary {
+    /// Serves until the drain is over, counting what it serves in its
+    /// [`WorkerCounters`].
+    pub(crate) fn run(mut self) {
         let mut events = Events::with_capacity(EVENTS_PER_POLL);
         loop {
             let timeout = self.poll_timeout(Instant::now());
@@ -200,11 +204,8 @@ impl Worker {
                 }
             }
         }
-        if let Some(udp) = self.setup.udp.take() {
-            self.summary.udp = Some(udp.stats());
-            // Dropping it closes the socket.
-        }
-        self.summary
+        // Dropping the UDP socket closes it; its counts stay in the counters.
+        self.setup.udp = None;
     }
 
     /// Gives the UDP socket its turn: read and echo what is waiting
@@ -231,7 +232,7 @@ impl Worker {
             return poll.poll(events, timeout);
         }
         if !self.busy_poll.enabled() {
-            self.summary.worker_sleeps += 1;
+            self.setup.counters.worker_sleeps.add(1);
             return poll.poll(events, timeout);
         }
         let began = Instant::now();
@@ -241,7 +242,7 @@ impl Worker {
             loop {
                 poll.poll(events, Some(Duration::ZERO))?;
                 if !events.is_empty() {
-                    self.summary.busy_poll_catches += 1;
+                    self.setup.counters.busy_poll_catches.add(1);
                     return Ok(());
                 }
                 if began.elapsed() >= window {
@@ -253,7 +254,7 @@ impl Worker {
             }
         }
         let remaining = timeout.map(|left| left.saturating_sub(began.elapsed()));
-        self.summary.worker_sleeps += 1;
+        self.setup.counters.worker_sleeps.add(1);
         poll.poll(events, remaining)?;
         self.busy_poll
             .after_sleep(began.elapsed(), !events.is_empty());
@@ -314,8 +315,9 @@ impl Worker {
             self.setup.open.release(Some(self.setup.index), peer.ip());
             return;
         }
-        self.summary.connections_served += 1;
-        let serial = self.summary.connections_served;
+        self.setup.counters.connections_served.add(1);
+        self.last_serial += 1;
+        let serial = self.last_serial;
         self.setup
             .logger
             .info(format_args!("open {peer} on worker {}", self.setup.index));
@@ -363,9 +365,13 @@ impl Worker {
                     ));
                 }
             });
-        if slot.connection.stats() != before {
+        let after = slot.connection.stats();
+        if after != before {
             slot.last_active = now;
             slot.echo_queued = None;
+            // Counted as the bytes move, not at the close, so that the
+            // metrics see long connections too.
+            count_bytes(&self.setup.counters, before, after);
         }
         match outcome {
             Outcome::Open => {
@@ -482,9 +488,11 @@ impl Worker {
                 readable: true,
                 ..Readiness::default()
             };
+            let before = slot.connection.stats();
             let outcome =
                 slot.connection
                     .on_ready(&mut slot.stream, readable, &mut self.buf, |_| {});
+            count_bytes(&self.setup.counters, before, slot.connection.stats());
             let ending = match outcome {
                 Outcome::Closed(reason) => Ending::Echo(reason),
                 // All of the echo is in the kernel, but "got every byte" holds
@@ -511,12 +519,14 @@ impl Worker {
         // Closing the descriptor removes it from epoll anyway; a failed
         // deregister changes nothing for the connection that is ending.
         let _ = self.setup.poll.registry().deregister(&mut slot.stream);
+        // Its bytes were counted as they moved.
         let stats = slot.connection.stats();
-        self.summary.bytes_received += stats.received;
-        self.summary.bytes_echoed += stats.echoed;
-        self.summary.bytes_discarded += stats.discarded;
-        if matches!(ending, Ending::CutAtDeadline | Ending::CutUntaken { .. }) {
-            self.summary.connections_cut += 1;
+        match ending {
+            Ending::CutAtDeadline | Ending::CutUntaken { .. } => {
+                self.setup.counters.connections_cut.add(1);
+            }
+            Ending::IdleTimeout => self.setup.counters.idle_timeouts.add(1),
+            Ending::Echo(_) | Ending::LingerCut => {}
         }
         // Before the stream closes: a peer that has seen our end of stream
         // may connect again at once, and must find the place free.
@@ -540,6 +550,18 @@ impl Worker {
             ));
         }
     }
+}
+
+/// Adds what a connection moved between two looks at its stats.
+#[inline]
+fn count_bytes(counters: &WorkerCounters, before: ConnectionStats, after: ConnectionStats) {
+    counters
+        .bytes_received
+        .add(after.received - before.received);
+    counters.bytes_echoed.add(after.echoed - before.echoed);
+    counters
+        .bytes_discarded
+        .add(after.discarded - before.discarded);
 }
 
 /// Why a connection closed, as its log line says it.

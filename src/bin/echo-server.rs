@@ -19,6 +19,7 @@ use echo_chamber::config::{self, LogLevel, ServerConfig};
 use echo_chamber::error::io_cause;
 use echo_chamber::limits;
 use echo_chamber::listener::Transports;
+use echo_chamber::metrics::MetricsServer;
 use echo_chamber::server::{Monitor, Server};
 use echo_chamber::shutdown::ShutdownHandle;
 use echo_chamber::source_guard::RateLimit;
@@ -79,6 +80,12 @@ struct Args {
     #[argh(option, default = "Duration::ZERO", from_str_fn(parse_duration))]
     drain_delay: Duration,
 
+    /// serve Prometheus metrics (GET /metrics) and health checks (GET
+    /// /healthz, /readyz) over HTTP on this address, e.g. 127.0.0.1:9100
+    /// (default: off)
+    #[argh(option, from_str_fn(parse_metrics_addr), arg_name = "addr")]
+    metrics: Option<SocketAddr>,
+
     /// worker threads, each serving many connections, 1 to 1024 (default: one per CPU)
     #[argh(option, from_str_fn(parse_workers))]
     workers: Option<usize>,
@@ -138,6 +145,12 @@ fn parse_ip(value: &str) -> Result<IpAddr, String> {
             "not an IPv4 or IPv6 address".to_string()
         }
     })
+}
+
+fn parse_metrics_addr(value: &str) -> Result<SocketAddr, String> {
+    value
+        .parse()
+        .map_err(|_| "not an address and port such as 127.0.0.1:9100 or [::1]:9100".to_string())
 }
 
 fn parse_port(value: &str) -> Result<u16, String> {
@@ -308,6 +321,20 @@ fn run() -> Result<(), Failure> {
     }
     let logger = echo_chamber::log::Logger::new(config.log_level);
 
+    // Bound before the echo sockets: a port that is taken stops the start
+    // before anything is served. It shares the port under --reuse-port as
+    // the echo sockets do, so that a restart's new server can start.
+    let metrics_listener = match args.metrics {
+        Some(addr) => Some(
+            echo_chamber::listener::bind_tcp(addr, reuse_port).map_err(|err| {
+                Failure::Runtime(format!(
+                    "cannot listen for metrics on {addr}: {}",
+                    io_cause(&err)
+                ))
+            })?,
+        ),
+        None => None,
+    };
     let sockets = match inherited {
         Some(sockets) => sockets,
         None => {
@@ -332,13 +359,24 @@ fn run() -> Result<(), Failure> {
         logger.info(format_args!("{why}"));
     }
     spawn_signal_thread(signals, server.shutdown_handle())?;
+    // Answers through the drain (with /readyz at 503), and stops when
+    // dropped, once the server has stopped.
+    let metrics = match metrics_listener {
+        Some(listener) => Some(
+            MetricsServer::start(listener, server.monitor(), logger)
+                .map_err(|err| Failure::Runtime(err.to_string()))?,
+        ),
+        None => None,
+    };
     if std::env::var_os("NOTIFY_SOCKET").is_some() {
         spawn_notifier(server.monitor(), logger)?;
     }
-    server
+    let stopped = server
         .join()
         .map(drop)
-        .map_err(|err| Failure::Runtime(err.to_string()))
+        .map_err(|err| Failure::Runtime(err.to_string()));
+    drop(metrics);
+    stopped
 }
 
 /// The descriptors a service manager passed (systemd socket activation),

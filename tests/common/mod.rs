@@ -5,6 +5,7 @@
 #![allow(dead_code)] // each test binary uses its own subset of the fixtures
 
 pub mod client;
+pub mod http;
 pub mod udp;
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
