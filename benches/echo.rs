@@ -17,9 +17,13 @@
 //! 3. 4 connections x 64 KiB messages: MB/s each way;
 //! 4. 10,000 open connections, 50 active, 4 workers, separate processes:
 //!    echoes/s and the server's peak RSS;
-//! 5. idle server, separate process: SIGINT to exit, and idle CPU.
+//! 5. idle server, separate process: SIGINT to exit, and idle CPU;
+//! 6. UDP (issue 12), in-process against UDP peers ([`udp_peers`]) driven
+//!    by [`udp`]: 64 flows x 4 datagrams in flight of 64 B and of 1,472 B,
+//!    echoes/s, server CPU per echo, loss and reordering; and one flow's
+//!    ping-pong RTT.
 //!
-//! Usage: `cargo bench --bench echo -- [--quick] [--cases 1,2] [--load-threads N]
+//! Usage: `cargo bench --bench echo -- [--quick] [--cases 1,2,6] [--load-threads N]
 //! [--active-stride N] [--busy-poll DURATION] [--floor-in-turn]
 //! [--drive 127.0.0.1:PORT [--conns N]]`
 //! (plain `cargo bench` runs everything; the library and binaries set
@@ -38,6 +42,10 @@ mod procfs;
 mod report;
 #[path = "echo/servers.rs"]
 mod servers;
+#[path = "echo/udp.rs"]
+mod udp;
+#[path = "echo/udp_peers.rs"]
+mod udp_peers;
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,7 +54,8 @@ use std::time::{Duration, Instant};
 
 use load::{Load, Spec};
 use report::{Better, Report, Row};
-use servers::{InProcess, KINDS, Kind, ServerProcess};
+use servers::{InProcess, KINDS, Kind, ServerProcess, UdpInProcess};
+use udp::{Tally, UdpLoad, UdpSpec};
 
 /// Workers for the in-process cases (the machine has 2 cores).
 const WORKERS: usize = 2;
@@ -70,7 +79,7 @@ struct Options {
     floor_placement: floor::Placement,
 }
 
-const USAGE: &str = "usage: cargo bench --bench echo -- [--quick] [--cases 1,2,3,4,5] \
+const USAGE: &str = "usage: cargo bench --bench echo -- [--quick] [--cases 1,2,3,4,5,6] \
      [--load-threads N] [--active-stride N] [--busy-poll DURATION] [--floor-in-turn] \
      [--drive 127.0.0.1:PORT [--conns N]]";
 
@@ -78,7 +87,7 @@ impl Options {
     fn parse(args: impl Iterator<Item = String>) -> Result<Options, String> {
         let mut options = Options {
             quick: false,
-            cases: vec![1, 2, 3, 4, 5],
+            cases: vec![1, 2, 3, 4, 5, 6],
             load_threads: 2,
             drive: None,
             conns: 256,
@@ -97,8 +106,8 @@ impl Options {
                     options.cases = list
                         .split(',')
                         .map(|c| match c.trim().parse() {
-                            Ok(n @ 1..=5) => Ok(n),
-                            _ => Err(format!("--cases: {c:?} is not a case 1-5")),
+                            Ok(n @ 1..=6) => Ok(n),
+                            _ => Err(format!("--cases: {c:?} is not a case 1-6")),
                         })
                         .collect::<Result<_, _>>()?;
                 }
@@ -206,7 +215,8 @@ fn main() -> ExitCode {
             3 => case_throughput(&options, &mut report),
             4 => case_many_idle(&options, &mut report),
             5 => case_shutdown(&options, &mut report),
-            _ => unreachable!("Options::parse accepts only cases 1-5"),
+            6 => case_udp(&options, &mut report),
+            _ => unreachable!("Options::parse accepts only cases 1-6"),
         }
         if let (Some(before), Some(after)) = (before, outside_load_mark()) {
             let cores = after.cores_since(&before);
@@ -488,9 +498,48 @@ struct Window {
     /// other processes, or kernel threads such as ksoftirqd. Above about
     /// 0.1 the figures were disturbed.
     foreign_cores: f64,
+    /// The UDP load's counts over the window (case 6).
+    udp: Option<Tally>,
+    /// Datagrams the kernel dropped over the window at the server's UDP
+    /// sockets and at the load's, for want of receive-buffer room (case 6).
+    udp_drops: Option<(u64, u64)>,
 }
 
 impl Window {
+    /// The window from `before` to `after`, in which `echoes` echoes of
+    /// `bytes` bytes were counted over `secs` seconds.
+    fn between(
+        before: &Snapshots,
+        after: &Snapshots,
+        placement: Placement,
+        secs: f64,
+        echoes: u64,
+        bytes: u64,
+    ) -> Window {
+        let (machine_idle, machine_softirq) = after.machine.shares_since(&before.machine);
+        let cpu_secs = (after.at - before.at).as_secs_f64();
+        let server_used = after.server.used_since(&before.server);
+        let mut ours_secs = after.bench.used_since(&before.bench).secs();
+        if placement == Placement::OwnProcess {
+            ours_secs += server_used.secs();
+        }
+        let foreign_cores =
+            (after.machine.busy_secs_since(&before.machine) - ours_secs).max(0.0) / cpu_secs;
+        Window {
+            foreign_cores,
+            secs,
+            echoes,
+            bytes,
+            cpu_secs,
+            server_cpu: server_used,
+            load_cpu: after.load.used_since(&before.load),
+            machine_idle,
+            machine_softirq,
+            udp: None,
+            udp_drops: None,
+        }
+    }
+
     /// CPU time per echo, in microseconds: CPU rate over echo rate, each
     /// over its own interval.
     fn per_echo_us(&self, cpu: procfs::CpuUsed) -> f64 {
@@ -560,26 +609,14 @@ fn measure_window(
         let totals1 = load.totals();
         let secs = started.elapsed().as_secs_f64();
         let after = take_snapshots(server_cpu)?;
-        let (machine_idle, machine_softirq) = after.machine.shares_since(&before.machine);
-        let cpu_secs = (after.at - before.at).as_secs_f64();
-        let server_used = after.server.used_since(&before.server);
-        let mut ours_secs = after.bench.used_since(&before.bench).secs();
-        if placement == Placement::OwnProcess {
-            ours_secs += server_used.secs();
-        }
-        let foreign_cores =
-            (after.machine.busy_secs_since(&before.machine) - ours_secs).max(0.0) / cpu_secs;
-        Ok(Window {
-            foreign_cores,
+        Ok(Window::between(
+            &before,
+            &after,
+            placement,
             secs,
-            echoes: totals1.echoes - totals0.echoes,
-            bytes: totals1.bytes - totals0.bytes,
-            cpu_secs,
-            server_cpu: server_used,
-            load_cpu: after.load.used_since(&before.load),
-            machine_idle,
-            machine_softirq,
-        })
+            totals1.echoes - totals0.echoes,
+            totals1.bytes - totals0.bytes,
+        ))
     })();
     let early_end = load.any_finished();
     // Stopping reports the load's own failure (such as a wrong echo) first.
@@ -969,5 +1006,405 @@ fn case_shutdown(options: &Options, report: &mut Report) {
         "case 5: {reps} fresh processes each; time from kill(SIGINT) to waitpid's return; \
          the peers have no drain and take SIGINT's default action (terminate), so theirs is \
          the floor of process exit"
+    ));
+}
+
+/// Case 6's shape: flows, and datagrams in flight per flow (issue 12).
+const UDP_FLOWS: usize = 64;
+const UDP_WINDOW: usize = 4;
+
+/// Case 6: UDP echo against the UDP peers, all in-process with
+/// [`WORKERS`] workers.
+fn case_udp(options: &Options, report: &mut Report) {
+    let rounds = if options.quick { 1 } else { 5 };
+    let mut foreign: f64 = 0.0;
+    let mut details = Vec::new();
+    let mut verdicts = Vec::new();
+    for (size, label) in [(64, "64 B"), (1472, "1472 B")] {
+        let spec = UdpSpec {
+            size,
+            window: UDP_WINDOW,
+        };
+        let label = format!("case 6 {label}");
+        let (windows, summaries) = udp_rounds(options, rounds, spec, &label, report);
+        foreign = foreign.max(most_foreign(&windows));
+        let kept = clean(&windows);
+        let mut rate = [None; KINDS];
+        let mut megabytes = [None; KINDS];
+        let mut cpu_per_echo = [None; KINDS];
+        let mut loss = [None; KINDS];
+        let mut reordered = [None; KINDS];
+        let mut load_per_echo = [None; KINDS];
+        for (at, kind) in kinds_in(6) {
+            load_per_echo[at] =
+                median(kept[at].iter().map(|w| w.per_echo_us(w.load_cpu)).collect());
+            let tally = |w: &Window| w.udp.unwrap_or_default();
+            rate[at] = median(kept[at].iter().map(|w| w.echoes as f64 / w.secs).collect());
+            megabytes[at] = median(
+                kept[at]
+                    .iter()
+                    .map(|w| w.bytes as f64 / w.secs / 1e6)
+                    .collect(),
+            );
+            cpu_per_echo[at] = median(
+                kept[at]
+                    .iter()
+                    .map(|w| w.per_echo_us(w.server_cpu))
+                    .collect(),
+            );
+            loss[at] = median(kept[at].iter().map(|w| tally(w).loss_percent()).collect());
+            // Every window counts here, not the clean ones only: one
+            // reordered echo is one too many whatever else ran.
+            if !windows[at].is_empty() {
+                reordered[at] =
+                    Some(windows[at].iter().map(|w| tally(w).reordered).sum::<u64>() as f64);
+            }
+            let mut all = Tally::default();
+            for w in &windows[at] {
+                let t = tally(w);
+                all.corrupted += t.corrupted;
+                all.duplicated += t.duplicated;
+                all.late += t.late;
+                let detail = format!(
+                    "{label} {}: {} echoes in {:.2} s, {} sent, {} lost ({:.3}%), {} late, \
+                     {} duplicated, {} reordered, {} corrupted, {} ICMP-refused; kernel \
+                     receive-buffer drops at the server {}, at the load {}; server CPU \
+                     {:.3} s (schedstat), {:.2} us/echo; load CPU {:.2} us/echo, {:.0}% of {} \
+                     load threads; machine {:.0}% idle, {:.0}% softirq; other processes {:.2} cores",
+                    kind.name(),
+                    w.echoes,
+                    w.secs,
+                    t.sent,
+                    t.lost,
+                    t.loss_percent(),
+                    t.late,
+                    t.duplicated,
+                    t.reordered,
+                    t.corrupted,
+                    t.refused,
+                    w.udp_drops.map_or("?".to_string(), |d| d.0.to_string()),
+                    w.udp_drops.map_or("?".to_string(), |d| d.1.to_string()),
+                    w.server_cpu.secs(),
+                    w.per_echo_us(w.server_cpu),
+                    w.per_echo_us(w.load_cpu),
+                    w.cores(w.load_cpu) / options.load_threads as f64 * 100.0,
+                    options.load_threads,
+                    w.machine_idle * 100.0,
+                    w.machine_softirq * 100.0,
+                    w.foreign_cores,
+                );
+                eprintln!("    {detail}");
+                details.push(detail);
+            }
+            if all.corrupted > 0 || all.duplicated > 0 {
+                report.failure(format!(
+                    "{label} {}: {} corrupted and {} duplicated echoes",
+                    kind.name(),
+                    all.corrupted,
+                    all.duplicated
+                ));
+            }
+        }
+        for summary in summaries {
+            details.push(format!("{label} ours, server's own counts: {summary}"));
+        }
+        let row = |what: &str, unit: &'static str, better: Better, values| Row {
+            case: format!("6. UDP {what}, {}", &label["case 6 ".len()..]),
+            unit,
+            better,
+            values,
+        };
+        report.row(row("echoes/s", "/s", Better::Higher, rate));
+        if size > 64 {
+            report.row(row("MB/s", "MB/s", Better::Higher, megabytes));
+        }
+        report.row(row("CPU/echo", "us", Better::Lower, cpu_per_echo));
+        report.row(row("loss", "%", Better::Lower, loss));
+        report.row(row("reordered, all windows", "", Better::Lower, reordered));
+        if size == 64 {
+            verdicts = udp_verdicts(&rate, &cpu_per_echo, &loss, &reordered);
+            verdicts.extend(udp_ceiling(&cpu_per_echo, &load_per_echo));
+        }
+    }
+    udp_ping_pong(options, report);
+    let (warmup, measure) = options.load_window();
+    report.note(format!(
+        "case 6: UDP only, each server in-process with {WORKERS} workers (ours: a socket per \
+         worker with SO_REUSEPORT, default rate limit, which exempts loopback; tokio: one \
+         socket shared by {WORKERS} tasks on {WORKERS} runtime threads; blocking: one socket, \
+         a try_clone per thread, {WORKERS} threads); load: {UDP_FLOWS} flows (a connected \
+         socket each) x {UDP_WINDOW} datagrams in flight, on {} load threads, each refilling \
+         a flow's window with one sendmmsg and taking its echoes with recvmmsg; an echo not \
+         back within {} ms counts as lost and the next datagram takes its place; medians of \
+         {rounds} rounds, each one window per server back to back, {:.1} s warm-up then \
+         {:.1} s measured; CPU/echo = on-CPU time of the server's threads (schedstat) over \
+         echoes; loss = lost / (echoed + lost); reordered = echoes that came after an echo of \
+         a later datagram of their flow, summed over every window",
+        options.load_threads,
+        udp::ECHO_TIMEOUT.as_millis(),
+        warmup.as_secs_f64(),
+        measure.as_secs_f64(),
+    ));
+    for verdict in verdicts {
+        report.note(verdict);
+    }
+    note_foreign(report, "case 6", foreign);
+    for detail in details {
+        report.note(detail);
+    }
+}
+
+/// What the echoes/s target can be on this machine: when the server and
+/// the load share every core and keep it busy, echoes/s is the cores over
+/// server plus load CPU per echo, so ours at 0.75x tokio's CPU per echo
+/// gives only (S_t + L_t) / (0.75 S_t + L_o) times tokio's echoes/s.
+fn udp_ceiling(cpu: &[Option<f64>; KINDS], load: &[Option<f64>; KINDS]) -> Option<String> {
+    let at = |kind: Kind| {
+        Kind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .expect("ALL lists every kind")
+    };
+    let (ours, tokio) = (at(Kind::Ours), at(Kind::Tokio));
+    let (s_t, l_t, l_o) = (cpu[tokio]?, load[tokio]?, load[ours]?);
+    Some(format!(
+        "case 6 64 B: the load spends {l_o:.2} us of CPU per echo against ours, {l_t:.2} \
+         us against tokio (server: tokio {s_t:.2} us); with the cores shared and busy, \
+         echoes/s ~ cores / (server + load CPU per echo), so ours at exactly 0.75x tokio's \
+         CPU/echo would give {:.2}x tokio's echoes/s on this machine",
+        (s_t + l_t) / (0.75 * s_t + l_o)
+    ))
+}
+
+/// Issue 12's targets for 64 B, each with whether ours met it.
+fn udp_verdicts(
+    rate: &[Option<f64>; KINDS],
+    cpu: &[Option<f64>; KINDS],
+    loss: &[Option<f64>; KINDS],
+    reordered: &[Option<f64>; KINDS],
+) -> Vec<String> {
+    let at = |kind: Kind| {
+        Kind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .expect("ALL lists every kind")
+    };
+    let (ours, tokio, blocking) = (at(Kind::Ours), at(Kind::Tokio), at(Kind::Blocking));
+    let mut verdicts = Vec::new();
+    let ratio = |values: &[Option<f64>; KINDS]| match (values[ours], values[tokio]) {
+        (Some(o), Some(t)) if t > 0.0 => Some(o / t),
+        _ => None,
+    };
+    match ratio(cpu) {
+        Some(r) if r <= 0.75 => verdicts.push(format!(
+            "case 6 target CPU/echo <= 0.75x tokio's: met, {r:.2}x"
+        )),
+        Some(r) => verdicts.push(format!(
+            "case 6 target CPU/echo <= 0.75x tokio's: MISSED, {r:.2}x ({:.0}% over the target)",
+            (r / 0.75 - 1.0) * 100.0
+        )),
+        None => verdicts.push("case 6 target CPU/echo: not measured".into()),
+    }
+    match ratio(rate) {
+        Some(r) if r >= 1.25 => verdicts.push(format!(
+            "case 6 target echoes/s >= 1.25x tokio's: met, {r:.2}x"
+        )),
+        Some(r) => verdicts.push(format!(
+            "case 6 target echoes/s >= 1.25x tokio's: MISSED, {r:.2}x ({:.0}% short of the target)",
+            (1.0 - r / 1.25) * 100.0
+        )),
+        None => verdicts.push("case 6 target echoes/s: not measured".into()),
+    }
+    verdicts.push(match reordered[ours] {
+        Some(0.0) => "case 6 target reordering 0: met".into(),
+        Some(n) => format!("case 6 target reordering 0: MISSED, {n:.0} reordered"),
+        None => "case 6 target reordering: not measured".into(),
+    });
+    let peers_best = [loss[tokio], loss[blocking]]
+        .into_iter()
+        .flatten()
+        .fold(None, |best: Option<f64>, l| {
+            Some(best.map_or(l, |b| b.min(l)))
+        });
+    verdicts.push(match (loss[ours], peers_best) {
+        (Some(o), Some(p)) if o <= p => {
+            format!(
+                "case 6 target loss no worse than the peers': met, {o:.3}% vs best peer {p:.3}%"
+            )
+        }
+        (Some(o), Some(p)) => format!(
+            "case 6 target loss no worse than the peers': MISSED, {o:.3}% vs best peer {p:.3}%"
+        ),
+        _ => "case 6 target loss: not measured".into(),
+    });
+    verdicts
+}
+
+/// Case 6's load windows: `rounds` per server, the servers taking turns,
+/// each against a fresh in-process server; also our server's own UDP
+/// counts from each of its windows.
+fn udp_rounds(
+    options: &Options,
+    rounds: usize,
+    spec: UdpSpec,
+    label: &str,
+    report: &mut Report,
+) -> ([Vec<Window>; KINDS], Vec<echo_chamber::stats::UdpSummary>) {
+    let mut windows: [Vec<Window>; KINDS] = Default::default();
+    let mut summaries = Vec::new();
+    let mut failed = [false; KINDS];
+    for _ in 0..rounds {
+        for (at, kind) in kinds_in(6) {
+            if failed[at] {
+                continue;
+            }
+            wait_for_quiet();
+            let outcome =
+                UdpInProcess::start(kind, WORKERS, options.busy_poll).and_then(|server| {
+                    let window = measure_udp_window(server.addr(), spec, options, &|| {
+                        procfs::snapshot(None, &|comm| kind.owns_thread(comm))
+                    });
+                    let summary = server.stop()?;
+                    window.map(|w| (w, summary))
+                });
+            match outcome {
+                Ok((w, summary)) if w.echoes > 0 => {
+                    windows[at].push(w);
+                    summaries.extend(summary);
+                }
+                Ok(_) => {
+                    failed[at] = true;
+                    report.failure(format!("{label} {}: no echoes", kind.name()));
+                }
+                Err(e) => {
+                    failed[at] = true;
+                    report.failure(format!("{label} {}: {e}", kind.name()));
+                }
+            }
+        }
+    }
+    for at in 0..KINDS {
+        if failed[at] {
+            windows[at].clear();
+        }
+    }
+    (windows, summaries)
+}
+
+/// Drives the UDP server at `addr` with [`UDP_FLOWS`] flows of `spec`,
+/// warms up, then measures one window.
+fn measure_udp_window(
+    addr: std::net::SocketAddr,
+    spec: UdpSpec,
+    options: &Options,
+    server_cpu: &dyn Fn() -> std::io::Result<procfs::CpuSnapshot>,
+) -> Result<Window, String> {
+    let (warmup, measure) = options.load_window();
+    let load = UdpLoad::start(addr, UDP_FLOWS, spec, options.load_threads)?;
+    let measured = (|| {
+        thread::sleep(warmup);
+        let drops = || procfs::udp_drops(addr.port()).ok();
+        let drops0 = drops();
+        let before = take_snapshots(server_cpu)?;
+        let tally0 = load.tally();
+        let started = Instant::now();
+        thread::sleep(measure);
+        let tally1 = load.tally();
+        let secs = started.elapsed().as_secs_f64();
+        let after = take_snapshots(server_cpu)?;
+        let drops1 = drops();
+        let tally = tally1.since(&tally0);
+        let mut window = Window::between(
+            &before,
+            &after,
+            Placement::InProcess,
+            secs,
+            tally.echoed,
+            tally.bytes,
+        );
+        window.udp = Some(tally);
+        window.udp_drops = drops0
+            .zip(drops1)
+            .map(|((s0, c0), (s1, c1))| (s1.saturating_sub(s0), c1.saturating_sub(c0)));
+        Ok(window)
+    })();
+    let early_end = load.any_finished();
+    load.stop()?;
+    if early_end {
+        return Err("a load thread ended early".to_string());
+    }
+    measured
+}
+
+/// Case 6's ping-pong: one flow, one 64 B datagram at a time, the servers
+/// taking short turns as in case 1.
+fn udp_ping_pong(options: &Options, report: &mut Report) {
+    let (rounds, round_time) = if options.quick {
+        (3, Duration::from_millis(100))
+    } else {
+        (12, Duration::from_millis(120))
+    };
+    let mut times: [Vec<Duration>; KINDS] = Default::default();
+    let mut lost = [0u64; KINDS];
+    let mut failed = [false; KINDS];
+    for _ in 0..rounds {
+        wait_for_quiet();
+        for (at, kind) in kinds_in(6) {
+            if failed[at] {
+                continue;
+            }
+            let outcome =
+                UdpInProcess::start(kind, WORKERS, options.busy_poll).and_then(|server| {
+                    let taken = udp::ping_pong(server.addr(), 64, 100, 200_000, round_time);
+                    server.stop()?;
+                    taken
+                });
+            match outcome {
+                Ok(taken) => {
+                    times[at].extend(taken.times);
+                    lost[at] += taken.lost;
+                }
+                Err(e) => {
+                    failed[at] = true;
+                    report.failure(format!("case 6 ping-pong {}: {e}", kind.name()));
+                }
+            }
+        }
+    }
+    let mut p50 = [None; KINDS];
+    let mut p99 = [None; KINDS];
+    let mut counts = Vec::new();
+    for (at, kind) in kinds_in(6) {
+        let times = &mut times[at];
+        if failed[at] || times.is_empty() {
+            continue;
+        }
+        times.sort();
+        p50[at] = Some(percentile_us(times, 50.0));
+        p99[at] = Some(percentile_us(times, 99.0));
+        counts.push(format!(
+            "{} {} timed, {} lost",
+            kind.name(),
+            times.len(),
+            lost[at]
+        ));
+    }
+    report.row(Row {
+        case: "6. UDP RTT p50, 1 flow 64 B".to_string(),
+        unit: "us",
+        better: Better::Lower,
+        values: p50,
+    });
+    report.row(Row {
+        case: "6. UDP RTT p99, 1 flow 64 B".to_string(),
+        unit: "us",
+        better: Better::Lower,
+        values: p99,
+    });
+    report.note(format!(
+        "case 6 ping-pong: one connected socket, blocking send then recv, {rounds} rounds of \
+         {:.2} s per server taking turns, pooled, 100 untimed round trips first; {}",
+        round_time.as_secs_f64(),
+        counts.join(", ")
     ));
 }

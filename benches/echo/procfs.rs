@@ -225,3 +225,32 @@ pub fn self_and_children_secs() -> io::Result<f64> {
     }
     Ok(ticks as f64 / ticks_per_sec())
 }
+
+/// Datagrams the kernel dropped for want of receive-buffer room, from
+/// `/proc/net/udp`'s `drops` column, summed over the IPv4 UDP sockets bound
+/// to `port` (the server's) and over those connected to it (the load's
+/// flows); sockets already closed are not counted.
+///
+/// # Errors
+/// The file cannot be read.
+pub fn udp_drops(port: u16) -> io::Result<(u64, u64)> {
+    let table = fs::read_to_string("/proc/net/udp")?;
+    let (mut at_server, mut at_clients) = (0, 0);
+    for line in table.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let port_of = |field: Option<&&str>| {
+            field
+                .and_then(|f| f.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok())
+        };
+        let Some(drops) = fields.last().and_then(|d| d.parse::<u64>().ok()) else {
+            continue;
+        };
+        if port_of(fields.get(1)) == Some(port) {
+            at_server += drops;
+        } else if port_of(fields.get(2)) == Some(port) {
+            at_clients += drops;
+        }
+    }
+    Ok((at_server, at_clients))
+}

@@ -1,6 +1,6 @@
 //! The servers under test, started either inside the bench process (cases
-//! 1–3, CPU charged per thread) or as separate processes (cases 4–5, memory
-//! and exit measured per process).
+//! 1–3 and UDP case 6, CPU charged per thread) or as separate processes
+//! (cases 4–5, memory and exit measured per process).
 //!
 //! Ours runs in-process through `echo_chamber::server::Server` and out of
 //! process as the `echo-server` binary. The peers run in-process from
@@ -16,10 +16,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use echo_chamber::config::{LogLevel, ServerConfig};
+use echo_chamber::listener::Transports;
 use echo_chamber::server::Server;
+use echo_chamber::stats::UdpSummary;
 
 use crate::floor::{self, FloorPeer, Placement};
 use crate::peers::{self, BlockingPeer, TokioPeer};
+use crate::udp_peers::{UdpBlockingPeer, UdpTokioPeer};
 
 /// Environment variable that makes this binary serve as a peer
 /// (`blocking` or `tokio`) instead of benchmarking.
@@ -143,14 +146,90 @@ impl InProcess {
 fn start_ours(workers: usize, busy_poll: Option<Duration>) -> Result<Server, String> {
     let listener = echo_chamber::listener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
         .map_err(|e| format!("bind: {e}"))?;
+    Server::start(listener, ours_config(workers, busy_poll)).map_err(|e| e.to_string())
+}
+
+/// Our configuration in the bench: `workers` workers, silent, `busy_poll`
+/// if given, the rest default (the default UDP rate limit exempts
+/// loopback, so it never throttles the bench).
+fn ours_config(workers: usize, busy_poll: Option<Duration>) -> ServerConfig {
     let defaults = ServerConfig::default();
-    let config = ServerConfig {
+    ServerConfig {
         workers,
         log_level: LogLevel::Silent,
         busy_poll: busy_poll.unwrap_or(defaults.busy_poll),
         ..defaults
-    };
-    Server::start(listener, config).map_err(|e| e.to_string())
+    }
+}
+
+/// A UDP echo server running on threads of this process (case 6).
+pub enum UdpInProcess {
+    Ours(Server),
+    Tokio(UdpTokioPeer),
+    Blocking(UdpBlockingPeer),
+}
+
+impl UdpInProcess {
+    /// Starts `kind` serving UDP only on 127.0.0.1 port 0 with `workers`
+    /// worker threads (ours: a socket each; the peers: tasks or threads on
+    /// one socket); `busy_poll` overrides our server's default.
+    ///
+    /// # Errors
+    /// The server could not start, or `kind` has no UDP version.
+    pub fn start(
+        kind: Kind,
+        workers: usize,
+        busy_poll: Option<Duration>,
+    ) -> Result<UdpInProcess, String> {
+        let started = match kind {
+            Kind::Ours => {
+                let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+                let udp_only = Transports {
+                    tcp: false,
+                    udp: true,
+                };
+                return echo_chamber::listener::bind_sockets(addr, udp_only, workers)
+                    .map_err(|e| format!("bind: {e}"))
+                    .and_then(|sockets| {
+                        Server::start(sockets, ours_config(workers, busy_poll))
+                            .map_err(|e| e.to_string())
+                    })
+                    .map(UdpInProcess::Ours)
+                    .map_err(|e| format!("ours: cannot start: {e}"));
+            }
+            Kind::Tokio => UdpTokioPeer::start(workers).map(UdpInProcess::Tokio),
+            Kind::Blocking => UdpBlockingPeer::start(workers).map(UdpInProcess::Blocking),
+            Kind::Floor => return Err("floor: has no UDP version".to_string()),
+        };
+        started.map_err(|e| format!("{}: cannot start: {e}", kind.name()))
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            UdpInProcess::Ours(server) => server.local_addr(),
+            UdpInProcess::Tokio(peer) => peer.addr(),
+            UdpInProcess::Blocking(peer) => peer.addr(),
+        }
+    }
+
+    /// Stops it and waits for its threads; for ours, returns its UDP counts.
+    ///
+    /// # Errors
+    /// Our server reported a failure while joining.
+    pub fn stop(self) -> Result<Option<UdpSummary>, String> {
+        match self {
+            UdpInProcess::Ours(server) => {
+                server.shutdown_handle().shutdown();
+                server
+                    .join()
+                    .map(|summary| summary.udp)
+                    .map_err(|e| format!("ours: {e}"))
+            }
+            // The peers stop and join in their Drop.
+            UdpInProcess::Tokio(_) | UdpInProcess::Blocking(_) => Ok(None),
+        }
+    }
 }
 
 /// A server running as a child process.
