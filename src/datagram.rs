@@ -396,17 +396,21 @@ impl UdpEcho {
 
     /// Starts the drain: from now on the socket takes no new datagrams;
     /// those already queued in it are still echoed.
-    pub(crate) fn begin_drain(&mut self) {
+    pub(crate) fn begin_drain(&mut self, worker: usize) {
         if self.draining {
             return;
         }
         self.draining = true;
-        if let Err(err) = crate::socket::drop_new_datagrams(&self.socket) {
+        match crate::socket::drop_new_datagrams(&self.socket) {
+            Ok(()) => self.logger.info(format_args!(
+                "udp: worker {worker} takes no new datagrams; echoing those queued"
+            )),
             // Datagrams arriving during the drain are echoed too, then.
-            self.logger.warn(format_args!(
-                "udp: cannot stop new datagrams for the drain: {}; echoing them too",
+            Err(err) => self.logger.warn(format_args!(
+                "udp: worker {worker} cannot stop new datagrams for the drain: {}; \
+                 echoing them too",
                 io_cause(&err)
-            ));
+            )),
         }
     }
 

@@ -399,7 +399,7 @@ impl Worker {
             self.start_draining(index, now);
         }
         if let Some(udp) = self.setup.udp.as_mut() {
-            udp.begin_drain();
+            udp.begin_drain(self.setup.index);
             self.serve_udp(true, now);
         }
     }
