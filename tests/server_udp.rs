@@ -410,7 +410,10 @@ fn the_drain_echoes_the_datagrams_queued_when_the_signal_came_and_none_after() {
             assert_eq!(&echo[..len], &[seq; 100][..]);
         }
         // Once the worker says so, its socket takes nothing new.
-        server.wait_for_log("udp: worker 0 takes no new datagrams", Duration::from_secs(10));
+        server.wait_for_log(
+            "udp: worker 0 takes no new datagrams",
+            Duration::from_secs(10),
+        );
         // The drain has begun: what comes now is new work, never taken.
         for _ in 0..5 {
             client.send_to(b"too late", addr).expect("send");
