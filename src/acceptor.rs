@@ -130,10 +130,14 @@ impl Throttled {
 }
 
 /// The limits the acceptor admits connections against.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Admission {
     pub(crate) max_connections: usize,
     pub(crate) max_connections_per_ip: Option<usize>,
+    /// With the PROXY protocol, the sources connections may come from; the
+    /// per-address limit then waits for the header's client address, in the
+    /// worker.
+    pub(crate) trusted_proxies: Option<Arc<[crate::cidr::Cidr]>>,
 }
 
 /// The acceptor thread's state.
@@ -154,6 +158,7 @@ pub(crate) struct Acceptor {
     address_full_warning: Throttled,
     accept_warning: Throttled,
     inline_warning: Throttled,
+    untrusted_warning: Throttled,
 }
 
 impl Acceptor {
@@ -194,6 +199,7 @@ impl Acceptor {
             address_full_warning: Throttled::default(),
             accept_warning: Throttled::default(),
             inline_warning: Throttled::default(),
+            untrusted_warning: Throttled::default(),
         })
     }
 
@@ -306,12 +312,33 @@ impl Acceptor {
 
     /// Admits a new stream and gives it to the least-loaded worker, or closes it.
     fn place(&mut self, stream: TcpStream, peer: SocketAddr) {
-        let admission = self.admission;
-        if let Err(refusal) = self.open.admit(
-            peer.ip(),
-            admission.max_connections,
-            admission.max_connections_per_ip,
-        ) {
+        let admission = &self.admission;
+        let behind_proxy = admission.trusted_proxies.is_some();
+        if let Some(trusted) = &admission.trusted_proxies
+            && !trusted.iter().any(|block| block.contains(peer.ip()))
+        {
+            self.counters.refused_untrusted_proxy.add(1);
+            self.untrusted_warning.warn(
+                &self.logger,
+                Instant::now(),
+                format_args!(
+                    "connection from {peer} closed: not a trusted proxy (--proxy-from), and \
+                     every connection must carry a PROXY header"
+                ),
+            );
+            // Dropping the stream closes it at once.
+            return;
+        }
+        // Behind a proxy the per-address limit applies to the client the
+        // header names, once the worker has read it.
+        let per_ip = if behind_proxy {
+            None
+        } else {
+            admission.max_connections_per_ip
+        };
+        let (max_connections, max_connections_per_ip) =
+            (admission.max_connections, admission.max_connections_per_ip);
+        if let Err(refusal) = self.open.admit(peer.ip(), max_connections, per_ip) {
             let now = Instant::now();
             match refusal {
                 Refusal::ServerFull => self.counters.refused_server_full.add(1),
@@ -322,8 +349,7 @@ impl Acceptor {
                     &self.logger,
                     now,
                     format_args!(
-                        "connection limit reached ({} open); refusing new connections",
-                        admission.max_connections
+                        "connection limit reached ({max_connections} open); refusing new connections",
                     ),
                 ),
                 Refusal::AddressFull => self.address_full_warning.warn(
@@ -332,7 +358,7 @@ impl Acceptor {
                     format_args!(
                         "per-address limit reached for {} ({} open); refusing its new connections",
                         peer.ip(),
-                        admission.max_connections_per_ip.unwrap_or_default()
+                        max_connections_per_ip.unwrap_or_default()
                     ),
                 ),
             }
@@ -355,7 +381,11 @@ impl Acceptor {
                 ),
             );
         }
-        let mut handoff = Handoff { stream, peer };
+        let mut handoff = Handoff {
+            stream,
+            peer,
+            awaits_proxy_header: behind_proxy,
+        };
         while let Some(index) = self.least_loaded() {
             let link = &mut self.workers[index];
             let inbox = link
@@ -377,7 +407,8 @@ impl Acceptor {
             }
         }
         // No worker is left; the stream closes as it drops.
-        self.open.release(None, peer.ip());
+        let counted = (!behind_proxy).then(|| peer.ip());
+        self.open.release(None, counted);
     }
 
     /// The live worker with the fewest open connections. Least-loaded rather

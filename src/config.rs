@@ -85,7 +85,13 @@ pub struct ServerConfig {
     /// The limit on UDP answers per source address; `None` answers every
     /// source the guard allows, as fast as it sends.
     pub udp_rate_limit: Option<RateLimit>,
+    /// With `Some`, every TCP connection must start with a PROXY protocol
+    /// header, and only from these sources (the proxies' addresses).
+    pub proxy_protocol: Option<Vec<crate::cidr::Cidr>>,
 }
+
+/// How long a connection may take to send its whole PROXY header.
+pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The default UDP rate limit: [`DEFAULT_RATE_PER_IP`] datagrams a second
 /// per source, a second's worth at once, loopback and private sources exempt.
@@ -110,6 +116,7 @@ impl Default for ServerConfig {
             busy_poll: DEFAULT_BUSY_POLL,
             log_level: LogLevel::Normal,
             udp_rate_limit: Some(default_udp_rate_limit()),
+            proxy_protocol: None,
         }
     }
 }
@@ -143,6 +150,9 @@ impl ServerConfig {
             return Err(
                 "udp_rate_limit must allow at least 1 datagram a second and a burst of 1".into(),
             );
+        }
+        if self.proxy_protocol.as_ref().is_some_and(Vec::is_empty) {
+            return Err("proxy_protocol must list at least one trusted source".into());
         }
         if self.busy_poll > MAX_BUSY_POLL {
             return Err(format!(

@@ -181,7 +181,11 @@ impl Server {
             config.workers,
             config.max_connections_per_ip.is_some(),
         ));
-        let counters = Arc::new(Counters::new(config.workers, udp_shared.is_some()));
+        let counters = Arc::new(Counters::new(
+            config.workers,
+            udp_shared.is_some(),
+            config.proxy_protocol.is_some(),
+        ));
 
         // If anything below fails, dropping `links` disconnects and wakes the
         // workers already started, and dropping `server` joins them.
@@ -242,6 +246,8 @@ impl Server {
                 busy_poll: config.busy_poll,
                 logger,
                 udp,
+                max_connections_per_ip: config.max_connections_per_ip,
+                proxy_warnings: crate::log::SharedThrottle::new(),
             });
             let watch = DeathWatch {
                 shutdown: shutdown.clone(),
@@ -261,6 +267,7 @@ impl Server {
         let admission = Admission {
             max_connections: config.max_connections,
             max_connections_per_ip: config.max_connections_per_ip,
+            trusted_proxies: config.proxy_protocol.as_deref().map(Arc::from),
         };
         let acceptor = Acceptor::new(
             acceptor_poll,

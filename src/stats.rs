@@ -38,6 +38,8 @@ pub struct Summary {
     pub busy_poll_catches: u64,
     /// What the UDP sockets did, when the server serves UDP.
     pub udp: Option<UdpSummary>,
+    /// What the PROXY protocol refused, when the server requires it.
+    pub proxy: Option<ProxySummary>,
 }
 
 /// What the server's UDP sockets did from start to stop.
@@ -102,6 +104,11 @@ impl Summary {
         if let Some(other) = &other.udp {
             self.udp.get_or_insert_default().add(other);
         }
+        if let Some(other) = &other.proxy {
+            let proxy = self.proxy.get_or_insert_default();
+            proxy.untrusted_sources += other.untrusted_sources;
+            proxy.bad_headers += other.bad_headers;
+        }
     }
 }
 
@@ -123,6 +130,9 @@ impl fmt::Display for Summary {
         )?;
         if let Some(udp) = &self.udp {
             write!(f, "; udp: {udp}")?;
+        }
+        if let Some(proxy) = &self.proxy {
+            write!(f, "; proxy protocol: {proxy}")?;
         }
         Ok(())
     }
@@ -198,6 +208,11 @@ pub(crate) struct WorkerCounters {
     pub(crate) udp_refused_source: OwnedCount,
     pub(crate) udp_rate_limited: OwnedCount,
     pub(crate) udp_send_failed: OwnedCount,
+    /// Connections closed for a missing, malformed or late PROXY header.
+    pub(crate) proxy_headers_refused: OwnedCount,
+    /// Connections refused at `--max-connections-per-ip` once their PROXY
+    /// header named the client (behind a proxy the worker admits by address).
+    pub(crate) refused_address_full: OwnedCount,
 }
 
 /// The acceptor's counts, written only by the acceptor thread.
@@ -208,6 +223,8 @@ pub(crate) struct AcceptorCounters {
     pub(crate) refused_address_full: OwnedCount,
     pub(crate) accept_out_of_descriptors: OwnedCount,
     pub(crate) accept_failed: OwnedCount,
+    /// Connections closed at once for coming from outside `--proxy-from`.
+    pub(crate) refused_untrusted_proxy: OwnedCount,
 }
 
 /// Every thread's counts: the one source of both the metrics and the summary.
@@ -217,15 +234,18 @@ pub(crate) struct Counters {
     pub(crate) workers: Vec<Arc<WorkerCounters>>,
     /// Whether the server serves UDP, and so has UDP counts to report.
     serves_udp: bool,
+    /// Whether the server requires the PROXY protocol, and so counts it.
+    serves_proxy: bool,
 }
 
 impl Counters {
     /// Zeroed counts for `workers` workers.
-    pub(crate) fn new(workers: usize, serves_udp: bool) -> Self {
+    pub(crate) fn new(workers: usize, serves_udp: bool, serves_proxy: bool) -> Self {
         Counters {
             acceptor: Arc::default(),
             workers: (0..workers).map(|_| Arc::default()).collect(),
             serves_udp,
+            serves_proxy,
         }
     }
 
@@ -235,7 +255,11 @@ impl Counters {
     pub(crate) fn summary(&self) -> Summary {
         let mut summary = Summary::default();
         let mut udp = UdpSummary::default();
+        let mut proxy = ProxySummary::default();
+        let mut refused_address_full = 0;
         for worker in &self.workers {
+            proxy.bad_headers += worker.proxy_headers_refused.get();
+            refused_address_full += worker.refused_address_full.get();
             summary.connections_served += worker.connections_served.get();
             summary.bytes_received += worker.bytes_received.get();
             summary.bytes_echoed += worker.bytes_echoed.get();
@@ -251,9 +275,12 @@ impl Counters {
             udp.send_failed += worker.udp_send_failed.get();
         }
         let acceptor = &self.acceptor;
-        summary.connections_refused =
-            acceptor.refused_server_full.get() + acceptor.refused_address_full.get();
+        summary.connections_refused = acceptor.refused_server_full.get()
+            + acceptor.refused_address_full.get()
+            + refused_address_full;
+        proxy.untrusted_sources = acceptor.refused_untrusted_proxy.get();
         summary.udp = self.serves_udp.then_some(udp);
+        summary.proxy = self.serves_proxy.then_some(proxy);
         summary
     }
 
@@ -264,7 +291,12 @@ impl Counters {
         Snapshot {
             summary: self.summary(),
             refused_server_full: acceptor.refused_server_full.get(),
-            refused_address_full: acceptor.refused_address_full.get(),
+            refused_address_full: acceptor.refused_address_full.get()
+                + self
+                    .workers
+                    .iter()
+                    .map(|worker| worker.refused_address_full.get())
+                    .sum::<u64>(),
             accept_out_of_descriptors: acceptor.accept_out_of_descriptors.get(),
             accept_failed: acceptor.accept_failed.get(),
             idle_timeouts: self
@@ -285,6 +317,25 @@ pub(crate) struct OpenConnections {
     per_worker: Vec<AtomicUsize>,
     /// Only kept when a per-address limit is set.
     per_ip: Option<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// What the PROXY protocol refused, when the server requires it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProxySummary {
+    /// Connections from sources outside `--proxy-from`, closed at once.
+    pub untrusted_sources: u64,
+    /// Connections closed for a missing, malformed, oversized or late header.
+    pub bad_headers: u64,
+}
+
+impl fmt::Display for ProxySummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} connections from untrusted sources, {} without a valid header",
+            self.untrusted_sources, self.bad_headers
+        )
+    }
 }
 
 /// Why a new connection was not admitted.
@@ -352,13 +403,33 @@ impl OpenConnections {
         self.per_worker[worker].fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Counts a connection on `worker` from `ip` as closed.
-    pub fn release(&self, worker: Option<usize>, ip: IpAddr) {
+    /// Counts a connection already admitted by [`admit`](Self::admit)
+    /// (without a per-address limit) against `ip`'s limit: behind a proxy,
+    /// the client's address is known only once its PROXY header is read.
+    ///
+    /// # Errors
+    /// [`Refusal::AddressFull`] if `ip` has `max_per_ip` open already.
+    pub fn admit_address(&self, ip: IpAddr, max_per_ip: usize) -> Result<(), Refusal> {
+        let Some(per_ip) = &self.per_ip else {
+            return Ok(());
+        };
+        let mut per_ip = lock(per_ip);
+        let count = per_ip.entry(ip).or_insert(0);
+        if *count >= max_per_ip {
+            return Err(Refusal::AddressFull);
+        }
+        *count += 1;
+        Ok(())
+    }
+
+    /// Counts a connection on `worker` as closed, and as one fewer from
+    /// `counted_ip` if it was counted against that address.
+    pub fn release(&self, worker: Option<usize>, counted_ip: Option<IpAddr>) {
         self.total.fetch_sub(1, Ordering::Relaxed);
         if let Some(worker) = worker {
             self.per_worker[worker].fetch_sub(1, Ordering::Relaxed);
         }
-        if let Some(per_ip) = &self.per_ip {
+        if let (Some(per_ip), Some(ip)) = (&self.per_ip, counted_ip) {
             let mut per_ip = lock(per_ip);
             if let Some(count) = per_ip.get_mut(&ip) {
                 *count -= 1;
@@ -390,7 +461,7 @@ mod tests {
 
     #[test]
     fn the_summary_adds_up_every_workers_counts_and_the_acceptors_refusals() {
-        let counters = Counters::new(2, true);
+        let counters = Counters::new(2, true, false);
         for (index, worker) in counters.workers.iter().enumerate() {
             let n = index as u64 + 1;
             worker.connections_served.add(n);
@@ -417,6 +488,6 @@ mod tests {
         assert_eq!((udp.datagrams_received, udp.refused_source), (30, 3));
         assert_eq!(snapshot.idle_timeouts, 3);
         assert_eq!(snapshot.accept_out_of_descriptors, 9);
-        assert_eq!(Counters::new(1, false).summary().udp, None);
+        assert_eq!(Counters::new(1, false, false).summary().udp, None);
     }
 }

@@ -11,10 +11,16 @@
 //! A worker of a server that serves UDP also owns one UDP socket of the
 //! port ([`UdpEcho`]) in the same event loop: datagrams and connections take
 //! turns, and the drain waits for both.
+//!
+//! Behind a proxy (`--proxy-protocol`), a new connection first waits for its
+//! PROXY header: the worker peeks until a whole one is there
+//! ([`crate::proxy_header`]), takes exactly its bytes, admits the client it
+//! names against the per-address limit, and only then starts the echo, so
+//! the header is never echoed.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::io;
+use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,11 +31,12 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::busy_poll::BusyPoll;
-use crate::config::{LogLevel, READ_BUFFER_SIZE, deadline_after};
+use crate::config::{LogLevel, PROXY_HEADER_TIMEOUT, READ_BUFFER_SIZE, deadline_after};
 use crate::connection::{CloseReason, Connection, ConnectionStats, Outcome, Readiness};
 use crate::datagram::{Turn, UdpEcho};
-use crate::error::{interrupted, io_cause};
+use crate::error::{interrupted, io_cause, would_block};
 use crate::log::{Logger, preview};
+use crate::proxy_header::HeaderRead;
 use crate::shutdown::ShutdownHandle;
 use crate::stats::{OpenConnections, WorkerCounters};
 
@@ -56,13 +63,21 @@ const CONNECTION_INTEREST: Interest = Interest::READABLE.add(Interest::WRITABLE)
 pub(crate) struct Handoff {
     pub(crate) stream: TcpStream,
     pub(crate) peer: SocketAddr,
+    /// The connection must start with a PROXY header, which names the client.
+    pub(crate) awaits_proxy_header: bool,
 }
 
 /// One open connection and what the worker knows of it.
 struct Slot {
     stream: TcpStream,
     connection: Connection,
+    /// The client: the PROXY header's, once read; else the socket's peer.
     peer: SocketAddr,
+    /// Until when the connection may take to send its PROXY header; `None`
+    /// once it has (or when none is expected).
+    header_due: Option<Instant>,
+    /// The address counted against `--max-connections-per-ip`, if any.
+    counted_ip: Option<std::net::IpAddr>,
     opened: Instant,
     last_active: Instant,
     /// Echo in the kernel's send queue, not yet acknowledged, when the idle
@@ -89,6 +104,10 @@ enum Ending {
         untaken: Option<usize>,
         reset: bool,
     },
+    /// No valid PROXY header: why.
+    ProxyHeader(String),
+    /// The client the PROXY header named has `--max-connections-per-ip` open.
+    AddressFull,
 }
 
 /// Everything a worker needs besides its thread.
@@ -109,6 +128,10 @@ pub(crate) struct WorkerSetup {
     pub(crate) logger: Logger,
     /// The worker's UDP socket, registered with `poll` as [`UDP`].
     pub(crate) udp: Option<UdpEcho>,
+    /// The per-address limit, applied here to the client a PROXY header names.
+    pub(crate) max_connections_per_ip: Option<usize>,
+    /// One warning a second at most about refused PROXY headers.
+    pub(crate) proxy_warnings: crate::log::SharedThrottle,
 }
 
 /// A worker's event loop and the connections it owns.
@@ -294,7 +317,12 @@ impl Worker {
     }
 
     fn open(&mut self, handoff: Handoff, now: Instant) {
-        let Handoff { mut stream, peer } = handoff;
+        let Handoff {
+            mut stream,
+            peer,
+            awaits_proxy_header,
+        } = handoff;
+        let counted_ip = (!awaits_proxy_header).then(|| peer.ip());
         let index = self.free.pop().unwrap_or_else(|| {
             self.slots.push(None);
             self.slots.len() - 1
@@ -312,15 +340,21 @@ impl Worker {
                 io_cause(&err)
             ));
             self.free.push(index);
-            self.setup.open.release(Some(self.setup.index), peer.ip());
+            self.setup.open.release(Some(self.setup.index), counted_ip);
             return;
         }
         self.setup.counters.connections_served.add(1);
         self.last_serial += 1;
         let serial = self.last_serial;
-        self.setup
-            .logger
-            .info(format_args!("open {peer} on worker {}", self.setup.index));
+        let header_due = awaits_proxy_header.then(|| now + PROXY_HEADER_TIMEOUT);
+        match header_due {
+            // Logged with the client's address once the header names it.
+            Some(due) => self.idle_timers.push(Reverse((due, index, serial))),
+            None => self
+                .setup
+                .logger
+                .info(format_args!("open {peer} on worker {}", self.setup.index)),
+        }
         if let Some(idle) = self.setup.idle_timeout {
             self.idle_timers
                 .push(Reverse((deadline_after(now, idle), index, serial)));
@@ -329,6 +363,8 @@ impl Worker {
             stream,
             connection: Connection::new(),
             peer,
+            header_due,
+            counted_ip,
             opened: now,
             last_active: now,
             echo_queued: None,
@@ -349,6 +385,10 @@ impl Worker {
         };
         if slot.owed_turn {
             slot.connection.note_ready(ready);
+            return;
+        }
+        if slot.header_due.is_some() {
+            self.read_proxy_header(index, ready, now);
             return;
         }
         let logger = self.setup.logger;
@@ -406,16 +446,97 @@ impl Worker {
 
     fn start_draining(&mut self, index: usize, now: Instant) {
         if let Some(slot) = self.slots[index].as_mut() {
-            slot.connection.begin_drain(&slot.stream);
+            // A connection still owing its PROXY header starts draining once
+            // the header is taken: the drain must not echo the header's bytes.
+            if slot.header_due.is_none() {
+                slot.connection.begin_drain(&slot.stream);
+            }
             self.serve(index, Readiness::default(), now);
         }
     }
 
-    /// Closes connections idle for the whole idle timeout.
-    fn expire_idle(&mut self, now: Instant) {
-        let Some(idle) = self.setup.idle_timeout else {
+    /// Peeks at a connection that owes its PROXY header; once a whole one
+    /// is there, takes exactly its bytes, makes its client the connection's
+    /// peer, and starts the echo with what follows it.
+    fn read_proxy_header(&mut self, index: usize, ready: Readiness, now: Instant) {
+        let Some(slot) = self.slots[index].as_mut() else {
             return;
         };
+        let room = crate::proxy_header::MAX_HEADER_LEN.min(self.buf.len());
+        let peeked = loop {
+            match slot.stream.peek(&mut self.buf[..room]) {
+                // A signal landed: look again.
+                Err(err) if interrupted(&err) => {}
+                other => break other,
+            }
+        };
+        let (len, client) = match peeked {
+            Ok(0) => {
+                let why = "the connection closed before a whole PROXY header".to_string();
+                return self.close(index, Ending::ProxyHeader(why), now);
+            }
+            Ok(seen) => match crate::proxy_header::read_header(&self.buf[..seen]) {
+                // More is on its way; its arrival is the next event.
+                HeaderRead::Incomplete => return,
+                HeaderRead::Invalid(why) => {
+                    return self.close(index, Ending::ProxyHeader(why), now);
+                }
+                HeaderRead::Complete { len, client } => (len, client),
+            },
+            // Nothing yet: the next event brings it.
+            Err(err) if would_block(&err) => return,
+            Err(err) => {
+                return self.close(index, Ending::Echo(CloseReason::Failed(err)), now);
+            }
+        };
+        // The peeked bytes are in the socket: taking them cannot block.
+        let mut taken = 0;
+        while taken < len {
+            match slot.stream.read(&mut self.buf[taken..len]) {
+                Ok(0) => break,
+                Ok(n) => taken += n,
+                Err(err) if interrupted(&err) => {}
+                Err(err) => {
+                    return self.close(index, Ending::Echo(CloseReason::Failed(err)), now);
+                }
+            }
+        }
+        if taken < len {
+            let why = "the connection closed inside its PROXY header".to_string();
+            return self.close(index, Ending::ProxyHeader(why), now);
+        }
+        slot.header_due = None;
+        let proxy = slot.peer;
+        // A v2 LOCAL header (the proxy's own health check) names no client:
+        // the connection is the proxy's own.
+        let client = client.unwrap_or(proxy);
+        slot.peer = client;
+        if let Some(max) = self.setup.max_connections_per_ip {
+            if self.setup.open.admit_address(client.ip(), max).is_err() {
+                self.setup.counters.refused_address_full.add(1);
+                return self.close(index, Ending::AddressFull, now);
+            }
+            slot.counted_ip = Some(client.ip());
+        }
+        self.setup.logger.info(format_args!(
+            "open {client} via {proxy} on worker {}",
+            self.setup.index
+        ));
+        if self.drain_deadline.is_some() {
+            slot.connection.begin_drain(&slot.stream);
+        }
+        // What the event said still holds for the bytes behind the header
+        // (an end of stream, say), and they are there to read.
+        let ready = Readiness {
+            readable: true,
+            ..ready
+        };
+        self.serve(index, ready, now);
+    }
+
+    /// Closes connections that owe their PROXY header past its time, and
+    /// those idle for the whole idle timeout.
+    fn expire_idle(&mut self, now: Instant) {
         while let Some(&Reverse((at, index, serial))) = self.idle_timers.peek() {
             if at > now {
                 break;
@@ -427,6 +548,17 @@ impl Worker {
             if slot.serial != serial {
                 continue;
             }
+            if slot.header_due.is_some_and(|due| due <= now) {
+                let why = format!(
+                    "no whole PROXY header within {}",
+                    humantime::format_duration(PROXY_HEADER_TIMEOUT)
+                );
+                self.close(index, Ending::ProxyHeader(why), now);
+                continue;
+            }
+            let Some(idle) = self.setup.idle_timeout else {
+                continue;
+            };
             let mut due = deadline_after(slot.last_active, idle);
             if due <= now {
                 // A client taking its echo slowly moves no bytes the worker
@@ -526,13 +658,31 @@ impl Worker {
                 self.setup.counters.connections_cut.add(1);
             }
             Ending::IdleTimeout => self.setup.counters.idle_timeouts.add(1),
-            Ending::Echo(_) | Ending::LingerCut => {}
+            Ending::ProxyHeader(_) => self.setup.counters.proxy_headers_refused.add(1),
+            Ending::Echo(_) | Ending::LingerCut | Ending::AddressFull => {}
+        }
+        match &ending {
+            Ending::ProxyHeader(why) if self.setup.proxy_warnings.pass(now) => {
+                self.setup.logger.warn(format_args!(
+                    "connection from {} closed without a valid PROXY header: {why} \
+                     (one such warning a second at most; the summary counts them all)",
+                    slot.peer
+                ));
+            }
+            Ending::AddressFull if self.setup.proxy_warnings.pass(now) => {
+                self.setup.logger.warn(format_args!(
+                    "per-address limit reached for {} (behind a proxy); refusing its new \
+                     connections",
+                    slot.peer.ip()
+                ));
+            }
+            _ => {}
         }
         // Before the stream closes: a peer that has seen our end of stream
         // may connect again at once, and must find the place free.
         self.setup
             .open
-            .release(Some(self.setup.index), slot.peer.ip());
+            .release(Some(self.setup.index), slot.counted_ip);
         if let Ending::Echo(CloseReason::Failed(err)) = &ending {
             self.setup.logger.warn(format_args!(
                 "connection {} failed: {}",
@@ -572,6 +722,8 @@ fn describe(ending: &Ending) -> String {
         Ending::Echo(CloseReason::PeerGone(kind)) => format!("peer gone: {kind}"),
         Ending::Echo(CloseReason::Failed(err)) => format!("failed: {}", io_cause(err)),
         Ending::IdleTimeout => "idle timeout".into(),
+        Ending::ProxyHeader(why) => format!("no valid PROXY header: {why}"),
+        Ending::AddressFull => "refused: the per-address limit (--max-connections-per-ip)".into(),
         Ending::CutAtDeadline => "cut at the shutdown deadline".into(),
         Ending::LingerCut => "drained; the peer had not closed by the deadline".into(),
         Ending::CutUntaken { untaken, reset } => {

@@ -69,6 +69,17 @@ struct Args {
     #[argh(option, from_str_fn(parse_port))]
     port: Option<u16>,
 
+    /// require a PROXY protocol header (v1 or v2, as HAProxy's send-proxy,
+    /// nginx or an AWS NLB send it) at the start of every TCP connection; its
+    /// client address is used for logs and limits (needs --proxy-from)
+    #[argh(switch)]
+    proxy_protocol: u8,
+
+    /// the proxies' addresses, as blocks separated by commas (e.g.
+    /// 10.0.0.0/24,fd00::/8): connections from elsewhere are closed at once
+    #[argh(option, from_str_fn(parse_cidr_list), arg_name = "cidrs")]
+    proxy_from: Option<Vec<Cidr>>,
+
     /// set SO_REUSEPORT on every socket, so that a new server can start on
     /// the port before this one is stopped (a restart that refuses no one)
     #[argh(switch)]
@@ -241,6 +252,24 @@ fn run() -> Result<(), Failure> {
     let tcp = cli::once(args.tcp, "--tcp").map_err(Failure::Usage)?;
     let udp = cli::once(args.udp, "--udp").map_err(Failure::Usage)?;
     let reuse_port = cli::once(args.reuse_port, "--reuse-port").map_err(Failure::Usage)?;
+    let proxy_protocol =
+        cli::once(args.proxy_protocol, "--proxy-protocol").map_err(Failure::Usage)?;
+    let proxy_protocol = match (proxy_protocol, args.proxy_from) {
+        (true, Some(trusted)) if !trusted.is_empty() => Some(trusted),
+        (true, _) => {
+            return Err(Failure::Usage(
+                "--proxy-protocol needs --proxy-from with the proxies' addresses, e.g. \
+                 --proxy-from 10.0.0.0/24"
+                    .into(),
+            ));
+        }
+        (false, Some(_)) => {
+            return Err(Failure::Usage(
+                "--proxy-from applies to --proxy-protocol: add --proxy-protocol".into(),
+            ));
+        }
+        (false, None) => None,
+    };
     if !inherited.is_empty() {
         let given = [
             (args.bind.is_some(), "--bind"),
@@ -274,6 +303,11 @@ fn run() -> Result<(), Failure> {
             udp,
         },
     };
+    if !transports.tcp && proxy_protocol.is_some() {
+        return Err(Failure::Usage(
+            "--proxy-protocol applies to TCP, and this server serves UDP alone: add --tcp".into(),
+        ));
+    }
     if !transports.udp && (args.udp_rate_exempt.is_some() || args.udp_rate_per_ip.is_some()) {
         return Err(Failure::Usage(
             "--udp-rate-per-ip and --udp-rate-exempt apply to UDP: add --udp".into(),
@@ -303,6 +337,7 @@ fn run() -> Result<(), Failure> {
             _ => LogLevel::Normal,
         },
         udp_rate_limit: udp_rate_limit(args.udp_rate_per_ip, args.udp_rate_exempt),
+        proxy_protocol,
     };
 
     // Handlers go in before the listener exists, so an early signal is queued

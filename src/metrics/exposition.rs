@@ -154,6 +154,18 @@ fn encode_snapshot(snapshot: &Snapshot, encoder: &mut DescriptorEncoder) -> fmt:
         None,
         summary.busy_poll_catches,
     )?;
+    if let Some(proxy) = &summary.proxy {
+        counter_by_reason(
+            encoder,
+            "proxy_protocol_refused",
+            "TCP connections closed for the PROXY protocol: from a source outside \
+             --proxy-from (untrusted-source), or without a valid header in time (bad-header)",
+            &[
+                ("untrusted-source", proxy.untrusted_sources),
+                ("bad-header", proxy.bad_headers),
+            ],
+        )?;
+    }
     let Some(udp) = &summary.udp else {
         return Ok(());
     };
@@ -270,6 +282,10 @@ mod tests {
                     rate_limited: 5,
                     send_failed: 1,
                 }),
+                proxy: Some(crate::stats::ProxySummary {
+                    untrusted_sources: 12,
+                    bad_headers: 13,
+                }),
             },
             open_connections: 6,
             refused_server_full: 3,
@@ -286,6 +302,8 @@ mod tests {
             "# TYPE echo_connections_total counter",
             "echo_connections_total 11",
             "echo_connections_refused_total{reason=\"max-connections\"} 3",
+            "echo_proxy_protocol_refused_total{reason=\"untrusted-source\"} 12",
+            "echo_proxy_protocol_refused_total{reason=\"bad-header\"} 13",
             "echo_connections_refused_total{reason=\"per-ip\"} 2",
             "echo_connections_refused_total{reason=\"out-of-descriptors\"} 8",
             "echo_connections_refused_total{reason=\"accept-error\"} 9",
