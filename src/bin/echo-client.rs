@@ -228,8 +228,11 @@ fn run() -> Exit {
         Ok(report) => report,
         // Only known once the name resolves to an address family.
         Err(error @ ConfigError::DatagramTooLarge { .. }) => {
-            let size = args.size.as_ref().map_or("", |size| size.text.as_str());
-            cli::print_err(PROG, format_args!("--size {size}: {error}"));
+            let flag = match &args.size {
+                Some(size) => format!("--size {}", size.text),
+                None => "--message".to_owned(),
+            };
+            cli::print_err(PROG, format_args!("{flag}: {error}"));
             return Exit::Usage;
         }
         Err(error) => {

@@ -13,9 +13,9 @@
 //! Each flow has its own thread and unconnected socket, and waits on it with
 //! poll(2); the stop reaches every flow at once through a pipe whose
 //! writing end is closed when the [`StopHandle`] fires. How an echo names
-//! its datagram is described in the `datagram` module: a `--size` datagram
-//! carries its sequence number, a `--message` one does not, so its flow
-//! keeps one datagram in flight.
+//! its datagram is described in the [`datagram`] module: a `--size`
+//! datagram of 8 bytes or more carries its sequence number, a `--message`
+//! one or a smaller one does not, so its flow keeps one datagram in flight.
 //!
 //! # Example
 //!
@@ -47,15 +47,16 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-mod datagram;
+pub mod datagram;
 mod failure;
 mod flow;
 pub mod ledger;
 mod report;
+mod socket;
 
 use std::convert::Infallible;
 use std::io::PipeWriter;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
@@ -127,16 +128,25 @@ struct Context<'a, F> {
 /// Runs `config` over UDP to the end: each of `config.connections` flows
 /// sends `repeat` datagrams (`0`: until `stop` fires), `interval` apart on
 /// a fixed schedule, and waits for each echo up to `timeout` before
-/// counting its datagram lost. A datagram whose time has come while the
-/// flow has as many in flight as it can match (1,024 for `--size` of 2
-/// bytes or more; see the `datagram` module) waits for room, and the
-/// schedule then catches up. With a zero `interval` a flow plays
-/// ping-pong instead: one datagram in flight, the next sent as soon as the
-/// last is answered or lost. A `--size` payload of `n` bytes sends `n`
-/// bytes per datagram; an empty [`Payload::Text`](super::Payload::Text)
-/// sends empty datagrams.
+/// counting its datagram lost. A numbered flow (`--size` of 8 bytes or
+/// more) keeps records for every datagram it sends within a timeout (up
+/// to 32,768; fewer per flow when there are many flows); a datagram whose
+/// time comes while its flow has no room (a full window, or an unnumbered
+/// flow's one datagram still out) waits, and the schedule slips to that
+/// time: owed datagrams are paced, never sent in a burst. An unnumbered
+/// flow that lost a datagram keeps quiet one more timeout before its next
+/// send, so that a late echo is counted late. With a zero `interval` a
+/// flow plays ping-pong instead: one datagram in flight, the next sent as
+/// soon as the last is answered or lost. A `--size` payload of `n` bytes
+/// sends `n` bytes per datagram; an empty
+/// [`Payload::Text`](super::Payload::Text) sends empty datagrams.
 ///
-/// The target resolves once; the flows send to its first address. After
+/// Loss and round trips are judged by when an echo arrived (the kernel's
+/// receive timestamp on Linux), not when the flow read it.
+///
+/// The target resolves once; the flows send to its first address (to
+/// loopback for an unspecified one, `0.0.0.0` or `::`, which is where the
+/// kernel would send it, so that echoes come from the address sent to). After
 /// its last datagram is settled, a flow keeps listening a short while for
 /// stray echoes (twice the p99 round trip, at least 100 ms, at most the
 /// timeout; 100 ms once stopped); the report's time ends before that.
@@ -167,7 +177,7 @@ where
     let flows = config.connections.get();
     let multiple = flows > 1;
     let peer = match config.target.resolve() {
-        Ok(addrs) => addrs[0],
+        Ok(addrs) => to_loopback_if_unspecified(addrs[0]),
         Err(error) => {
             let failure = UdpFailure {
                 flow: None,
@@ -245,9 +255,20 @@ where
     Ok(merge(config, results, started, stop))
 }
 
+/// Sending to an unspecified address reaches this host, whose echoes then
+/// come from loopback: send to loopback, of the same family.
+fn to_loopback_if_unspecified(peer: SocketAddr) -> SocketAddr {
+    match peer.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, peer.port()).into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, peer.port()).into(),
+        _ => peer,
+    }
+}
+
 /// Checks what can be checked before sending: always the timeout, the
-/// number of flows and the largest datagram of any family; with the
-/// server's address, the largest datagram of its family.
+/// number of flows and the largest datagram of the target's family (of
+/// any family for a name not yet resolved); with the server's address,
+/// the largest datagram of its family.
 fn validate(config: &ClientConfig, peer: Option<SocketAddr>) -> Result<(), ConfigError> {
     if config.timeout.is_zero() {
         return Err(ConfigError::ZeroTimeout);
@@ -255,10 +276,13 @@ fn validate(config: &ClientConfig, peer: Option<SocketAddr>) -> Result<(), Confi
     if config.connections.get() > MAX_CONNECTIONS {
         return Err(ConfigError::TooManyConnections);
     }
-    let limit = match peer {
-        Some(SocketAddr::V4(_)) => MAX_DATAGRAM_V4,
-        Some(SocketAddr::V6(v6)) if v6.ip().to_ipv4_mapped().is_some() => MAX_DATAGRAM_V4,
-        Some(SocketAddr::V6(_)) | None => MAX_DATAGRAM_V6,
+    let ip = peer
+        .map(|peer| peer.ip())
+        .or_else(|| config.target.host().parse::<IpAddr>().ok());
+    let limit = match ip {
+        Some(IpAddr::V4(_)) => MAX_DATAGRAM_V4,
+        Some(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_some() => MAX_DATAGRAM_V4,
+        Some(IpAddr::V6(_)) | None => MAX_DATAGRAM_V6,
     };
     let size = config.payload.len();
     if size > limit {

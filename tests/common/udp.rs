@@ -64,6 +64,7 @@ impl UdpTestServer {
     /// Like [`start`](Self::start) on `bind` (such as `[::1]:0`).
     pub fn start_on(bind: &str, mut respond: Box<Respond>) -> std::io::Result<UdpTestServer> {
         let socket = UdpSocket::bind(bind)?;
+        grow_receive_buffer(&socket);
         let other = UdpSocket::bind(bind)?;
         let addr = socket.local_addr()?;
         let other_addr = other.local_addr()?;
@@ -122,6 +123,25 @@ impl UdpTestServer {
     pub fn other_addr(&self) -> SocketAddr {
         self.other_addr
     }
+}
+
+/// Asks for a 4 MiB receive buffer (capped by `net.core.rmem_max`), as our
+/// server does: with the default 208 KiB, three 64 KiB datagrams fill it
+/// while the server thread is descheduled.
+fn grow_receive_buffer(socket: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let bytes: libc::c_int = 4 << 20;
+    // SAFETY: `bytes` is a valid c_int that outlives the call, and its size is passed.
+    let _unchecked = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&raw const bytes).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    // A refusal leaves the default buffer; the tests that need more say so.
 }
 
 fn send(socket: &UdpSocket, other: &UdpSocket, reply: &Reply, to: SocketAddr) {

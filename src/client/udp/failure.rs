@@ -89,6 +89,15 @@ pub enum UdpFailureKind {
         /// The server's address.
         peer: SocketAddr,
     },
+    /// An exact echo of datagram `seq`, which is older than the answered
+    /// bits the flow keeps (65,536 datagrams): counted duplicated, as it
+    /// cannot be told from a late echo.
+    Stale {
+        /// Datagram number on the flow, from 1.
+        seq: u64,
+        /// The server's address.
+        peer: SocketAddr,
+    },
     /// An echo came back with a different byte.
     Mismatch {
         /// Datagram number on the flow, from 1.
@@ -202,6 +211,10 @@ impl fmt::Display for UdpFailure {
             UdpFailureKind::Duplicated { seq, peer } => {
                 write!(f, "echo {seq} from {peer} came back again (duplicated)")?;
             }
+            UdpFailureKind::Stale { seq, peer } => write!(
+                f,
+                "echo {seq} from {peer} came back after 65536 later datagrams, too old to tell late from again (counted duplicated)"
+            )?,
             UdpFailureKind::Mismatch {
                 seq,
                 peer,
@@ -224,16 +237,55 @@ impl fmt::Display for UdpFailure {
             )?,
             UdpFailureKind::Unmatched { peer, got } => write!(
                 f,
-                "a {got}-byte echo from {peer} matches no datagram sent (corrupted)"
+                "{} {got}-byte echo from {peer} matches no datagram sent (corrupted)",
+                article(*got)
             )?,
             UdpFailureKind::Foreign { from, peer, got } => write!(
                 f,
-                "a {got}-byte datagram came from {from}, not from the server {peer}"
+                "{} {got}-byte datagram came from {from}, not from the server {peer}",
+                article(*got)
             )?,
         }
         if let Some(flow) = self.flow {
             write!(f, " (flow {flow})")?;
         }
         Ok(())
+    }
+}
+
+/// "an" before a number said with a vowel first (8, 11, 18, 80, 800,
+/// 11,000, ...), "a" before the others.
+fn article(number: usize) -> &'static str {
+    let digits = number.to_string();
+    let eleven_or_eighteen = digits.len() % 3 == 2 && ["11", "18"].contains(&&digits[..2]);
+    if digits.starts_with('8') || eleven_or_eighteen {
+        "an"
+    } else {
+        "a"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_said_with_a_vowel_first_take_an() {
+        for (number, expected) in [
+            (8, "an"),
+            (11, "an"),
+            (18, "an"),
+            (80, "an"),
+            (800, "an"),
+            (11_000, "an"),
+            (18_500, "an"),
+            (1, "a"),
+            (64, "a"),
+            (110, "a"),
+            (1_100, "a"),
+            (65_507, "a"),
+        ] {
+            assert_eq!(article(number), expected, "{number}");
+        }
     }
 }

@@ -1,9 +1,11 @@
 //! One UDP flow's life, on its own thread: an unconnected socket, datagrams
 //! sent on a fixed schedule (open loop: the next goes at its time whether
-//! or not the last came back), echoes received with `recv_from` and judged
-//! by the flow's [`Ledger`], and one poll(2) that waits for whichever comes
-//! first: an echo, room to send, the next send time, the oldest datagram's
-//! timeout, or the stop (the run's stop pipe hangs up).
+//! or not the last came back), echoes received with their arrival times
+//! (the `socket` module) and judged by the flow's [`Ledger`], and one poll
+//! that waits for whichever comes first: an echo, room to send, the next
+//! send time, the oldest datagram's timeout, or the stop (the run's stop
+//! pipe hangs up). The socket is drained before any datagram is counted
+//! lost, so an echo that came in time is judged by when it came.
 //!
 //! The socket is unconnected so that a datagram from any address reaches
 //! it: a connected one would have the kernel drop echoes from another
@@ -12,12 +14,12 @@
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
-use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use super::datagram::{Comparison, Datagrams};
 use super::failure::{UdpFailure, UdpFailureKind};
 use super::ledger::{Ledger, Verdict};
+use super::socket::{self, Received};
 use super::{Context, UdpEvent};
 use crate::client::echo::{FIRST_ECHO_STOP_PATIENCE, MIN_CLOSING_WAIT, patience};
 use crate::config::deadline_after;
@@ -70,6 +72,7 @@ where
     let socket = match UdpSocket::bind(unspecified)
         .and_then(|socket| socket.set_nonblocking(true).map(|()| socket))
         .inspect(crate::socket::grow_udp_buffers)
+        .inspect(socket::stamp_arrivals)
     {
         Ok(socket) => socket,
         Err(error) => {
@@ -93,15 +96,13 @@ where
         local: socket.local_addr().unwrap_or(unspecified),
         peer,
     });
-    let (window, history) = datagrams.window_and_history();
-    // No interval: ping-pong, the next datagram goes when the last one is
-    // answered or lost. An open loop with no gap would only measure how
-    // fast the server's receive buffer overflows.
-    let window = if context.config.interval.is_zero() {
-        1
-    } else {
-        window
-    };
+    // No interval: ping-pong (a window of 1), the next datagram goes when
+    // the last one is answered or lost. An open loop with no gap would only
+    // measure how fast the server's receive buffer overflows.
+    let config = context.config;
+    let (window, history) =
+        datagrams.window_and_history(config.timeout, config.interval, config.connections.get());
+    let now = Instant::now();
     let mut flow = Flow {
         context,
         number,
@@ -109,7 +110,9 @@ where
         ledger: Ledger::new(window, history, context.config.timeout),
         bits: datagrams.header_bits(),
         datagrams,
-        epoch: Instant::now(),
+        epoch: now,
+        drained_at: now,
+        quiet_until: None,
         errors: 0,
         bytes_sent: 0,
         bytes_echoed: 0,
@@ -132,6 +135,16 @@ fn buffer(len: usize) -> Option<Vec<u8>> {
     Some(buf)
 }
 
+/// What a receive left in the socket.
+enum Drain {
+    /// Nothing: everything that had arrived was judged.
+    Empty,
+    /// A batch was taken and more may wait.
+    More,
+    /// Receiving failed; the flow ends.
+    Failed,
+}
+
 struct Flow<'a, F> {
     context: &'a Context<'a, F>,
     number: usize,
@@ -142,6 +155,13 @@ struct Flow<'a, F> {
     bits: u32,
     /// The ledger's clock starts here.
     epoch: Instant,
+    /// When the socket was last found empty: nothing read since can have
+    /// arrived before.
+    drained_at: Instant,
+    /// A flow whose datagrams carry no number lost one: it sends nothing
+    /// until then, so that a late echo of it is not taken for the next
+    /// one's (see `expire`).
+    quiet_until: Option<Instant>,
     errors: u64,
     bytes_sent: u64,
     bytes_echoed: u64,
@@ -156,24 +176,38 @@ where
         let config = self.context.config;
         let mut attempts = 0u64;
         let mut next_send = self.epoch;
+        // A send came due while the flow could not send (its window full,
+        // or quiet after a loss): the schedule slips to when it can, rather
+        // than sending what it owes in a burst.
+        let mut held = false;
         let mut stopped_at: Option<Instant> = None;
         // The socket's send buffer was full: wait until it is writable.
         let mut send_blocked = false;
         // When the last datagram was settled, and when the wait for stray
-        // echoes after it ends.
+        // echoes after it ends (shortened by a stop).
         let mut settled: Option<(Instant, Instant)> = None;
         loop {
+            // Echoes already here are judged before anything counts lost.
+            let drained = match self.receive(receiving) {
+                Drain::Empty => true,
+                Drain::More => false,
+                Drain::Failed => return Instant::now(),
+            };
             let now = Instant::now();
             if stopped_at.is_none() && self.context.stop.is_stopped() {
                 stopped_at = Some(now);
             }
-            self.expire(now);
+            if drained {
+                // Not `now`: an echo may have come since the socket was empty.
+                self.expire(self.drained_at);
+            }
             let stop_patience = stopped_at.map(|at| {
                 let patience =
                     patience(self.ledger.rtt(), FIRST_ECHO_STOP_PATIENCE, config.timeout);
                 (deadline_after(at, patience), patience)
             });
             if let Some((until, patience)) = stop_patience
+                && drained
                 && now >= until
             {
                 self.expire_all(patience);
@@ -181,13 +215,21 @@ where
             let more = |attempts: u64| {
                 stopped_at.is_none() && (config.repeat == 0 || attempts < config.repeat)
             };
+            let quiet = self.quiet_until.filter(|&until| now < until);
             let mut burst = 0;
             while more(attempts)
                 && !send_blocked
                 && burst < SEND_BURST
                 && Instant::now() >= next_send
-                && self.ledger.can_send()
             {
+                if quiet.is_some() || !self.ledger.can_send() {
+                    held = true;
+                    break;
+                }
+                if held {
+                    held = false;
+                    next_send = Instant::now();
+                }
                 match self.send(sending) {
                     Ok(()) => {}
                     Err(error) if would_block(&error) => {
@@ -208,7 +250,7 @@ where
                 burst += 1;
                 next_send = deadline_after(next_send, config.interval);
             }
-            if !more(attempts) && self.ledger.is_idle() {
+            if drained && !more(attempts) && self.ledger.is_idle() {
                 let (at, until) = *settled.get_or_insert_with(|| {
                     let linger = match stopped_at {
                         Some(_) => MIN_CLOSING_WAIT.min(config.timeout),
@@ -216,14 +258,27 @@ where
                     };
                     (now, deadline_after(now, linger))
                 });
+                // A stop while listening cuts the listening short.
+                let until = match stopped_at {
+                    Some(stopped) => until.min(deadline_after(at.max(stopped), MIN_CLOSING_WAIT)),
+                    None => until,
+                };
+                settled = Some((at, until));
                 if now >= until {
                     return at;
                 }
             }
             // Wait for whichever comes first.
             let mut wake = deadline_after(now, LONGEST_WAIT);
-            if more(attempts) && !send_blocked && self.ledger.can_send() {
-                wake = wake.min(next_send);
+            if !drained {
+                wake = now;
+            }
+            if more(attempts) && !send_blocked {
+                match quiet {
+                    Some(until) => wake = wake.min(until.max(next_send)),
+                    None if self.ledger.can_send() => wake = wake.min(next_send),
+                    None => {}
+                }
             }
             if let Some(deadline) = self.ledger.next_deadline() {
                 wake = wake.min(deadline_after(self.epoch, deadline));
@@ -235,7 +290,12 @@ where
                 wake = wake.min(until);
             }
             let stop_fd = stopped_at.is_none().then_some(self.context.stop_fd);
-            let ready = match poll(&self.socket, send_blocked, stop_fd, wake - now) {
+            let ready = match socket::poll(
+                &self.socket,
+                send_blocked,
+                stop_fd,
+                wake.saturating_duration_since(now),
+            ) {
                 Ok(ready) => ready,
                 Err(error) => {
                     self.fail_receiving(error);
@@ -247,9 +307,6 @@ where
             }
             if ready.writable {
                 send_blocked = false;
-            }
-            if ready.readable && !self.receive(receiving) {
-                return Instant::now();
             }
         }
     }
@@ -265,18 +322,21 @@ where
         Ok(())
     }
 
-    /// Takes the echoes waiting, up to a batch; false if receiving failed
-    /// and the flow must end.
-    fn receive(&mut self, receiving: &mut [u8]) -> bool {
-        let mut taken = 0;
-        while taken < RECEIVE_BATCH {
-            match self.socket.recv_from(receiving) {
-                Ok((len, from)) => {
-                    taken += 1;
-                    self.judge(&receiving[..len], from, Instant::now());
+    /// Takes the echoes waiting, up to a batch.
+    fn receive(&mut self, receiving: &mut [u8]) -> Drain {
+        for _ in 0..RECEIVE_BATCH {
+            match socket::receive(&self.socket, receiving) {
+                Ok(received) => {
+                    // Nothing read now arrived before the socket was last
+                    // found empty (a wall clock step cannot move it there).
+                    let at = received.at.max(self.drained_at);
+                    self.judge(&receiving[..received.len], received, at);
                 }
                 // Nothing more for now.
-                Err(error) if would_block(&error) => break,
+                Err(error) if would_block(&error) => {
+                    self.drained_at = Instant::now();
+                    return Drain::Empty;
+                }
                 // A signal arrived: try again.
                 Err(error) if interrupted(&error) => {}
                 // An ICMP error for an earlier datagram (port unreachable):
@@ -288,26 +348,30 @@ where
                     ) => {}
                 Err(error) => {
                     self.fail_receiving(error);
-                    return false;
+                    return Drain::Failed;
                 }
             }
         }
-        true
+        Drain::More
     }
 
-    /// Judges one datagram that arrived from `from` at `at`.
-    fn judge(&mut self, echo: &[u8], from: SocketAddr, at: Instant) {
+    /// Judges one datagram, `echo` (its first bytes, if it was longer than
+    /// the buffer), that arrived at `at`.
+    fn judge(&mut self, echo: &[u8], received: Received, at: Instant) {
         let peer = self.context.peer;
+        let (from, got) = (received.from, received.size);
         if !same_address(from, peer) {
             self.ledger.foreign();
-            let got = echo.len();
             self.context
                 .fail(self.number, UdpFailureKind::Foreign { from, peer, got });
             return;
         }
         self.expire(at);
         let named = (self.datagrams.named(echo)).and_then(|low| self.ledger.locate(low, self.bits));
-        let comparison = named.map(|seq| self.datagrams.compare(seq, echo));
+        let comparison = named.map(|seq| match self.datagrams.compare(seq, echo) {
+            Comparison::Size { .. } => Comparison::Size { got },
+            comparison => comparison,
+        });
         let exact = comparison == Some(Comparison::Exact);
         let kind = match self.ledger.echo(named, exact, at - self.epoch) {
             Verdict::Echoed {
@@ -330,6 +394,7 @@ where
                 UdpFailureKind::Late { seq, peer, rtt }
             }
             Verdict::Duplicated { seq } => UdpFailureKind::Duplicated { seq, peer },
+            Verdict::Stale { seq } => UdpFailureKind::Stale { seq, peer },
             Verdict::Corrupted { seq: Some(seq) } => match comparison {
                 Some(Comparison::Differs { offset, sent, got }) => UdpFailureKind::Mismatch {
                     seq,
@@ -346,33 +411,38 @@ where
                     got,
                 },
                 // An exact echo is never corrupted.
-                Some(Comparison::Exact) | None => UdpFailureKind::Unmatched {
-                    peer,
-                    got: echo.len(),
-                },
+                Some(Comparison::Exact) | None => UdpFailureKind::Unmatched { peer, got },
             },
-            Verdict::Corrupted { seq: None } => UdpFailureKind::Unmatched {
-                peer,
-                got: echo.len(),
-            },
+            Verdict::Corrupted { seq: None } => UdpFailureKind::Unmatched { peer, got },
         };
         self.context.fail(self.number, kind);
     }
 
     /// Counts as lost the datagrams whose timeout has passed at `now`.
+    ///
+    /// A flow whose datagrams carry no number then keeps quiet for another
+    /// timeout: an echo in that time is the lost datagram's, late, where
+    /// after the next send it would be taken for the next one's (a wrong
+    /// round trip, then a duplicate).
     fn expire(&mut self, now: Instant) {
         let (context, number) = (self.context, self.number);
         let after = context.config.timeout;
-        self.ledger.expire(now - self.epoch, |seq| {
-            let peer = context.peer;
-            let kind = UdpFailureKind::Lost {
-                seq,
-                peer,
-                after,
-                stopped: false,
-            };
-            context.fail(number, kind);
-        });
+        let mut lost = false;
+        self.ledger
+            .expire(now.saturating_duration_since(self.epoch), |seq| {
+                lost = true;
+                let peer = context.peer;
+                let kind = UdpFailureKind::Lost {
+                    seq,
+                    peer,
+                    after,
+                    stopped: false,
+                };
+                context.fail(number, kind);
+            });
+        if lost && self.bits == 0 {
+            self.quiet_until = Some(deadline_after(now, after));
+        }
     }
 
     /// Counts every pending datagram as lost: the run was stopped and
@@ -422,55 +492,4 @@ where
 /// the same as its IPv4 one.
 fn same_address(from: SocketAddr, peer: SocketAddr) -> bool {
     from.port() == peer.port() && from.ip().to_canonical() == peer.ip().to_canonical()
-}
-
-/// What one poll found.
-#[derive(Debug, Default)]
-struct Ready {
-    readable: bool,
-    writable: bool,
-    stop: bool,
-}
-
-/// Waits up to `left` for the socket to be readable (or writable, if
-/// `write`), or for `stop` to hang up.
-///
-/// # Errors
-/// poll's own error; a signal is not one (nothing is ready then).
-fn poll(socket: &UdpSocket, write: bool, stop: Option<RawFd>, left: Duration) -> io::Result<Ready> {
-    let mut events = libc::POLLIN;
-    if write {
-        events |= libc::POLLOUT;
-    }
-    let mut fds = [
-        libc::pollfd {
-            fd: socket.as_raw_fd(),
-            events,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop.unwrap_or(-1),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    let count = if stop.is_some() { 2 } else { 1 };
-    // Rounded up, so that a wait under a millisecond does not spin.
-    let millis = left.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32;
-    // SAFETY: `fds` holds `count` valid, initialised pollfds that outlive the call.
-    let ready = unsafe { libc::poll(fds.as_mut_ptr(), count as libc::nfds_t, millis) };
-    if ready < 0 {
-        let error = io::Error::last_os_error();
-        if interrupted(&error) {
-            return Ok(Ready::default());
-        }
-        return Err(error);
-    }
-    let socket = fds[0].revents;
-    Ok(Ready {
-        // An error is read (and sorted) by recv_from.
-        readable: socket & (libc::POLLIN | libc::POLLERR) != 0,
-        writable: socket & (libc::POLLOUT | libc::POLLERR) != 0,
-        stop: count == 2 && fds[1].revents != 0,
-    })
 }

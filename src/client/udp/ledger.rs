@@ -10,7 +10,9 @@
 //! answer within the timeout). Beside those, echoes are counted as they
 //! come: **late** (the first exact echo of a datagram already counted
 //! lost; it stays lost), **duplicated** (an exact echo of a datagram
-//! already answered), **reordered** (an echoed datagram whose echo came
+//! already answered, or of one older than the history, which cannot be
+//! told from a late one and so fails safe), **reordered** (an echoed
+//! datagram whose echo came
 //! after the echo of a later one), **corrupted** (every damaged echo,
 //! including those that name no datagram), and **foreign** (from an address
 //! other than the server's; the flow counts those, they name nothing).
@@ -19,7 +21,9 @@
 //! `window` of datagrams that may be in flight (so that the round trip of
 //! a datagram's neighbour is still there for the jitter when its echo
 //! comes), and one bit per datagram for the `history` before that, to tell
-//! a late echo from a duplicate.
+//! a late echo from a duplicate. The window is a span of sequence numbers
+//! from the oldest datagram still pending, so the flow sizes it to hold
+//! every datagram sent within a timeout.
 
 use std::time::Duration;
 
@@ -36,7 +40,8 @@ pub struct Counts {
     pub lost: u64,
     /// Lost datagrams whose exact echo came after all.
     pub late: u64,
-    /// Exact echoes of datagrams already answered.
+    /// Exact echoes of datagrams already answered, or older than the
+    /// history (see [`Verdict::Stale`]).
     pub duplicated: u64,
     /// Echoed datagrams whose echo came after the echo of a later one.
     pub reordered: u64,
@@ -82,6 +87,13 @@ pub enum Verdict {
     },
     /// Another exact echo of datagram `seq`, already answered.
     Duplicated {
+        /// The datagram's sequence number on the flow, from 1.
+        seq: u64,
+    },
+    /// An exact echo of datagram `seq`, sent so long ago (more than the
+    /// history before the newest) that whether it was answered is
+    /// forgotten: counted duplicated, never late.
+    Stale {
         /// The datagram's sequence number on the flow, from 1.
         seq: u64,
     },
@@ -222,14 +234,6 @@ impl Ledger {
         self.next_seq - self.oldest_pending < self.window
     }
 
-    /// Datagrams sent whose answer and timeout are both still to come.
-    #[must_use]
-    pub fn in_flight(&self) -> u64 {
-        (self.oldest_pending..self.next_seq)
-            .filter(|&seq| self.state[self.slot(seq)] == State::Pending)
-            .count() as u64
-    }
-
     /// True when no datagram is pending.
     #[must_use]
     pub fn is_idle(&self) -> bool {
@@ -315,9 +319,16 @@ impl Ledger {
         };
         let behind = self.highest_sent() - seq;
         if behind >= self.history {
-            // Older than every record: it cannot be told from a duplicate,
-            // but it is long past its timeout either way.
-            return self.late_or_corrupted(seq, exact, None);
+            // Older than the answered bits: late or duplicated, no one can
+            // tell. Counting it late could pass a run that had a
+            // duplicate, so it counts duplicated.
+            return if exact {
+                self.counts.duplicated += 1;
+                Verdict::Stale { seq }
+            } else {
+                self.counts.corrupted += 1;
+                Verdict::Corrupted { seq: Some(seq) }
+            };
         }
         if self.is_answered(seq) {
             return if exact {
@@ -402,10 +413,8 @@ impl Ledger {
             self.counts.corrupted += 1;
             return Verdict::Corrupted { seq: Some(seq) };
         }
+        self.set_answered(seq, true);
         let behind = self.highest_sent() - seq;
-        if behind < self.history {
-            self.set_answered(seq, true);
-        }
         if behind < self.records {
             let slot = self.slot(seq);
             self.state[slot] = State::Late;
@@ -533,7 +542,6 @@ mod tests {
         assert!(!ledger.can_send(), "the oldest is still out");
         ledger.echo(Some(1), true, MS);
         assert!(ledger.can_send());
-        assert_eq!(ledger.in_flight(), 2);
     }
 
     #[test]
@@ -567,5 +575,26 @@ mod tests {
         ledger.expire(Duration::MAX, |_| panic!("the damaged echo answered it"));
         assert_eq!(ledger.counts().corrupted, 2);
         assert!(ledger.is_idle());
+    }
+
+    #[test]
+    fn an_exact_echo_older_than_the_history_counts_duplicated_never_late() {
+        let mut ledger = ledger();
+        ledger.sent(Duration::ZERO);
+        ledger.echo(Some(1), true, MS);
+        for _ in 0..20 {
+            ledger.expire(Duration::MAX, |_| {});
+            ledger.sent(2 * MS);
+        }
+        ledger.expire(Duration::MAX, |_| {});
+        let lost = ledger.counts().lost;
+        // Datagram 1 was echoed; its answered bit is gone, its copy is not late.
+        assert_eq!(
+            ledger.echo(Some(1), true, Duration::MAX),
+            Verdict::Stale { seq: 1 }
+        );
+        let counts = ledger.counts();
+        assert_eq!((counts.late, counts.duplicated), (0, 1));
+        assert_eq!(counts.lost, lost, "an old copy changes no loss");
     }
 }
