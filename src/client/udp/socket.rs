@@ -249,6 +249,26 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(target_os = "linux")]
+    fn a_wait_under_a_millisecond_is_not_rounded_up_to_one() {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        // Load only lengthens a wait; rounding up would make every one of
+        // them at least a millisecond, so the shortest tells.
+        let shortest = (0..50)
+            .map(|_| {
+                let began = std::time::Instant::now();
+                poll(&socket, false, None, Duration::from_micros(200)).expect("poll");
+                began.elapsed()
+            })
+            .min()
+            .expect("50 waits");
+        assert!(
+            shortest < Duration::from_micros(900),
+            "the shortest of 50 waits of 200 µs took {shortest:?}"
+        );
+    }
+
+    #[test]
     fn a_datagram_read_late_keeps_its_arrival_time_and_true_size() {
         let receiver = UdpSocket::bind("127.0.0.1:0").expect("bind");
         stamp_arrivals(&receiver);
