@@ -169,7 +169,7 @@ impl Batch {
             self.lens[index] = header.msg_len as usize;
             self.truncated[index] = header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
             self.name_lens[index] = header.msg_hdr.msg_namelen;
-            self.peers[index] = socket_addr(&self.names[index]);
+            self.peers[index] = crate::socket::socket_addr(&self.names[index]);
             self.infos[index] = if header.msg_hdr.msg_flags & libc::MSG_CTRUNC == 0 {
                 packet_info(&header.msg_hdr)
             } else {
@@ -417,36 +417,6 @@ pub(crate) fn receive_destinations(socket: &UdpSocket) -> io::Result<()> {
     #[cfg(not(target_os = "linux"))]
     let _ = socket;
     Ok(())
-}
-
-/// The address the kernel wrote into `name`, if it is IPv4 or IPv6.
-#[cfg(target_os = "linux")]
-fn socket_addr(name: &libc::sockaddr_storage) -> Option<SocketAddr> {
-    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
-    match libc::c_int::from(name.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: the family says the kernel wrote a sockaddr_in, which
-            // sockaddr_storage is sized and aligned to hold.
-            let v4 =
-                unsafe { &*(name as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            Some(SocketAddr::V4(SocketAddrV4::new(
-                Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr)),
-                u16::from_be(v4.sin_port),
-            )))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: as above, for a sockaddr_in6.
-            let v6 =
-                unsafe { &*(name as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-            Some(SocketAddr::V6(SocketAddrV6::new(
-                Ipv6Addr::from(v6.sin6_addr.s6_addr),
-                u16::from_be(v6.sin6_port),
-                v6.sin6_flowinfo,
-                v6.sin6_scope_id,
-            )))
-        }
-        _ => None,
-    }
 }
 
 #[cfg(test)]

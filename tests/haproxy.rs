@@ -24,24 +24,6 @@ fn free_port() -> u16 {
     listener.local_addr().expect("addr").port()
 }
 
-/// Whether haproxy can run; in CI it must (`.ci/run` installs it).
-fn have_haproxy() -> bool {
-    let found = Command::new("haproxy")
-        .arg("-v")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "haproxy is missing in CI: .ci/run installs it"
-        );
-        eprintln!("skipped: haproxy is not installed");
-    }
-    found
-}
-
 struct Backend {
     port: u16,
     metrics: u16,
@@ -130,7 +112,7 @@ fn start_haproxy(front: u16, backends: &[Backend]) -> Haproxy {
 #[test]
 fn a_rolling_restart_behind_haproxy_loses_no_echo() {
     with_time_limit(Duration::from_secs(180), || {
-        if !have_haproxy() {
+        if !common::have_program("haproxy", "-v") {
             return;
         }
         let backends: Vec<Backend> = (0..3)

@@ -20,24 +20,6 @@ use common::{SERVER_BIN, ServerProcess, run_to_end, try_echo, with_time_limit};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-/// Whether `program` can be run; in CI it must be (`.ci/run` installs it).
-fn have(program: &str) -> bool {
-    let found = Command::new(program)
-        .arg("--version")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok();
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{program} is missing in CI: .ci/run installs it"
-        );
-        eprintln!("skipped: {program} is not installed");
-    }
-    found
-}
-
 /// `echo-server` started through `sh` with `fds` as descriptors 3, 4, …
 /// and the variables of socket activation set for it, as systemd does:
 /// `LISTEN_PID` (the shell's pid, which `exec` keeps), `LISTEN_FDS` and
@@ -108,7 +90,7 @@ fn echo_when_listening(addr: SocketAddr) -> thread::JoinHandle<()> {
 #[test]
 fn systemd_socket_activate_starts_the_server_on_its_tcp_socket() {
     with_time_limit(LIMIT, || {
-        if !have("systemd-socket-activate") {
+        if !common::have_program("systemd-socket-activate", "--version") {
             return;
         }
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
@@ -127,7 +109,7 @@ fn systemd_socket_activate_starts_the_server_on_its_tcp_socket() {
 #[test]
 fn systemd_socket_activate_starts_the_server_on_its_udp_socket() {
     with_time_limit(LIMIT, || {
-        if !have("systemd-socket-activate") {
+        if !common::have_program("systemd-socket-activate", "--version") {
             return;
         }
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
@@ -387,7 +369,7 @@ fn reuse_port_lets_a_second_server_share_the_port_and_without_it_the_port_is_tak
 #[test]
 fn the_shipped_systemd_units_pass_systemd_analyze_verify() {
     with_time_limit(LIMIT, || {
-        if !have("systemd-analyze") {
+        if !common::have_program("systemd-analyze", "--version") {
             return;
         }
         let dir = std::env::temp_dir().join(format!("echo-units-{}", std::process::id()));

@@ -793,3 +793,23 @@ pub fn in_network_namespace<T: Send + 'static>(
         Err(panic) => std::panic::resume_unwind(panic),
     }
 }
+
+/// Whether `program` runs (asked for its version with `version_flag`).
+/// Locally a test may skip without it, saying so; in CI (`CI` set) it must
+/// be there, since `.ci/run` installs it, so its absence fails the test.
+pub fn have_program(program: &str, version_flag: &str) -> bool {
+    let found = Command::new(program)
+        .arg(version_flag)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{program} is missing in CI: .ci/run installs it"
+        );
+        eprintln!("skipped: {program} is not installed");
+    }
+    found
+}
