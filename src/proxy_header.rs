@@ -57,7 +57,8 @@ pub fn read_header(bytes: &[u8]) -> HeaderRead {
     // short in a port as an invalid port rather than a partial header, so
     // the line's end is awaited here first.
     let v1 = b"PROXY ";
-    let bytes = if bytes.starts_with(v1) || (bytes.len() < v1.len() && v1.starts_with(bytes)) {
+    let is_v1 = bytes.starts_with(v1) || (bytes.len() < v1.len() && v1.starts_with(bytes));
+    let bytes = if is_v1 {
         match bytes.windows(2).position(|pair| pair == b"\r\n") {
             Some(end) if end + 2 <= V1_MAX_LEN => &bytes[..end + 2],
             Some(_) => {
@@ -72,6 +73,11 @@ pub fn read_header(bytes: &[u8]) -> HeaderRead {
         bytes
     };
     let result = ppp::HeaderResult::parse(bytes);
+    // A whole v1 line that ppp finds short of fields is malformed, not
+    // unfinished: its end has come.
+    if is_v1 && result.is_incomplete() {
+        return HeaderRead::Invalid(format!("a v1 header missing fields: {}", printable(bytes)));
+    }
     if result.is_incomplete() {
         // A v2 header says its length up front: one too long is refused
         // before its bytes are waited for.
@@ -129,9 +135,17 @@ pub fn read_header(bytes: &[u8]) -> HeaderRead {
             };
             HeaderRead::Complete { len, client }
         }
-        ppp::HeaderResult::V1(Err(err)) => HeaderRead::Invalid(format!("{err}")),
-        ppp::HeaderResult::V2(Err(err)) => HeaderRead::Invalid(format!("{err}")),
+        // ppp's messages can hold control characters: escaped, they stay on one log line.
+        ppp::HeaderResult::V1(Err(err)) => HeaderRead::Invalid(printable(err.to_string())),
+        ppp::HeaderResult::V2(Err(err)) => HeaderRead::Invalid(printable(err.to_string())),
     }
+}
+
+/// `text` (or bytes) escaped for a log line: no control character survives.
+fn printable(text: impl AsRef<[u8]>) -> String {
+    String::from_utf8_lossy(text.as_ref())
+        .escape_debug()
+        .to_string()
 }
 
 #[cfg(test)]
@@ -221,6 +235,16 @@ mod tests {
 
     #[test]
     fn garbage_and_oversized_headers_are_invalid() {
+        for short in [
+            &b"PROXY TCP4\r\nhello"[..],
+            b"PROXY TCP6 ::1\r\n",
+            b"PROXY TCP4 \r\n",
+        ] {
+            match read_header(short) {
+                HeaderRead::Invalid(why) => assert!(!why.contains('\n'), "{why:?}"),
+                other => panic!("{short:?}: {other:?}"),
+            }
+        }
         for garbage in [
             &b"hello world\r\n"[..],
             b"PROXY TCP4 not-an-address x 1 2\r\n",

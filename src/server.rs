@@ -199,6 +199,8 @@ impl Server {
             logger,
         };
         let mut links = Vec::with_capacity(config.workers);
+        let header_warnings = Arc::new(crate::log::SharedThrottle::new());
+        let address_warnings = Arc::new(crate::log::SharedThrottle::new());
         for index in 0..config.workers {
             let of_worker = |what| format!("{what} of worker {index} of {}", config.workers);
             let poll = Poll::new().map_err(setup(of_worker("the event loop")))?;
@@ -247,7 +249,8 @@ impl Server {
                 logger,
                 udp,
                 max_connections_per_ip: config.max_connections_per_ip,
-                proxy_warnings: crate::log::SharedThrottle::new(),
+                header_warnings: Arc::clone(&header_warnings),
+                address_warnings: Arc::clone(&address_warnings),
             });
             let watch = DeathWatch {
                 shutdown: shutdown.clone(),

@@ -90,6 +90,15 @@ struct Slot {
     owed_turn: bool,
 }
 
+/// What a timer of the worker's heap is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    /// The end of the wait for a PROXY header.
+    Header,
+    /// The idle timeout.
+    Idle,
+}
+
 /// Why the worker closed a connection, for the log line.
 enum Ending {
     Echo(CloseReason),
@@ -130,8 +139,10 @@ pub(crate) struct WorkerSetup {
     pub(crate) udp: Option<UdpEcho>,
     /// The per-address limit, applied here to the client a PROXY header names.
     pub(crate) max_connections_per_ip: Option<usize>,
-    /// One warning a second at most about refused PROXY headers.
-    pub(crate) proxy_warnings: crate::log::SharedThrottle,
+    /// One warning a second at most, across the workers, about refused
+    /// PROXY headers, and one about clients over their per-address limit.
+    pub(crate) header_warnings: Arc<crate::log::SharedThrottle>,
+    pub(crate) address_warnings: Arc<crate::log::SharedThrottle>,
 }
 
 /// A worker's event loop and the connections it owns.
@@ -141,7 +152,7 @@ pub(crate) struct Worker {
     free: Vec<usize>,
     buf: Box<[u8]>,
     /// Idle deadlines, soonest first; stale entries are skipped when due.
-    idle_timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    idle_timers: BinaryHeap<Reverse<(Instant, usize, u64, Timer)>>,
     /// Connections that used up their turn with bytes still to move.
     unfinished: Vec<usize>,
     /// The UDP socket used up its turn with datagrams perhaps still waiting.
@@ -186,6 +197,12 @@ impl Worker {
                 ));
                 self.setup.shutdown.shutdown();
                 self.cut_all();
+                // Streams the acceptor sent that this worker will never
+                // open: their places are given back.
+                while let Ok(handoff) = self.setup.inbox.try_recv() {
+                    let counted = (!handoff.awaits_proxy_header).then(|| handoff.peer.ip());
+                    self.setup.open.release(Some(self.setup.index), counted);
+                }
                 break;
             }
             let now = Instant::now();
@@ -293,7 +310,7 @@ impl Worker {
         if !self.unfinished.is_empty() || self.udp_owed {
             return Some(Duration::ZERO);
         }
-        let idle = self.idle_timers.peek().map(|Reverse((at, _, _))| *at);
+        let idle = self.idle_timers.peek().map(|Reverse((at, ..))| *at);
         let udp = self.setup.udp.as_ref().and_then(UdpEcho::wake_at);
         [idle, udp, self.drain_deadline]
             .into_iter()
@@ -349,15 +366,23 @@ impl Worker {
         let header_due = awaits_proxy_header.then(|| now + PROXY_HEADER_TIMEOUT);
         match header_due {
             // Logged with the client's address once the header names it.
-            Some(due) => self.idle_timers.push(Reverse((due, index, serial))),
+            Some(due) => self
+                .idle_timers
+                .push(Reverse((due, index, serial, Timer::Header))),
             None => self
                 .setup
                 .logger
                 .info(format_args!("open {peer} on worker {}", self.setup.index)),
         }
-        if let Some(idle) = self.setup.idle_timeout {
-            self.idle_timers
-                .push(Reverse((deadline_after(now, idle), index, serial)));
+        // The idle timer of a connection that owes its header starts once
+        // the header is taken.
+        if let (Some(idle), None) = (self.setup.idle_timeout, header_due) {
+            self.idle_timers.push(Reverse((
+                deadline_after(now, idle),
+                index,
+                serial,
+                Timer::Idle,
+            )));
         }
         self.slots[index] = Some(Slot {
             stream,
@@ -476,6 +501,11 @@ impl Worker {
                 return self.close(index, Ending::ProxyHeader(why), now);
             }
             Ok(seen) => match crate::proxy_header::read_header(&self.buf[..seen]) {
+                // The peer closed with a header it will never finish.
+                HeaderRead::Incomplete if ready.closed => {
+                    let why = "the connection closed before a whole PROXY header".to_string();
+                    return self.close(index, Ending::ProxyHeader(why), now);
+                }
                 // More is on its way; its arrival is the next event.
                 HeaderRead::Incomplete => return,
                 HeaderRead::Invalid(why) => {
@@ -506,6 +536,14 @@ impl Worker {
             return self.close(index, Ending::ProxyHeader(why), now);
         }
         slot.header_due = None;
+        if let Some(idle) = self.setup.idle_timeout {
+            self.idle_timers.push(Reverse((
+                deadline_after(slot.last_active, idle),
+                index,
+                slot.serial,
+                Timer::Idle,
+            )));
+        }
         let proxy = slot.peer;
         // A v2 LOCAL header (the proxy's own health check) names no client:
         // the connection is the proxy's own.
@@ -537,7 +575,7 @@ impl Worker {
     /// Closes connections that owe their PROXY header past its time, and
     /// those idle for the whole idle timeout.
     fn expire_idle(&mut self, now: Instant) {
-        while let Some(&Reverse((at, index, serial))) = self.idle_timers.peek() {
+        while let Some(&Reverse((at, index, serial, timer))) = self.idle_timers.peek() {
             if at > now {
                 break;
             }
@@ -548,12 +586,15 @@ impl Worker {
             if slot.serial != serial {
                 continue;
             }
-            if slot.header_due.is_some_and(|due| due <= now) {
-                let why = format!(
-                    "no whole PROXY header within {}",
-                    humantime::format_duration(PROXY_HEADER_TIMEOUT)
-                );
-                self.close(index, Ending::ProxyHeader(why), now);
+            if timer == Timer::Header {
+                // A header taken in time leaves its timer behind: dropped.
+                if slot.header_due.is_some_and(|due| due <= now) {
+                    let why = format!(
+                        "no whole PROXY header within {}",
+                        humantime::format_duration(PROXY_HEADER_TIMEOUT)
+                    );
+                    self.close(index, Ending::ProxyHeader(why), now);
+                }
                 continue;
             }
             let Some(idle) = self.setup.idle_timeout else {
@@ -580,7 +621,8 @@ impl Worker {
             if due <= now {
                 self.close(index, Ending::IdleTimeout, now);
             } else {
-                self.idle_timers.push(Reverse((due, index, serial)));
+                self.idle_timers
+                    .push(Reverse((due, index, serial, Timer::Idle)));
             }
         }
     }
@@ -592,7 +634,7 @@ impl Worker {
             return;
         }
         let slots = &self.slots;
-        self.idle_timers.retain(|Reverse((_, index, serial))| {
+        self.idle_timers.retain(|Reverse((_, index, serial, _))| {
             slots[*index]
                 .as_ref()
                 .is_some_and(|slot| slot.serial == *serial)
@@ -609,6 +651,11 @@ impl Worker {
             let Some(slot) = self.slots[index].as_mut() else {
                 continue;
             };
+            if slot.header_due.is_some() {
+                let why = "the shutdown deadline came before a whole PROXY header".to_string();
+                self.close(index, Ending::ProxyHeader(why), now);
+                continue;
+            }
             if !slot.connection.is_lingering() {
                 self.close(index, Ending::CutAtDeadline, now);
                 continue;
@@ -662,14 +709,14 @@ impl Worker {
             Ending::Echo(_) | Ending::LingerCut | Ending::AddressFull => {}
         }
         match &ending {
-            Ending::ProxyHeader(why) if self.setup.proxy_warnings.pass(now) => {
+            Ending::ProxyHeader(why) if self.setup.header_warnings.pass(now) => {
                 self.setup.logger.warn(format_args!(
                     "connection from {} closed without a valid PROXY header: {why} \
                      (one such warning a second at most; the summary counts them all)",
                     slot.peer
                 ));
             }
-            Ending::AddressFull if self.setup.proxy_warnings.pass(now) => {
+            Ending::AddressFull if self.setup.address_warnings.pass(now) => {
                 self.setup.logger.warn(format_args!(
                     "per-address limit reached for {} (behind a proxy); refusing its new \
                      connections",

@@ -148,11 +148,21 @@ fn missing_malformed_and_late_headers_close_the_connection_and_are_counted() {
             b"",
             "data without a header was echoed"
         );
-        // A header cut short by the client's close.
+        // A header cut short by the client's close, and a whole line short
+        // of fields: closed at once, not at the header's deadline.
+        let began = Instant::now();
         let mut cut = connect(server.addr);
         cut.write_all(b"PROXY TCP4 192.0.2.1 127.0").expect("write");
         cut.shutdown(std::net::Shutdown::Write).expect("half-close");
         assert_eq!(read_to_close(&mut cut), b"");
+        let mut short = connect(server.addr);
+        short.write_all(b"PROXY TCP4\r\nhello").expect("write");
+        assert_eq!(read_to_close(&mut short), b"");
+        assert!(
+            began.elapsed() < Duration::from_secs(4),
+            "waited for the header's deadline: {:?}",
+            began.elapsed()
+        );
         // Nothing at all: closed once the header's time is up (5 s).
         let began = Instant::now();
         let mut silent = connect(server.addr);
@@ -165,13 +175,13 @@ fn missing_malformed_and_late_headers_close_the_connection_and_are_counted() {
             "closed before its time"
         );
         let summary = server.stop_cleanly();
-        assert!(summary.contains("3 without a valid header"), "{summary}");
+        assert!(summary.contains("4 without a valid header"), "{summary}");
         let warnings = server
             .log()
             .matches("closed without a valid PROXY header")
             .count();
         assert!(
-            (1..=3).contains(&warnings),
+            (1..=4).contains(&warnings),
             "{warnings} warnings:\n{}",
             server.log()
         );
