@@ -943,13 +943,16 @@ fn under_8_bytes_a_flipped_bit_is_corruption_not_another_datagram() {
 #[test]
 fn a_message_echo_after_its_timeout_counts_lost_and_late_not_duplicated() {
     with_time_limit(TEST_LIMIT, || {
+        // Wide margins for a loaded machine: the ordinary echoes come 900 ms
+        // inside the timeout, and the late one 500 ms inside the wait that
+        // follows a loss.
         let server = UdpTestServer::start(|index, datagram| {
-            let delay = if index == 1 { 700 } else { 300 };
+            let delay = if index == 1 { 1500 } else { 100 };
             vec![Reply::later(Duration::from_millis(delay), datagram)]
         });
         let (run, json) = run_json(
             &server.addr().to_string(),
-            &["--repeat", "3", "--timeout", "500ms", "--max-loss", "100%"],
+            &["--repeat", "3", "--timeout", "1s", "--max-loss", "100%"],
         );
         assert_counts(
             &run,
@@ -965,8 +968,8 @@ fn a_message_echo_after_its_timeout_counts_lost_and_late_not_duplicated() {
         );
         let min = json.get("rtt_ms").and_then(|rtt| rtt.number("min"));
         assert!(
-            min.is_some_and(|min| min >= 290.0),
-            "every round trip is 300 ms: {min:?}\n{}",
+            min.is_some_and(|min| min >= 90.0),
+            "every round trip is 100 ms: {min:?}\n{}",
             run.describe()
         );
     });
