@@ -471,7 +471,7 @@ pub fn run_client(args: &[&str], stdin: &[u8], limit: Duration) -> Run {
     }
 }
 
-/// The top-level keys of `--json`, in order, as the README documents them.
+/// The top-level keys of `--json`, in order, as docs/client.md documents them.
 pub const JSON_KEYS: [&str; 8] = [
     "sent",
     "echoed",
