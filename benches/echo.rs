@@ -1614,7 +1614,8 @@ fn case_scrape_cost(options: &Options, report: &mut Report) {
     report.table(Table {
         title: format!(
             "7. metrics scrape cost: ours in-process, {WORKERS} workers, metrics endpoint on, \
-             {SCRAPE_CONNS} conns x 64 B ping-pong; {} windows each (medians, min, max)",
+             {SCRAPE_CONNS} conns x 64 B ping-pong; {} of {rounds} windows each (medians, \
+             min, max; rounds disturbed by other processes left out)",
             kept[0].len()
         ),
         header: [
@@ -1924,7 +1925,9 @@ fn case_haproxy(options: &Options, report: &mut Report) {
     report.table(Table {
         title: format!(
             "8. through HAProxy: {PROXIED_CONNS} conns x 64 B ping-pong, backends \
-             `echo-server --workers 1`; medians of {rounds} windows (min, max), RTT pooled"
+             `echo-server --workers 1`; medians of {} of {rounds} windows (min, max; rounds \
+             disturbed by other processes left out), RTT pooled over them",
+            kept.iter().map(Vec::len).max().unwrap_or(0)
         ),
         header: [
             "path",
