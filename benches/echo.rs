@@ -8,7 +8,8 @@
 //! child process where a whole process is measured), [`load`] drives it
 //! and checks every echoed byte, [`procfs`] charges CPU and memory to the
 //! server alone, and [`report`] prints ours next to the ratio to each peer.
-//! The peers themselves live in [`peers`] and [`floor`].
+//! The peers themselves live in [`peers`] and [`floor`]; case 7's scraper
+//! in [`scrape`], case 8's load balancer in [`haproxy`].
 //!
 //! Cases (issue 4):
 //! 1. one connection, ping-pong of 64 B, 4 KiB, 64 KiB, 1 MiB: RTT p50, p99;
@@ -21,7 +22,16 @@
 //! 6. UDP (issue 12), in-process against UDP peers ([`udp_peers`]) driven
 //!    by [`udp`]: 64 flows x 4 datagrams in flight of 64 B and of 1,472 B,
 //!    echoes/s, server CPU per echo, loss and reordering; and one flow's
-//!    ping-pong RTT.
+//!    ping-pong RTT;
+//! 7. metrics scrape cost (issue 14): ours in-process with 2 workers and
+//!    its metrics endpoint on, case 2's 256 connections, windows without
+//!    and with a scraper doing `GET /metrics` 10 times a second taken in
+//!    turns: echoes/s, server CPU per echo, and their spread;
+//! 8. through HAProxy (issue 15), when `haproxy` is on PATH: 64 connections
+//!    of 64 B ping-pong through HAProxy (`send-proxy-v2`, `leastconn`) to
+//!    one, two and three `echo-server --workers 1` child processes, next to
+//!    the same load direct to one: echoes/s, RTT p50 and p99, and the CPU of
+//!    HAProxy and of the backends.
 //!
 //! Usage: `cargo bench --bench echo -- [--quick] [--cases 1,2,6] [--load-threads N]
 //! [--active-stride N] [--busy-poll DURATION] [--floor-in-turn]
@@ -32,6 +42,8 @@
 
 #[path = "echo/floor.rs"]
 mod floor;
+#[path = "echo/haproxy.rs"]
+mod haproxy;
 #[path = "echo/load.rs"]
 mod load;
 #[path = "echo/peers.rs"]
@@ -40,6 +52,8 @@ mod peers;
 mod procfs;
 #[path = "echo/report.rs"]
 mod report;
+#[path = "echo/scrape.rs"]
+mod scrape;
 #[path = "echo/servers.rs"]
 mod servers;
 #[path = "echo/udp.rs"]
@@ -52,9 +66,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use haproxy::Haproxy;
 use load::{Load, Spec};
-use report::{Better, Report, Row};
-use servers::{InProcess, KINDS, Kind, ServerProcess, UdpInProcess};
+use report::{Better, Report, Row, Table, format_value};
+use scrape::{Scraper, Scrapes};
+use servers::{InProcess, KINDS, Kind, OursWithMetrics, ServerProcess, UdpInProcess};
 use udp::{Tally, UdpLoad, UdpSpec};
 
 /// Workers for the in-process cases (the machine has 2 cores).
@@ -79,7 +95,7 @@ struct Options {
     floor_placement: floor::Placement,
 }
 
-const USAGE: &str = "usage: cargo bench --bench echo -- [--quick] [--cases 1,2,3,4,5,6] \
+const USAGE: &str = "usage: cargo bench --bench echo -- [--quick] [--cases 1,2,3,4,5,6,7,8] \
      [--load-threads N] [--active-stride N] [--busy-poll DURATION] [--floor-in-turn] \
      [--drive 127.0.0.1:PORT [--conns N]]";
 
@@ -87,7 +103,7 @@ impl Options {
     fn parse(args: impl Iterator<Item = String>) -> Result<Options, String> {
         let mut options = Options {
             quick: false,
-            cases: vec![1, 2, 3, 4, 5, 6],
+            cases: vec![1, 2, 3, 4, 5, 6, 7, 8],
             load_threads: 2,
             drive: None,
             conns: 256,
@@ -106,8 +122,8 @@ impl Options {
                     options.cases = list
                         .split(',')
                         .map(|c| match c.trim().parse() {
-                            Ok(n @ 1..=6) => Ok(n),
-                            _ => Err(format!("--cases: {c:?} is not a case 1-6")),
+                            Ok(n @ 1..=8) => Ok(n),
+                            _ => Err(format!("--cases: {c:?} is not a case 1-8")),
                         })
                         .collect::<Result<_, _>>()?;
                 }
@@ -216,7 +232,9 @@ fn main() -> ExitCode {
             4 => case_many_idle(&options, &mut report),
             5 => case_shutdown(&options, &mut report),
             6 => case_udp(&options, &mut report),
-            _ => unreachable!("Options::parse accepts only cases 1-6"),
+            7 => case_scrape_cost(&options, &mut report),
+            8 => case_haproxy(&options, &mut report),
+            _ => unreachable!("Options::parse accepts only cases 1-8"),
         }
         if let (Some(before), Some(after)) = (before, outside_load_mark()) {
             let cores = after.cores_since(&before);
@@ -503,6 +521,11 @@ struct Window {
     /// Datagrams the kernel dropped over the window at the server's UDP
     /// sockets and at the load's, for want of receive-buffer room (case 6).
     udp_drops: Option<(u64, u64)>,
+    /// CPU of one part of the server, also counted in `server_cpu` (case
+    /// 7: the metrics thread; case 8: HAProxy).
+    part_cpu: Option<procfs::CpuUsed>,
+    /// Round trips timed over the window, unsorted (case 8).
+    round_trips: Vec<Duration>,
 }
 
 impl Window {
@@ -537,6 +560,8 @@ impl Window {
             machine_softirq,
             udp: None,
             udp_drops: None,
+            part_cpu: None,
+            round_trips: Vec::new(),
         }
     }
 
@@ -598,33 +623,82 @@ fn measure_window(
     placement: Placement,
     server_cpu: &dyn Fn() -> std::io::Result<procfs::CpuSnapshot>,
 ) -> Result<Window, String> {
+    measure_window_with(
+        streams,
+        spec,
+        options,
+        placement,
+        server_cpu,
+        Extras::default(),
+    )
+}
+
+/// What a window may measure besides [`measure_window`]'s figures.
+#[derive(Default)]
+struct Extras<'a> {
+    /// Snapshots one part of the server's threads, to report apart.
+    part_cpu: Option<&'a dyn Fn() -> std::io::Result<procfs::CpuSnapshot>>,
+    /// Time every round trip in the window (ping-pong only).
+    round_trips: bool,
+}
+
+/// [`measure_window`], with `extras`.
+fn measure_window_with(
+    streams: Vec<std::net::TcpStream>,
+    spec: Spec,
+    options: &Options,
+    placement: Placement,
+    server_cpu: &dyn Fn() -> std::io::Result<procfs::CpuSnapshot>,
+    extras: Extras,
+) -> Result<Window, String> {
     let (warmup, measure) = options.load_window();
-    let load = Load::start(streams, spec, options.load_threads)?;
+    let load = if extras.round_trips {
+        Load::start_timed(streams, spec, options.load_threads)?
+    } else {
+        Load::start(streams, spec, options.load_threads)?
+    };
+    let part_cpu = || {
+        extras
+            .part_cpu
+            .map(|snapshot| snapshot().map_err(|e| format!("reading CPU time: {e}")))
+            .transpose()
+    };
     let measured = (|| {
         thread::sleep(warmup);
+        let part_before = part_cpu()?;
         let before = take_snapshots(server_cpu)?;
         let totals0 = load.totals();
+        load.time_round_trips(true);
         let started = Instant::now();
         thread::sleep(measure);
+        load.time_round_trips(false);
         let totals1 = load.totals();
         let secs = started.elapsed().as_secs_f64();
         let after = take_snapshots(server_cpu)?;
-        Ok(Window::between(
+        let part_after = part_cpu()?;
+        let mut window = Window::between(
             &before,
             &after,
             placement,
             secs,
             totals1.echoes - totals0.echoes,
             totals1.bytes - totals0.bytes,
-        ))
+        );
+        window.part_cpu = part_before
+            .zip(part_after)
+            .map(|(before, after)| after.used_since(&before));
+        Ok(window)
     })();
     let early_end = load.any_finished();
     // Stopping reports the load's own failure (such as a wrong echo) first.
-    load.stop()?;
+    let round_trips = load.stop()?;
     if early_end {
         return Err("a load thread ended early".to_string());
     }
-    measured
+    measured.map(|window| Window {
+        round_trips,
+        ..window
+    })
 }
 
 /// Runs `rounds` windows per server measured in `case` against fresh in-process servers, the
@@ -696,11 +770,11 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
 /// figures count as disturbed.
 const FOREIGN_LIMIT: f64 = 0.1;
 
-/// For each server, the windows of the rounds other processes left alone
-/// (a round: one window per server, taken back to back), or all windows if
-/// no round was clean. Whole rounds are kept or dropped, so the servers are
-/// always compared over like conditions.
-fn clean(windows: &[Vec<Window>; KINDS]) -> [Vec<&Window>; KINDS] {
+/// For each server (or each variant of a case), the windows of the rounds
+/// other processes left alone (a round: one window per server, taken back
+/// to back), or all windows if no round was clean. Whole rounds are kept or
+/// dropped, so the servers are always compared over like conditions.
+fn clean<const N: usize>(windows: &[Vec<Window>; N]) -> [Vec<&Window>; N] {
     let rounds = windows.iter().map(Vec::len).max().unwrap_or(0);
     let round_is_clean = |r: usize| {
         windows
@@ -720,7 +794,7 @@ fn clean(windows: &[Vec<Window>; KINDS]) -> [Vec<&Window>; KINDS] {
 }
 
 /// The highest share of a core that other processes took in any window.
-fn most_foreign(windows: &[Vec<Window>; KINDS]) -> f64 {
+fn most_foreign<const N: usize>(windows: &[Vec<Window>; N]) -> f64 {
     windows
         .iter()
         .flatten()
@@ -1407,4 +1481,575 @@ fn udp_ping_pong(options: &Options, report: &mut Report) {
         round_time.as_secs_f64(),
         counts.join(", ")
     ));
+}
+
+/// Case 7's load: case 2's largest connection count.
+const SCRAPE_CONNS: usize = 256;
+/// Case 7's scrape interval: 10 a second, as issue 14 asks (Prometheus
+/// usually scrapes every 15 s; this rate makes any cost show).
+const SCRAPE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Case 7: what scraping the metrics endpoint costs the echo service. Ours
+/// runs in-process with its endpoint on in every window; the windows
+/// without and with a scraper are taken in turns, so that they share the
+/// run's conditions, and their spread shows the noise.
+fn case_scrape_cost(options: &Options, report: &mut Report) {
+    const VARIANTS: [&str; 2] = ["no scraper", "scraping 10/s"];
+    let rounds = if options.quick { 1 } else { 6 };
+    let mut windows: [Vec<Window>; 2] = Default::default();
+    // Per scraped window: what the scraper did, and over how long.
+    let mut scraped: Vec<(Scrapes, f64)> = Vec::new();
+    if !options.quick {
+        // Thrown away: the case's first window runs on a cold process
+        // (allocator, page cache, CPU clock) and would widen the noise of
+        // whichever variant came first. Its failure would recur below.
+        let _ = scrape_window(options, false);
+    }
+    for round in 0..rounds {
+        // Which goes first alternates, so a drift over the run (another
+        // process, the CPU's clock) lands on both alike.
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for at in order {
+            wait_for_quiet();
+            match scrape_window(options, at == 1) {
+                Ok((w, scrapes)) if w.echoes > 0 => {
+                    eprintln!(
+                        "    case 7 {}: {} echoes in {:.2} s; server CPU {:.3} s, of it the \
+                         metrics thread {:.4} s; {}other processes {:.2} cores",
+                        VARIANTS[at],
+                        w.echoes,
+                        w.secs,
+                        w.server_cpu.secs(),
+                        w.part_cpu.map_or(f64::NAN, |c| c.secs()),
+                        scrapes.map_or(String::new(), |(s, secs)| format!(
+                            "{} scrapes of {} B on average in {secs:.2} s, slowest {:.1} ms; ",
+                            s.count,
+                            s.bytes / s.count.max(1),
+                            s.slowest.as_secs_f64() * 1e3
+                        )),
+                        w.foreign_cores
+                    );
+                    scraped.extend(scrapes);
+                    windows[at].push(w);
+                }
+                Ok(_) => {
+                    report.failure(format!("case 7 {}: no echoes", VARIANTS[at]));
+                    return;
+                }
+                Err(e) => {
+                    report.failure(format!("case 7 {}: {e}", VARIANTS[at]));
+                    return;
+                }
+            }
+        }
+    }
+    let kept = clean(&windows);
+    let rate = |w: &&Window| w.echoes as f64 / w.secs;
+    let cpu = |w: &&Window| w.per_echo_us(w.server_cpu);
+    let metrics_ms_per_s = |w: &&Window| w.part_cpu.map_or(f64::NAN, |c| w.cores(c) * 1e3);
+    let spread = |values: Vec<f64>| -> Option<(f64, f64, f64)> {
+        let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        Some((median(values)?, min, max))
+    };
+    let mut rows = Vec::new();
+    let mut figures = Vec::new();
+    for (at, name) in VARIANTS.iter().enumerate() {
+        let (Some(r), Some(c), Some(m)) = (
+            spread(kept[at].iter().map(rate).collect()),
+            spread(kept[at].iter().map(cpu).collect()),
+            median(kept[at].iter().map(metrics_ms_per_s).collect()),
+        ) else {
+            report.failure(format!("case 7 {name}: no windows"));
+            return;
+        };
+        let scrapes = if at == 1 {
+            let (count, secs) = scraped
+                .iter()
+                .fold((0, 0.0), |(n, t), (s, secs)| (n + s.count, t + secs));
+            format!("{:.1}/s", count as f64 / secs.max(1e-3))
+        } else {
+            "-".to_string()
+        };
+        rows.push(vec![
+            name.to_string(),
+            format_value(r.0, "/s"),
+            format_value(r.1, "/s"),
+            format_value(r.2, "/s"),
+            format_value(c.0, "us"),
+            format_value(c.1, "us"),
+            format_value(c.2, "us"),
+            format!("{m:.2} ms/s"),
+            scrapes,
+        ]);
+        figures.push((r, c));
+    }
+    // Paired per round: the two windows of a round ran back to back.
+    let ratios = |figure: &dyn Fn(&&Window) -> f64| -> Vec<f64> {
+        kept[0]
+            .iter()
+            .zip(&kept[1])
+            .map(|(none, with)| figure(with) / figure(none))
+            .collect()
+    };
+    let (rate_ratios, cpu_ratios) = (ratios(&rate), ratios(&cpu));
+    let (rate_none, cpu_none) = figures[0];
+    let (rate_with, cpu_with) = figures[1];
+    let (Some(rate_spread), Some(cpu_spread)) = (spread(rate_ratios), spread(cpu_ratios)) else {
+        report.failure("case 7: no pair of windows".to_string());
+        return;
+    };
+    rows.push(vec![
+        "scraped / none".to_string(),
+        format!("{:.3}x", rate_with.0 / rate_none.0),
+        format!("{:.3}x", rate_spread.1),
+        format!("{:.3}x", rate_spread.2),
+        format!("{:.3}x", cpu_with.0 / cpu_none.0),
+        format!("{:.3}x", cpu_spread.1),
+        format!("{:.3}x", cpu_spread.2),
+        String::new(),
+        String::new(),
+    ]);
+    let (warmup, measure) = options.load_window();
+    report.table(Table {
+        title: format!(
+            "7. metrics scrape cost: ours in-process, {WORKERS} workers, metrics endpoint on, \
+             {SCRAPE_CONNS} conns x 64 B ping-pong; {} of {rounds} windows each (medians, \
+             min, max; rounds disturbed by other processes left out)",
+            kept[0].len()
+        ),
+        header: [
+            "variant",
+            "echoes/s",
+            "min",
+            "max",
+            "CPU/echo",
+            "min",
+            "max",
+            "metrics thread",
+            "scrapes",
+        ]
+        .map(String::from)
+        .to_vec(),
+        rows,
+    });
+    let windows_each = kept[0].len();
+    report.note(noise_verdict(
+        "echoes/s",
+        windows_each,
+        rate_none,
+        rate_with,
+        rate_spread,
+    ));
+    report.note(noise_verdict(
+        "server CPU/echo",
+        windows_each,
+        cpu_none,
+        cpu_with,
+        cpu_spread,
+    ));
+    let (scrapes, scraping_secs) = scraped
+        .iter()
+        .fold((0, 0.0), |(n, t), (s, secs)| (n + s.count, t + secs));
+    if let Some(metrics_ms) = median(kept[1].iter().map(metrics_ms_per_s).collect())
+        && scrapes > 0
+    {
+        let per_sec = scrapes as f64 / scraping_secs;
+        report.note(format!(
+            "case 7: while scraped, the metrics thread used {metrics_ms:.2} ms of CPU per \
+             second, about {:.0} us per scrape at {per_sec:.1} scrapes/s; answers averaged \
+             {} B, the slowest scrape took {:.1} ms",
+            metrics_ms * 1e3 / per_sec,
+            scraped.iter().map(|(s, _)| s.bytes).sum::<u64>() / scrapes,
+            scraped
+                .iter()
+                .map(|(s, _)| s.slowest)
+                .max()
+                .unwrap_or_default()
+                .as_secs_f64()
+                * 1e3
+        ));
+    }
+    report.note(format!(
+        "case 7: each window a fresh in-process server and endpoint (as `echo-server \
+         --metrics 127.0.0.1:0` runs them) and {SCRAPE_CONNS} fresh connections on {} load \
+         threads, {:.1} s warm-up then {:.1} s measured; {rounds} rounds, each one window \
+         without and one with a scraper, which goes first alternating (rounds where other \
+         processes used > {FOREIGN_LIMIT} core are left out if any round was clean); the \
+         scraper is a bench thread (`scraper`) that opens a connection every {} ms, sends \
+         `GET /metrics` with `Connection: close`, reads the answer to its end and checks it \
+         starts `HTTP/1.1 200`, from before the warm-up to after the window; server CPU = \
+         schedstat of threads echo-acceptor, echo-worker-* and echo-metrics, so the metrics \
+         thread IS included in CPU/echo, and shown alone as ms of CPU per second (the \
+         scraper's and the load's CPU are not charged); scraped / none: ratio of the \
+         medians, min and max of the per-round ratios",
+        options.load_threads,
+        warmup.as_secs_f64(),
+        measure.as_secs_f64(),
+        SCRAPE_INTERVAL.as_millis(),
+    ));
+    note_foreign(report, "case 7", most_foreign(&windows));
+}
+
+/// Whether case 7's scraped figure is within the noise: `none` and `with`
+/// are (median, min, max) over `windows` windows each, `ratios` the same of
+/// the per-round ratios with / none. Within noise: the scraped median lies
+/// inside the unscraped windows' min..max.
+fn noise_verdict(
+    what: &str,
+    windows: usize,
+    none: (f64, f64, f64),
+    with: (f64, f64, f64),
+    ratios: (f64, f64, f64),
+) -> String {
+    let change = (with.0 / none.0 - 1.0) * 100.0;
+    if windows < 2 {
+        return format!(
+            "case 7 {what}: scraped median {change:+.1}% against no scraper; one window \
+             each, so no estimate of the noise"
+        );
+    }
+    let inside = with.0 >= none.1 && with.0 <= none.2;
+    let straddles = ratios.1 <= 1.0 && ratios.2 >= 1.0;
+    format!(
+        "case 7 {what}: scraped median {change:+.1}% against no scraper; {} (the {windows} \
+         windows without a scraper span {:.1}% of their median); the per-round ratios {} 1 \
+         ({:.3}x..{:.3}x)",
+        if inside {
+            "within noise: it lies inside their min..max"
+        } else {
+            "OUTSIDE the noise: it lies outside their min..max"
+        },
+        (none.2 - none.1) / none.0 * 100.0,
+        if straddles {
+            "straddle"
+        } else {
+            "all lie on one side of"
+        },
+        ratios.1,
+        ratios.2,
+    )
+}
+
+/// One case 7 window: a fresh server with its endpoint, and, if `scraped`,
+/// a scraper on it from before the warm-up to after the window; also what
+/// the scraper did, and over how long.
+fn scrape_window(
+    options: &Options,
+    scraped: bool,
+) -> Result<(Window, Option<(Scrapes, f64)>), String> {
+    let spec = Spec {
+        message_len: 64,
+        window: 1,
+    };
+    let server = OursWithMetrics::start(WORKERS, options.busy_poll)?;
+    let outcome = load::connect(server.addr(), SCRAPE_CONNS).and_then(|streams| {
+        let scraper = if scraped {
+            Some((
+                Scraper::start(server.metrics_addr(), SCRAPE_INTERVAL)?,
+                Instant::now(),
+            ))
+        } else {
+            None
+        };
+        let metrics_thread = || procfs::snapshot(None, &OursWithMetrics::is_metrics_thread);
+        let window = measure_window_with(
+            streams,
+            spec,
+            options,
+            Placement::InProcess,
+            &|| procfs::snapshot(None, &OursWithMetrics::owns_thread),
+            Extras {
+                part_cpu: Some(&metrics_thread),
+                round_trips: false,
+            },
+        );
+        // Stopped even if the window failed; its failure comes first.
+        let scrapes = scraper
+            .map(|(scraper, started)| {
+                let secs = started.elapsed().as_secs_f64();
+                scraper.stop().map(|s| (s, secs))
+            })
+            .transpose();
+        Ok((window?, scrapes?))
+    });
+    server.stop()?;
+    outcome
+}
+
+/// Case 8's connections, and its paths: 0 is direct to one backend, n is
+/// through HAProxy to n backends.
+const PROXIED_CONNS: usize = 64;
+const PROXIED_PATHS: [usize; 4] = [0, 1, 2, 3];
+
+/// Case 8: 64 B ping-pong through HAProxy to one, two and three backends,
+/// and direct to one, each backend `echo-server --workers 1`.
+fn case_haproxy(options: &Options, report: &mut Report) {
+    if !haproxy::available() {
+        report.note("case 8 skipped: haproxy is not on PATH".to_string());
+        return;
+    }
+    let rounds = if options.quick { 1 } else { 3 };
+    let name = |backends: usize| match backends {
+        0 => "direct, 1 backend".to_string(),
+        1 => "haproxy, 1 backend".to_string(),
+        n => format!("haproxy, {n} backends"),
+    };
+    let mut windows: [Vec<Window>; PROXIED_PATHS.len()] = Default::default();
+    let mut failed = [false; PROXIED_PATHS.len()];
+    for _ in 0..rounds {
+        for (at, &backends) in PROXIED_PATHS.iter().enumerate() {
+            if failed[at] {
+                continue;
+            }
+            wait_for_quiet();
+            match proxied_window(options, backends) {
+                Ok(w) if w.echoes > 0 => {
+                    let haproxy = w.part_cpu.map_or(0.0, |c| c.secs());
+                    eprintln!(
+                        "    case 8 {}: {} echoes in {:.2} s, {} timed; CPU haproxy {:.3} s, \
+                         backends {:.3} s, load {:.3} s; machine {:.0}% idle, {:.0}% softirq; \
+                         other processes {:.2} cores",
+                        name(backends),
+                        w.echoes,
+                        w.secs,
+                        w.round_trips.len(),
+                        haproxy,
+                        w.server_cpu.secs() - haproxy,
+                        w.load_cpu.secs(),
+                        w.machine_idle * 100.0,
+                        w.machine_softirq * 100.0,
+                        w.foreign_cores
+                    );
+                    windows[at].push(w);
+                }
+                Ok(_) => {
+                    failed[at] = true;
+                    report.failure(format!("case 8 {}: no echoes", name(backends)));
+                }
+                Err(e) => {
+                    failed[at] = true;
+                    report.failure(format!("case 8 {}: {e}", name(backends)));
+                }
+            }
+        }
+    }
+    for at in 0..PROXIED_PATHS.len() {
+        if failed[at] {
+            windows[at].clear();
+        }
+    }
+    let kept = clean(&windows);
+    let mut rows = Vec::new();
+    let mut rates = [None; PROXIED_PATHS.len()];
+    let mut p99s = [None; PROXIED_PATHS.len()];
+    let mut limits = Vec::new();
+    for (at, &backends) in PROXIED_PATHS.iter().enumerate() {
+        let ws = &kept[at];
+        let Some(rate) = median(ws.iter().map(|w| w.echoes as f64 / w.secs).collect()) else {
+            continue;
+        };
+        let rate_min = ws
+            .iter()
+            .map(|w| w.echoes as f64 / w.secs)
+            .fold(f64::INFINITY, f64::min);
+        let rate_max = ws
+            .iter()
+            .map(|w| w.echoes as f64 / w.secs)
+            .fold(f64::NEG_INFINITY, f64::max);
+        let mut times: Vec<Duration> = ws.iter().flat_map(|w| w.round_trips.clone()).collect();
+        times.sort();
+        let (p50, p99) = if times.is_empty() {
+            (None, None)
+        } else {
+            (
+                Some(percentile_us(&times, 50.0)),
+                Some(percentile_us(&times, 99.0)),
+            )
+        };
+        let haproxy_secs = |w: &&Window| w.part_cpu.map_or(0.0, |c| c.secs());
+        let per_echo = |w: &&Window, secs: f64| {
+            w.per_echo_us(procfs::CpuUsed {
+                ticks_secs: secs,
+                run_secs: Some(secs),
+            })
+        };
+        let cores = |f: &dyn Fn(&&Window) -> f64| {
+            median(ws.iter().map(|w| f(w) / w.cpu_secs).collect()).unwrap_or(f64::NAN)
+        };
+        let us = |f: &dyn Fn(&&Window) -> f64| {
+            median(ws.iter().map(|w| per_echo(w, f(w))).collect()).unwrap_or(f64::NAN)
+        };
+        let backend_secs = |w: &&Window| w.server_cpu.secs() - haproxy_secs(w);
+        let (proxy_cores, proxy_us) = (cores(&haproxy_secs), us(&haproxy_secs));
+        let (backend_cores, backend_us) = (cores(&backend_secs), us(&backend_secs));
+        let load_cores = cores(&|w| w.load_cpu.secs());
+        let idle = median(ws.iter().map(|w| w.machine_idle * 100.0).collect()).unwrap_or(f64::NAN);
+        let shown = |v: Option<f64>, unit| v.map_or("-".to_string(), |v| format_value(v, unit));
+        rows.push(vec![
+            name(backends),
+            format_value(rate, "/s"),
+            format_value(rate_min, "/s"),
+            format_value(rate_max, "/s"),
+            shown(p50, "us"),
+            shown(p99, "us"),
+            if backends == 0 {
+                "-".to_string()
+            } else {
+                format!("{proxy_cores:.2}")
+            },
+            if backends == 0 {
+                "-".to_string()
+            } else {
+                format_value(proxy_us, "us")
+            },
+            format!("{backend_cores:.2}"),
+            format_value(backend_us, "us"),
+            format!("{load_cores:.2}"),
+            format!("{idle:.0}%"),
+        ]);
+        rates[at] = Some(rate);
+        p99s[at] = p99;
+        if backends > 0 {
+            limits.push(format!(
+                "{}: haproxy {proxy_cores:.2} cores ({proxy_us:.1} us/echo), backends \
+                 {backend_cores:.2} ({backend_us:.1} us/echo), load {load_cores:.2}, idle \
+                 {idle:.0}%",
+                name(backends)
+            ));
+        }
+    }
+    if rows.is_empty() {
+        return;
+    }
+    report.table(Table {
+        title: format!(
+            "8. through HAProxy: {PROXIED_CONNS} conns x 64 B ping-pong, backends \
+             `echo-server --workers 1`; medians of {} of {rounds} windows (min, max; rounds \
+             disturbed by other processes left out), RTT pooled over them",
+            kept.iter().map(Vec::len).max().unwrap_or(0)
+        ),
+        header: [
+            "path",
+            "echoes/s",
+            "min",
+            "max",
+            "RTT p50",
+            "RTT p99",
+            "haproxy cores",
+            "haproxy CPU/echo",
+            "backends cores",
+            "backends CPU/echo",
+            "load cores",
+            "idle",
+        ]
+        .map(String::from)
+        .to_vec(),
+        rows,
+    });
+    let against_direct: Vec<String> = PROXIED_PATHS
+        .iter()
+        .enumerate()
+        .skip(1)
+        .filter_map(|(at, &backends)| {
+            let (rate, direct) = (rates[at]?, rates[0]?);
+            let p99 = match (p99s[at], p99s[0]) {
+                (Some(p), Some(d)) if d > 0.0 => format!(", p99 {:.2}x", p / d),
+                _ => String::new(),
+            };
+            Some(format!(
+                "{backends}: {:.2}x direct's echoes/s{p99}",
+                rate / direct
+            ))
+        })
+        .collect();
+    if !against_direct.is_empty() {
+        report.note(format!(
+            "case 8 through HAProxy with n backends: {}",
+            against_direct.join("; ")
+        ));
+    }
+    let cores = thread::available_parallelism().map_or(0, |n| n.get());
+    report.note(format!(
+        "case 8 where the limit lies ({cores} cores shared by HAProxy, the backends and the \
+         load): {}",
+        limits.join("; ")
+    ));
+    let (warmup, measure) = options.load_window();
+    report.note(format!(
+        "case 8: each window fresh child processes: the backends (`echo-server --workers 1 \
+         --busy-poll {}`, with `--proxy-protocol --proxy-from 127.0.0.1/32` behind HAProxy, \
+         without on the direct path) and `haproxy -db` with contrib/haproxy/echo.cfg \
+         (maxconn 8000, leastconn, send-proxy-v2; its health checks dropped, and its \
+         threads HAProxy's default, one per core) on free loopback ports, proved by one \
+         echo through it; then {PROXIED_CONNS} fresh connections on {} load threads, {:.1} s \
+         warm-up, {:.1} s measured, each round trip timed from its write to its echo's last \
+         byte (closed loop: one message in flight per connection, so a slow echo delays the \
+         next and p99 is of the echoes sent, see wrk2 on coordinated omission); {rounds} \
+         rounds, the paths in turn (rounds where other processes used > {FOREIGN_LIMIT} \
+         core are left out if any was clean); CPU from schedstat of every thread of each \
+         process, cores = CPU s per s, CPU/echo = CPU over echoes",
+        humantime::format_duration(
+            options
+                .busy_poll
+                .unwrap_or(echo_chamber::config::DEFAULT_BUSY_POLL)
+        ),
+        options.load_threads,
+        warmup.as_secs_f64(),
+        measure.as_secs_f64(),
+    ));
+    note_foreign(report, "case 8", most_foreign(&windows));
+}
+
+/// One case 8 window on `backends` backends behind HAProxy, or (0) direct
+/// to one backend without the PROXY protocol; every child is killed when
+/// it returns.
+fn proxied_window(options: &Options, backends: usize) -> Result<Window, String> {
+    let spec = Spec {
+        message_len: 64,
+        window: 1,
+    };
+    let proxied: &[&str] = &["--proxy-protocol", "--proxy-from", "127.0.0.1/32"];
+    let extra = if backends == 0 { &[][..] } else { proxied };
+    let servers = (0..backends.max(1))
+        .map(|_| ServerProcess::spawn_ours_with(1, options.busy_poll, extra))
+        .collect::<Result<Vec<_>, _>>()?;
+    let addrs: Vec<std::net::SocketAddr> = servers.iter().map(ServerProcess::addr).collect();
+    let haproxy = if backends == 0 {
+        None
+    } else {
+        Some(Haproxy::start(&addrs)?)
+    };
+    let target = haproxy.as_ref().map_or(addrs[0], Haproxy::addr);
+    let mut pids: Vec<u32> = servers.iter().map(ServerProcess::pid).collect();
+    pids.extend(haproxy.as_ref().map(Haproxy::pid));
+    let haproxy_cpu = haproxy.as_ref().map(|h| {
+        let pid = h.pid();
+        move || procfs::snapshot(Some(pid), &|_| true)
+    });
+    let window = load::connect(target, PROXIED_CONNS).and_then(|streams| {
+        measure_window_with(
+            streams,
+            spec,
+            options,
+            Placement::OwnProcess,
+            &|| procfs::processes_snapshot(&pids),
+            Extras {
+                part_cpu: haproxy_cpu
+                    .as_ref()
+                    .map(|f| f as &dyn Fn() -> std::io::Result<procfs::CpuSnapshot>),
+                round_trips: true,
+            },
+        )
+    });
+    window.map_err(|e| {
+        let mut message = e;
+        if let Some(haproxy) = &haproxy {
+            message.push_str(&format!("; haproxy stderr: {:?}", haproxy.log()));
+        }
+        for (n, server) in servers.iter().enumerate() {
+            message.push_str(&format!("; backend {} stderr: {:?}", n + 1, server.log()));
+        }
+        message
+    })
 }

@@ -5,8 +5,9 @@
 //!   timed (case 1).
 //! - [`Load`]: a few `load-N` threads, each a mio loop over many
 //!   connections, each connection keeping a fixed number of messages in
-//!   flight (cases 2, 3 and the active part of 4). Counters are read by the
-//!   caller at the edges of its measuring window.
+//!   flight (cases 2, 3, 7, 8 and the active part of 4). Counters are read
+//!   by the caller at the edges of its measuring window; in ping-pong, each
+//!   round trip can also be timed while the caller's window is open (case 8).
 //! - [`open_idle`]: many connections, each proved served by a one-byte echo
 //!   and then left idle (case 4).
 //!
@@ -221,12 +222,18 @@ struct Counters {
     bytes: AtomicU64,
 }
 
+/// The most round trips one load thread times in a run of [`Load`]: bounds
+/// its memory (8 MiB) whatever the window's length.
+const MAX_TIMED_PER_THREAD: usize = 1 << 20;
+
 /// A running load: threads `load-0`, `load-1`, … each driving its share of
 /// the connections until [`Load::stop`].
 pub struct Load {
     stop: Arc<AtomicBool>,
+    /// While set, ping-pong round trips are timed ([`Load::start_timed`]).
+    timing: Option<Arc<AtomicBool>>,
     counters: Vec<Arc<Counters>>,
-    threads: Vec<JoinHandle<Result<(), String>>>,
+    threads: Vec<JoinHandle<Result<Vec<Duration>, String>>>,
 }
 
 /// Sums of what every load thread has seen echoed so far.
@@ -245,6 +252,38 @@ impl Load {
     /// # Errors
     /// Socket setup or thread spawn failures.
     pub fn start(streams: Vec<TcpStream>, spec: Spec, threads: usize) -> Result<Load, String> {
+        Load::start_with(streams, spec, threads, None)
+    }
+
+    /// As [`Load::start`], and able to time each round trip, from the
+    /// message's first write to its echo's last byte, while
+    /// [`Load::time_round_trips`] is on; [`Load::stop`] returns the
+    /// times. Ping-pong only: with more messages in flight, a round trip
+    /// would include its wait behind the earlier ones.
+    ///
+    /// # Errors
+    /// `spec.window` is not 1, or as [`Load::start`].
+    pub fn start_timed(
+        streams: Vec<TcpStream>,
+        spec: Spec,
+        threads: usize,
+    ) -> Result<Load, String> {
+        if spec.window != 1 {
+            return Err(format!(
+                "round trips are timed in ping-pong only, not with {} in flight",
+                spec.window
+            ));
+        }
+        let timing = Arc::new(AtomicBool::new(false));
+        Load::start_with(streams, spec, threads, Some(timing))
+    }
+
+    fn start_with(
+        streams: Vec<TcpStream>,
+        spec: Spec,
+        threads: usize,
+        timing: Option<Arc<AtomicBool>>,
+    ) -> Result<Load, String> {
         let threads = threads.max(1);
         let mut shares: Vec<Vec<TcpStream>> = (0..threads).map(|_| Vec::new()).collect();
         for (i, stream) in streams.into_iter().enumerate() {
@@ -256,6 +295,7 @@ impl Load {
         let stop = Arc::new(AtomicBool::new(false));
         let mut load = Load {
             stop: Arc::clone(&stop),
+            timing: timing.clone(),
             counters: Vec::new(),
             threads: Vec::new(),
         };
@@ -263,9 +303,10 @@ impl Load {
             let counters = Arc::new(Counters::default());
             load.counters.push(Arc::clone(&counters));
             let stop = Arc::clone(&stop);
+            let timing = timing.clone();
             let thread = thread::Builder::new()
                 .name(format!("load-{i}"))
-                .spawn(move || drive(share, spec, &stop, &counters))
+                .spawn(move || drive(share, spec, &stop, timing.as_deref(), &counters))
                 .map_err(|e| format!("spawn load thread: {e}"))?;
             load.threads.push(thread);
         }
@@ -290,23 +331,36 @@ impl Load {
         self.threads.iter().any(JoinHandle::is_finished)
     }
 
+    /// Turns the timing of round trips on or off (a load started with
+    /// [`Load::start_timed`]; otherwise nothing is timed). A round trip is
+    /// timed if it was sent while timing was on and ends while it still is.
+    pub fn time_round_trips(&self, on: bool) {
+        if let Some(timing) = &self.timing {
+            timing.store(on, Ordering::Relaxed);
+        }
+    }
+
     /// Stops every thread, closes every connection and reports the first
-    /// failure any thread met.
+    /// failure any thread met; else the round trips timed, unsorted (none
+    /// unless started with [`Load::start_timed`]).
     ///
     /// # Errors
     /// A load thread's failure: I/O error, early close or wrong echo.
-    pub fn stop(self) -> Result<(), String> {
+    pub fn stop(self) -> Result<Vec<Duration>, String> {
         self.stop.store(true, Ordering::Relaxed);
         let mut first_failure = Ok(());
+        let mut times = Vec::new();
         for thread in self.threads {
             let outcome = thread
                 .join()
                 .unwrap_or_else(|_| Err("a load thread panicked".to_string()));
-            if first_failure.is_ok() {
-                first_failure = outcome;
+            match outcome {
+                Ok(taken) => times.extend(taken),
+                Err(e) if first_failure.is_ok() => first_failure = Err(e),
+                Err(_) => {}
             }
         }
-        first_failure
+        first_failure.map(|()| times)
     }
 }
 
@@ -315,15 +369,19 @@ struct Conn {
     stream: mio::net::TcpStream,
     sent: u64,
     received: u64,
+    /// When the message in flight was first written, if it is being timed.
+    sent_at: Option<Instant>,
 }
 
-/// One load thread: a mio loop over its connections until `stop`.
+/// One load thread: a mio loop over its connections until `stop`; returns
+/// the round trips it timed while `timing` was set.
 fn drive(
     streams: Vec<TcpStream>,
     spec: Spec,
     stop: &AtomicBool,
+    timing: Option<&AtomicBool>,
     counters: &Counters,
-) -> Result<(), String> {
+) -> Result<Vec<Duration>, String> {
     let mut poll = Poll::new().map_err(|e| format!("load poll: {e}"))?;
     let mut events = Events::with_capacity(1024);
     let pattern = Pattern::new();
@@ -343,13 +401,18 @@ fn drive(
             stream,
             sent: 0,
             received: 0,
+            sent_at: None,
         });
     }
     let (mut echoes, mut bytes) = (0u64, 0u64);
+    let mut times = Vec::new();
+    let timing_on = || timing.is_some_and(|t| t.load(Ordering::Relaxed));
     for (i, conn) in conns.iter_mut().enumerate() {
-        pump_write(conn, spec, &pattern).map_err(|e| format!("connection {i}: {e}"))?;
+        pump_write(conn, spec, &pattern, timing_on())
+            .map_err(|e| format!("connection {i}: {e}"))?;
     }
     while !stop.load(Ordering::Relaxed) {
+        let timed = timing_on() && times.len() < MAX_TIMED_PER_THREAD;
         match poll.poll(&mut events, Some(Duration::from_millis(20))) {
             Ok(()) => {}
             // A signal landed during the wait: just wait again.
@@ -363,12 +426,20 @@ fn drive(
             pump_read(conn, &pattern, &mut buf).map_err(|e| format!("connection {i}: {e}"))?;
             echoes += conn.received / message_len - before / message_len;
             bytes += conn.received - before;
-            pump_write(conn, spec, &pattern).map_err(|e| format!("connection {i}: {e}"))?;
+            // In ping-pong, everything sent has come back: one round trip ends.
+            if conn.received > before
+                && conn.received == conn.sent
+                && let Some(sent_at) = conn.sent_at.take()
+                && timed
+            {
+                times.push(sent_at.elapsed());
+            }
+            pump_write(conn, spec, &pattern, timed).map_err(|e| format!("connection {i}: {e}"))?;
         }
         counters.echoes.store(echoes, Ordering::Relaxed);
         counters.bytes.store(bytes, Ordering::Relaxed);
     }
-    Ok(())
+    Ok(times)
 }
 
 /// Reads and checks everything the socket has.
@@ -411,12 +482,16 @@ fn pump_read(conn: &mut Conn, pattern: &Pattern, buf: &mut [u8]) -> Result<(), S
     }
 }
 
-/// Writes until the window is full or the socket pushes back.
-fn pump_write(conn: &mut Conn, spec: Spec, pattern: &Pattern) -> Result<(), String> {
+/// Writes until the window is full or the socket pushes back; a message
+/// begun while `timed` gets its start time.
+fn pump_write(conn: &mut Conn, spec: Spec, pattern: &Pattern, timed: bool) -> Result<(), String> {
     let message_len = spec.message_len as u64;
     // Whole messages only: the next one may start once an earlier one is
     // fully echoed, so `window` is the number of messages in flight.
     let limit = (conn.received / message_len + spec.window as u64) * message_len;
+    if timed && conn.sent < limit && conn.sent == conn.received {
+        conn.sent_at = Some(Instant::now());
+    }
     while conn.sent < limit {
         let len = (limit - conn.sent).min(CHUNK as u64) as usize;
         match conn.stream.write(pattern.at(conn.sent, len)) {

@@ -83,6 +83,19 @@ pub fn snapshot(pid: Option<u32>, keep: &dyn Fn(&str) -> bool) -> io::Result<Cpu
     Ok(snapshot)
 }
 
+/// Snapshots every thread of each process in `pids` together, so that
+/// several processes (a proxy and its backends) count as one server.
+///
+/// # Errors
+/// A process is gone.
+pub fn processes_snapshot(pids: &[u32]) -> io::Result<CpuSnapshot> {
+    let mut all = CpuSnapshot::default();
+    for &pid in pids {
+        all.threads.extend(snapshot(Some(pid), &|_| true)?.threads);
+    }
+    Ok(all)
+}
+
 /// Name, `utime + stime` and start time from a `stat` line. The name sits
 /// in parentheses and may itself hold spaces or parentheses, so the fields
 /// are counted from the last `)`.

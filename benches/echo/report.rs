@@ -1,5 +1,7 @@
 //! The bench's output: one row per measured figure, ours next to the
-//! ratio to each peer, plus notes on how the figures were taken.
+//! ratio to each peer; tables of their own for the cases that compare ours
+//! with itself (7: with and without a scraper; 8: through HAProxy and
+//! direct); and notes on how the figures were taken.
 
 use crate::servers::{KINDS, Kind};
 
@@ -26,6 +28,7 @@ pub struct Row {
 #[derive(Default)]
 pub struct Report {
     rows: Vec<Row>,
+    tables: Vec<Table>,
     notes: Vec<String>,
     failures: Vec<String>,
 }
@@ -35,6 +38,13 @@ impl Report {
     pub fn row(&mut self, row: Row) {
         eprintln!("  {}", render_row(&row));
         self.rows.push(row);
+    }
+
+    /// Adds a table of its own, printed after the main one, and echoes it
+    /// to stderr as progress.
+    pub fn table(&mut self, table: Table) {
+        eprint!("{}", indent(&table.render(), "  "));
+        self.tables.push(table);
     }
 
     /// Adds a note printed under the table.
@@ -63,17 +73,66 @@ impl Report {
             PEERS.map(|peer| peer.name().to_string()),
         );
         let rule = "-".repeat(header.chars().count());
-        let mut lines = vec![header, rule];
-        lines.extend(self.rows.iter().map(render_row));
-        lines.push(
-            "ratios are ours / peer; (higher) or (lower) marks which way is better; \
-             - means not measured"
-                .into(),
-        );
+        let mut lines = Vec::new();
+        if !self.rows.is_empty() {
+            lines.extend([header, rule]);
+            lines.extend(self.rows.iter().map(render_row));
+            lines.push(
+                "ratios are ours / peer; (higher) or (lower) marks which way is better; \
+                 - means not measured"
+                    .into(),
+            );
+        }
+        for table in &self.tables {
+            lines.push(String::new());
+            lines.extend(table.render().lines().map(str::to_string));
+        }
         lines.extend(self.notes.iter().map(|note| format!("note: {note}")));
         lines.extend(self.failures.iter().map(|f| format!("FAILED: {f}")));
         lines.iter().map(|line| format!("{line}\n")).collect()
     }
+}
+
+/// A table with columns of its own: a title, a header, and rows of cells
+/// already formatted; the first column is aligned left, the rest right.
+pub struct Table {
+    pub title: String,
+    pub header: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn render(&self) -> String {
+        let columns = self.header.len();
+        let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
+        for row in &self.rows {
+            for (at, cell) in row.iter().enumerate().take(columns) {
+                widths[at] = widths[at].max(cell.chars().count());
+            }
+        }
+        let line = |cells: &[String]| {
+            let mut line = String::new();
+            for (at, width) in widths.iter().enumerate() {
+                let cell = cells.get(at).map_or("", String::as_str);
+                if at == 0 {
+                    line.push_str(&format!("{cell:<width$}"));
+                } else {
+                    line.push_str(&format!(" | {cell:>width$}"));
+                }
+            }
+            line.trim_end().to_string()
+        };
+        let header = line(&self.header);
+        let rule = "-".repeat(header.chars().count());
+        let mut lines = vec![self.title.clone(), header, rule];
+        lines.extend(self.rows.iter().map(|row| line(row)));
+        lines.iter().map(|l| format!("{l}\n")).collect()
+    }
+}
+
+/// `text` with `prefix` before each line.
+fn indent(text: &str, prefix: &str) -> String {
+    text.lines().map(|l| format!("{prefix}{l}\n")).collect()
 }
 
 /// The servers ours is compared with, in column order.

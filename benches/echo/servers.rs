@@ -1,6 +1,7 @@
 //! The servers under test, started either inside the bench process (cases
-//! 1–3 and UDP case 6, CPU charged per thread) or as separate processes
-//! (cases 4–5, memory and exit measured per process).
+//! 1–3, UDP case 6 and case 7 with its metrics endpoint, CPU charged per
+//! thread) or as separate processes (cases 4–5, memory and exit measured
+//! per process; case 8's backends behind HAProxy).
 //!
 //! Ours runs in-process through `echo_chamber::server::Server` and out of
 //! process as the `echo-server` binary. The peers run in-process from
@@ -17,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use echo_chamber::config::{LogLevel, ServerConfig};
 use echo_chamber::listener::Transports;
+use echo_chamber::log::Logger;
+use echo_chamber::metrics::MetricsServer;
 use echo_chamber::server::Server;
 use echo_chamber::stats::UdpSummary;
 
@@ -162,6 +165,71 @@ fn ours_config(workers: usize, busy_poll: Option<Duration>) -> ServerConfig {
     }
 }
 
+/// Our server on threads of this process with its metrics endpoint on, as
+/// `echo-server --metrics` runs them: the endpoint started beside the
+/// running server, on a loopback port of its own (case 7).
+pub struct OursWithMetrics {
+    server: Server,
+    metrics: MetricsServer,
+}
+
+impl OursWithMetrics {
+    /// Whether a thread of this process named `comm` belongs to it: the
+    /// acceptor, the workers and the metrics thread.
+    pub fn owns_thread(comm: &str) -> bool {
+        Kind::Ours.owns_thread(comm) || OursWithMetrics::is_metrics_thread(comm)
+    }
+
+    /// Whether `comm` is the metrics endpoint's thread.
+    pub fn is_metrics_thread(comm: &str) -> bool {
+        comm.starts_with("echo-metrics")
+    }
+
+    /// Starts ours as [`InProcess::start`] does, then the endpoint on
+    /// 127.0.0.1 port 0.
+    ///
+    /// # Errors
+    /// Either could not start.
+    pub fn start(workers: usize, busy_poll: Option<Duration>) -> Result<OursWithMetrics, String> {
+        let server =
+            start_ours(workers, busy_poll).map_err(|e| format!("ours: cannot start: {e}"))?;
+        let started = std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .map_err(|e| format!("metrics: bind: {e}"))
+            .and_then(|listener| {
+                MetricsServer::start(listener, server.monitor(), Logger::new(LogLevel::Silent))
+                    .map_err(|e| format!("metrics: cannot start: {e}"))
+            });
+        match started {
+            Ok(metrics) => Ok(OursWithMetrics { server, metrics }),
+            Err(e) => {
+                // Stopped so its threads do not outlive the failed start.
+                let _ = InProcess::Ours(server).stop();
+                Err(e)
+            }
+        }
+    }
+
+    /// Where the echo service listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// Where the metrics endpoint listens.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics.local_addr()
+    }
+
+    /// Stops the endpoint, then the server, as the binary does.
+    ///
+    /// # Errors
+    /// The server reported a failure while joining.
+    pub fn stop(self) -> Result<(), String> {
+        // Dropping the endpoint stops its thread and waits for it.
+        drop(self.metrics);
+        InProcess::Ours(self.server).stop()
+    }
+}
+
 /// A UDP echo server running on threads of this process (case 6).
 pub enum UdpInProcess {
     Ours(Server),
@@ -252,6 +320,28 @@ impl ServerProcess {
         workers: usize,
         busy_poll: Option<Duration>,
     ) -> Result<ServerProcess, String> {
+        ServerProcess::spawn_with(kind, workers, busy_poll, &[])
+    }
+
+    /// As [`ServerProcess::spawn`] of ours, with `extra` arguments after
+    /// the usual ones (case 8: the PROXY protocol).
+    ///
+    /// # Errors
+    /// As [`ServerProcess::spawn`].
+    pub fn spawn_ours_with(
+        workers: usize,
+        busy_poll: Option<Duration>,
+        extra: &[&str],
+    ) -> Result<ServerProcess, String> {
+        ServerProcess::spawn_with(Kind::Ours, workers, busy_poll, extra)
+    }
+
+    fn spawn_with(
+        kind: Kind,
+        workers: usize,
+        busy_poll: Option<Duration>,
+        extra: &[&str],
+    ) -> Result<ServerProcess, String> {
         let mut command = match kind {
             Kind::Ours => {
                 let mut command = Command::new(ECHO_SERVER);
@@ -262,15 +352,19 @@ impl ServerProcess {
                 let busy_poll = busy_poll.unwrap_or(echo_chamber::config::DEFAULT_BUSY_POLL);
                 let value = humantime::format_duration(busy_poll).to_string();
                 command.args(["--busy-poll", &value]);
+                command.args(extra);
                 command
             }
-            Kind::Tokio | Kind::Blocking => {
+            Kind::Tokio | Kind::Blocking if extra.is_empty() => {
                 let exe = std::env::current_exe()
                     .map_err(|e| format!("cannot find the bench binary: {e}"))?;
                 let mut command = Command::new(exe);
                 command.env(SERVE_ENV, kind.name());
                 command.env(WORKERS_ENV, workers.to_string());
                 command
+            }
+            Kind::Tokio | Kind::Blocking => {
+                return Err(format!("{}: takes no extra arguments", kind.name()));
             }
             Kind::Floor => return Err("floor: runs only in-process, in case 2".to_string()),
         };
