@@ -183,24 +183,16 @@ impl Report {
             );
         }
         if self.connections > 1 || self.sent > 1 {
-            let plural = if self.connections == 1 { "" } else { "s" };
-            let _ = writeln!(
-                text,
-                "throughput {:.1} echoes/s, {:.3} MB/s sent, {:.3} MB/s echoed ({} connection{plural})",
-                self.echoes_per_second(),
-                per_second(self.bytes_sent, self.elapsed) / 1e6,
-                per_second(self.bytes_echoed, self.elapsed) / 1e6,
-                self.connections
-            );
+            let throughput = Throughput {
+                echoes_per_second: self.echoes_per_second(),
+                bytes_sent: self.bytes_sent,
+                bytes_echoed: self.bytes_echoed,
+                elapsed: self.elapsed,
+                units: (self.connections, "connection"),
+            };
+            throughput.write(&mut text);
         }
-        if histogram && self.rtt.count() > 0 {
-            let _ = writeln!(
-                text,
-                "rtt histogram ({} exact echoes, log-spaced rows):",
-                self.rtt.count()
-            );
-            text.push_str(&self.rtt.histogram_text());
-        }
+        write_histogram(&mut text, &self.rtt, histogram);
         text
     }
 
@@ -284,6 +276,45 @@ pub(super) fn format_loss(lost: u64, sent: u64) -> String {
                     .map_or(shown.clone(), str::to_owned)
             },
         )
+}
+
+/// The summary's throughput line, for TCP connections and UDP flows alike.
+pub(super) struct Throughput {
+    pub(super) echoes_per_second: f64,
+    pub(super) bytes_sent: u64,
+    pub(super) bytes_echoed: u64,
+    pub(super) elapsed: Duration,
+    /// How many of what ran at once: connections or flows.
+    pub(super) units: (usize, &'static str),
+}
+
+impl Throughput {
+    /// Appends `throughput N echoes/s, N MB/s sent, N MB/s echoed (N units)`.
+    pub(super) fn write(&self, text: &mut String) {
+        let (count, unit) = self.units;
+        let plural = if count == 1 { "" } else { "s" };
+        // Writing to a String cannot fail.
+        let _ = writeln!(
+            text,
+            "throughput {:.1} echoes/s, {:.3} MB/s sent, {:.3} MB/s echoed ({count} {unit}{plural})",
+            self.echoes_per_second,
+            per_second(self.bytes_sent, self.elapsed) / 1e6,
+            per_second(self.bytes_echoed, self.elapsed) / 1e6,
+        );
+    }
+}
+
+/// Appends the round-trip histogram if it was asked for and there is one.
+pub(super) fn write_histogram(text: &mut String, rtt: &RttStats, asked: bool) {
+    if asked && rtt.count() > 0 {
+        // Writing to a String cannot fail.
+        let _ = writeln!(
+            text,
+            "rtt histogram ({} exact echoes, log-spaced rows):",
+            rtt.count()
+        );
+        text.push_str(&rtt.histogram_text());
+    }
 }
 
 pub(super) fn per_second(count: u64, elapsed: Duration) -> f64 {

@@ -144,24 +144,16 @@ impl UdpReport {
             );
         }
         if self.flows > 1 || counts.sent > 1 {
-            let plural = if self.flows == 1 { "" } else { "s" };
-            let _ = writeln!(
-                text,
-                "throughput {:.1} echoes/s, {:.3} MB/s sent, {:.3} MB/s echoed ({} flow{plural})",
-                self.echoes_per_second(),
-                per_second(self.bytes_sent, self.elapsed) / 1e6,
-                per_second(self.bytes_echoed, self.elapsed) / 1e6,
-                self.flows
-            );
+            let throughput = crate::client::report::Throughput {
+                echoes_per_second: self.echoes_per_second(),
+                bytes_sent: self.bytes_sent,
+                bytes_echoed: self.bytes_echoed,
+                elapsed: self.elapsed,
+                units: (self.flows, "flow"),
+            };
+            throughput.write(&mut text);
         }
-        if histogram && self.rtt.count() > 0 {
-            let _ = writeln!(
-                text,
-                "rtt histogram ({} exact echoes, log-spaced rows):",
-                self.rtt.count()
-            );
-            text.push_str(&self.rtt.histogram_text());
-        }
+        crate::client::report::write_histogram(&mut text, &self.rtt, histogram);
         text
     }
 
