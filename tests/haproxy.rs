@@ -76,7 +76,14 @@ impl Drop for TempDir {
     }
 }
 
-fn start_haproxy(front: u16, backends: &[Backend]) -> Haproxy {
+/// The PROXY protocol version HAProxy sends its backends.
+#[derive(Clone, Copy)]
+enum Version {
+    V1,
+    V2,
+}
+
+fn start_haproxy(front: u16, backends: &[Backend], version: Version) -> Haproxy {
     let shipped = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/contrib/haproxy/echo.cfg"
@@ -89,7 +96,11 @@ fn start_haproxy(front: u16, backends: &[Backend]) -> Haproxy {
         let to = format!("127.0.0.1:{} check port {}", backend.port, backend.metrics);
         config = config.replace(&from, &to);
     }
-    config = config.replace("send-proxy-v2", "send-proxy-v2 source 127.0.0.2");
+    let send = match version {
+        Version::V1 => "send-proxy",
+        Version::V2 => "send-proxy-v2",
+    };
+    config = config.replace("send-proxy-v2", &format!("{send} source 127.0.0.2"));
     let dir = std::env::temp_dir().join(format!("echo-haproxy-{}-{front}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join("echo.cfg");
@@ -110,7 +121,7 @@ fn start_haproxy(front: u16, backends: &[Backend]) -> Haproxy {
 }
 
 /// Three backends, HAProxy in front of them, and an echo through it.
-fn start_cluster() -> (Vec<Backend>, Vec<ServerProcess>, Haproxy, SocketAddr) {
+fn start_cluster(version: Version) -> (Vec<Backend>, Vec<ServerProcess>, Haproxy, SocketAddr) {
     let backends: Vec<Backend> = (0..3)
         .map(|_| Backend {
             port: free_port(),
@@ -119,7 +130,7 @@ fn start_cluster() -> (Vec<Backend>, Vec<ServerProcess>, Haproxy, SocketAddr) {
         .collect();
     let servers: Vec<ServerProcess> = backends.iter().map(Backend::start).collect();
     let front = free_port();
-    let haproxy = start_haproxy(front, &backends);
+    let haproxy = start_haproxy(front, &backends, version);
     let front_addr: SocketAddr = format!("127.0.0.1:{front}").parse().expect("addr");
     // HAProxy marks a backend up after two good checks (1 s).
     let until = Instant::now() + Duration::from_secs(30);
@@ -189,7 +200,7 @@ fn a_rolling_restart_behind_haproxy_loses_no_echo() {
         if !common::have_program("haproxy", "-v") {
             return;
         }
-        let (backends, mut servers, _haproxy, front) = start_cluster();
+        let (backends, mut servers, _haproxy, front) = start_cluster(Version::V2);
         let client = start_client(front);
         thread::sleep(Duration::from_secs(1));
         for (n, backend) in backends.iter().enumerate() {
@@ -235,7 +246,7 @@ fn a_backend_killed_behind_haproxy_costs_at_most_the_echoes_in_flight_on_it() {
         if !common::have_program("haproxy", "-v") {
             return;
         }
-        let (_backends, mut servers, _haproxy, front) = start_cluster();
+        let (_backends, mut servers, _haproxy, front) = start_cluster(Version::V2);
         let client = start_client(front);
         thread::sleep(Duration::from_secs(1));
         servers[0].signal(libc::SIGKILL);
@@ -280,5 +291,30 @@ fn a_backend_killed_behind_haproxy_costs_at_most_the_echoes_in_flight_on_it() {
         for server in servers.iter_mut().skip(1) {
             server.stop_cleanly();
         }
+    });
+}
+
+#[test]
+fn haproxys_v1_header_reaches_the_backends_with_the_clients_address() {
+    with_time_limit(Duration::from_secs(120), || {
+        if !common::have_program("haproxy", "-v") {
+            return;
+        }
+        let (_backends, mut servers, _haproxy, front) = start_cluster(Version::V1);
+        for n in 0..6 {
+            let message = format!("v1 echo {n}");
+            common::try_echo(front, message.as_bytes(), Duration::from_secs(10))
+                .unwrap_or_else(|err| panic!("{message}: {err}"));
+        }
+        let mut logs = String::new();
+        for server in &mut servers {
+            server.stop_cleanly();
+            logs.push_str(&server.log());
+        }
+        assert!(
+            logs.contains("open 127.0.0.1:") && logs.contains(" via 127.0.0.2:"),
+            "{logs}"
+        );
+        assert!(!logs.contains("without a valid PROXY header"), "{logs}");
     });
 }
