@@ -158,30 +158,7 @@ impl Report {
                 self.reconnects, self.resent
             );
         }
-        if let (Some(min), Some(avg), Some(max), Some(mdev)) = (
-            self.rtt.min(),
-            self.rtt.mean(),
-            self.rtt.max(),
-            self.rtt.mdev(),
-        ) {
-            let _ = writeln!(
-                text,
-                "rtt min/avg/max/mdev = {}/{}/{}/{} ms",
-                ms(min),
-                ms(avg),
-                ms(max),
-                ms(mdev)
-            );
-            let p = |q| self.rtt.percentile(q).map_or_else(String::new, ms);
-            let _ = writeln!(
-                text,
-                "rtt p50/p90/p99/p99.9 = {}/{}/{}/{} ms (histogram, within 0.4%)",
-                p(0.5),
-                p(0.9),
-                p(0.99),
-                p(0.999)
-            );
-        }
+        write_rtt(&mut text, &self.rtt);
         if self.connections > 1 || self.sent > 1 {
             let throughput = Throughput {
                 echoes_per_second: self.echoes_per_second(),
@@ -302,6 +279,34 @@ impl Throughput {
             per_second(self.bytes_echoed, self.elapsed) / 1e6,
         );
     }
+}
+
+/// Appends the round-trip lines (min/avg/max/mdev and percentiles), if any
+/// echo was timed.
+pub(super) fn write_rtt(text: &mut String, rtt: &RttStats) {
+    let (Some(min), Some(avg), Some(max), Some(mdev)) =
+        (rtt.min(), rtt.mean(), rtt.max(), rtt.mdev())
+    else {
+        return;
+    };
+    // Writing to a String cannot fail.
+    let _ = writeln!(
+        text,
+        "rtt min/avg/max/mdev = {}/{}/{}/{} ms",
+        ms(min),
+        ms(avg),
+        ms(max),
+        ms(mdev)
+    );
+    let p = |q| rtt.percentile(q).map_or_else(String::new, ms);
+    let _ = writeln!(
+        text,
+        "rtt p50/p90/p99/p99.9 = {}/{}/{}/{} ms (histogram, within 0.4%)",
+        p(0.5),
+        p(0.9),
+        p(0.99),
+        p(0.999)
+    );
 }
 
 /// Appends the round-trip histogram if it was asked for and there is one.

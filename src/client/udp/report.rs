@@ -110,30 +110,7 @@ impl UdpReport {
         }
         let loss = format_loss(counts.lost, counts.sent);
         let _ = writeln!(text, ", {loss}% loss, time {}ms", self.elapsed.as_millis());
-        if let (Some(min), Some(avg), Some(max), Some(mdev)) = (
-            self.rtt.min(),
-            self.rtt.mean(),
-            self.rtt.max(),
-            self.rtt.mdev(),
-        ) {
-            let _ = writeln!(
-                text,
-                "rtt min/avg/max/mdev = {}/{}/{}/{} ms",
-                ms(min),
-                ms(avg),
-                ms(max),
-                ms(mdev)
-            );
-            let p = |q| self.rtt.percentile(q).map_or_else(String::new, ms);
-            let _ = writeln!(
-                text,
-                "rtt p50/p90/p99/p99.9 = {}/{}/{}/{} ms (histogram, within 0.4%)",
-                p(0.5),
-                p(0.9),
-                p(0.99),
-                p(0.999)
-            );
-        }
+        crate::client::report::write_rtt(&mut text, &self.rtt);
         if let Some(jitter) = self.jitter.mean() {
             let pairs = self.jitter.pairs();
             let plural = if pairs == 1 { "" } else { "s" };
