@@ -162,10 +162,10 @@ impl Options {
                     let value = args.next().ok_or("--busy-poll needs a duration")?;
                     let duration = humantime::parse_duration(&value)
                         .map_err(|e| format!("--busy-poll: {value:?}: {e}"))?;
-                    if duration > echo_chamber::config::MAX_BUSY_POLL {
+                    if duration > echo_chamber::server::config::MAX_BUSY_POLL {
                         return Err(format!(
                             "--busy-poll: {value:?} is more than {}",
-                            humantime::format_duration(echo_chamber::config::MAX_BUSY_POLL)
+                            humantime::format_duration(echo_chamber::server::config::MAX_BUSY_POLL)
                         ));
                     }
                     options.busy_poll = Some(duration);
@@ -207,7 +207,7 @@ fn main() -> ExitCode {
     println!("{}", machine_line());
     let busy_poll = options
         .busy_poll
-        .unwrap_or(echo_chamber::config::DEFAULT_BUSY_POLL);
+        .unwrap_or(echo_chamber::server::config::DEFAULT_BUSY_POLL);
     println!(
         "ours: --busy-poll {}{}",
         humantime::format_duration(busy_poll),
@@ -1323,7 +1323,10 @@ fn udp_rounds(
     spec: UdpSpec,
     label: &str,
     report: &mut Report,
-) -> ([Vec<Window>; KINDS], Vec<echo_chamber::stats::UdpSummary>) {
+) -> (
+    [Vec<Window>; KINDS],
+    Vec<echo_chamber::server::stats::UdpSummary>,
+) {
     let mut windows: [Vec<Window>; KINDS] = Default::default();
     let mut summaries = Vec::new();
     let mut failed = [false; KINDS];
@@ -1992,7 +1995,7 @@ fn case_haproxy(options: &Options, report: &mut Report) {
         humantime::format_duration(
             options
                 .busy_poll
-                .unwrap_or(echo_chamber::config::DEFAULT_BUSY_POLL)
+                .unwrap_or(echo_chamber::server::config::DEFAULT_BUSY_POLL)
         ),
         options.load_threads,
         warmup.as_secs_f64(),

@@ -15,7 +15,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::SystemTime;
 
-use crate::config::LogLevel;
+use crate::server::config::LogLevel;
 
 /// How many characters of received data `-v` shows.
 const PREVIEW_CHARS: usize = 80;

@@ -3,6 +3,38 @@
 //! its UDP socket when the server serves UDP, and joins it all at the end.
 //! It installs no signal handlers and never exits the process; the binary
 //! does that.
+//!
+//! One file per part of the flow, in its order:
+//!
+//! - [`listener`] binds the sockets, or [`activation`] takes the ones a
+//!   service manager passed;
+//! - [`acceptor`] accepts, reads no byte itself (a [`proxy_header`] is the
+//!   worker's to read, from peers in a [`cidr`] list), and hands each stream
+//!   to the least-loaded worker over its channel;
+//! - [`worker`] owns its streams in a mio event loop and drives each
+//!   [`connection`] echo state machine, and its UDP socket's `datagram`
+//!   echo, which asks the [`source_guard`] whether a source may be answered;
+//! - [`shutdown`] stops the acceptor and makes the workers drain.
+//!
+//! Beside the flow: [`config`] (what the flags become), [`stats`] (a block of
+//! counters per thread, summed at exit) and [`metrics`] (a thread of its own
+//! that reads those counters live, without a lock).
+
+pub mod acceptor;
+pub mod activation;
+mod busy_poll;
+pub mod cidr;
+pub mod config;
+pub mod connection;
+mod datagram;
+pub mod listener;
+pub mod metrics;
+pub mod proxy_header;
+pub mod shutdown;
+pub mod source_guard;
+pub mod stats;
+mod udp_batch;
+pub mod worker;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,18 +42,18 @@ use std::thread::{self, JoinHandle};
 
 use mio::Poll;
 
-use crate::acceptor::{self, Acceptor, Admission, WorkerLink};
-use crate::config::ServerConfig;
-use crate::datagram::{UdpEcho, UdpShared};
 use crate::error::Error;
-use crate::listener::Sockets;
 use crate::log::Logger;
-use crate::shutdown::ShutdownHandle;
-use crate::source_guard::SourceGuard;
-use crate::stats::{Counters, OpenConnections};
-use crate::worker::{self, Worker, WorkerSetup};
+use acceptor::{Acceptor, Admission, WorkerLink};
+use config::ServerConfig;
+use datagram::{UdpEcho, UdpShared};
+use listener::Sockets;
+use shutdown::ShutdownHandle;
+use source_guard::SourceGuard;
+use stats::{Counters, OpenConnections};
+use worker::{Worker, WorkerSetup};
 
-pub use crate::stats::{Snapshot, Summary};
+pub use crate::server::stats::{Snapshot, Summary};
 
 /// A running echo server. Dropping it shuts it down and waits for it.
 ///
@@ -215,7 +247,7 @@ impl Server {
                         .set_nonblocking(true)
                         .map_err(setup(of_worker("the UDP socket")))?;
                     let socket = mio::net::UdpSocket::from_std(socket);
-                    crate::udp_batch::receive_destinations(&socket)
+                    crate::server::udp_batch::receive_destinations(&socket)
                         .map_err(setup(of_worker("the UDP socket's packet info")))?;
                     crate::socket::grow_udp_buffers(&socket);
                     let mut echo = UdpEcho::new(
@@ -370,7 +402,7 @@ impl Drop for Server {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::LogLevel;
+    use crate::server::config::LogLevel;
     use std::time::Duration;
 
     #[test]

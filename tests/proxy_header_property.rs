@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use echo_chamber::proxy_header::{HeaderRead, MAX_HEADER_LEN, read_header};
+use echo_chamber::server::proxy_header::{HeaderRead, MAX_HEADER_LEN, read_header};
 use proptest::prelude::*;
 
 /// A well-formed header and the client it names.

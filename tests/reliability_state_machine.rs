@@ -17,8 +17,8 @@ mod common;
 use std::io::{self, ErrorKind, Read, Write};
 use std::time::Duration;
 
-use echo_chamber::config::MAX_PENDING_OUTPUT;
-use echo_chamber::connection::{CloseReason, Connection, EchoStream, Outcome, Readiness};
+use echo_chamber::server::config::MAX_PENDING_OUTPUT;
+use echo_chamber::server::connection::{CloseReason, Connection, EchoStream, Outcome, Readiness};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use common::{
     ServerProcess, payload, quiet_config, run_with_input, summary_count, with_time_limit,
 };
-use echo_chamber::config::ServerConfig;
-use echo_chamber::listener::{Transports, bind_sockets};
 use echo_chamber::server::Server;
+use echo_chamber::server::config::ServerConfig;
+use echo_chamber::server::listener::{Transports, bind_sockets};
 
 const LIMIT: Duration = Duration::from_secs(60);
 const UDP_ONLY: Transports = Transports {
@@ -534,8 +534,12 @@ fn servers_on_port_0_never_share_a_udp_port() {
         // here): two servers would split each other's flows.
         let held: Vec<_> = (0..400)
             .map(|_| {
-                echo_chamber::listener::bind_udp("127.0.0.1:0".parse().expect("addr"), 2, false)
-                    .expect("bind")
+                echo_chamber::server::listener::bind_udp(
+                    "127.0.0.1:0".parse().expect("addr"),
+                    2,
+                    false,
+                )
+                .expect("bind")
             })
             .collect();
         let mut ports: Vec<u16> = held

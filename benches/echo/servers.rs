@@ -16,12 +16,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use echo_chamber::config::{LogLevel, ServerConfig};
-use echo_chamber::listener::Transports;
 use echo_chamber::log::Logger;
-use echo_chamber::metrics::MetricsServer;
 use echo_chamber::server::Server;
-use echo_chamber::stats::UdpSummary;
+use echo_chamber::server::config::{LogLevel, ServerConfig};
+use echo_chamber::server::listener::Transports;
+use echo_chamber::server::metrics::MetricsServer;
+use echo_chamber::server::stats::UdpSummary;
 
 use crate::floor::{self, FloorPeer, Placement};
 use crate::peers::{self, BlockingPeer, TokioPeer};
@@ -147,7 +147,7 @@ impl InProcess {
 
 /// Our server on 127.0.0.1 port 0, quiet, `workers` workers, the rest default.
 fn start_ours(workers: usize, busy_poll: Option<Duration>) -> Result<Server, String> {
-    let listener = echo_chamber::listener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+    let listener = echo_chamber::server::listener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
         .map_err(|e| format!("bind: {e}"))?;
     Server::start(listener, ours_config(workers, busy_poll)).map_err(|e| e.to_string())
 }
@@ -256,7 +256,7 @@ impl UdpInProcess {
                     tcp: false,
                     udp: true,
                 };
-                return echo_chamber::listener::bind_sockets(addr, udp_only, workers)
+                return echo_chamber::server::listener::bind_sockets(addr, udp_only, workers)
                     .map_err(|e| format!("bind: {e}"))
                     .and_then(|sockets| {
                         Server::start(sockets, ours_config(workers, busy_poll))
@@ -349,7 +349,8 @@ impl ServerProcess {
                 command.args(["--workers", &workers.to_string()]);
                 // Always given, so that a CPU quota cannot turn the binary's
                 // default off and make it differ from the in-process server.
-                let busy_poll = busy_poll.unwrap_or(echo_chamber::config::DEFAULT_BUSY_POLL);
+                let busy_poll =
+                    busy_poll.unwrap_or(echo_chamber::server::config::DEFAULT_BUSY_POLL);
                 let value = humantime::format_duration(busy_poll).to_string();
                 command.args(["--busy-poll", &value]);
                 command.args(extra);

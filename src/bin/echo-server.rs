@@ -13,16 +13,16 @@ use argh::FromArgs;
 mod cli;
 #[path = "common/stop_signals.rs"]
 mod stop_signals;
-use echo_chamber::activation::{self, Inherited};
-use echo_chamber::cidr::{self, Cidr};
-use echo_chamber::config::{self, LogLevel, ServerConfig};
 use echo_chamber::error::io_cause;
 use echo_chamber::limits;
-use echo_chamber::listener::Transports;
-use echo_chamber::metrics::MetricsServer;
+use echo_chamber::server::activation::{self, Inherited};
+use echo_chamber::server::cidr::{self, Cidr};
+use echo_chamber::server::config::{self, LogLevel, ServerConfig};
+use echo_chamber::server::listener::Transports;
+use echo_chamber::server::metrics::MetricsServer;
+use echo_chamber::server::shutdown::ShutdownHandle;
+use echo_chamber::server::source_guard::RateLimit;
 use echo_chamber::server::{Monitor, Server};
-use echo_chamber::shutdown::ShutdownHandle;
-use echo_chamber::source_guard::RateLimit;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use stop_signals::{Meaning, StopSignals};
@@ -361,7 +361,7 @@ fn run() -> Result<(), Failure> {
     // the echo sockets do, so that a restart's new server can start.
     let metrics_listener = match args.metrics {
         Some(addr) => Some(
-            echo_chamber::listener::bind_tcp(addr, reuse_port).map_err(|err| {
+            echo_chamber::server::listener::bind_tcp(addr, reuse_port).map_err(|err| {
                 Failure::Runtime(format!(
                     "cannot listen for metrics on {addr}: {}",
                     io_cause(&err)
@@ -378,10 +378,15 @@ fn run() -> Result<(), Failure> {
                 args.port.unwrap_or(config::DEFAULT_PORT),
             );
             let udp_sockets = if transports.udp { config.workers } else { 0 };
-            echo_chamber::listener::bind_sockets_with(addr, transports, udp_sockets, reuse_port)
-                .map_err(|err| {
-                    Failure::Runtime(format!("cannot listen on {addr}: {}", io_cause(&err)))
-                })?
+            echo_chamber::server::listener::bind_sockets_with(
+                addr,
+                transports,
+                udp_sockets,
+                reuse_port,
+            )
+            .map_err(|err| {
+                Failure::Runtime(format!("cannot listen on {addr}: {}", io_cause(&err)))
+            })?
         }
     };
     let server =

@@ -33,7 +33,7 @@ use super::reconnect::{Backoff, Idle, Reconnect, idle_state, reconnect};
 use super::rtt::RttStats;
 use super::stop::StopHandle;
 use super::{ClientConfig, Event, MAX_MESSAGE, Payload, payload};
-use crate::config::deadline_after;
+use crate::deadline::deadline_after;
 use crate::error::{interrupted, is_peer_gone, would_block};
 use crate::socket::unread_len;
 

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use super::echo::Socket;
 use super::failure::{FailureKind, describe};
 use super::stop::StopHandle;
-use crate::config::deadline_after;
+use crate::deadline::deadline_after;
 use crate::error::{interrupted, would_block};
 use crate::socket::unread_len;
 

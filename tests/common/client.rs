@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use echo_chamber::config::ServerConfig;
+use echo_chamber::server::config::ServerConfig;
 
 /// A listener on 127.0.0.1:0 running `handle` on its own thread for each
 /// connection. Dropping it stops accepting (connection threads end with

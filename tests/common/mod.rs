@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use echo_chamber::config::{LogLevel, ServerConfig};
 use echo_chamber::server::Server;
+use echo_chamber::server::config::{LogLevel, ServerConfig};
 
 /// The path of the `echo-server` binary under test.
 pub const SERVER_BIN: &str = env!("CARGO_BIN_EXE_echo-server");
@@ -97,8 +97,9 @@ fn limit_resource(command: &mut Command, resource: libc::__rlimit_resource_t, va
 
 /// A quiet in-process server on 127.0.0.1 with an OS-chosen port.
 pub fn start_server(config: ServerConfig) -> Server {
-    let listener = echo_chamber::listener::bind("127.0.0.1:0".parse().expect("loopback address"))
-        .expect("bind 127.0.0.1:0");
+    let listener =
+        echo_chamber::server::listener::bind("127.0.0.1:0".parse().expect("loopback address"))
+            .expect("bind 127.0.0.1:0");
     Server::start(listener, config).expect("server starts")
 }
 

@@ -22,7 +22,7 @@ use super::ledger::{Ledger, Verdict};
 use super::socket::{self, Received};
 use super::{Context, UdpEvent};
 use crate::client::echo::{FIRST_ECHO_STOP_PATIENCE, MIN_CLOSING_WAIT, patience};
-use crate::config::deadline_after;
+use crate::deadline::deadline_after;
 use crate::error::{interrupted, would_block};
 
 /// Datagrams sent back to back before the flow looks for echoes again.

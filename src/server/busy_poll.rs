@@ -1,4 +1,4 @@
-//! Busy polling: how long a [worker](crate::worker) keeps asking its event
+//! Busy polling: how long a [worker](crate::server::worker) keeps asking its event
 //! loop for readiness before it goes to sleep. It sits inside the worker step
 //! of the flow acceptor → channel → worker → connection and decides nothing
 //! about bytes.

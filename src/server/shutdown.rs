@@ -103,7 +103,7 @@ impl ShutdownHandle {
     /// requested: the end of the drain delay.
     pub(crate) fn accepting_until(&self) -> Option<Instant> {
         let requested = *self.controller.requested.get()?;
-        Some(crate::config::deadline_after(
+        Some(crate::deadline::deadline_after(
             requested,
             self.controller.drain_delay,
         ))
@@ -113,7 +113,7 @@ impl ShutdownHandle {
     /// drain delay and then the shutdown timeout after the request.
     pub(crate) fn deadline(&self) -> Option<Instant> {
         let accepting_until = self.accepting_until()?;
-        Some(crate::config::deadline_after(
+        Some(crate::deadline::deadline_after(
             accepting_until,
             self.controller.timeout,
         ))

@@ -1,6 +1,6 @@
 //! Sockets handed over by a service manager (systemd socket activation, or
 //! any manager that follows its `LISTEN_FDS` convention): the other source of
-//! the [`Sockets`] that the server serves, beside [`crate::listener`]. The
+//! the [`Sockets`] that the server serves, beside [`crate::server::listener`]. The
 //! binary takes the descriptors from the environment (with the `sd-notify`
 //! crate); this module only checks what each one is and sorts it into a TCP
 //! listener or a UDP socket.
@@ -8,7 +8,7 @@
 use std::fmt;
 use std::os::fd::OwnedFd;
 
-use crate::listener::Sockets;
+use crate::server::listener::Sockets;
 
 /// One descriptor from the service manager, with the name its unit gave it
 /// (`FileDescriptorName=`, or `unknown`).

@@ -3,9 +3,9 @@
 //! here touches the network.
 
 use std::num::NonZeroUsize;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::source_guard::{DEFAULT_RATE_EXEMPT, DEFAULT_RATE_PER_IP, RateLimit};
+use crate::server::source_guard::{DEFAULT_RATE_EXEMPT, DEFAULT_RATE_PER_IP, RateLimit};
 
 /// The port `echo-server` listens on when none is given.
 pub const DEFAULT_PORT: u16 = 9999;
@@ -33,19 +33,6 @@ pub const MAX_BUSY_POLL: Duration = Duration::from_millis(1);
 /// The most workers a server may have; each costs a thread, an event loop
 /// and a waker.
 pub const MAX_WORKERS: usize = 1024;
-
-/// The longest timer the server arms: durations beyond it (up to "for ever")
-/// behave as this, about 100 years, instead of overflowing the clock.
-const LONGEST_TIMER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-
-/// The instant `after` past `from`, capped at about 100 years so that a
-/// huge configured duration cannot overflow `Instant`.
-pub fn deadline_after(from: Instant, after: Duration) -> Instant {
-    const ONE_YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
-    from.checked_add(after.min(LONGEST_TIMER))
-        .or_else(|| from.checked_add(ONE_YEAR))
-        .unwrap_or(from)
-}
 
 /// How much the server says on stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -87,7 +74,7 @@ pub struct ServerConfig {
     pub udp_rate_limit: Option<RateLimit>,
     /// With `Some`, every TCP connection must start with a PROXY protocol
     /// header, and only from these sources (the proxies' addresses).
-    pub proxy_protocol: Option<Vec<crate::cidr::Cidr>>,
+    pub proxy_protocol: Option<Vec<crate::server::cidr::Cidr>>,
 }
 
 /// How long a connection may take to send its whole PROXY header.
@@ -99,7 +86,7 @@ pub fn default_udp_rate_limit() -> RateLimit {
     RateLimit {
         per_second: DEFAULT_RATE_PER_IP,
         burst: DEFAULT_RATE_PER_IP,
-        exempt: crate::cidr::parse_list(DEFAULT_RATE_EXEMPT)
+        exempt: crate::server::cidr::parse_list(DEFAULT_RATE_EXEMPT)
             .expect("the default exempt list is well formed (a unit test parses it)"),
     }
 }

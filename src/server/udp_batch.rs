@@ -1,7 +1,7 @@
 //! Batched datagram I/O for a worker's UDP socket: up to [`BATCH`]
 //! datagrams taken with one `recvmmsg` and echoed from the same buffers
 //! with one `sendmmsg` on Linux, and one `recv_from`/`send_to` each
-//! elsewhere. It sits under [`crate::datagram`], which decides what to
+//! elsewhere. It sits under [`crate::server::datagram`], which decides what to
 //! echo; the `unsafe` of the batched calls is kept in this file, behind
 //! [`Batch`]'s safe methods, as quinn-udp keeps its own.
 //!

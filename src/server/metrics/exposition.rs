@@ -17,7 +17,7 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::server::Monitor;
-use crate::stats::Snapshot;
+use crate::server::stats::Snapshot;
 
 /// The content type of the page: the Prometheus text format 0.0.4.
 pub(crate) const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -242,7 +242,7 @@ fn counter_by_reason(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::{Summary, UdpSummary};
+    use crate::server::stats::{Summary, UdpSummary};
 
     fn page(snapshot: &Snapshot) -> String {
         let mut registry = Registry::with_prefix(PREFIX);
@@ -282,7 +282,7 @@ mod tests {
                     rate_limited: 5,
                     send_failed: 1,
                 }),
-                proxy: Some(crate::stats::ProxySummary {
+                proxy: Some(crate::server::stats::ProxySummary {
                     untrusted_sources: 12,
                     bad_headers: 13,
                 }),

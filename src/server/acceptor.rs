@@ -19,10 +19,10 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::error::{interrupted, io_cause, would_block};
 use crate::log::Logger;
-use crate::shutdown::ShutdownHandle;
+use crate::server::shutdown::ShutdownHandle;
+use crate::server::stats::{AcceptorCounters, OpenConnections, Refusal};
+use crate::server::worker::Handoff;
 use crate::socket::keep_urgent_data_inline;
-use crate::stats::{AcceptorCounters, OpenConnections, Refusal};
-use crate::worker::Handoff;
 
 /// The token of the acceptor's waker, which the shutdown controller uses.
 pub(crate) const WAKE: Token = Token(0);
@@ -137,7 +137,7 @@ pub(crate) struct Admission {
     /// With the PROXY protocol, the sources connections may come from; the
     /// per-address limit then waits for the header's client address, in the
     /// worker.
-    pub(crate) trusted_proxies: Option<Arc<[crate::cidr::Cidr]>>,
+    pub(crate) trusted_proxies: Option<Arc<[crate::server::cidr::Cidr]>>,
 }
 
 /// The acceptor thread's state.
@@ -449,7 +449,7 @@ impl Acceptor {
             return;
         };
         let mut taken = Vec::new();
-        while taken.len() < crate::listener::LISTEN_BACKLOG as usize {
+        while taken.len() < crate::server::listener::LISTEN_BACKLOG as usize {
             match listener.accept() {
                 Ok(accepted) => taken.push(accepted),
                 // A signal: try again.

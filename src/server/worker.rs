@@ -9,12 +9,12 @@
 //! the worker drains its connections and exits before the deadline.
 //!
 //! A worker of a server that serves UDP also owns one UDP socket of the
-//! port ([`UdpEcho`]) in the same event loop: datagrams and connections take
+//! port (`UdpEcho`) in the same event loop: datagrams and connections take
 //! turns, and the drain waits for both.
 //!
 //! Behind a proxy (`--proxy-protocol`), a new connection first waits for its
 //! PROXY header: the worker peeks until a whole one is there
-//! ([`crate::proxy_header`]), takes exactly its bytes, admits the client it
+//! ([`crate::server::proxy_header`]), takes exactly its bytes, admits the client it
 //! names against the per-address limit, and only then starts the echo, so
 //! the header is never echoed.
 
@@ -30,15 +30,16 @@ use mio::event::Event;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
-use crate::busy_poll::BusyPoll;
-use crate::config::{LogLevel, PROXY_HEADER_TIMEOUT, READ_BUFFER_SIZE, deadline_after};
-use crate::connection::{CloseReason, Connection, ConnectionStats, Outcome, Readiness};
-use crate::datagram::{Turn, UdpEcho};
+use crate::deadline::deadline_after;
 use crate::error::{interrupted, io_cause, would_block};
 use crate::log::{Logger, preview};
-use crate::proxy_header::HeaderRead;
-use crate::shutdown::ShutdownHandle;
-use crate::stats::{OpenConnections, WorkerCounters};
+use crate::server::busy_poll::BusyPoll;
+use crate::server::config::{LogLevel, PROXY_HEADER_TIMEOUT, READ_BUFFER_SIZE};
+use crate::server::connection::{CloseReason, Connection, ConnectionStats, Outcome, Readiness};
+use crate::server::datagram::{Turn, UdpEcho};
+use crate::server::proxy_header::HeaderRead;
+use crate::server::shutdown::ShutdownHandle;
+use crate::server::stats::{OpenConnections, WorkerCounters};
 
 /// The token of the worker's waker; connection `i` uses `Token(i + 1)`.
 pub(crate) const WAKE: Token = Token(0);
@@ -261,7 +262,7 @@ impl Worker {
     }
 
     /// Fills `events`, spinning first for the busy-poll window (see
-    /// [`crate::busy_poll`]) and then sleeping until `timeout` at most.
+    /// [`crate::server::busy_poll`]) and then sleeping until `timeout` at most.
     fn wait_for_events(
         &mut self,
         events: &mut Events,
@@ -487,7 +488,7 @@ impl Worker {
         let Some(slot) = self.slots[index].as_mut() else {
             return;
         };
-        let room = crate::proxy_header::MAX_HEADER_LEN.min(self.buf.len());
+        let room = crate::server::proxy_header::MAX_HEADER_LEN.min(self.buf.len());
         let peeked = loop {
             match slot.stream.peek(&mut self.buf[..room]) {
                 // A signal landed: look again.
@@ -500,7 +501,7 @@ impl Worker {
                 let why = "the connection closed before a whole PROXY header".to_string();
                 return self.close(index, Ending::ProxyHeader(why), now);
             }
-            Ok(seen) => match crate::proxy_header::read_header(&self.buf[..seen]) {
+            Ok(seen) => match crate::server::proxy_header::read_header(&self.buf[..seen]) {
                 // The peer closed with a header it will never finish.
                 HeaderRead::Incomplete if ready.closed => {
                     let why = "the connection closed before a whole PROXY header".to_string();

@@ -13,8 +13,8 @@
 
 use std::io::{self, ErrorKind, Read, Write};
 
-use crate::config::MAX_PENDING_OUTPUT;
 use crate::error::{interrupted, is_peer_gone, would_block};
+use crate::server::config::MAX_PENDING_OUTPUT;
 
 /// Read-and-echo rounds one connection may take per turn, so that a fast
 /// peer cannot starve the others on its worker (16 × 64 KiB = 1 MiB).

@@ -1,6 +1,6 @@
 //! Which UDP sources the server answers: the reflection and loop safety of
 //! UDP echo. It sits inside the worker step of the flow, between a
-//! datagram's arrival on the worker's [UDP socket](crate::datagram) and its
+//! datagram's arrival on the worker's UDP socket (`datagram`) and its
 //! echo.
 //!
 //! A datagram's source address is whatever its sender wrote, so an echo
@@ -18,7 +18,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::cidr::Cidr;
+use crate::server::cidr::Cidr;
 
 /// UDP responders above port 1023 that reflect or amplify, and so must never
 /// be answered: an echo to them is answered again. Ports inside the
@@ -372,7 +372,7 @@ mod tests {
         let limit = RateLimit {
             per_second: 1,
             burst: 1,
-            exempt: crate::cidr::parse_list(DEFAULT_RATE_EXEMPT).expect("the default list"),
+            exempt: crate::server::cidr::parse_list(DEFAULT_RATE_EXEMPT).expect("the default list"),
         };
         let guard = guard(Some(limit));
         let now = Instant::now();

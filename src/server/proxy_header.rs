@@ -1,7 +1,7 @@
 //! The PROXY protocol header (v1 text, v2 binary) that a load balancer such
 //! as HAProxy (`send-proxy`, `send-proxy-v2`), nginx or an AWS NLB puts in
 //! front of a connection's bytes to say whom it carries. It sits in the
-//! worker step, before a [connection](crate::connection) starts echoing:
+//! worker step, before a [connection](crate::server::connection) starts echoing:
 //! with `--proxy-protocol` every connection must start with one.
 //!
 //! Parsing is the `ppp` crate's. The worker *peeks* at what has arrived

@@ -1,5 +1,5 @@
 //! A worker's UDP socket: the UDP side of the worker step, beside the
-//! [connections](crate::connection) of the flow acceptor → channel → worker
+//! [connections](crate::server::connection) of the flow acceptor → channel → worker
 //! → connection.
 //!
 //! UDP has no acceptor. Each worker owns one UDP socket bound to the port
@@ -7,8 +7,8 @@
 //! destination address and port) to one worker, and a worker echoes what it
 //! reads in the order it read it: the server never reorders a flow. Each
 //! datagram goes back whole to where it came from, unless the
-//! [source guard](crate::source_guard) says it must not. Datagrams move in
-//! [batches](crate::udp_batch) and are echoed from the buffers they arrived
+//! [source guard](crate::server::source_guard) says it must not. Datagrams move in
+//! [batches](crate::server::udp_batch) and are echoed from the buffers they arrived
 //! in: no allocation and no copy per datagram.
 //!
 //! When the send buffer is full, the batch's remaining echoes wait for room
@@ -23,12 +23,12 @@ use std::time::{Duration, Instant};
 
 use mio::net::UdpSocket;
 
-use crate::config::LogLevel;
 use crate::error::{interrupted, io_cause, would_block};
 use crate::log::{Logger, SharedThrottle, preview};
-use crate::source_guard::{ForbiddenSource, SourceGuard, Verdict};
-use crate::stats::WorkerCounters;
-use crate::udp_batch::{BATCH, Batch};
+use crate::server::config::LogLevel;
+use crate::server::source_guard::{ForbiddenSource, SourceGuard, Verdict};
+use crate::server::stats::WorkerCounters;
+use crate::server::udp_batch::{BATCH, Batch};
 
 /// How long echoes wait for room in a full send buffer before they are
 /// dropped and counted. Meanwhile the socket is not read, so its receive
