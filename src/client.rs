@@ -3,13 +3,15 @@
 //! sent and compares them byte for byte, timing every round trip.
 //!
 //! ```text
-//! ClientConfig ─▶ run() ─▶ one thread per connection ─▶ echo exchange ─▶ Event (observer)
-//!                   ▲                                                       │
-//!              StopHandle (Ctrl-C, tests)                    tallies merged into a Report
+//! ClientConfig ─▶ run() ─▶ event loops (engine) ─▶ connections ─▶ Event (observer)
+//!                   ▲                                                  │
+//!              StopHandle (Ctrl-C, tests)               tallies merged into a Report
 //! ```
 //!
-//! Connections use plain threads and blocking std sockets with timeouts, which
-//! is fine up to about a thousand connections. [`udp`] is the same client
+//! Connections run on a few mio event loops (`engine`), each owning its
+//! share of them for the whole run, closed-loop or at a fixed `rate`.
+//! `run_lines` and a run with `reconnect` keep a thread per connection with
+//! blocking sockets (`echo`). [`udp`] is the same client
 //! over UDP: flows of datagrams instead of connections. The `echo-client`
 //! binary only parses arguments, prints [`Event`]s and the [`Report`], and
 //! picks the exit code; the tests and benchmarks call this module directly.
@@ -45,6 +47,7 @@
 //! ```
 
 mod echo;
+mod engine;
 mod failure;
 mod payload;
 mod reconnect;
@@ -72,9 +75,14 @@ use echo::{ConnectionTally, RepeatedMessages};
 /// sent and what came back). Also the longest `--stdin` line, newline included.
 pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
-/// The most connections one run opens. Each is a thread with its own stack;
-/// far more would run into the system's thread and memory-map limits.
-pub const MAX_CONNECTIONS: usize = 10_000;
+/// The most connections one run opens: more than one client address can
+/// open to one server port (about 28,000 with Linux's default ephemeral
+/// ports, 64,000 at most), with room for a target of several addresses.
+pub const MAX_CONNECTIONS: usize = 100_000;
+
+/// The most connections with [`ClientConfig::reconnect`], which runs each
+/// connection on a thread of its own.
+pub const MAX_RECONNECTING: usize = 10_000;
 
 /// What to send, where, and how often.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,7 +104,20 @@ pub struct ClientConfig {
     /// Open a connection again when the server ends it, and go on (TCP only;
     /// [`udp::run`] ignores it). A message the server ended the connection
     /// on before echoing any of it is sent again; see [`Reconnect`].
+    /// Such a run keeps a thread per connection, at most
+    /// [`MAX_RECONNECTING`], and takes none of the options below.
     pub reconnect: bool,
+    /// Event-loop threads; `None` for one per CPU. Never more than
+    /// connections.
+    pub threads: Option<NonZeroUsize>,
+    /// Connects started per second at most, over all connections.
+    pub connect_rate: Option<u64>,
+    /// Open loop: echoes per second over all connections, each sent when
+    /// due on a connection with no echo out, and timed from when it was
+    /// due. `repeat` then counts echoes per connection on average.
+    pub rate: Option<u64>,
+    /// Sending ends this long after the start (echoes out still finish).
+    pub duration: Option<Duration>,
 }
 
 impl Default for ClientConfig {
@@ -111,6 +132,10 @@ impl Default for ClientConfig {
             timeout: Duration::from_secs(5),
             connections: NonZeroUsize::MIN,
             reconnect: false,
+            threads: None,
+            connect_rate: None,
+            rate: None,
+            duration: None,
         }
     }
 }
@@ -155,8 +180,13 @@ pub enum ConfigError {
     ZeroTimeout,
     /// The message is longer than [`MAX_MESSAGE`].
     MessageTooLarge,
-    /// More connections than [`MAX_CONNECTIONS`].
+    /// More connections than [`MAX_CONNECTIONS`], or with `reconnect`
+    /// more than [`MAX_RECONNECTING`].
     TooManyConnections,
+    /// A rate of zero.
+    ZeroRate,
+    /// `reconnect` with one of `threads`, `connect_rate`, `rate` or `duration`.
+    ReconnectWithLoad,
     /// A UDP datagram larger than UDP carries to the server's address
     /// family ([`udp::MAX_DATAGRAM_V4`], [`udp::MAX_DATAGRAM_V6`]).
     DatagramTooLarge {
@@ -176,8 +206,15 @@ impl std::fmt::Display for ConfigError {
                 write!(f, "the message is longer than {MAX_MESSAGE} bytes")
             }
             ConfigError::TooManyConnections => {
-                write!(f, "more than {MAX_CONNECTIONS} connections")
+                write!(
+                    f,
+                    "more than {MAX_CONNECTIONS} connections ({MAX_RECONNECTING} with reconnect)"
+                )
             }
+            ConfigError::ZeroRate => f.write_str("a rate of zero sends nothing"),
+            ConfigError::ReconnectWithLoad => f.write_str(
+                "reconnect runs a thread per connection, without threads, rates or a duration",
+            ),
             ConfigError::DatagramTooLarge { size, limit } => {
                 let family = if *limit == udp::MAX_DATAGRAM_V4 {
                     "IPv4"
@@ -263,47 +300,17 @@ where
     validate(config)?;
     let started = Instant::now();
     let seed = payload::run_seed();
-    let connections = config.connections.get();
     let tallies = match resolve(config, observer) {
-        Some(addrs) => {
-            let context = echo::Context {
-                addrs: &addrs,
-                timeout: config.timeout,
-                multiple: connections > 1,
-                observer,
-                stop,
-                reconnect: config.reconnect,
-            };
-            std::thread::scope(|scope| {
-                let mut handles = Vec::with_capacity(connections);
-                let mut tallies = Vec::with_capacity(connections);
-                for connection in 1..=connections {
-                    let context = &context;
-                    let spawned = std::thread::Builder::new()
-                        .name(format!("echo-client-{connection}"))
-                        .spawn_scoped(scope, move || {
-                            let mut messages =
-                                RepeatedMessages::new(config, connection, seed, stop);
-                            echo::run_connection(context, connection, &mut messages)
-                        });
-                    match spawned {
-                        Ok(handle) => handles.push(handle),
-                        Err(error) => {
-                            // Out of threads: count it and let the rest run.
-                            tallies.push(context.fail_unstarted(connection, error));
-                        }
-                    }
-                }
-                for handle in handles {
-                    tallies.push(
-                        handle
-                            .join()
-                            .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-                    );
-                }
-                tallies
-            })
-        }
+        Some(addrs) if config.reconnect => run_threads(config, &addrs, observer, stop, seed),
+        Some(addrs) => engine::run(&engine::Plan {
+            config,
+            addrs: &addrs,
+            observer,
+            stop,
+            seed,
+            started,
+            threads: engine::thread_count(config),
+        }),
         None => vec![ConnectionTally::resolve_failed()],
     };
     Ok(Report::from_tallies(
@@ -312,6 +319,56 @@ where
         started,
         stop.is_stopped(),
     ))
+}
+
+/// `--reconnect`: a thread per connection, each with the blocking engine.
+fn run_threads<F>(
+    config: &ClientConfig,
+    addrs: &[SocketAddr],
+    observer: &F,
+    stop: &StopHandle,
+    seed: u64,
+) -> Vec<ConnectionTally>
+where
+    F: Fn(&Event<'_>) + Sync,
+{
+    let connections = config.connections.get();
+    let context = echo::Context {
+        addrs,
+        timeout: config.timeout,
+        multiple: connections > 1,
+        observer,
+        stop,
+        reconnect: config.reconnect,
+    };
+    std::thread::scope(|scope| {
+        let mut handles = Vec::with_capacity(connections);
+        let mut tallies = Vec::with_capacity(connections);
+        for connection in 1..=connections {
+            let context = &context;
+            let spawned = std::thread::Builder::new()
+                .name(format!("echo-client-{connection}"))
+                .spawn_scoped(scope, move || {
+                    let mut messages = RepeatedMessages::new(config, connection, seed, stop);
+                    echo::run_connection(context, connection, &mut messages)
+                });
+            match spawned {
+                Ok(handle) => handles.push(handle),
+                Err(error) => {
+                    // Out of threads: count it and let the rest run.
+                    tallies.push(context.fail_unstarted(connection, error));
+                }
+            }
+        }
+        for handle in handles {
+            tallies.push(
+                handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            );
+        }
+        tallies
+    })
 }
 
 /// Interactive mode (`--stdin`): one connection, each line of `input`
@@ -378,8 +435,23 @@ fn validate(config: &ClientConfig) -> Result<(), ConfigError> {
     if config.payload.len() > MAX_MESSAGE {
         return Err(ConfigError::MessageTooLarge);
     }
-    if config.connections.get() > MAX_CONNECTIONS {
+    let most = if config.reconnect {
+        MAX_RECONNECTING
+    } else {
+        MAX_CONNECTIONS
+    };
+    if config.connections.get() > most {
         return Err(ConfigError::TooManyConnections);
+    }
+    if config.rate == Some(0) || config.connect_rate == Some(0) {
+        return Err(ConfigError::ZeroRate);
+    }
+    let load = config.threads.is_some()
+        || config.connect_rate.is_some()
+        || config.rate.is_some()
+        || config.duration.is_some();
+    if config.reconnect && load {
+        return Err(ConfigError::ReconnectWithLoad);
     }
     Ok(())
 }

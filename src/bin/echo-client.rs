@@ -32,6 +32,8 @@ const MAX_SHOWN_TEXT: usize = 80;
 /// Failure lines a UDP run prints before it only counts them: a lossy
 /// path at a high rate would otherwise bury the terminal.
 const MAX_UDP_FAILURE_LINES: u64 = 100;
+/// The most `--threads`: far more than any machine has CPUs.
+const MAX_THREADS: usize = 1024;
 
 /// Every exit status this program uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,7 +55,7 @@ enum Exit {
 /// check that every byte comes back, with ping-style statistics.
 #[derive(FromArgs, Debug)]
 #[argh(
-    note = "Each connection runs on its own thread with blocking sockets: fine up to about 1000 connections (at most 10000).\nWith --udp, each of --connections flows sends --repeat datagrams on its own socket, --interval apart whether or not the last came back (default 20ms; 0 sends each when the last is answered or lost), and a datagram whose echo has not come within --timeout counts as lost. --size datagrams carry their sequence number, so many may be in flight; --message and 0-byte datagrams carry none, so their flow keeps one in flight. Jitter is the mean difference between the round trips of consecutive datagrams, as Cisco IP SLA reports it.\nPercentiles come from a histogram accurate to within 0.4%; min/avg/max/mdev are exact (mdev is the population standard deviation, as in ping).\nWith --reconnect, a connection the server ends cleanly is opened again, and one that broke (an echo cut short, a reset, a timeout: each still counts as failed) too. An end of stream before any byte of an echo came back means the server never took that message (the drain guarantee of echo-server; another server may differ): it is sent again and counted as resent. A refused connect is tried again after 10ms, doubling to 500ms, for --timeout from the first failure; the summary and --json count reconnects and resent.\nCtrl-C (or SIGTERM) stops sending and prints the summary; an echo still out may stay silent for twice the p99 round trip (1 s for a first echo) before it counts as failed, and a connect still unanswered for 1 s. A second one, 0.5 s or more later, exits at once.",
+    note = "TCP connections run on --threads event loops (one per CPU by default); with --reconnect or --stdin, each connection has a thread of its own.\nWith --udp, each of --connections flows sends --repeat datagrams on its own socket, --interval apart whether or not the last came back (default 20ms; 0 sends each when the last is answered or lost), and a datagram whose echo has not come within --timeout counts as lost. --size datagrams carry their sequence number, so many may be in flight; --message and 0-byte datagrams carry none, so their flow keeps one in flight. Jitter is the mean difference between the round trips of consecutive datagrams, as Cisco IP SLA reports it.\nPercentiles come from a histogram accurate to within 0.4%; min/avg/max/mdev are exact (mdev is the population standard deviation, as in ping).\nWith --reconnect, a connection the server ends cleanly is opened again, and one that broke (an echo cut short, a reset, a timeout: each still counts as failed) too. An end of stream before any byte of an echo came back means the server never took that message (the drain guarantee of echo-server; another server may differ): it is sent again and counted as resent. A refused connect is tried again after 10ms, doubling to 500ms, for --timeout from the first failure; the summary and --json count reconnects and resent.\nCtrl-C (or SIGTERM) stops sending and prints the summary; an echo still out may stay silent for twice the p99 round trip (1 s for a first echo) before it counts as failed, and a connect still unanswered for 1 s. A second one, 0.5 s or more later, exits at once.",
     error_code(
         0,
         "every echo came back exact (also when stopped with Ctrl-C or SIGTERM)"
@@ -94,9 +96,13 @@ struct Args {
     #[argh(option, from_str_fn(parse_timeout), arg_name = "dur")]
     timeout: Option<Duration>,
 
-    /// concurrent connections, each doing --repeat echoes, 1 to 10000, each on its own thread (default 1; with --udp, flows, each with its own socket)
+    /// concurrent connections, each doing --repeat echoes, 1 to 100000 (10000 with --reconnect; default 1; with --udp, flows, each with its own socket)
     #[argh(option, from_str_fn(parse_connections), arg_name = "n")]
     connections: Option<NonZeroUsize>,
+
+    /// event-loop threads that run the connections (default: one per CPU, never more than --connections; TCP without --reconnect or --stdin)
+    #[argh(option, from_str_fn(parse_threads), arg_name = "n")]
+    threads: Option<NonZeroUsize>,
 
     /// send each line of standard input as one message, until end of input
     #[argh(switch)]
@@ -193,6 +199,8 @@ fn run() -> Exit {
         timeout: args.timeout.unwrap_or(Duration::from_secs(5)),
         connections: args.connections.unwrap_or(NonZeroUsize::MIN),
         reconnect: on(args.reconnect),
+        threads: args.threads,
+        ..ClientConfig::default()
     };
 
     let stop = StopHandle::new();
@@ -312,6 +320,35 @@ fn check_combinations(args: &Args) -> Result<(), String> {
                 .to_owned(),
         );
     }
+    let engine_only = [("--threads", args.threads.is_some())];
+    for (flag, given) in engine_only {
+        if !given {
+            continue;
+        }
+        if on(args.udp) {
+            return Err(format!("{flag} applies only to TCP, not to --udp"));
+        }
+        if on(args.stdin) {
+            return Err(format!(
+                "{flag} cannot be combined with --stdin: the lines go over one connection"
+            ));
+        }
+        if on(args.reconnect) {
+            return Err(format!(
+                "{flag} cannot be combined with --reconnect: reconnecting runs a thread per connection"
+            ));
+        }
+    }
+    if on(args.reconnect)
+        && args
+            .connections
+            .is_some_and(|connections| connections.get() > client::MAX_RECONNECTING)
+    {
+        return Err(format!(
+            "--reconnect takes at most {} connections, a thread each",
+            client::MAX_RECONNECTING
+        ));
+    }
     if !on(args.udp) && args.max_loss.is_some() {
         return Err("--max-loss applies only to --udp: over TCP nothing may be lost".to_owned());
     }
@@ -428,6 +465,19 @@ fn parse_connections(value: &str) -> Result<NonZeroUsize, String> {
         Some(n) if n > MAX_CONNECTIONS => Err(range()),
         Some(n) => Ok(NonZeroUsize::new(n).expect("zero is handled above")),
         None => Err(range()),
+    }
+}
+
+fn parse_threads(value: &str) -> Result<NonZeroUsize, String> {
+    match cli::whole_number::<usize>(value) {
+        Some(0) => Err("at least 1 thread is needed".to_owned()),
+        Some(n) if n > MAX_THREADS => Err(format!(
+            "expected a whole number of threads from 1 to {MAX_THREADS}"
+        )),
+        Some(n) => Ok(NonZeroUsize::new(n).expect("zero is handled above")),
+        None => Err(format!(
+            "expected a whole number of threads from 1 to {MAX_THREADS}"
+        )),
     }
 }
 

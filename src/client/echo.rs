@@ -49,7 +49,7 @@ const TIMEOUT_SLACK: Duration = Duration::from_millis(5);
 
 /// The least time one address of several gets to connect, unless less is
 /// left (Go's `saneMinimum`).
-const MIN_CONNECT_SHARE: Duration = Duration::from_secs(2);
+pub(super) const MIN_CONNECT_SHARE: Duration = Duration::from_secs(2);
 
 /// How long a connection's first echo, still out at a stop, may stay silent;
 /// later ones follow the round trips seen so far.
@@ -97,6 +97,17 @@ pub(super) struct ConnectionTally {
     pub resent: u64,
     /// When the last echo (or the failure that ended the connection) came.
     pub echoing_ended: Option<Instant>,
+    /// Connect times (the event-loop engine).
+    pub connect: RttStats,
+    /// Connections that could not connect, by the cause of their last attempt.
+    pub connect_failures: std::collections::BTreeMap<String, u64>,
+    /// With `--rate`: echoes made due, those sent over
+    /// `LATE_AFTER` after their time, the latest one's lateness, and
+    /// those never sent because the run ended first.
+    pub scheduled: u64,
+    pub late: u64,
+    pub most_late: Duration,
+    pub unsent: u64,
 }
 
 impl ConnectionTally {
@@ -108,7 +119,7 @@ impl ConnectionTally {
         }
     }
 
-    fn count(&mut self, kind: &FailureKind) {
+    pub(super) fn count(&mut self, kind: &FailureKind) {
         if kind.is_timeout() {
             self.timed_out += 1;
         } else if kind.is_mismatch() {
@@ -646,7 +657,7 @@ fn first_difference(sent: &[u8], echoed: &[u8]) -> Option<usize> {
 }
 
 /// Why a round trip did not complete.
-enum ExchangeError {
+pub(super) enum ExchangeError {
     /// The deadline passed with `received` bytes of the echo back.
     TimedOut {
         received: usize,
@@ -666,13 +677,13 @@ enum ExchangeError {
 }
 
 impl ExchangeError {
-    fn io(error: io::Error, received: usize) -> Self {
+    pub(super) fn io(error: io::Error, received: usize) -> Self {
         ExchangeError::Io { error, received }
     }
 
     /// The failure of echo `seq` of a `len`-byte message of which `sent`
     /// bytes were written.
-    fn into_failure(
+    pub(super) fn into_failure(
         self,
         seq: u64,
         peer: SocketAddr,
@@ -1184,7 +1195,7 @@ fn is_timeout(error: &io::Error) -> bool {
 /// `duration` to the nearest millisecond, for messages (the share of a
 /// timeout is a few microseconds short of a round figure); shorter ones
 /// stay as they are.
-fn whole_millis(duration: Duration) -> Duration {
+pub(super) fn whole_millis(duration: Duration) -> Duration {
     if duration < Duration::from_millis(1) {
         return duration;
     }
@@ -1192,7 +1203,7 @@ fn whole_millis(duration: Duration) -> Duration {
     Duration::from_millis(u64::try_from(millis).unwrap_or(u64::MAX))
 }
 
-fn timed_out_after(timeout: Duration) -> io::Error {
+pub(super) fn timed_out_after(timeout: Duration) -> io::Error {
     io::Error::new(
         io::ErrorKind::TimedOut,
         format!("timed out after {}", humantime::format_duration(timeout)),

@@ -4,10 +4,11 @@
 //! waiting for the next line of input. No flag is polled on a timer.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 /// Tells a running [`run`](super::run) or [`run_lines`](super::run_lines) to
 /// stop sending. Clones share one signal.
@@ -16,6 +17,10 @@ pub struct StopHandle {
     /// `None` once stopped; dropping the sender is the signal.
     sender: Arc<Mutex<Option<Sender<Infallible>>>>,
     receiver: Receiver<Infallible>,
+    /// Set just before the sender is dropped: [`is_stopped`](Self::is_stopped)
+    /// is asked on every echo of the event loops, and a load is cheaper
+    /// than a look at the channel. Waiting is still done on the channel.
+    stopped: Arc<AtomicBool>,
 }
 
 impl StopHandle {
@@ -26,6 +31,7 @@ impl StopHandle {
         StopHandle {
             sender: Arc::new(Mutex::new(Some(sender))),
             receiver,
+            stopped: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -35,6 +41,7 @@ impl StopHandle {
     /// ([`FailureKind::Stopped`](super::FailureKind::Stopped)). Calling it
     /// again does nothing.
     pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
         // A panic elsewhere while holding the lock cannot leave the Option
         // half-written, so the poisoned value is still good.
         let sender = self
@@ -48,7 +55,7 @@ impl StopHandle {
     /// True once [`stop`](Self::stop) has been called on any clone.
     #[must_use]
     pub fn is_stopped(&self) -> bool {
-        matches!(self.receiver.try_recv(), Err(TryRecvError::Disconnected))
+        self.stopped.load(Ordering::Acquire)
     }
 
     /// Waits `pause`, or less if stopped meanwhile. Returns true if stopped.

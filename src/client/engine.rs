@@ -1,0 +1,143 @@
+//! The TCP engine: a run's connections spread over a few mio event loops
+//! (`--threads`), each loop owning its connections for the whole run, as
+//! the server's workers do. A connection that waits holds no buffer: a
+//! message buffer exists only while its echo is out, and echoes are read
+//! into the loop's one scratch buffer and compared as they come.
+//!
+//! ```text
+//! run() ─▶ loop 1 ─▶ connections 1, 1+T, 1+2T, …  ─▶ tally ─┐
+//!      └─▶ loop T ─▶ connections T, 2T, …          ─▶ tally ─┴▶ Report
+//!   StopHandle ─▶ stop watcher ─▶ each loop's Waker
+//! ```
+//!
+//! Closed loop (the default): each connection sends its next message when
+//! the last echo is back (after `--interval`). Open loop (`--rate`): each
+//! loop sends its share of the rate on a fixed schedule, on whichever of its
+//! connections is free, and times each echo from when it was due (see
+//! [`event_loop`]). `--stdin` and `--reconnect` keep the blocking engine in
+//! [`echo`](super::echo).
+
+mod connection;
+mod event_loop;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::select;
+use mio::Waker;
+
+use super::echo::ConnectionTally;
+use super::stop::StopHandle;
+use super::{ClientConfig, Event};
+use event_loop::EventLoop;
+
+/// What every loop of a run shares.
+pub(super) struct Plan<'a, F> {
+    pub config: &'a ClientConfig,
+    pub addrs: &'a [SocketAddr],
+    pub observer: &'a F,
+    pub stop: &'a StopHandle,
+    /// Seeds `--size` payloads: different every run.
+    pub seed: u64,
+    /// The run's start: the origin of `--connect-rate`, `--rate` and
+    /// `--duration`.
+    pub started: Instant,
+    /// Loops in this run: never more than connections.
+    pub threads: usize,
+}
+
+impl<F> Plan<'_, F> {
+    /// True with more than one connection: failures then name theirs.
+    fn multiple(&self) -> bool {
+        self.config.connections.get() > 1
+    }
+
+    /// When sending ends with `--duration`.
+    fn ends(&self) -> Option<Instant> {
+        self.config
+            .duration
+            .map(|duration| crate::deadline::deadline_after(self.started, duration))
+    }
+}
+
+/// How many loops a run gets: `--threads`, else the number of CPUs, never
+/// more than connections.
+pub(super) fn thread_count(config: &ClientConfig) -> usize {
+    let wanted = config.threads.map_or_else(
+        || std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+        std::num::NonZeroUsize::get,
+    );
+    wanted.min(config.connections.get()).max(1)
+}
+
+/// Runs the plan on its loops and returns one tally per loop.
+pub(super) fn run<F>(plan: &Plan<'_, F>) -> Vec<ConnectionTally>
+where
+    F: Fn(&Event<'_>) + Sync,
+{
+    let mut loops = Vec::with_capacity(plan.threads);
+    let mut tallies = Vec::new();
+    for index in 0..plan.threads {
+        match EventLoop::new(plan, index) {
+            Ok(event_loop) => loops.push(event_loop),
+            // No epoll or eventfd left: its connections fail, the rest run.
+            Err(error) => tallies.push(event_loop::unstarted(plan, index, error)),
+        }
+    }
+    let wakers: Vec<Arc<Waker>> = loops.iter().map(EventLoop::waker).collect();
+    std::thread::scope(|scope| {
+        // Dropping `done` ends the stop watcher when the loops are through.
+        let (done, finished) = crossbeam_channel::bounded::<Infallible>(0);
+        let stop = plan.stop.receiver().clone();
+        let watcher = std::thread::Builder::new()
+            .name("echo-client-stop".into())
+            .spawn_scoped(scope, move || {
+                select! {
+                    // Only ever a disconnection: the run was stopped.
+                    recv(stop) -> _ => {
+                        for waker in &wakers {
+                            // A loop that has ended needs no wake-up.
+                            let _ = waker.wake();
+                        }
+                    }
+                    // Only ever a disconnection: the run is over.
+                    recv(finished) -> _ => {}
+                }
+            });
+        // Without a watcher the loops look at the stop handle every
+        // STOP_CHECK instead of being woken.
+        let watched = watcher.is_ok();
+        let mut handles = Vec::with_capacity(loops.len());
+        for mut event_loop in loops {
+            event_loop.set_stop_watched(watched);
+            let name = format!("echo-client-loop-{}", event_loop.index() + 1);
+            let index = event_loop.index();
+            let spawned = std::thread::Builder::new()
+                .name(name)
+                .spawn_scoped(scope, move || event_loop.run());
+            match spawned {
+                Ok(handle) => handles.push(handle),
+                Err(error) => tallies.push(event_loop::unstarted(plan, index, error)),
+            }
+        }
+        for handle in handles {
+            tallies.push(
+                handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            );
+        }
+        drop(done);
+    });
+    tallies
+}
+
+/// How long until `at`, rounded up to a whole millisecond so that a poll
+/// that waits in milliseconds does not wake just before it and spin.
+fn wait_until(now: Instant, at: Instant) -> Duration {
+    let left = at.saturating_duration_since(now);
+    let millis = left.as_nanos().div_ceil(1_000_000);
+    Duration::from_millis(u64::try_from(millis).unwrap_or(u64::MAX))
+}

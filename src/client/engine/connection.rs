@@ -1,0 +1,203 @@
+//! One connection of an event loop, as state: not yet started, connecting
+//! (address by address), idle between echoes, echoing one message, or
+//! closing (half-closed, counting what the server still sends). The loop in
+//! [`event_loop`](super::event_loop) moves it from state to state; this file
+//! holds the states and the nonblocking steps of one echo.
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use mio::net::TcpStream;
+
+use crate::client::echo::ExchangeError;
+use crate::error::{interrupted, would_block};
+
+/// A connection and where it is in its life.
+pub(super) struct Connection {
+    /// Connection number in the run, from 1.
+    pub number: usize,
+    pub stream: Option<TcpStream>,
+    /// The address connected to, or being tried.
+    pub peer: SocketAddr,
+    pub state: State,
+    /// Messages taken so far: the last one's number.
+    pub seq: u64,
+    /// The earliest timer set for this connection, if any: a later wish
+    /// waits for it, an earlier one sets another.
+    pub armed: Option<Instant>,
+    /// Readiness seen and not yet used up (the loop's events are
+    /// edge-triggered): a read or write that would block clears it.
+    pub readable: bool,
+    pub writable: bool,
+    /// The socket reported a hang-up or an error: read until the read says
+    /// which, even after a short read.
+    pub hup: bool,
+}
+
+impl Connection {
+    pub fn new(number: usize, peer: SocketAddr) -> Self {
+        Connection {
+            number,
+            stream: None,
+            peer,
+            state: State::Unstarted,
+            seq: 0,
+            armed: None,
+            readable: false,
+            writable: false,
+            hup: false,
+        }
+    }
+}
+
+/// Where a connection is.
+pub(super) enum State {
+    /// Waiting for its turn to connect (`--connect-rate`, or the cap on
+    /// connects at once).
+    Unstarted,
+    Connecting(Connecting),
+    /// Open, no echo out. `next` is when its next echo goes (`--interval`);
+    /// `None` when the loop's rate schedule decides.
+    Idle {
+        next: Option<Instant>,
+    },
+    Echoing(Echo),
+    /// Half-closed after the last echo, counting bytes until the server
+    /// closes or `deadline`.
+    Closing {
+        deadline: Instant,
+        extra: usize,
+    },
+    /// Over: closed, counted, and out of the loop's open count.
+    Done,
+}
+
+/// A connect in progress, over the target's addresses in turn.
+pub(super) struct Connecting {
+    /// When the first address was tried: connect times count from here.
+    pub began: Instant,
+    /// The whole connect's deadline (`--timeout`).
+    pub deadline: Instant,
+    /// The address being tried, as an index into the run's addresses.
+    pub at: usize,
+    /// When the current attempt gives up, and the share it was given.
+    pub attempt_deadline: Instant,
+    pub attempt_began: Instant,
+    pub share: std::time::Duration,
+    /// Each address tried so far and why it failed.
+    pub attempts: Vec<(SocketAddr, io::Error)>,
+    /// When the connect first found the run stopped.
+    pub stop_seen: Option<Instant>,
+}
+
+/// One echo out: its message, how far it has gone, and its clock.
+pub(super) struct Echo {
+    pub seq: u64,
+    /// The message for `--size`; `None` for `--message`, whose bytes the
+    /// configuration holds.
+    pub buf: Option<Vec<u8>>,
+    pub len: usize,
+    pub written: usize,
+    pub received: usize,
+    /// The first difference seen so far: offset, byte sent, byte received.
+    pub difference: Option<(usize, u8, u8)>,
+    /// A byte more than the echo came with it.
+    pub extra: bool,
+    /// When the first byte went out: the timeout counts from here.
+    pub sent_at: Instant,
+    /// Where the round trip is timed from: `sent_at`, or with `--rate` the
+    /// time the echo was due.
+    pub due: Instant,
+    pub deadline: Instant,
+    /// When the echo first found the run stopped, or last saw more bytes
+    /// after that, and how many had come by then.
+    pub stop_seen: Option<(Instant, usize)>,
+}
+
+/// Writes as much of `message[echo.written..]` as the socket takes.
+/// Returns true if bytes went out; clears `writable` when the socket is full.
+pub(super) fn write_some(
+    mut stream: &TcpStream,
+    message: &[u8],
+    echo: &mut Echo,
+    writable: &mut bool,
+) -> Result<bool, ExchangeError> {
+    let mut moved = false;
+    while echo.written < echo.len && *writable {
+        match stream.write(&message[echo.written..echo.len]) {
+            Ok(0) => {
+                return Err(ExchangeError::io(
+                    io::ErrorKind::WriteZero.into(),
+                    echo.received,
+                ));
+            }
+            Ok(written) => {
+                echo.written += written;
+                moved = true;
+            }
+            // A signal arrived: retry.
+            Err(error) if interrupted(&error) => {}
+            // The send buffer is full: wait until it is writable.
+            Err(error) if would_block(&error) => *writable = false,
+            Err(error) => return Err(ExchangeError::io(error, echo.received)),
+        }
+    }
+    Ok(moved)
+}
+
+/// Reads what has come of the echo into `scratch`, comparing it with
+/// `message` as it comes, and asking for one byte more than is due so that
+/// a byte the server added shows without another syscall. Returns true if
+/// bytes came; clears `readable` once the socket is drained.
+pub(super) fn read_some(
+    mut stream: &TcpStream,
+    message: &[u8],
+    echo: &mut Echo,
+    readable: &mut bool,
+    hup: bool,
+    scratch: &mut [u8],
+) -> Result<bool, ExchangeError> {
+    let mut moved = false;
+    while echo.received < echo.len && *readable {
+        let due = echo.len - echo.received;
+        let asked = (due + 1).min(scratch.len());
+        match stream.read(&mut scratch[..asked]) {
+            // The server closed before echoing everything.
+            Ok(0) => {
+                return Err(ExchangeError::Closed {
+                    received: echo.received,
+                });
+            }
+            Ok(read) => {
+                let echoed = read.min(due);
+                if echo.difference.is_none() {
+                    let sent = &message[echo.received..echo.received + echoed];
+                    if let Some(at) = first_difference(sent, &scratch[..echoed]) {
+                        echo.difference = Some((echo.received + at, sent[at], scratch[at]));
+                    }
+                }
+                echo.received += echoed;
+                echo.extra = read > due;
+                moved = true;
+                if read < asked && !hup {
+                    // Short: the socket is drained; the next bytes bring an event.
+                    *readable = false;
+                }
+            }
+            // A signal arrived: retry.
+            Err(error) if interrupted(&error) => {}
+            // Nothing more yet: wait until it is readable.
+            Err(error) if would_block(&error) => *readable = false,
+            Err(error) => return Err(ExchangeError::io(error, echo.received)),
+        }
+    }
+    Ok(moved)
+}
+
+fn first_difference(sent: &[u8], echoed: &[u8]) -> Option<usize> {
+    if sent == echoed {
+        return None;
+    }
+    sent.iter().zip(echoed).position(|(a, b)| a != b)
+}

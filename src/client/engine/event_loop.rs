@@ -1,0 +1,1112 @@
+//! One event loop of the TCP engine: a mio poll over its share of the
+//! run's connections, one timer heap, one scratch buffer that every echo is
+//! read into, and a pool of message buffers for the echoes out.
+//!
+//! Readiness is edge-triggered, so each connection remembers whether it is
+//! readable or writable until a call would block; a connection between
+//! echoes is not read (the next echo, or the closing check, reads what came
+//! meanwhile, as the blocking engine does). Writing and reading an echo
+//! interleave, whatever its size, so a server that stops reading until its
+//! echo is read cannot deadlock the client.
+//!
+//! Timers are lazy: a connection has at most one entry in the heap, the
+//! earliest instant it cares about; when that fires, the connection looks
+//! at its state again and sets its next one.
+//!
+//! With `--rate`, the loop's share of the rate is a fixed schedule that
+//! starts once its connects are done: each due echo goes on the free
+//! connection that has waited longest; with none free it waits in a queue
+//! of late echoes for the next connection to come free. The round trip is
+//! timed from when the echo was due (wrk2's answer to coordinated
+//! omission).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::io::{self, Read};
+use std::net::Shutdown;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use super::connection::{Connecting, Connection, Echo, State, read_some, write_some};
+use super::{Plan, wait_until};
+use crate::client::echo::{
+    ConnectionTally, ExchangeError, FIRST_ECHO_STOP_PATIENCE, MIN_CLOSING_WAIT, MIN_CONNECT_SHARE,
+    patience, timed_out_after, whole_millis,
+};
+use crate::client::failure::{Failure, FailureKind};
+use crate::client::{Event, Payload, payload};
+use crate::deadline::deadline_after;
+use crate::error::{interrupted, io_cause, is_peer_gone, would_block};
+use crate::socket::unread_len;
+
+/// The token of the loop's waker; connection `i` of the loop uses `Token(i + 1)`.
+const WAKE: Token = Token(0);
+
+/// Connects one loop has in progress at once: more would only queue SYNs
+/// that the server's backlog drops, and a dropped SYN costs a second.
+const MAX_CONNECTING: usize = 1024;
+
+/// The scratch buffer every echo and closing check is read into.
+const SCRATCH: usize = 64 * 1024;
+
+/// Message buffers kept for reuse once their echo is back.
+const POOL: usize = 64;
+
+/// Events taken from one poll.
+const EVENTS: usize = 1024;
+
+/// Without the stop watcher thread, how often a loop looks at the stop handle.
+const STOP_CHECK: Duration = Duration::from_millis(100);
+
+/// An echo sent more than this after it was due counts as late (`--rate`):
+/// well over the poll's millisecond and a busy machine's scheduling delay.
+pub(crate) const LATE_AFTER: Duration = Duration::from_millis(10);
+
+/// A loop's share of the connections, and everything it needs to run them.
+pub(in crate::client) struct EventLoop<'p, F> {
+    plan: &'p Plan<'p, F>,
+    index: usize,
+    poll: Poll,
+    waker: Arc<Waker>,
+    connections: Vec<Connection>,
+    /// (instant, connection index), earliest first; see [`Connection::armed`].
+    timers: BinaryHeap<Reverse<(Instant, usize)>>,
+    /// When the loop itself must look again: the next paced connect, the
+    /// next due echo, the end of `--duration`.
+    loop_wake: Option<Instant>,
+    /// Connections not yet started are `next_unstarted..`.
+    next_unstarted: usize,
+    connecting: usize,
+    /// Connections not yet done; the loop ends at zero.
+    open: usize,
+    tally: ConnectionTally,
+    scratch: Vec<u8>,
+    pool: Vec<Vec<u8>>,
+    stopped: bool,
+    stop_watched: bool,
+    /// `--duration`'s end, and whether the idle connections were closed then.
+    ends: Option<Instant>,
+    ended: bool,
+    schedule: Option<Schedule>,
+}
+
+/// The loop's share of `--rate`.
+struct Schedule {
+    /// Echoes per second on this loop.
+    per_second: f64,
+    /// When the first echo is due: once the loop's connects are done.
+    start: Option<Instant>,
+    /// Echoes made due so far.
+    issued: u64,
+    /// The most to make due (`--repeat` × connections), if any.
+    limit: Option<u64>,
+    /// Due echoes that found no free connection, oldest first.
+    late: VecDeque<Instant>,
+    /// Connections free for the next echo, longest waiting first; some may
+    /// have ended since, and are skipped.
+    free: VecDeque<usize>,
+}
+
+impl Schedule {
+    fn due(&self, start: Instant, number: u64) -> Instant {
+        let offset = Duration::from_secs_f64(number as f64 / self.per_second);
+        deadline_after(start, offset)
+    }
+
+    /// Every echo made due has gone out, and no more will be.
+    fn finished(&self) -> bool {
+        self.limit.is_some_and(|limit| self.issued >= limit) && self.late.is_empty()
+    }
+}
+
+impl<'p, F> EventLoop<'p, F>
+where
+    F: Fn(&crate::client::Event<'_>) + Sync,
+{
+    /// Loop `index` of `plan.threads`, with connections `index + 1`,
+    /// `index + 1 + threads`, and so on.
+    pub fn new(plan: &'p Plan<'p, F>, index: usize) -> io::Result<Self> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+        let connections: Vec<Connection> = numbers(plan, index)
+            .map(|number| Connection::new(number, plan.addrs[0]))
+            .collect();
+        let schedule = plan.config.rate.map(|rate| {
+            let share = connections.len() as f64 / plan.config.connections.get() as f64;
+            Schedule {
+                per_second: rate as f64 * share,
+                start: None,
+                issued: 0,
+                limit: (plan.config.repeat != 0)
+                    .then(|| plan.config.repeat.saturating_mul(connections.len() as u64)),
+                late: VecDeque::new(),
+                free: VecDeque::new(),
+            }
+        });
+        Ok(EventLoop {
+            plan,
+            index,
+            poll,
+            waker,
+            open: connections.len(),
+            connections,
+            timers: BinaryHeap::new(),
+            loop_wake: None,
+            next_unstarted: 0,
+            connecting: 0,
+            tally: ConnectionTally::default(),
+            scratch: vec![0; SCRATCH],
+            pool: Vec::new(),
+            stopped: false,
+            stop_watched: true,
+            ends: plan.ends(),
+            ended: false,
+            schedule,
+        })
+    }
+
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    pub fn waker(&self) -> Arc<Waker> {
+        Arc::clone(&self.waker)
+    }
+
+    /// Whether a watcher thread wakes this loop on stop; if not, the loop
+    /// looks at the stop handle every [`STOP_CHECK`].
+    pub fn set_stop_watched(&mut self, watched: bool) {
+        self.stop_watched = watched;
+    }
+
+    /// Runs every connection of the loop to its end.
+    pub fn run(mut self) -> ConnectionTally {
+        let mut events = Events::with_capacity(EVENTS);
+        let mut ready = Vec::with_capacity(EVENTS);
+        let mut now = Instant::now();
+        self.tick(now);
+        while self.open > 0 {
+            // `now` is from before the last events were handled: a wait a
+            // few microseconds long is rounded up to a millisecond anyway.
+            let next = [
+                self.timers.peek().map(|Reverse((at, _))| *at),
+                self.loop_wake,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let mut timeout = next.map(|at| wait_until(now, at));
+            if !self.stop_watched {
+                timeout = Some(timeout.map_or(STOP_CHECK, |wait| wait.min(STOP_CHECK)));
+            }
+            if let Err(error) = self.poll.poll(&mut events, timeout) {
+                if interrupted(&error) {
+                    continue;
+                }
+                // The loop's epoll itself failed: its connections cannot go on.
+                self.abandon(&error, Instant::now());
+                break;
+            }
+            now = Instant::now();
+            ready.clear();
+            ready.extend(
+                events
+                    .iter()
+                    .filter(|event| event.token() != WAKE)
+                    .map(|event| {
+                        let gone =
+                            event.is_error() || event.is_read_closed() || event.is_write_closed();
+                        (
+                            event.token().0 - 1,
+                            event.is_readable() || gone,
+                            event.is_writable() || gone,
+                            gone,
+                        )
+                    }),
+            );
+            if !self.stopped && self.plan.stop.is_stopped() {
+                self.on_stop(now);
+            }
+            for &(index, readable, writable, gone) in &ready {
+                self.on_ready(index, readable, writable, gone, now);
+            }
+            self.fire_timers(now);
+            self.tick(now);
+        }
+        if let Some(schedule) = &self.schedule {
+            // Due, but every connection had ended.
+            self.tally.unsent += schedule.late.len() as u64;
+        }
+        self.tally
+    }
+
+    /// Readiness for connection `index`.
+    fn on_ready(&mut self, index: usize, readable: bool, writable: bool, gone: bool, now: Instant) {
+        let connection = &mut self.connections[index];
+        connection.readable |= readable;
+        connection.writable |= writable;
+        connection.hup |= gone;
+        match connection.state {
+            State::Connecting(_) => self.check_connect(index, now),
+            State::Echoing(_) => self.progress(index, now),
+            State::Closing { .. } => self.read_closing(index),
+            // Between echoes nothing is read: the next echo reads it.
+            State::Unstarted | State::Idle { .. } | State::Done => {}
+        }
+    }
+
+    /// Starts the connects that are due, sends the echoes that are due, and
+    /// ends the sending at `--duration`; sets when to look again.
+    fn tick(&mut self, now: Instant) {
+        self.loop_wake = None;
+        self.start_connects(now);
+        if let Some(ends) = self.ends {
+            if now >= ends {
+                if !self.ended {
+                    self.ended = true;
+                    self.end_sending(now);
+                }
+            } else {
+                self.wake_loop_at(ends);
+            }
+        }
+        self.send_due(now);
+    }
+
+    fn wake_loop_at(&mut self, at: Instant) {
+        self.loop_wake = Some(self.loop_wake.map_or(at, |wake| wake.min(at)));
+    }
+
+    /// Starts connects while fewer than [`MAX_CONNECTING`] are in progress
+    /// and, with `--connect-rate`, their time has come.
+    fn start_connects(&mut self, now: Instant) {
+        while self.next_unstarted < self.connections.len()
+            && self.connecting < MAX_CONNECTING
+            && !self.stopped
+            && !self.ended
+        {
+            let index = self.next_unstarted;
+            if let Some(rate) = self.plan.config.connect_rate {
+                let number = self.connections[index].number as f64 - 1.0;
+                let at = deadline_after(
+                    self.plan.started,
+                    Duration::from_secs_f64(number / rate as f64),
+                );
+                if at > now {
+                    self.wake_loop_at(at);
+                    return;
+                }
+            }
+            self.next_unstarted += 1;
+            self.start_connect(index, now);
+        }
+    }
+
+    fn start_connect(&mut self, index: usize, now: Instant) {
+        self.connections[index].state = State::Connecting(Connecting {
+            began: now,
+            deadline: deadline_after(now, self.plan.config.timeout),
+            at: 0,
+            attempt_deadline: now,
+            attempt_began: now,
+            share: Duration::ZERO,
+            attempts: Vec::new(),
+            stop_seen: None,
+        });
+        self.connecting += 1;
+        self.try_address(index, now);
+    }
+
+    /// Tries the connect's current address, and the next ones while they
+    /// fail at once. As the blocking engine (and Go's dialer) does, each
+    /// gets an equal share of the time left, but at least
+    /// [`MIN_CONNECT_SHARE`]; the first gets the whole timeout's share.
+    fn try_address(&mut self, index: usize, now: Instant) {
+        let addrs = self.plan.addrs;
+        let timeout = self.plan.config.timeout;
+        loop {
+            let connection = &mut self.connections[index];
+            let State::Connecting(connecting) = &mut connection.state else {
+                return;
+            };
+            let at = connecting.at;
+            if at >= addrs.len() {
+                break;
+            }
+            let left = if at == 0 {
+                timeout
+            } else {
+                connecting.deadline.saturating_duration_since(now)
+            };
+            if left.is_zero() && !connecting.attempts.is_empty() {
+                // Out of time; the addresses not tried are not named.
+                break;
+            }
+            let untried = u32::try_from(addrs.len() - at).unwrap_or(u32::MAX);
+            let share = (left / untried).max(MIN_CONNECT_SHARE.min(left));
+            let addr = addrs[at];
+            let opened = TcpStream::connect(addr).and_then(|mut stream| {
+                self.poll
+                    .registry()
+                    .register(
+                        &mut stream,
+                        Token(index + 1),
+                        Interest::READABLE | Interest::WRITABLE,
+                    )
+                    .map(|()| stream)
+            });
+            match opened {
+                Ok(stream) => {
+                    connection.stream = Some(stream);
+                    connection.peer = addr;
+                    connection.readable = false;
+                    connection.writable = false;
+                    connection.hup = false;
+                    connecting.attempt_began = now;
+                    connecting.attempt_deadline = deadline_after(now, share);
+                    connecting.share = share;
+                    let deadline = connecting.attempt_deadline;
+                    self.arm(index, deadline);
+                    return;
+                }
+                Err(error) => {
+                    connecting.attempts.push((addr, error));
+                    connecting.at += 1;
+                }
+            }
+        }
+        self.connect_failed(index, now);
+    }
+
+    /// The current attempt failed with `error`: on to the next address.
+    fn attempt_failed(&mut self, index: usize, error: io::Error, now: Instant) {
+        let connection = &mut self.connections[index];
+        // Closing the socket takes it out of the poll.
+        connection.stream = None;
+        if let State::Connecting(connecting) = &mut connection.state {
+            connecting.attempts.push((connection.peer, error));
+            connecting.at += 1;
+        }
+        self.try_address(index, now);
+    }
+
+    /// A readiness event on a connect in progress: connected, failed, or
+    /// not yet.
+    fn check_connect(&mut self, index: usize, now: Instant) {
+        let connection = &mut self.connections[index];
+        let Some(stream) = &connection.stream else {
+            return;
+        };
+        let gone = connection.hup;
+        let outcome = match stream.take_error() {
+            Ok(Some(error)) | Err(error) => Err(error),
+            Ok(None) => match stream.peer_addr() {
+                Ok(_) => Ok(()),
+                // Still connecting (a spurious event), unless it hung up.
+                Err(error) if error.kind() == io::ErrorKind::NotConnected && !gone => return,
+                // As std's connect_timeout: a hang-up that left no error behind.
+                Err(error) if error.kind() == io::ErrorKind::NotConnected => Err(io::Error::other(
+                    "the connection was closed while connecting",
+                )),
+                Err(error) => Err(error),
+            },
+        };
+        // Echoes are small and latency-bound; without this, Nagle would
+        // hold back a message's tail.
+        let outcome = outcome.and_then(|()| stream.set_nodelay(true));
+        if let Err(error) = outcome {
+            self.attempt_failed(index, error, now);
+            return;
+        }
+        let State::Connecting(connecting) = &connection.state else {
+            return;
+        };
+        self.tally
+            .connect
+            .record(now.saturating_duration_since(connecting.began));
+        self.connecting -= 1;
+        connection.state = State::Idle { next: None };
+        let (number, peer) = (connection.number, connection.peer);
+        self.tally.echoing_ended = Some(now);
+        (self.plan.observer)(&Event::Connected {
+            connection: number,
+            peer,
+        });
+        self.next_echo(index, now, false);
+    }
+
+    /// Every address failed: the connection fails, counted by the cause of
+    /// its last attempt.
+    fn connect_failed(&mut self, index: usize, now: Instant) {
+        let connection = &mut self.connections[index];
+        connection.stream = None;
+        let State::Connecting(connecting) = std::mem::replace(&mut connection.state, State::Done)
+        else {
+            return;
+        };
+        self.connecting -= 1;
+        self.open -= 1;
+        if let Some((_, error)) = connecting.attempts.last() {
+            *self
+                .tally
+                .connect_failures
+                .entry(io_cause(error))
+                .or_insert(0) += 1;
+        }
+        self.tally.echoing_ended = Some(now);
+        self.fail(
+            index,
+            FailureKind::Connect {
+                attempts: connecting.attempts,
+            },
+        );
+    }
+
+    /// What an open connection with no echo out does next: its next echo
+    /// now, or after `--interval`, or when the rate schedule has one for
+    /// it; or, with no more to send, the closing check. `paused` says the
+    /// `--interval` pause before it is over.
+    fn next_echo(&mut self, index: usize, now: Instant, paused: bool) {
+        if self.sending_over(now) {
+            self.begin_closing(index, now);
+            return;
+        }
+        let connection = &mut self.connections[index];
+        if let Some(schedule) = &mut self.schedule {
+            match schedule.late.pop_front() {
+                Some(due) => self.start_echo(index, due, now),
+                None => {
+                    connection.state = State::Idle { next: None };
+                    schedule.free.push_back(index);
+                }
+            }
+            return;
+        }
+        let repeat = self.plan.config.repeat;
+        if repeat != 0 && connection.seq >= repeat {
+            self.begin_closing(index, now);
+            return;
+        }
+        let interval = self.plan.config.interval;
+        if connection.seq == 0 || interval.is_zero() || paused {
+            self.start_echo(index, now, now);
+        } else {
+            let next = deadline_after(now, interval);
+            connection.state = State::Idle { next: Some(next) };
+            self.arm(index, next);
+        }
+    }
+
+    /// No new echo goes out: stopped, past `--duration`, or the rate's
+    /// schedule is through.
+    fn sending_over(&self, now: Instant) -> bool {
+        // The stop handle itself, not only `stopped`: an observer may have
+        // stopped the run since the last poll.
+        self.stopped
+            || self.plan.stop.is_stopped()
+            || self.ends.is_some_and(|ends| now >= ends)
+            || self.schedule.as_ref().is_some_and(Schedule::finished)
+    }
+
+    /// Sends the next message on connection `index`, due at `due`.
+    fn start_echo(&mut self, index: usize, due: Instant, now: Instant) {
+        let plan = self.plan;
+        let len = plan.config.payload.len();
+        let connection = &mut self.connections[index];
+        let seq = connection.seq + 1;
+        let buf = match &plan.config.payload {
+            Payload::Text(_) => None,
+            Payload::Generated { .. } => {
+                let mut buf = self.pool.pop().unwrap_or_default();
+                let more = len.saturating_sub(buf.len());
+                if buf.try_reserve_exact(more).is_err() {
+                    self.tally.echoing_ended = Some(now);
+                    self.fail(index, FailureKind::OutOfMemory { bytes: len });
+                    self.finish(index);
+                    return;
+                }
+                buf.resize(len, 0);
+                payload::fill(&mut buf, plan.seed, connection.number, seq);
+                Some(buf)
+            }
+        };
+        connection.seq = seq;
+        self.tally.sent += 1;
+        if self.schedule.is_some() {
+            let lateness = now.saturating_duration_since(due);
+            if lateness > LATE_AFTER {
+                self.tally.late += 1;
+            }
+            self.tally.most_late = self.tally.most_late.max(lateness);
+        }
+        connection.state = State::Echoing(Echo {
+            seq,
+            buf,
+            len,
+            written: 0,
+            received: 0,
+            difference: None,
+            extra: false,
+            sent_at: now,
+            due,
+            deadline: deadline_after(now, plan.config.timeout),
+            stop_seen: None,
+        });
+        // The socket is writable unless a write said otherwise: try at once.
+        connection.writable = true;
+        self.progress(index, now);
+    }
+
+    /// Moves the echo out on connection `index` as far as the socket lets it.
+    fn progress(&mut self, index: usize, now: Instant) {
+        let text: &[u8] = match &self.plan.config.payload {
+            Payload::Text(text) => text,
+            Payload::Generated { .. } => &[],
+        };
+        loop {
+            let connection = &mut self.connections[index];
+            let State::Echoing(echo) = &mut connection.state else {
+                return;
+            };
+            let stream = connection
+                .stream
+                .as_ref()
+                .expect("an echoing connection has its socket");
+            let message = echo.buf.take();
+            let bytes = message.as_deref().unwrap_or(text);
+            let moved =
+                write_some(stream, bytes, echo, &mut connection.writable).and_then(|wrote| {
+                    read_some(
+                        stream,
+                        bytes,
+                        echo,
+                        &mut connection.readable,
+                        connection.hup,
+                        &mut self.scratch,
+                    )
+                    .map(|read| wrote || read)
+                });
+            echo.buf = message;
+            match moved {
+                Err(error) => {
+                    self.exchange_failed(index, error, now);
+                    return;
+                }
+                Ok(_) if echo.written == echo.len && echo.received == echo.len => {
+                    self.finish_echo(index, now);
+                    return;
+                }
+                Ok(true) => {}
+                Ok(false) => {
+                    let deadline = echo.deadline;
+                    self.arm(index, deadline);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The whole echo is back on connection `index`: check it, count it,
+    /// and go on.
+    fn finish_echo(&mut self, index: usize, now: Instant) {
+        let plan = self.plan;
+        let connection = &mut self.connections[index];
+        let State::Echoing(echo) =
+            std::mem::replace(&mut connection.state, State::Idle { next: None })
+        else {
+            return;
+        };
+        self.tally.bytes_sent += echo.written as u64;
+        let peer = connection.peer;
+        let number = connection.number;
+        if now.saturating_duration_since(echo.sent_at) > plan.config.timeout {
+            // The poll may wake a little after the deadline; the round
+            // trip's own clock decides.
+            self.recycle(echo.buf);
+            self.echo_failed(
+                index,
+                ExchangeError::TimedOut { received: echo.len },
+                &EchoFacts {
+                    seq: echo.seq,
+                    len: echo.len,
+                    written: echo.written,
+                },
+                now,
+            );
+            return;
+        }
+        self.tally.bytes_echoed += echo.len as u64;
+        let rtt = now.saturating_duration_since(echo.due);
+        match echo.difference {
+            None => {
+                self.tally.echoed += 1;
+                self.tally.rtt.record(rtt);
+                let message: &[u8] = match (&echo.buf, &plan.config.payload) {
+                    (Some(buf), _) => buf,
+                    (None, Payload::Text(text)) => text,
+                    (None, Payload::Generated { .. }) => &[],
+                };
+                (plan.observer)(&Event::Echoed {
+                    connection: number,
+                    seq: echo.seq,
+                    rtt,
+                    message,
+                });
+            }
+            Some((offset, sent, got)) => self.fail(
+                index,
+                FailureKind::Mismatch {
+                    seq: echo.seq,
+                    peer,
+                    len: echo.len,
+                    offset,
+                    sent,
+                    got,
+                },
+            ),
+        }
+        self.recycle(echo.buf);
+        self.tally.echoing_ended = Some(now);
+        if echo.extra {
+            // Only this echo was due, so a byte that came with it was
+            // never sent: the server added it.
+            let stream = self.connections[index].stream.as_ref();
+            let bytes = 1 + stream.and_then(unread_len).unwrap_or(0);
+            self.fail(
+                index,
+                FailureKind::Extra {
+                    after_seq: echo.seq,
+                    peer,
+                    bytes,
+                },
+            );
+            self.finish(index);
+            return;
+        }
+        self.next_echo(index, now, false);
+    }
+
+    /// The echo out on connection `index` failed with `error`.
+    fn exchange_failed(&mut self, index: usize, error: ExchangeError, now: Instant) {
+        let connection = &mut self.connections[index];
+        let State::Echoing(echo) = std::mem::replace(&mut connection.state, State::Done) else {
+            return;
+        };
+        self.recycle(echo.buf);
+        let facts = EchoFacts {
+            seq: echo.seq,
+            len: echo.len,
+            written: echo.written,
+        };
+        self.tally.bytes_sent += echo.written as u64;
+        self.echo_failed(index, error, &facts, now);
+    }
+
+    /// Counts and reports a failed echo; the connection is out of step, so
+    /// it ends.
+    fn echo_failed(&mut self, index: usize, error: ExchangeError, facts: &EchoFacts, now: Instant) {
+        let peer = self.connections[index].peer;
+        let kind = error.into_failure(
+            facts.seq,
+            peer,
+            self.plan.config.timeout,
+            facts.len,
+            facts.written,
+        );
+        self.tally.echoing_ended = Some(now);
+        self.fail(index, kind);
+        self.finish(index);
+    }
+
+    /// After the last echo: half-close, then count what the server still
+    /// sends until it closes, for twice the p99 round trip (at least
+    /// [`MIN_CLOSING_WAIT`], at most the timeout; the minimum once stopped).
+    fn begin_closing(&mut self, index: usize, now: Instant) {
+        let timeout = self.plan.config.timeout;
+        let wait = if self.stopped || self.plan.stop.is_stopped() {
+            MIN_CLOSING_WAIT.min(timeout)
+        } else {
+            patience(&self.tally.rtt, MIN_CLOSING_WAIT, timeout)
+        };
+        let connection = &mut self.connections[index];
+        let Some(stream) = &connection.stream else {
+            self.finish(index);
+            return;
+        };
+        match stream.shutdown(Shutdown::Write) {
+            // Reset already; what it sent before the reset is still queued.
+            Err(error) if is_peer_gone(&error) => {}
+            Err(error) => {
+                let peer = connection.peer;
+                self.fail(index, FailureKind::Closing { peer, error });
+                self.finish(index);
+                return;
+            }
+            Ok(()) => {}
+        }
+        let deadline = deadline_after(now, wait);
+        connection.state = State::Closing { deadline, extra: 0 };
+        self.arm(index, deadline);
+        self.read_closing(index);
+    }
+
+    /// Reads what the server sends after the last echo, until it closes.
+    fn read_closing(&mut self, index: usize) {
+        let connection = &mut self.connections[index];
+        let State::Closing { extra, .. } = &mut connection.state else {
+            return;
+        };
+        let Some(mut stream) = connection.stream.as_ref() else {
+            return;
+        };
+        while connection.readable {
+            match stream.read(&mut self.scratch) {
+                Ok(0) => {
+                    self.end_closing(index);
+                    return;
+                }
+                Ok(read) => *extra += read,
+                // A signal arrived: retry.
+                Err(error) if interrupted(&error) => {}
+                // Nothing more yet: wait until it is readable.
+                Err(error) if would_block(&error) => connection.readable = false,
+                // Gone after the last echo: a normal end.
+                Err(error) if is_peer_gone(&error) => {
+                    self.end_closing(index);
+                    return;
+                }
+                Err(error) => {
+                    let peer = connection.peer;
+                    self.fail(index, FailureKind::Closing { peer, error });
+                    self.finish(index);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The server closed, or the closing wait ran out: bytes it sent after
+    /// the last echo fail the connection.
+    fn end_closing(&mut self, index: usize) {
+        let connection = &mut self.connections[index];
+        if let State::Closing { extra, .. } = connection.state
+            && extra > 0
+        {
+            let kind = FailureKind::Extra {
+                after_seq: connection.seq,
+                peer: connection.peer,
+                bytes: extra,
+            };
+            self.fail(index, kind);
+        }
+        self.finish(index);
+    }
+
+    /// Connection `index` is over: closed and out of the open count.
+    fn finish(&mut self, index: usize) {
+        let connection = &mut self.connections[index];
+        if matches!(connection.state, State::Done) && connection.stream.is_none() {
+            return;
+        }
+        if let State::Echoing(echo) = std::mem::replace(&mut connection.state, State::Done) {
+            self.pool_return(echo.buf);
+        }
+        let connection = &mut self.connections[index];
+        connection.stream = None;
+        self.open -= 1;
+    }
+
+    fn recycle(&mut self, buf: Option<Vec<u8>>) {
+        self.pool_return(buf);
+    }
+
+    fn pool_return(&mut self, buf: Option<Vec<u8>>) {
+        if let Some(buf) = buf
+            && self.pool.len() < POOL
+        {
+            self.pool.push(buf);
+        }
+    }
+
+    /// Counts `kind` and reports it.
+    fn fail(&mut self, index: usize, kind: FailureKind) {
+        self.tally.count(&kind);
+        let failure = Failure {
+            connection: self
+                .plan
+                .multiple()
+                .then_some(self.connections[index].number),
+            kind,
+        };
+        (self.plan.observer)(&crate::client::Event::Failed(&failure));
+    }
+
+    /// Sets a timer for connection `index` at `at`, unless an earlier one
+    /// is set (it will look again then).
+    fn arm(&mut self, index: usize, at: Instant) {
+        let connection = &mut self.connections[index];
+        if connection.armed.is_none_or(|armed| at < armed) {
+            connection.armed = Some(at);
+            self.timers.push(Reverse((at, index)));
+        }
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(&Reverse((at, index))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            if self.connections[index].armed == Some(at) {
+                self.connections[index].armed = None;
+                self.look_again(index, now);
+            }
+        }
+    }
+
+    /// A timer of connection `index` fired: act on whatever is due, and set
+    /// the next one.
+    fn look_again(&mut self, index: usize, now: Instant) {
+        let stopped = self.stopped;
+        let timeout = self.plan.config.timeout;
+        let patience_now = patience(&self.tally.rtt, FIRST_ECHO_STOP_PATIENCE, timeout);
+        let connection = &mut self.connections[index];
+        match &mut connection.state {
+            State::Connecting(connecting) => {
+                if stopped {
+                    let since = *connecting.stop_seen.get_or_insert(now);
+                    if now.saturating_duration_since(since) >= FIRST_ECHO_STOP_PATIENCE {
+                        let waited = now.saturating_duration_since(connecting.attempt_began);
+                        let waited = humantime::format_duration(whole_millis(waited));
+                        let error = io::Error::other(format!(
+                            "no answer after {waited}, and the run was stopped"
+                        ));
+                        connecting.attempts.push((connection.peer, error));
+                        connection.stream = None;
+                        self.connect_failed(index, now);
+                        return;
+                    }
+                }
+                if now >= connecting.attempt_deadline {
+                    let error = timed_out_after(whole_millis(connecting.share));
+                    self.attempt_failed(index, error, now);
+                    return;
+                }
+                let mut next = connecting.attempt_deadline;
+                if let Some(since) = connecting.stop_seen {
+                    next = next.min(deadline_after(since, FIRST_ECHO_STOP_PATIENCE));
+                }
+                self.arm(index, next);
+            }
+            State::Echoing(echo) => {
+                if now >= echo.deadline {
+                    let received = echo.received;
+                    self.exchange_failed(index, ExchangeError::TimedOut { received }, now);
+                    return;
+                }
+                let mut next = echo.deadline;
+                if stopped {
+                    // Counted from the stop, or from the last bytes of the
+                    // echo since: an echo still coming back is not cut off.
+                    let since = match echo.stop_seen {
+                        Some((at, before)) if before == echo.received => at,
+                        _ => {
+                            echo.stop_seen = Some((now, echo.received));
+                            now
+                        }
+                    };
+                    if now.saturating_duration_since(since) >= patience_now {
+                        let received = echo.received;
+                        self.exchange_failed(index, ExchangeError::Stopped { received }, now);
+                        return;
+                    }
+                    next = next.min(deadline_after(since, patience_now));
+                }
+                self.arm(index, next);
+            }
+            State::Idle { next: Some(next) } => {
+                if now >= *next {
+                    self.next_echo(index, now, true);
+                } else {
+                    let next = *next;
+                    self.arm(index, next);
+                }
+            }
+            State::Closing { deadline, .. } => {
+                if now >= *deadline {
+                    self.end_closing(index);
+                } else {
+                    let deadline = *deadline;
+                    self.arm(index, deadline);
+                }
+            }
+            State::Unstarted | State::Idle { next: None } | State::Done => {}
+        }
+    }
+
+    /// The run was stopped: nothing more is sent or connected; connects
+    /// and echoes in progress get their patience, idle connections close.
+    fn on_stop(&mut self, now: Instant) {
+        self.stopped = true;
+        for index in self.next_unstarted..self.connections.len() {
+            self.connections[index].state = State::Done;
+            self.open -= 1;
+        }
+        self.next_unstarted = self.connections.len();
+        if let Some(schedule) = &mut self.schedule {
+            schedule.late.clear();
+        }
+        for index in 0..self.connections.len() {
+            match &mut self.connections[index].state {
+                State::Idle { .. } => self.begin_closing(index, now),
+                State::Closing { deadline, .. } => {
+                    *deadline = (*deadline).min(deadline_after(now, MIN_CLOSING_WAIT));
+                    let deadline = *deadline;
+                    self.arm(index, deadline);
+                }
+                State::Connecting(_) | State::Echoing(_) => self.look_again(index, now),
+                State::Unstarted | State::Done => {}
+            }
+        }
+    }
+
+    /// `--duration` is over: idle connections close, echoes out finish,
+    /// connections not yet started never start, late echoes never go.
+    fn end_sending(&mut self, now: Instant) {
+        for index in self.next_unstarted..self.connections.len() {
+            self.connections[index].state = State::Done;
+            self.open -= 1;
+        }
+        self.next_unstarted = self.connections.len();
+        if let Some(schedule) = &mut self.schedule {
+            self.tally.unsent += schedule.late.len() as u64;
+            schedule.late.clear();
+        }
+        self.close_idle(now);
+    }
+
+    fn close_idle(&mut self, now: Instant) {
+        for index in 0..self.connections.len() {
+            if matches!(self.connections[index].state, State::Idle { .. }) {
+                self.begin_closing(index, now);
+            }
+        }
+    }
+
+    /// With `--rate`: makes due the echoes whose time has come, each on a
+    /// free connection or, with none, late.
+    fn send_due(&mut self, now: Instant) {
+        let connects_done = self.connecting == 0 && self.next_unstarted == self.connections.len();
+        let Some(schedule) = &mut self.schedule else {
+            return;
+        };
+        if self.stopped || self.ended || schedule.finished() {
+            return;
+        }
+        let start = match schedule.start {
+            Some(start) => start,
+            None if connects_done => *schedule.start.insert(now),
+            None => return,
+        };
+        loop {
+            let Some(schedule) = &mut self.schedule else {
+                return;
+            };
+            if schedule.limit.is_some_and(|limit| schedule.issued >= limit) {
+                break;
+            }
+            let due = schedule.due(start, schedule.issued);
+            if due > now {
+                self.wake_loop_at(due);
+                return;
+            }
+            schedule.issued += 1;
+            self.tally.scheduled += 1;
+            let free = loop {
+                let Some(schedule) = &mut self.schedule else {
+                    return;
+                };
+                match schedule.free.pop_front() {
+                    Some(index)
+                        if matches!(self.connections[index].state, State::Idle { next: None }) =>
+                    {
+                        break Some(index);
+                    }
+                    // Ended since it came free.
+                    Some(_) => {}
+                    None => break None,
+                }
+            };
+            match free {
+                Some(index) => self.start_echo(index, due, now),
+                None => {
+                    if let Some(schedule) = &mut self.schedule {
+                        schedule.late.push_back(due);
+                    }
+                    if self.open == 0 {
+                        break;
+                    }
+                }
+            }
+        }
+        // Every echo is due: the idle connections are done.
+        if self.schedule.as_ref().is_some_and(Schedule::finished) {
+            self.close_idle(now);
+        }
+    }
+
+    /// The loop's poll failed: every connection still open fails with it.
+    fn abandon(&mut self, error: &io::Error, now: Instant) {
+        for index in 0..self.connections.len() {
+            if !matches!(self.connections[index].state, State::Done) {
+                self.tally.echoing_ended = Some(now);
+                let kind = FailureKind::Spawn {
+                    error: io::Error::new(error.kind(), error.to_string()),
+                };
+                self.fail(index, kind);
+                self.finish(index);
+            }
+        }
+    }
+}
+
+/// What an echo's failure message needs, once the echo is taken apart.
+struct EchoFacts {
+    seq: u64,
+    len: usize,
+    written: usize,
+}
+
+/// The connection numbers of loop `index`.
+fn numbers<F>(plan: &Plan<'_, F>, index: usize) -> impl Iterator<Item = usize> {
+    (index + 1..=plan.config.connections.get()).step_by(plan.threads)
+}
+
+/// The tally of loop `index` when it could not start: each of its
+/// connections fails with `error`.
+pub(in crate::client) fn unstarted<F>(
+    plan: &Plan<'_, F>,
+    index: usize,
+    error: io::Error,
+) -> ConnectionTally
+where
+    F: Fn(&crate::client::Event<'_>) + Sync,
+{
+    let mut tally = ConnectionTally::default();
+    for number in numbers(plan, index) {
+        let kind = FailureKind::Spawn {
+            error: io::Error::new(error.kind(), error.to_string()),
+        };
+        tally.count(&kind);
+        let failure = Failure {
+            connection: plan.multiple().then_some(number),
+            kind,
+        };
+        (plan.observer)(&crate::client::Event::Failed(&failure));
+    }
+    tally.echoing_ended = Some(Instant::now());
+    tally
+}
