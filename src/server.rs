@@ -22,7 +22,7 @@
 
 pub mod acceptor;
 pub mod activation;
-mod busy_poll;
+pub(crate) mod busy_poll;
 pub mod cidr;
 pub mod config;
 pub mod connection;

@@ -40,6 +40,7 @@ use crate::client::failure::{Failure, FailureKind};
 use crate::client::{Event, Payload, payload};
 use crate::deadline::deadline_after;
 use crate::error::{interrupted, io_cause, is_peer_gone, would_block};
+use crate::server::busy_poll::BusyPoll;
 use crate::socket::unread_len;
 
 /// The token of the loop's waker; connection `i` of the loop uses `Token(i + 1)`.
@@ -57,6 +58,13 @@ const POOL: usize = 64;
 
 /// Events taken from one poll.
 const EVENTS: usize = 1024;
+
+/// The longest a loop spins asking for events before it sleeps, as the
+/// server's workers do by default (see [`crate::server::busy_poll`]): a
+/// sleeping loop pays a wake-up on every round trip, which is most of a
+/// loopback one. The window adapts, so a loop whose waits outlast it (a
+/// slow server, a low `--rate`) does not spin.
+const BUSY_POLL: Duration = Duration::from_micros(50);
 
 /// Without the stop watcher thread, how often a loop looks at the stop handle.
 const STOP_CHECK: Duration = Duration::from_millis(100);
@@ -91,6 +99,7 @@ pub(in crate::client) struct EventLoop<'p, F> {
     ends: Option<Instant>,
     ended: bool,
     schedule: Option<Schedule>,
+    busy_poll: BusyPoll,
 }
 
 /// The loop's share of `--rate`.
@@ -165,6 +174,7 @@ where
             ends: plan.ends(),
             ended: false,
             schedule,
+            busy_poll: BusyPoll::new(BUSY_POLL),
         })
     }
 
@@ -202,7 +212,7 @@ where
             if !self.stop_watched {
                 timeout = Some(timeout.map_or(STOP_CHECK, |wait| wait.min(STOP_CHECK)));
             }
-            if let Err(error) = self.poll.poll(&mut events, timeout) {
+            if let Err(error) = self.wait_for_events(&mut events, timeout) {
                 if interrupted(&error) {
                     continue;
                 }
@@ -241,6 +251,40 @@ where
             self.tally.unsent += schedule.late.len() as u64;
         }
         self.tally
+    }
+
+    /// Fills `events`, spinning first for the busy-poll window and then
+    /// sleeping until `timeout` at most.
+    fn wait_for_events(
+        &mut self,
+        events: &mut Events,
+        timeout: Option<Duration>,
+    ) -> io::Result<()> {
+        if timeout == Some(Duration::ZERO) {
+            return self.poll.poll(events, timeout);
+        }
+        let began = Instant::now();
+        let window = self.busy_poll.window();
+        // A timer due within the window is served by the sleep below.
+        if !window.is_zero() && timeout.is_none_or(|left| left > window) {
+            loop {
+                self.poll.poll(events, Some(Duration::ZERO))?;
+                if !events.is_empty() {
+                    return Ok(());
+                }
+                if began.elapsed() >= window {
+                    break;
+                }
+                // Whatever else is runnable here, such as the server that
+                // will send the echo, goes first.
+                std::thread::yield_now();
+            }
+        }
+        let remaining = timeout.map(|left| left.saturating_sub(began.elapsed()));
+        self.poll.poll(events, remaining)?;
+        self.busy_poll
+            .after_sleep(began.elapsed(), !events.is_empty());
+        Ok(())
     }
 
     /// Readiness for connection `index`.
