@@ -425,6 +425,20 @@ where
     ))
 }
 
+/// The open files a [`run`] of `config` needs at most: a socket per
+/// connection, and per event loop its epoll and waker, plus stdio and
+/// some slack. Compare it with the raised `RLIMIT_NOFILE`
+/// ([`crate::limits::raise_open_file_limit`]) before a large run.
+#[must_use]
+pub fn open_files_needed(config: &ClientConfig) -> u64 {
+    let threads = if config.reconnect {
+        0
+    } else {
+        engine::thread_count(config)
+    };
+    config.connections.get() as u64 + crate::limits::reserved_descriptors(threads)
+}
+
 fn validate(config: &ClientConfig) -> Result<(), ConfigError> {
     if config.payload.is_empty() {
         return Err(ConfigError::EmptyMessage);

@@ -6,10 +6,13 @@
 
 mod common;
 
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::num::NonZeroUsize;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
+use common::client::TestServer;
 use common::with_time_limit;
 use echo_chamber::client::{self, ClientConfig, Payload, StopHandle};
 use echo_chamber::server::config::ServerConfig;
@@ -57,6 +60,162 @@ fn five_thousand_connections_on_two_threads_all_echo_exactly() {
         assert_eq!(
             (report.sent, report.echoed, report.bytes_echoed),
             (15_000, 15_000, 1_500_000),
+            "{}",
+            report.summary(false)
+        );
+    });
+}
+
+#[test]
+fn connect_rate_spreads_the_connects_seen_by_the_server() {
+    with_time_limit(LIMIT, || {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind on loopback");
+        let addr = listener.local_addr().expect("bound address");
+        let accepting = std::thread::spawn(move || {
+            let mut accepted = Vec::new();
+            for _ in 0..40 {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        accepted.push(Instant::now());
+                        std::thread::spawn(move || common::client::std_echo(stream));
+                    }
+                    Err(error) => panic!("accept: {error}"),
+                }
+            }
+            accepted
+        });
+        let config = ClientConfig {
+            connections: NonZeroUsize::new(40).expect("not zero"),
+            connect_rate: Some(20),
+            threads: NonZeroUsize::new(2),
+            ..config_for(addr)
+        };
+        let report = client::run(&config, &|_| {}, &StopHandle::new()).expect("valid config");
+        assert!(report.is_success(), "{}", report.summary(false));
+        let accepted = accepting.join().expect("the accepting thread");
+        // 40 connects at 20 a second are due over 1.95 s. A slow machine
+        // can only spread them further; half of it leaves room for
+        // accepts that queued up before the thread got to them.
+        let span = accepted[39] - accepted[0];
+        assert!(
+            span >= Duration::from_millis(975),
+            "40 connects at --connect-rate 20 arrived within {span:?}"
+        );
+        assert_eq!(report.connect.count(), 40, "{}", report.summary(false));
+    });
+}
+
+/// Echoes like any server, except that the whole server stalls once for a
+/// second, 0.5 s into its first connection (`STALLED` says it has).
+fn stalls_once(stream: TcpStream, stalled: &AtomicBool) {
+    let began = Instant::now();
+    let mut reader = stream.try_clone().expect("clone the accepted socket");
+    let mut writer = stream;
+    let mut buf = [0u8; 4096];
+    loop {
+        let read = match reader.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        if began.elapsed() >= Duration::from_millis(500) && !stalled.swap(true, Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        if writer.write_all(&buf[..read]).is_err() {
+            return;
+        }
+    }
+}
+
+static OPEN_LOOP_STALL: AtomicBool = AtomicBool::new(false);
+static CLOSED_LOOP_STALL: AtomicBool = AtomicBool::new(false);
+
+#[test]
+fn a_one_second_stall_shows_in_the_open_loop_p99_but_only_in_the_closed_loop_max() {
+    with_time_limit(LIMIT, || {
+        let open = TestServer::start(|stream| stalls_once(stream, &OPEN_LOOP_STALL));
+        let config = ClientConfig {
+            rate: Some(1000),
+            repeat: 0,
+            duration: Some(Duration::from_secs(3)),
+            ..config_for(open.addr())
+        };
+        let report = client::run(&config, &|_| {}, &StopHandle::new()).expect("valid config");
+        assert!(report.is_success(), "{}", report.summary(false));
+        let p99 = report.rtt.percentile(0.99).expect("echoes came back");
+        // The echoes due during the stall waited up to a second each: about
+        // a third of them, so the p99 is most of that second.
+        assert!(
+            p99 >= Duration::from_millis(300),
+            "open loop p99 {p99:?}\n{}",
+            report.summary(false)
+        );
+
+        let closed = TestServer::start(|stream| stalls_once(stream, &CLOSED_LOOP_STALL));
+        let config = ClientConfig {
+            repeat: 0,
+            duration: Some(Duration::from_secs(3)),
+            ..config_for(closed.addr())
+        };
+        let report = client::run(&config, &|_| {}, &StopHandle::new()).expect("valid config");
+        assert!(report.is_success(), "{}", report.summary(false));
+        let p99 = report.rtt.percentile(0.99).expect("echoes came back");
+        let max = report.rtt.max().expect("echoes came back");
+        // One echo of thousands waited: the stall is the max, and the p99
+        // is an ordinary round trip (orders of magnitude under the stall).
+        assert!(
+            max >= Duration::from_millis(900) && p99 < Duration::from_millis(100),
+            "closed loop p99 {p99:?}, max {max:?}\n{}",
+            report.summary(false)
+        );
+    });
+}
+
+#[test]
+fn a_rate_against_a_fast_server_is_held_and_never_exceeded() {
+    with_time_limit(LIMIT, || {
+        let server = server_for(100);
+        let config = ClientConfig {
+            rate: Some(2000),
+            repeat: 0,
+            duration: Some(Duration::from_secs(2)),
+            connections: NonZeroUsize::new(20).expect("not zero"),
+            threads: NonZeroUsize::new(2),
+            ..config_for(server.local_addr())
+        };
+        let report = client::run(&config, &|_| {}, &StopHandle::new()).expect("valid config");
+        assert!(report.is_success(), "{}", report.summary(false));
+        let rate = report.rate.clone().expect("a rate run reports its rate");
+        // The schedule never runs ahead: at most 2000 a second for 2 s.
+        // Behind it, a loaded machine still sends most of what was due.
+        assert!(
+            report.sent <= 4_001 && report.sent >= 2_800,
+            "{} sent\n{}",
+            report.sent,
+            report.summary(false)
+        );
+        assert_eq!(rate.due, report.sent + rate.unsent, "{rate:?}");
+    });
+}
+
+#[test]
+fn a_rate_the_client_cannot_reach_is_reported_as_not_kept() {
+    with_time_limit(LIMIT, || {
+        let server = server_for(10);
+        // One connection has one echo out at a time: ten million a second
+        // is out of reach on any machine.
+        let config = ClientConfig {
+            rate: Some(10_000_000),
+            repeat: 0,
+            duration: Some(Duration::from_millis(500)),
+            ..config_for(server.local_addr())
+        };
+        let report = client::run(&config, &|_| {}, &StopHandle::new()).expect("valid config");
+        let rate = report.rate.clone().expect("a rate run reports its rate");
+        assert!(!rate.kept(), "{rate:?}\n{}", report.summary(false));
+        assert!(
+            report
+                .summary(false)
+                .contains("could not keep --rate 10000000"),
             "{}",
             report.summary(false)
         );

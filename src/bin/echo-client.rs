@@ -29,9 +29,10 @@ use echo_chamber::client::{
 const PROG: &str = "echo-client";
 /// Longest message shown as text in per-echo lines; longer ones show a length.
 const MAX_SHOWN_TEXT: usize = 80;
-/// Failure lines a UDP run prints before it only counts them: a lossy
-/// path at a high rate would otherwise bury the terminal.
-const MAX_UDP_FAILURE_LINES: u64 = 100;
+/// Failure lines a run prints before it only counts them: a lossy path at
+/// a high rate, or thousands of connections refused at once, would
+/// otherwise bury the terminal.
+const MAX_FAILURE_LINES: u64 = 100;
 /// The most `--threads`: far more than any machine has CPUs.
 const MAX_THREADS: usize = 1024;
 
@@ -99,6 +100,18 @@ struct Args {
     /// concurrent connections, each doing --repeat echoes, 1 to 100000 (10000 with --reconnect; default 1; with --udp, flows, each with its own socket)
     #[argh(option, from_str_fn(parse_connections), arg_name = "n")]
     connections: Option<NonZeroUsize>,
+
+    /// open at most N connections per second, e.g. 2000 (default: as fast as they connect, at most 1024 connecting at once per thread)
+    #[argh(option, from_str_fn(parse_rate), arg_name = "n")]
+    connect_rate: Option<u64>,
+
+    /// open loop: send N echoes per second over all connections, each when due on a connection with no echo out, round trips timed from when each was due (default: closed loop, each connection sends when its last echo is back)
+    #[argh(option, from_str_fn(parse_rate), arg_name = "n")]
+    rate: Option<u64>,
+
+    /// stop sending after DUR, e.g. 30s or 5m; echoes out still finish (instead of or with --repeat)
+    #[argh(option, from_str_fn(parse_run_duration), arg_name = "dur")]
+    duration: Option<Duration>,
 
     /// event-loop threads that run the connections (default: one per CPU, never more than --connections; TCP without --reconnect or --stdin)
     #[argh(option, from_str_fn(parse_threads), arg_name = "n")]
@@ -190,7 +203,14 @@ fn run() -> Exit {
             (None, Some(text)) => Payload::Text(text.clone().into_bytes()),
             (None, None) => ClientConfig::default().payload,
         },
-        repeat: args.repeat.unwrap_or(1),
+        // A rate or a duration runs until it is over (or Ctrl-C).
+        repeat: args
+            .repeat
+            .unwrap_or(if args.rate.is_some() || args.duration.is_some() {
+                0
+            } else {
+                1
+            }),
         interval: args.interval.unwrap_or(if udp {
             udp::DEFAULT_INTERVAL
         } else {
@@ -200,9 +220,14 @@ fn run() -> Exit {
         connections: args.connections.unwrap_or(NonZeroUsize::MIN),
         reconnect: on(args.reconnect),
         threads: args.threads,
-        ..ClientConfig::default()
+        connect_rate: args.connect_rate,
+        rate: args.rate,
+        duration: args.duration,
     };
 
+    if !udp && !on(args.stdin) {
+        warn_if_open_files_fall_short(&config);
+    }
     let stop = StopHandle::new();
     install_stop_signals(&stop);
     let printer = Printer::new(&args, config.connections.get() > 1, stop.clone());
@@ -320,7 +345,12 @@ fn check_combinations(args: &Args) -> Result<(), String> {
                 .to_owned(),
         );
     }
-    let engine_only = [("--threads", args.threads.is_some())];
+    let engine_only = [
+        ("--threads", args.threads.is_some()),
+        ("--connect-rate", args.connect_rate.is_some()),
+        ("--rate", args.rate.is_some()),
+        ("--duration", args.duration.is_some()),
+    ];
     for (flag, given) in engine_only {
         if !given {
             continue;
@@ -468,6 +498,25 @@ fn parse_connections(value: &str) -> Result<NonZeroUsize, String> {
     }
 }
 
+/// The most `--rate` or `--connect-rate`: beyond what one machine sends.
+const MAX_RATE: u64 = 100_000_000;
+
+fn parse_rate(value: &str) -> Result<u64, String> {
+    match cli::whole_number::<u64>(value) {
+        Some(rate) if (1..=MAX_RATE).contains(&rate) => Ok(rate),
+        _ => Err(format!(
+            "expected a whole number per second from 1 to {MAX_RATE}"
+        )),
+    }
+}
+
+fn parse_run_duration(value: &str) -> Result<Duration, String> {
+    match parse_duration(value)? {
+        duration if duration.is_zero() => Err("the duration must be more than 0".to_owned()),
+        duration => Ok(duration),
+    }
+}
+
 fn parse_threads(value: &str) -> Result<NonZeroUsize, String> {
     match cli::whole_number::<usize>(value) {
         Some(0) => Err("at least 1 thread is needed".to_owned()),
@@ -495,6 +544,34 @@ fn parse_timeout(value: &str) -> Result<Duration, String> {
 fn parse_duration(value: &str) -> Result<Duration, String> {
     humantime::parse_duration(value)
         .map_err(|error| format!("expected a duration such as 2s or 500ms ({error})"))
+}
+
+/// Raises the soft open-file limit to the hard one, as the server does,
+/// and says in one line before connecting when even that leaves too few
+/// descriptors for every connection: the rest then fail, counted by cause.
+fn warn_if_open_files_fall_short(config: &ClientConfig) {
+    let needed = client::open_files_needed(config);
+    let limit = match echo_chamber::limits::raise_open_file_limit() {
+        Ok(limit) => limit,
+        Err(error) => {
+            cli::print_err(
+                PROG,
+                format_args!("cannot raise the open-file limit: {error}"),
+            );
+            return;
+        }
+    };
+    if limit >= needed {
+        return;
+    }
+    let connections = config.connections.get() as u64;
+    let fit = connections.saturating_sub(needed - limit);
+    cli::print_err(
+        PROG,
+        format_args!(
+            "only {fit} of {connections} connections fit under the open-file limit of {limit} (RLIMIT_NOFILE, hard); raise it as root with `ulimit -Hn {needed}` (or LimitNOFILE= under systemd), or ask for fewer --connections"
+        ),
+    );
 }
 
 /// First Ctrl-C or SIGTERM: stop sending and print the summary. A later
@@ -606,10 +683,7 @@ impl Printer {
                     }
                 }
             }
-            Event::Failed(failure) => {
-                self.failures.fetch_add(1, Ordering::Relaxed);
-                self.print_failure(failure);
-            }
+            Event::Failed(failure) => self.count_failure(failure),
             Event::Reconnected {
                 connection,
                 peer,
@@ -674,16 +748,19 @@ impl Printer {
                     }
                 }
             }
-            UdpEvent::Failed(failure) => {
-                let before = self.failures.fetch_add(1, Ordering::Relaxed);
-                if before < MAX_UDP_FAILURE_LINES {
-                    self.print_failure(failure);
-                } else if before == MAX_UDP_FAILURE_LINES {
-                    self.print_failure(format_args!(
-                        "{MAX_UDP_FAILURE_LINES} failures shown; the summary counts the rest"
-                    ));
-                }
-            }
+            UdpEvent::Failed(failure) => self.count_failure(failure),
+        }
+    }
+
+    /// Counts a failure and prints its line, up to [`MAX_FAILURE_LINES`].
+    fn count_failure(&self, failure: impl fmt::Display) {
+        let before = self.failures.fetch_add(1, Ordering::Relaxed);
+        if before < MAX_FAILURE_LINES {
+            self.print_failure(failure);
+        } else if before == MAX_FAILURE_LINES {
+            self.print_failure(format_args!(
+                "{MAX_FAILURE_LINES} failures shown; the summary counts the rest"
+            ));
         }
     }
 

@@ -47,6 +47,44 @@ pub struct Report {
     /// Messages sent again because the server ended their connection
     /// before echoing any of them (each still counts once in `sent`).
     pub resent: u64,
+    /// Connect times of the connections that connected (not with
+    /// `reconnect`).
+    pub connect: RttStats,
+    /// Connections that could not connect, by the cause of their last
+    /// attempt (`connection refused`, `too many open files`), most first.
+    pub connect_failures: Vec<(String, u64)>,
+    /// With [`ClientConfig::rate`]: how well the rate was kept.
+    pub rate: Option<RateReport>,
+    /// The run used a load option (`threads`, `connect_rate`, `rate` or
+    /// `duration`): the JSON then has the connect keys, which other runs
+    /// leave out so that their object keeps its keys.
+    pub load: bool,
+}
+
+/// How an open-loop run ([`ClientConfig::rate`]) kept its rate. Its round
+/// trips count from when each echo was due, so an echo that went out late
+/// has its lateness in its round trip.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateReport {
+    /// Echoes per second asked for.
+    pub asked: u64,
+    /// Echoes that came due.
+    pub due: u64,
+    /// Echoes sent more than 10 ms after they were due: no connection was
+    /// free (each has one echo out at most), or the client was too busy.
+    pub late: u64,
+    /// Echoes due but never sent, because the run ended first.
+    pub unsent: u64,
+    /// The lateness of the latest echo.
+    pub most_late: Duration,
+}
+
+impl RateReport {
+    /// True unless more than 1% of the echoes due went out late or not at all.
+    #[must_use]
+    pub fn kept(&self) -> bool {
+        (self.late + self.unsent).saturating_mul(100) <= self.due
+    }
 }
 
 impl Report {
@@ -81,8 +119,32 @@ impl Report {
             reconnect: config.reconnect,
             reconnects: 0,
             resent: 0,
+            connect: RttStats::new(),
+            connect_failures: Vec::new(),
+            load: config.threads.is_some()
+                || config.connect_rate.is_some()
+                || config.rate.is_some()
+                || config.duration.is_some(),
+            rate: config.rate.map(|asked| RateReport {
+                asked,
+                due: 0,
+                late: 0,
+                unsent: 0,
+                most_late: Duration::ZERO,
+            }),
         };
+        let mut failures = std::collections::BTreeMap::new();
         for tally in tallies {
+            report.connect.merge(&tally.connect);
+            for (cause, count) in tally.connect_failures {
+                *failures.entry(cause).or_insert(0) += count;
+            }
+            if let Some(rate) = &mut report.rate {
+                rate.due += tally.scheduled;
+                rate.late += tally.late;
+                rate.unsent += tally.unsent;
+                rate.most_late = rate.most_late.max(tally.most_late);
+            }
             report.sent += tally.sent;
             report.echoed += tally.echoed;
             report.mismatched += tally.mismatched;
@@ -94,6 +156,10 @@ impl Report {
             report.resent += tally.resent;
             report.rtt.merge(&tally.rtt);
         }
+        report.connect_failures = failures.into_iter().collect();
+        report
+            .connect_failures
+            .sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         report
     }
 
@@ -159,6 +225,7 @@ impl Report {
             );
         }
         write_rtt(&mut text, &self.rtt);
+        self.write_load(&mut text);
         if self.connections > 1 || self.sent > 1 {
             let throughput = Throughput {
                 echoes_per_second: self.echoes_per_second(),
@@ -173,6 +240,55 @@ impl Report {
         text
     }
 
+    /// The connect and rate lines: connect times with more than one
+    /// connection, failed connects by cause, and with a rate how it was kept.
+    fn write_load(&self, text: &mut String) {
+        if self.connections > 1
+            && let (Some(min), Some(max)) = (self.connect.min(), self.connect.max())
+        {
+            let p = |q| self.connect.percentile(q).map_or_else(String::new, ms);
+            // Writing to a String cannot fail, here and below.
+            let _ = writeln!(
+                text,
+                "connect min/p50/p99/max = {}/{}/{}/{} ms",
+                ms(min),
+                p(0.5),
+                p(0.99),
+                ms(max)
+            );
+        }
+        if !self.connect_failures.is_empty() {
+            let causes: Vec<String> = self
+                .connect_failures
+                .iter()
+                .map(|(cause, count)| format!("{count} {cause}"))
+                .collect();
+            let _ = writeln!(text, "failed connects: {}", causes.join(", "));
+        }
+        if let Some(rate) = &self.rate {
+            let _ = writeln!(
+                text,
+                "rate {}/s asked: {} due, {} late (over 10 ms, the latest {}), {} unsent; round trips count from when each echo was due",
+                rate.asked,
+                rate.due,
+                rate.late,
+                humantime::format_duration(Duration::from_millis(
+                    u64::try_from(rate.most_late.as_millis()).unwrap_or(u64::MAX)
+                )),
+                rate.unsent,
+            );
+            if !rate.kept() {
+                let _ = writeln!(
+                    text,
+                    "the client could not keep --rate {}: {} of {} echoes went out late or not at all; each connection has one echo out at most, so more --connections (or --threads) may help",
+                    rate.asked,
+                    rate.late + rate.unsent,
+                    rate.due
+                );
+            }
+        }
+    }
+
     /// The report as one JSON object on one line, with the keys `sent`,
     /// `echoed`, `mismatched`, `timed_out`, `errors`, `rtt_ms` (`min`, `avg`,
     /// `max`, `mdev`, `p50`, `p90`, `p99`, `p999`; `null` without exact
@@ -182,7 +298,7 @@ impl Report {
     pub fn to_json(&self) -> String {
         let rtt = |value: Option<Duration>| value.map_or_else(|| "null".to_owned(), ms);
         let p = |q| rtt(self.rtt.percentile(q));
-        let reconnects = if self.reconnect {
+        let mut reconnects = if self.reconnect {
             format!(
                 ",\"reconnects\":{},\"resent\":{}",
                 self.reconnects, self.resent
@@ -190,6 +306,36 @@ impl Report {
         } else {
             String::new()
         };
+        if self.load {
+            let c = |value: Option<Duration>| value.map_or_else(|| "null".to_owned(), ms);
+            let failures: Vec<String> = self
+                .connect_failures
+                .iter()
+                .map(|(cause, count)| format!("{}:{count}", json_string(cause)))
+                .collect();
+            // Writing to a String cannot fail.
+            let _ = write!(
+                reconnects,
+                ",\"connect_ms\":{{\"min\":{},\"p50\":{},\"p99\":{},\"max\":{}}},\"connect_failures\":{{{}}}",
+                c(self.connect.min()),
+                c(self.connect.percentile(0.5)),
+                c(self.connect.percentile(0.99)),
+                c(self.connect.max()),
+                failures.join(",")
+            );
+        }
+        if let Some(rate) = &self.rate {
+            let _ = write!(
+                reconnects,
+                ",\"rate\":{{\"asked\":{},\"due\":{},\"late\":{},\"unsent\":{},\"most_late_ms\":{},\"kept\":{}}}",
+                rate.asked,
+                rate.due,
+                rate.late,
+                rate.unsent,
+                ms(rate.most_late),
+                rate.kept()
+            );
+        }
         format!(
             concat!(
                 "{{\"sent\":{},\"echoed\":{},\"mismatched\":{},\"timed_out\":{},\"errors\":{},",
@@ -215,6 +361,25 @@ impl Report {
             reconnects,
         )
     }
+}
+
+/// `text` as a JSON string, quotes and escapes included.
+pub(super) fn json_string(text: &str) -> String {
+    let mut quoted = String::with_capacity(text.len() + 2);
+    quoted.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => quoted.push_str("\\\""),
+            '\\' => quoted.push_str("\\\\"),
+            c if c.is_control() => {
+                // Writing to a String cannot fail.
+                let _ = write!(quoted, "\\u{:04x}", u32::from(c));
+            }
+            c => quoted.push(c),
+        }
+    }
+    quoted.push('"');
+    quoted
 }
 
 /// Milliseconds with microsecond resolution, as ping prints them.

@@ -102,32 +102,58 @@ pub(in crate::client) struct EventLoop<'p, F> {
     busy_poll: BusyPoll,
 }
 
-/// The loop's share of `--rate`.
+/// The loop's share of `--rate`: echo number *k* is due at
+/// `start + k / per_second`. Echoes due and not yet sent are the numbers
+/// `sent..issued`, so however far behind the loop falls, they cost nothing
+/// to remember.
 struct Schedule {
     /// Echoes per second on this loop.
     per_second: f64,
     /// When the first echo is due: once the loop's connects are done.
     start: Option<Instant>,
-    /// Echoes made due so far.
+    /// Echoes made due so far, and sent so far (oldest first).
     issued: u64,
+    sent: u64,
     /// The most to make due (`--repeat` × connections), if any.
     limit: Option<u64>,
-    /// Due echoes that found no free connection, oldest first.
-    late: VecDeque<Instant>,
     /// Connections free for the next echo, longest waiting first; some may
     /// have ended since, and are skipped.
     free: VecDeque<usize>,
 }
 
 impl Schedule {
-    fn due(&self, start: Instant, number: u64) -> Instant {
+    fn due(&self, number: u64) -> Instant {
+        let start = self
+            .start
+            .expect("echoes are due only once the schedule has started");
         let offset = Duration::from_secs_f64(number as f64 / self.per_second);
         deadline_after(start, offset)
     }
 
-    /// Every echo made due has gone out, and no more will be.
+    /// Echoes due that found no free connection yet.
+    fn late(&self) -> u64 {
+        self.issued - self.sent
+    }
+
+    /// Every echo has been made due and sent.
     fn finished(&self) -> bool {
-        self.limit.is_some_and(|limit| self.issued >= limit) && self.late.is_empty()
+        self.limit.is_some_and(|limit| self.issued >= limit) && self.late() == 0
+    }
+
+    /// Takes the oldest echo due, if any is waiting.
+    fn take_late(&mut self) -> Option<Instant> {
+        (self.late() > 0).then(|| {
+            let due = self.due(self.sent);
+            self.sent += 1;
+            due
+        })
+    }
+
+    /// Forgets the echoes due and not sent; returns how many.
+    fn drop_late(&mut self) -> u64 {
+        let late = self.late();
+        self.sent = self.issued;
+        late
     }
 }
 
@@ -149,9 +175,9 @@ where
                 per_second: rate as f64 * share,
                 start: None,
                 issued: 0,
+                sent: 0,
                 limit: (plan.config.repeat != 0)
                     .then(|| plan.config.repeat.saturating_mul(connections.len() as u64)),
-                late: VecDeque::new(),
                 free: VecDeque::new(),
             }
         });
@@ -246,9 +272,9 @@ where
             self.fire_timers(now);
             self.tick(now);
         }
-        if let Some(schedule) = &self.schedule {
+        if let Some(schedule) = &mut self.schedule {
             // Due, but every connection had ended.
-            self.tally.unsent += schedule.late.len() as u64;
+            self.tally.unsent += schedule.drop_late();
         }
         self.tally
     }
@@ -520,7 +546,7 @@ where
         }
         let connection = &mut self.connections[index];
         if let Some(schedule) = &mut self.schedule {
-            match schedule.late.pop_front() {
+            match schedule.take_late() {
                 Some(due) => self.start_echo(index, due, now),
                 None => {
                     connection.state = State::Idle { next: None };
@@ -1001,7 +1027,8 @@ where
         }
         self.next_unstarted = self.connections.len();
         if let Some(schedule) = &mut self.schedule {
-            schedule.late.clear();
+            // Stopped: what was due and not sent is simply not sent.
+            schedule.drop_late();
         }
         for index in 0..self.connections.len() {
             match &mut self.connections[index].state {
@@ -1026,8 +1053,7 @@ where
         }
         self.next_unstarted = self.connections.len();
         if let Some(schedule) = &mut self.schedule {
-            self.tally.unsent += schedule.late.len() as u64;
-            schedule.late.clear();
+            self.tally.unsent += schedule.drop_late();
         }
         self.close_idle(now);
     }
@@ -1040,63 +1066,50 @@ where
         }
     }
 
-    /// With `--rate`: makes due the echoes whose time has come, each on a
-    /// free connection or, with none, late.
+    /// With `--rate`: makes due the echoes whose time has come, and sends
+    /// the oldest due on free connections while there are any.
     fn send_due(&mut self, now: Instant) {
         let connects_done = self.connecting == 0 && self.next_unstarted == self.connections.len();
+        let stopped = self.stopped || self.ended;
         let Some(schedule) = &mut self.schedule else {
             return;
         };
-        if self.stopped || self.ended || schedule.finished() {
+        if stopped || schedule.finished() {
             return;
         }
-        let start = match schedule.start {
-            Some(start) => start,
-            None if connects_done => *schedule.start.insert(now),
-            None => return,
-        };
-        loop {
-            let Some(schedule) = &mut self.schedule else {
+        if schedule.start.is_none() {
+            if !connects_done {
                 return;
-            };
-            if schedule.limit.is_some_and(|limit| schedule.issued >= limit) {
+            }
+            schedule.start = Some(now);
+        }
+        loop {
+            let limited = schedule.limit.is_some_and(|limit| schedule.issued >= limit);
+            if limited {
                 break;
             }
-            let due = schedule.due(start, schedule.issued);
+            let due = schedule.due(schedule.issued);
             if due > now {
-                self.wake_loop_at(due);
-                return;
+                self.loop_wake = Some(self.loop_wake.map_or(due, |wake| wake.min(due)));
+                break;
             }
             schedule.issued += 1;
             self.tally.scheduled += 1;
-            let free = loop {
-                let Some(schedule) = &mut self.schedule else {
-                    return;
-                };
-                match schedule.free.pop_front() {
-                    Some(index)
-                        if matches!(self.connections[index].state, State::Idle { next: None }) =>
-                    {
-                        break Some(index);
-                    }
-                    // Ended since it came free.
-                    Some(_) => {}
-                    None => break None,
-                }
-            };
-            match free {
-                Some(index) => self.start_echo(index, due, now),
-                None => {
-                    if let Some(schedule) = &mut self.schedule {
-                        schedule.late.push_back(due);
-                    }
-                    if self.open == 0 {
-                        break;
-                    }
-                }
-            }
         }
-        // Every echo is due: the idle connections are done.
+        while let Some(schedule) = &mut self.schedule
+            && schedule.late() > 0
+        {
+            let Some(index) = schedule.free.pop_front() else {
+                break;
+            };
+            // Ended since it came free.
+            if !matches!(self.connections[index].state, State::Idle { next: None }) {
+                continue;
+            }
+            let due = schedule.take_late().expect("an echo is due");
+            self.start_echo(index, due, now);
+        }
+        // Every echo has gone: the idle connections are done.
         if self.schedule.as_ref().is_some_and(Schedule::finished) {
             self.close_idle(now);
         }
