@@ -439,6 +439,57 @@ pub fn open_files_needed(config: &ClientConfig) -> u64 {
     config.connections.get() as u64 + crate::limits::reserved_descriptors(threads)
 }
 
+/// A connection's own memory besides its messages: its state in the loop
+/// and the kernel's socket (an idle TCP socket takes a few KiB).
+const CONNECTION_MEMORY: u64 = 8 * 1024;
+
+/// What a [`run`] of `config` needs in memory, roughly, at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryNeeded {
+    /// All of it, in bytes.
+    pub bytes: u64,
+    /// Messages that may be out at once, each needing a buffer of its own
+    /// (none with [`Payload::Text`] on the event loops, which share one).
+    pub in_flight: u64,
+    /// Bytes per message.
+    pub message: u64,
+}
+
+/// Estimates the memory a [`run`] of `config` needs, to check it against
+/// [`crate::limits::memory_limit`] before starting: a buffer per message
+/// out (one per connection closed-loop; with a rate, no more than the rate
+/// times the timeout; two per connection with `reconnect`), and
+/// [`CONNECTION_MEMORY`] per connection.
+#[must_use]
+pub fn memory_needed(config: &ClientConfig) -> MemoryNeeded {
+    let connections = config.connections.get() as u64;
+    let message = config.payload.len() as u64;
+    let (in_flight, buffers) = if config.reconnect {
+        // A message and its echo, one byte longer, per connection thread.
+        (connections, 2)
+    } else if let Payload::Generated { .. } = config.payload {
+        let out = config.rate.map_or(connections, |rate| {
+            let most = (rate as f64 * config.timeout.as_secs_f64()).ceil() as u64;
+            connections.min(most.max(1))
+        });
+        (out, 1)
+    } else {
+        (0, 1)
+    };
+    let threads = engine::thread_count(config) as u64;
+    let bytes = in_flight
+        .saturating_mul(message.saturating_add(1))
+        .saturating_mul(buffers)
+        .saturating_add(connections.saturating_mul(CONNECTION_MEMORY))
+        .saturating_add(threads.saturating_mul(64 * 1024))
+        .saturating_add(message);
+    MemoryNeeded {
+        bytes,
+        in_flight,
+        message,
+    }
+}
+
 fn validate(config: &ClientConfig) -> Result<(), ConfigError> {
     if config.payload.is_empty() {
         return Err(ConfigError::EmptyMessage);

@@ -1,7 +1,9 @@
-//! Process limits the server depends on: the open-file limit bounds how many
-//! connections the acceptor can hold, so the binary raises it at start-up;
-//! and a cgroup's CPU quota, which busy polling would spend, so the binary
-//! turns busy polling off by default under one.
+//! Process limits the server and the client depend on: the open-file limit
+//! bounds how many connections the acceptor can hold (or the client open),
+//! so both binaries raise it at start-up; a cgroup's CPU quota, which busy
+//! polling would spend, so the server turns busy polling off by default
+//! under one; and the memory the process may use, which the client checks
+//! a run against before it starts.
 
 use std::fs;
 use std::io;
@@ -94,6 +96,99 @@ fn cpu_quota_under(root: &Path, cgroups: &str) -> Option<f64> {
     None
 }
 
+/// The most memory this process may use, and where that figure comes from:
+/// its cgroup's limit (v2 `memory.max`, v1 `memory.limit_in_bytes`) or, if
+/// the machine has less available, `MemAvailable` of `/proc/meminfo`.
+/// `None` when neither can be read.
+#[must_use]
+pub fn memory_limit() -> Option<MemoryLimit> {
+    let cgroup = fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|cgroups| memory_limit_under(Path::new("/sys/fs/cgroup"), &cgroups));
+    let available = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|meminfo| mem_available(&meminfo))
+        .map(|bytes| MemoryLimit {
+            bytes,
+            source: "MemAvailable in /proc/meminfo",
+        });
+    match (cgroup, available) {
+        (Some(cgroup), Some(available)) if available.bytes < cgroup.bytes => Some(available),
+        (Some(cgroup), _) => Some(cgroup),
+        (None, available) => available,
+    }
+}
+
+/// A memory limit in bytes, and what set it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryLimit {
+    pub bytes: u64,
+    /// Where the figure was read, for messages: `the cgroup's memory.max`.
+    pub source: &'static str,
+}
+
+/// [`memory_limit`]'s cgroup part for a cgroup file system mounted at
+/// `root`, given the contents of `/proc/self/cgroup`: the lowest limit of
+/// the process's own group and of a container's group at the mount root.
+fn memory_limit_under(root: &Path, cgroups: &str) -> Option<MemoryLimit> {
+    let mut lowest: Option<MemoryLimit> = None;
+    let mut consider = |limit: MemoryLimit| {
+        if lowest.is_none_or(|lowest| limit.bytes < lowest.bytes) {
+            lowest = Some(limit);
+        }
+    };
+    for line in cgroups.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let path = path.trim_start_matches('/');
+        let places = |mount: &Path| [mount.join(path), mount.to_path_buf()];
+        if controllers.is_empty() {
+            for mount in [root.to_path_buf(), root.join("unified")] {
+                for dir in places(&mount) {
+                    if let Ok(max) = fs::read_to_string(dir.join("memory.max"))
+                        && let Ok(bytes) = max.trim().parse::<u64>()
+                    {
+                        consider(MemoryLimit {
+                            bytes,
+                            source: "the cgroup's memory.max",
+                        });
+                    }
+                }
+            }
+        } else if controllers
+            .split(',')
+            .any(|controller| controller == "memory")
+        {
+            for dir in places(&root.join("memory")) {
+                if let Ok(limit) = fs::read_to_string(dir.join("memory.limit_in_bytes"))
+                    && let Ok(bytes) = limit.trim().parse::<u64>()
+                    // v1 says "no limit" with a number near 2^63.
+                    && bytes < 1 << 62
+                {
+                    consider(MemoryLimit {
+                        bytes,
+                        source: "the cgroup's memory.limit_in_bytes",
+                    });
+                }
+            }
+        }
+    }
+    lowest
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes.
+fn mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo
+        .lines()
+        .find(|line| line.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 /// cgroup v2's `cpu.max`: "QUOTA PERIOD", or "max PERIOD" for none.
 fn parse_cpu_max(text: &str) -> Option<f64> {
     let mut fields = text.split_whitespace();
@@ -168,6 +263,23 @@ mod tests {
         let tree = Tree::new("container");
         tree.file("cpu.max", "200000 100000\n");
         assert_eq!(cpu_quota_under(&tree.0, "0::/docker/0123abcd\n"), Some(2.0));
+    }
+
+    #[test]
+    fn reads_memory_limits_of_both_versions_and_none_for_unlimited() {
+        let tree = Tree::new("memory");
+        tree.file("pod/memory.max", "1073741824\n");
+        let limit = memory_limit_under(&tree.0, "0::/pod\n").map(|limit| limit.bytes);
+        assert_eq!(limit, Some(1 << 30));
+        tree.file("pod/memory.max", "max\n");
+        assert_eq!(memory_limit_under(&tree.0, "0::/pod\n"), None);
+        tree.file("memory/job/memory.limit_in_bytes", "536870912\n");
+        let limit = memory_limit_under(&tree.0, "4:memory:/job\n").map(|limit| limit.bytes);
+        assert_eq!(limit, Some(1 << 29));
+        tree.file("memory/job/memory.limit_in_bytes", "9223372036854771712\n");
+        assert_eq!(memory_limit_under(&tree.0, "4:memory:/job\n"), None);
+        let meminfo = "MemTotal:       32000000 kB\nMemAvailable:   2048 kB\n";
+        assert_eq!(mem_available(meminfo), Some(2048 * 1024));
     }
 
     #[test]

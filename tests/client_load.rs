@@ -9,10 +9,12 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::client::TestServer;
+use common::client::{TestServer, run_client};
 use common::with_time_limit;
 use echo_chamber::client::{self, ClientConfig, Payload, StopHandle};
 use echo_chamber::server::config::ServerConfig;
@@ -219,5 +221,110 @@ fn a_rate_the_client_cannot_reach_is_reported_as_not_kept() {
             "{}",
             report.summary(false)
         );
+    });
+}
+
+#[test]
+fn a_run_beyond_the_memory_available_is_refused_before_connecting() {
+    with_time_limit(LIMIT, || {
+        // 100,000 messages of 64 MiB out at once: 6.1 TiB, beyond any
+        // machine's MemAvailable. A closed port shows nothing was tried.
+        let closed = common::client::closed_port();
+        let run = run_client(
+            &[
+                &closed.addr().to_string(),
+                "--connections",
+                "100000",
+                "--size",
+                "64MiB",
+            ],
+            b"",
+            Duration::from_secs(30),
+        );
+        assert_eq!(run.code(), Some(2), "{}", run.describe());
+        assert_eq!(run.stderr.lines().count(), 1, "{}", run.describe());
+        assert!(
+            run.stderr.contains("the run needs about 6.1 TiB")
+                && run.stderr.contains("fewer --connections"),
+            "{}",
+            run.describe()
+        );
+        assert_eq!(run.stdout, "", "{}", run.describe());
+    });
+}
+
+/// A memory cgroup limited to `bytes`, made under this machine's cgroup
+/// file system (v2, or v1's memory hierarchy) and removed when dropped;
+/// `None` where cgroups are not writable (most unprivileged runs).
+struct MemoryCgroup {
+    dir: PathBuf,
+    procs: PathBuf,
+}
+
+impl MemoryCgroup {
+    fn new(bytes: u64) -> Option<MemoryCgroup> {
+        let name = format!("echo-chamber-test-{}", std::process::id());
+        let candidates = [
+            (
+                PathBuf::from("/sys/fs/cgroup/memory"),
+                "memory.limit_in_bytes",
+            ),
+            (PathBuf::from("/sys/fs/cgroup"), "memory.max"),
+        ];
+        for (root, file) in candidates {
+            if !root.join(file).exists() && !root.join("cgroup.procs").exists() {
+                continue;
+            }
+            let dir = root.join(&name);
+            if std::fs::create_dir(&dir).is_err() {
+                continue;
+            }
+            if std::fs::write(dir.join(file), bytes.to_string()).is_ok() {
+                let procs = dir.join("cgroup.procs");
+                return Some(MemoryCgroup { dir, procs });
+            }
+            // Not a memory controller here after all.
+            let _ = std::fs::remove_dir(&dir);
+        }
+        None
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        // The client has exited, so the group is empty; if removing it
+        // fails, an empty group is left behind.
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+#[test]
+fn a_run_beyond_its_cgroup_memory_limit_is_refused_with_the_limit_named() {
+    with_time_limit(LIMIT, || {
+        let Some(cgroup) = MemoryCgroup::new(1 << 30) else {
+            eprintln!("skipped: no writable memory cgroup here (needs root and cgroups)");
+            return;
+        };
+        let closed = common::client::closed_port();
+        // The case: 40 connections of 64 MiB in a 1 GiB cgroup was
+        // killed by the OOM killer (exit 137) with no summary.
+        let script = format!(
+            "echo $$ > {} && exec {} {} --connections 40 --size 64MiB",
+            cgroup.procs.display(),
+            common::client::CLIENT,
+            closed.addr()
+        );
+        let output = Command::new("sh")
+            .args(["-c", &script])
+            .output()
+            .expect("sh runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("the run needs about 2.6 GiB")
+                && stderr.contains("more than the 1 GiB that the cgroup's memory"),
+            "{stderr}"
+        );
+        drop(cgroup);
     });
 }

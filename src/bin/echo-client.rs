@@ -48,7 +48,7 @@ enum Exit {
     /// With `--udp`: more datagrams lost than `--max-loss`, or an echo
     /// corrupted, duplicated or from another address, or a socket error.
     Failed = 1,
-    /// The command line was wrong.
+    /// The command line was wrong, or the run cannot fit in memory.
     Usage = 2,
 }
 
@@ -65,7 +65,10 @@ enum Exit {
         1,
         "an echo failed (timed out, mismatched, cut short, refused, reset, or still out or still connecting when stopped), the server sent bytes it was never sent, the host did not resolve, a message could not be allocated, or reading stdin or writing stdout failed; with --udp: more datagrams lost than --max-loss allows, or an echo corrupted, duplicated or from another address"
     ),
-    error_code(2, "usage error"),
+    error_code(
+        2,
+        "usage error, or a run whose buffers cannot fit in the memory the process may use"
+    ),
     error_code(130, "a second Ctrl-C or SIGTERM stopped the run at once")
 )]
 struct Args {
@@ -226,6 +229,10 @@ fn run() -> Exit {
     };
 
     if !udp && !on(args.stdin) {
+        if let Err(message) = check_memory(&config) {
+            cli::print_err(PROG, &message);
+            return Exit::Usage;
+        }
         warn_if_open_files_fall_short(&config);
     }
     let stop = StopHandle::new();
@@ -544,6 +551,49 @@ fn parse_timeout(value: &str) -> Result<Duration, String> {
 fn parse_duration(value: &str) -> Result<Duration, String> {
     humantime::parse_duration(value)
         .map_err(|error| format!("expected a duration such as 2s or 500ms ({error})"))
+}
+
+/// Refuses a run whose buffers cannot fit in the memory the process may
+/// use (its cgroup's limit, or what the machine has available), instead
+/// of being killed halfway with no summary.
+fn check_memory(config: &ClientConfig) -> Result<(), String> {
+    let needed = client::memory_needed(config);
+    let Some(limit) = echo_chamber::limits::memory_limit() else {
+        return Ok(());
+    };
+    if needed.bytes <= limit.bytes {
+        return Ok(());
+    }
+    let what = if needed.in_flight > 0 {
+        format!(
+            "{} messages of {} out at once",
+            needed.in_flight,
+            bytes_text(needed.message)
+        )
+    } else {
+        format!("{} connections", config.connections)
+    };
+    Err(format!(
+        "the run needs about {} ({what}), more than the {} that {} allows; use fewer --connections, a smaller --size, or a --rate that keeps fewer echoes out",
+        bytes_text(needed.bytes),
+        bytes_text(limit.bytes),
+        limit.source
+    ))
+}
+
+/// Bytes in the largest binary unit that leaves a whole number before the
+/// point: `64 MiB`, `2.5 GiB`.
+fn bytes_text(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    let text = format!("{value:.1}");
+    let text = text.strip_suffix(".0").unwrap_or(&text);
+    format!("{text} {}", UNITS[unit])
 }
 
 /// Raises the soft open-file limit to the hard one, as the server does,

@@ -488,6 +488,8 @@ pub const JSON_KEYS: [&str; 8] = [
 pub enum Json {
     Object(Vec<(String, Json)>),
     Number(f64),
+    Text(String),
+    Bool(bool),
     Null,
 }
 
@@ -559,6 +561,15 @@ impl JsonParser<'_> {
                 self.at += 4;
                 Ok(Json::Null)
             }
+            Some(b't') if self.bytes[self.at..].starts_with(b"true") => {
+                self.at += 4;
+                Ok(Json::Bool(true))
+            }
+            Some(b'f') if self.bytes[self.at..].starts_with(b"false") => {
+                self.at += 5;
+                Ok(Json::Bool(false))
+            }
+            Some(b'"') => self.string().map(Json::Text),
             Some(b'-' | b'0'..=b'9') => self.number(),
             _ => Err(format!("unexpected value at byte {}", self.at)),
         }
