@@ -49,6 +49,7 @@
 mod echo;
 mod engine;
 mod failure;
+mod interval;
 mod payload;
 mod reconnect;
 mod report;
@@ -63,6 +64,7 @@ use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
 pub use failure::{Failure, FailureKind};
+pub use interval::Interval;
 pub use reconnect::Reconnect;
 pub use report::Report;
 pub use rtt::RttStats;
@@ -118,6 +120,8 @@ pub struct ClientConfig {
     pub rate: Option<u64>,
     /// Sending ends this long after the start (echoes out still finish).
     pub duration: Option<Duration>,
+    /// How often [`run_with_intervals`] reports an [`Interval`].
+    pub report_every: Option<Duration>,
 }
 
 impl Default for ClientConfig {
@@ -136,6 +140,7 @@ impl Default for ClientConfig {
             connect_rate: None,
             rate: None,
             duration: None,
+            report_every: None,
         }
     }
 }
@@ -297,20 +302,50 @@ pub fn run<F>(config: &ClientConfig, observer: &F, stop: &StopHandle) -> Result<
 where
     F: Fn(&Event<'_>) + Sync,
 {
+    run_with_intervals(config, observer, &|_: &Interval| {}, stop)
+}
+
+/// [`run`], also calling `on_interval` at the end of every
+/// [`ClientConfig::report_every`] from the start (and once for the last,
+/// shorter one if anything happened in it), from a thread of its own.
+///
+/// # Errors
+///
+/// As [`run`]; also [`ConfigError::ReconnectWithLoad`] for `report_every`
+/// with `reconnect`.
+pub fn run_with_intervals<F, I>(
+    config: &ClientConfig,
+    observer: &F,
+    on_interval: &I,
+    stop: &StopHandle,
+) -> Result<Report, ConfigError>
+where
+    F: Fn(&Event<'_>) + Sync,
+    I: Fn(&Interval) + Sync,
+{
     validate(config)?;
     let started = Instant::now();
     let seed = payload::run_seed();
     let tallies = match resolve(config, observer) {
         Some(addrs) if config.reconnect => run_threads(config, &addrs, observer, stop, seed),
-        Some(addrs) => engine::run(&engine::Plan {
-            config,
-            addrs: &addrs,
-            observer,
-            stop,
-            seed,
-            started,
-            threads: engine::thread_count(config),
-        }),
+        Some(addrs) => {
+            let threads = engine::thread_count(config);
+            let intervals: Vec<_> = match config.report_every {
+                Some(_) => (0..threads).map(|_| Default::default()).collect(),
+                None => Vec::new(),
+            };
+            let plan = engine::Plan {
+                config,
+                addrs: &addrs,
+                observer,
+                stop,
+                seed,
+                started,
+                threads,
+                intervals: &intervals,
+            };
+            engine::run(&plan, on_interval)
+        }
         None => vec![ConnectionTally::resolve_failed()],
     };
     Ok(Report::from_tallies(
@@ -508,13 +543,17 @@ fn validate(config: &ClientConfig) -> Result<(), ConfigError> {
     if config.connections.get() > most {
         return Err(ConfigError::TooManyConnections);
     }
-    if config.rate == Some(0) || config.connect_rate == Some(0) {
+    if config.rate == Some(0)
+        || config.connect_rate == Some(0)
+        || config.report_every.is_some_and(|every| every.is_zero())
+    {
         return Err(ConfigError::ZeroRate);
     }
     let load = config.threads.is_some()
         || config.connect_rate.is_some()
         || config.rate.is_some()
-        || config.duration.is_some();
+        || config.duration.is_some()
+        || config.report_every.is_some();
     if config.reconnect && load {
         return Err(ConfigError::ReconnectWithLoad);
     }

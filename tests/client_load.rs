@@ -14,7 +14,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::client::{TestServer, run_client};
+use common::client::{JSON_KEYS, Json, TestServer, run_client};
 use common::with_time_limit;
 use echo_chamber::client::{self, ClientConfig, Payload, StopHandle};
 use echo_chamber::server::config::ServerConfig;
@@ -326,5 +326,77 @@ fn a_run_beyond_its_cgroup_memory_limit_is_refused_with_the_limit_named() {
             "{stderr}"
         );
         drop(cgroup);
+    });
+}
+
+#[test]
+fn report_every_with_json_prints_json_lines_then_the_summary_object() {
+    with_time_limit(LIMIT, || {
+        let server = server_for(10);
+        let run = run_client(
+            &[
+                &server.local_addr().to_string(),
+                "--connections",
+                "4",
+                "--rate",
+                "400",
+                "--duration",
+                "1s",
+                "--report-every",
+                "200ms",
+                "--json",
+            ],
+            b"",
+            Duration::from_secs(60),
+        );
+        assert_eq!(run.code(), Some(0), "{}", run.describe());
+        let lines: Vec<Json> = run
+            .stdout
+            .lines()
+            .map(|line| {
+                Json::parse(line).unwrap_or_else(|e| panic!("{e}: {line}\n{}", run.describe()))
+            })
+            .collect();
+        let (summary, intervals) = lines.split_last().expect("at least the summary");
+        assert_eq!(summary.keys()[..8], JSON_KEYS, "{}", run.describe());
+        // One second in 200 ms steps, and the closing checks' short tail.
+        assert!(
+            (5..=8).contains(&intervals.len()),
+            "{} intervals\n{}",
+            intervals.len(),
+            run.describe()
+        );
+        let mut start = 0.0;
+        let mut echoes = 0.0;
+        for interval in intervals {
+            assert_eq!(
+                interval.keys(),
+                [
+                    "start_s",
+                    "end_s",
+                    "echoes",
+                    "echoes_per_s",
+                    "bytes_echoed",
+                    "mb_per_s",
+                    "p50_ms",
+                    "p99_ms",
+                    "open",
+                    "errors"
+                ],
+                "{}",
+                run.describe()
+            );
+            // Each interval starts where the last one ended.
+            assert_eq!(
+                interval.number("start_s"),
+                Some(start),
+                "{}",
+                run.describe()
+            );
+            start = interval.number("end_s").expect("end_s");
+            echoes += interval.number("echoes").expect("echoes");
+        }
+        // Every echo of the run is in exactly one interval.
+        assert_eq!(Some(echoes), summary.number("echoed"), "{}", run.describe());
     });
 }

@@ -22,7 +22,7 @@ mod cli;
 mod stop_signals;
 use echo_chamber::client::udp::{self, MaxLoss, UdpEvent, UdpReport};
 use echo_chamber::client::{
-    self, ClientConfig, ConfigError, Event, MAX_CONNECTIONS, Payload, Reconnect, Report,
+    self, ClientConfig, ConfigError, Event, Interval, MAX_CONNECTIONS, Payload, Reconnect, Report,
     StopHandle, Target,
 };
 
@@ -116,6 +116,10 @@ struct Args {
     #[argh(option, from_str_fn(parse_run_duration), arg_name = "dur")]
     duration: Option<Duration>,
 
+    /// print a line every DUR (echoes/s, MB/s, p50 and p99 of that interval, open connections, errors), e.g. 1s; with --json, one JSON object per line, the summary object last
+    #[argh(option, from_str_fn(parse_run_duration), arg_name = "dur")]
+    report_every: Option<Duration>,
+
     /// event-loop threads that run the connections (default: one per CPU, never more than --connections; TCP without --reconnect or --stdin)
     #[argh(option, from_str_fn(parse_threads), arg_name = "n")]
     threads: Option<NonZeroUsize>,
@@ -140,7 +144,7 @@ struct Args {
     #[argh(switch, short = 'q')]
     quiet: u8,
 
-    /// print only one JSON object with the results on stdout
+    /// print only one JSON object with the results on stdout (with --report-every, one per interval first, as JSON Lines)
     #[argh(switch)]
     json: u8,
 
@@ -226,6 +230,7 @@ fn run() -> Exit {
         connect_rate: args.connect_rate,
         rate: args.rate,
         duration: args.duration,
+        report_every: args.report_every,
     };
 
     if !udp && !on(args.stdin) {
@@ -240,7 +245,8 @@ fn run() -> Exit {
     let printer = Printer::new(&args, config.connections.get() > 1, stop.clone());
     let observer = |event: &Event<'_>| printer.on_event(event);
     let udp_observer = |event: &UdpEvent<'_>| printer.on_udp_event(event);
-    let show_progress = on(args.quiet) && io::stderr().is_terminal();
+    // Interval lines take the progress line's place.
+    let show_progress = on(args.quiet) && io::stderr().is_terminal() && args.report_every.is_none();
     let result = thread::scope(|scope| {
         // Dropping `done` ends the progress thread.
         let (done, finished) = crossbeam_channel::bounded::<()>(0);
@@ -259,7 +265,8 @@ fn run() -> Exit {
             client::run_lines(&config, BufReader::new(io::stdin()), &observer, &stop)
                 .map(Outcome::Tcp)
         } else {
-            client::run(&config, &observer, &stop).map(Outcome::Tcp)
+            let on_interval = |interval: &Interval| printer.on_interval(interval);
+            client::run_with_intervals(&config, &observer, &on_interval, &stop).map(Outcome::Tcp)
         };
         drop(done);
         result
@@ -357,6 +364,7 @@ fn check_combinations(args: &Args) -> Result<(), String> {
         ("--connect-rate", args.connect_rate.is_some()),
         ("--rate", args.rate.is_some()),
         ("--duration", args.duration.is_some()),
+        ("--report-every", args.report_every.is_some()),
     ];
     for (flag, given) in engine_only {
         if !given {
@@ -668,6 +676,8 @@ fn install_stop_signals(stop: &StopHandle) {
 struct Printer {
     /// Per-echo and per-connection lines wanted on stdout.
     chatty: bool,
+    /// `--json`: interval reports are JSON Lines.
+    json: bool,
     multiple: bool,
     /// `--size` payloads are binary: show their length, never their bytes.
     binary: bool,
@@ -687,6 +697,7 @@ impl Printer {
     fn new(args: &Args, multiple: bool, stop: StopHandle) -> Self {
         Printer {
             chatty: !on(args.quiet) && !on(args.json),
+            json: on(args.json),
             multiple,
             binary: args.size.is_some(),
             echoes: AtomicU64::new(0),
@@ -755,6 +766,15 @@ impl Printer {
                     }
                 }
             }
+        }
+    }
+
+    /// One `--report-every` line, or with `--json` one JSON object, on
+    /// stdout, also in quiet runs.
+    fn on_interval(&self, interval: &Interval) {
+        match self.json {
+            true => self.say(format_args!("{}", interval.to_json())),
+            false => self.say(format_args!("{}", interval.line())),
         }
     }
 

@@ -22,13 +22,14 @@ mod event_loop;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::select;
 use mio::Waker;
 
 use super::echo::ConnectionTally;
+use super::interval::{Interval, IntervalTally};
 use super::stop::StopHandle;
 use super::{ClientConfig, Event};
 use event_loop::EventLoop;
@@ -46,6 +47,8 @@ pub(super) struct Plan<'a, F> {
     pub started: Instant,
     /// Loops in this run: never more than connections.
     pub threads: usize,
+    /// With `--report-every`, one tally per loop; otherwise empty.
+    pub intervals: &'a [Mutex<IntervalTally>],
 }
 
 impl<F> Plan<'_, F> {
@@ -72,10 +75,12 @@ pub(super) fn thread_count(config: &ClientConfig) -> usize {
     wanted.min(config.connections.get()).max(1)
 }
 
-/// Runs the plan on its loops and returns one tally per loop.
-pub(super) fn run<F>(plan: &Plan<'_, F>) -> Vec<ConnectionTally>
+/// Runs the plan on its loops and returns one tally per loop; with
+/// `--report-every`, calls `on_interval` from a reporter thread.
+pub(super) fn run<F, I>(plan: &Plan<'_, F>, on_interval: &I) -> Vec<ConnectionTally>
 where
     F: Fn(&Event<'_>) + Sync,
+    I: Fn(&Interval) + Sync,
 {
     let mut loops = Vec::with_capacity(plan.threads);
     let mut tallies = Vec::new();
@@ -90,6 +95,16 @@ where
     std::thread::scope(|scope| {
         // Dropping `done` ends the stop watcher when the loops are through.
         let (done, finished) = crossbeam_channel::bounded::<Infallible>(0);
+        if let Some(every) = plan.config.report_every {
+            let finished = finished.clone();
+            let reporter = std::thread::Builder::new()
+                .name("echo-client-intervals".into())
+                .spawn_scoped(scope, move || {
+                    report_intervals(plan, every, &finished, on_interval);
+                });
+            // Without it the run goes on and only the summary is reported.
+            drop(reporter);
+        }
         let stop = plan.stop.receiver().clone();
         let watcher = std::thread::Builder::new()
             .name("echo-client-stop".into())
@@ -132,6 +147,37 @@ where
         drop(done);
     });
     tallies
+}
+
+/// Reports an interval every `every` from the start of the run, until
+/// `finished` disconnects; then the last, shorter one if anything happened.
+fn report_intervals<F, I>(
+    plan: &Plan<'_, F>,
+    every: Duration,
+    finished: &crossbeam_channel::Receiver<Infallible>,
+    on_interval: &I,
+) where
+    I: Fn(&Interval),
+{
+    let mut start = Duration::ZERO;
+    loop {
+        let end = start.saturating_add(every);
+        let at = crate::deadline::deadline_after(plan.started, end);
+        match finished.recv_deadline(at) {
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                on_interval(&Interval::take(plan.intervals, start, end));
+                start = end;
+            }
+            // Only ever a disconnection: the loops are through.
+            _ => {
+                let last = Interval::take(plan.intervals, start, plan.started.elapsed());
+                if last.echoes > 0 || last.errors > 0 {
+                    on_interval(&last);
+                }
+                return;
+            }
+        }
+    }
 }
 
 /// How long until `at`, rounded up to a whole millisecond so that a poll

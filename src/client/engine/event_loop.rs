@@ -24,7 +24,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::io::{self, Read};
 use std::net::Shutdown;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
@@ -37,6 +37,7 @@ use crate::client::echo::{
     patience, timed_out_after, whole_millis,
 };
 use crate::client::failure::{Failure, FailureKind};
+use crate::client::interval::IntervalTally;
 use crate::client::{Event, Payload, payload};
 use crate::deadline::deadline_after;
 use crate::error::{interrupted, io_cause, is_peer_gone, would_block};
@@ -100,6 +101,10 @@ pub(in crate::client) struct EventLoop<'p, F> {
     ended: bool,
     schedule: Option<Schedule>,
     busy_poll: BusyPoll,
+    /// With `--report-every`: this loop's share of the interval counts.
+    interval: Option<&'p Mutex<IntervalTally>>,
+    /// Connections open now (connected, not yet done), for the intervals.
+    connected: usize,
 }
 
 /// The loop's share of `--rate`: echo number *k* is due at
@@ -201,6 +206,8 @@ where
             ended: false,
             schedule,
             busy_poll: BusyPoll::new(BUSY_POLL),
+            interval: plan.intervals.get(index),
+            connected: 0,
         })
     }
 
@@ -499,7 +506,9 @@ where
             .record(now.saturating_duration_since(connecting.began));
         self.connecting -= 1;
         connection.state = State::Idle { next: None };
+        self.connected += 1;
         let (number, peer) = (connection.number, connection.peer);
+        self.count_interval(|interval, connected| interval.open = connected);
         self.tally.echoing_ended = Some(now);
         (self.plan.observer)(&Event::Connected {
             connection: number,
@@ -710,6 +719,14 @@ where
         }
         self.tally.bytes_echoed += echo.len as u64;
         let rtt = now.saturating_duration_since(echo.due);
+        let exact = echo.difference.is_none();
+        self.count_interval(|interval, _| {
+            interval.echoes += 1;
+            interval.bytes_echoed += echo.len as u64;
+            if exact {
+                interval.rtt.record(rtt);
+            }
+        });
         match echo.difference {
             None => {
                 self.tally.echoed += 1;
@@ -762,7 +779,10 @@ where
     /// The echo out on connection `index` failed with `error`.
     fn exchange_failed(&mut self, index: usize, error: ExchangeError, now: Instant) {
         let connection = &mut self.connections[index];
-        let State::Echoing(echo) = std::mem::replace(&mut connection.state, State::Done) else {
+        // Idle until `finish` below closes it and counts it done.
+        let State::Echoing(echo) =
+            std::mem::replace(&mut connection.state, State::Idle { next: None })
+        else {
             return;
         };
         self.recycle(echo.buf);
@@ -881,12 +901,20 @@ where
         if matches!(connection.state, State::Done) && connection.stream.is_none() {
             return;
         }
+        let was_open = matches!(
+            connection.state,
+            State::Idle { .. } | State::Echoing(_) | State::Closing { .. }
+        );
         if let State::Echoing(echo) = std::mem::replace(&mut connection.state, State::Done) {
             self.pool_return(echo.buf);
         }
         let connection = &mut self.connections[index];
         connection.stream = None;
         self.open -= 1;
+        if was_open {
+            self.connected -= 1;
+            self.count_interval(|interval, connected| interval.open = connected);
+        }
     }
 
     fn recycle(&mut self, buf: Option<Vec<u8>>) {
@@ -901,9 +929,19 @@ where
         }
     }
 
+    /// Adds to this loop's interval counts, with `--report-every`.
+    fn count_interval(&self, count: impl FnOnce(&mut IntervalTally, usize)) {
+        if let Some(interval) = self.interval {
+            // A reporter that panicked holding the lock left whole counts.
+            let mut interval = interval.lock().unwrap_or_else(PoisonError::into_inner);
+            count(&mut interval, self.connected);
+        }
+    }
+
     /// Counts `kind` and reports it.
     fn fail(&mut self, index: usize, kind: FailureKind) {
         self.tally.count(&kind);
+        self.count_interval(|interval, _| interval.errors += 1);
         let failure = Failure {
             connection: self
                 .plan
