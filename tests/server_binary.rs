@@ -403,7 +403,7 @@ fn bad_flags_exit_2_with_one_line_naming_the_flag() {
         (&["--bind", "not-an-address"], "--bind"),
         (
             &["--bind", "fe80::1%lo"],
-            "scoped IPv6 addresses (with %zone) are not supported",
+            echo_chamber::error::SCOPED_IPV6_UNSUPPORTED,
         ),
         (&["--port", "70000"], "--port"),
         (&["--max-connections", "0"], "--max-connections"),

@@ -75,7 +75,7 @@ struct Args {
     addr: Option<Target>,
 
     /// text to send as each message (default "Hello Echo!")
-    #[argh(option, from_str_fn(parse_message))]
+    #[argh(option, from_str_fn(parse_message), arg_name = "text")]
     message: Option<String>,
 
     /// send BYTES of binary data per message instead of --message, different every message (1 to 64MiB; KiB and MiB suffixes allowed; with --udp 0 to 65507, or 65527 over IPv6)
@@ -432,19 +432,11 @@ fn parse_connections(value: &str) -> Result<NonZeroUsize, String> {
 }
 
 fn parse_interval(value: &str) -> Result<Duration, String> {
-    parse_duration(value)
+    cli::parse_duration(value)
 }
 
 fn parse_timeout(value: &str) -> Result<Duration, String> {
-    match parse_duration(value)? {
-        timeout if timeout.is_zero() => Err("the timeout must be more than 0".to_owned()),
-        timeout => Ok(timeout),
-    }
-}
-
-fn parse_duration(value: &str) -> Result<Duration, String> {
-    humantime::parse_duration(value)
-        .map_err(|error| format!("expected a duration such as 2s or 500ms ({error})"))
+    cli::parse_positive_duration(value)
 }
 
 /// First Ctrl-C or SIGTERM: stop sending and print the summary. A later

@@ -1,0 +1,145 @@
+//! What a newcomer meets first: `-h` and `-V`, `--help` that reads the same
+//! in both binaries, error lines that say what to do, and log and summary
+//! lines in plain English (issue 17, "Messages and flags").
+
+mod common;
+
+use std::time::Duration;
+
+use common::client::{CLIENT, run_client};
+use common::{SERVER_BIN, describe, run_to_end, with_time_limit};
+
+/// The most one child process may run; it is killed after that.
+const LIMIT: Duration = Duration::from_secs(30);
+/// The most one test may take.
+const TEST_LIMIT: Duration = Duration::from_secs(90);
+
+const BINARIES: [(&str, &str); 2] = [("echo-server", SERVER_BIN), ("echo-client", CLIENT)];
+
+fn stdout_of(program: &str, args: &[&str]) -> String {
+    let output = run_to_end(program, args, LIMIT);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        describe(program, args, &output)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Runs `program args`, expects exit 2 and one `program: ` line on stderr,
+/// and returns that line.
+fn usage_error(program: &str, args: &[&str]) -> String {
+    let output = run_to_end(program, args, LIMIT);
+    let context = describe(program, args, &output);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(2), "{context}");
+    assert_eq!(stderr.lines().count(), 1, "not one line: {context}");
+    stderr
+}
+
+#[test]
+fn dash_h_is_help_and_dash_capital_v_is_version_on_both_binaries() {
+    with_time_limit(TEST_LIMIT, || {
+        for (name, path) in BINARIES {
+            assert_eq!(stdout_of(path, &["-h"]), stdout_of(path, &["--help"]));
+            let version = format!("{name} {}\n", env!("CARGO_PKG_VERSION"));
+            assert_eq!(stdout_of(path, &["-V"]), version);
+        }
+    });
+}
+
+#[test]
+fn dash_h_as_the_value_of_an_option_stays_a_value() {
+    with_time_limit(TEST_LIMIT, || {
+        // `--message -h` is a message, not help: the bad --timeout after
+        // it is then refused, where help would have exited 0.
+        let line = usage_error(CLIENT, &["--message", "-h", "--timeout", "soon"]);
+        assert!(line.contains("'--timeout' with value 'soon'"), "{line}");
+        let line = usage_error(CLIENT, &["--", "-h"]);
+        assert!(
+            line.contains("positional argument 'addr' with value '-h'"),
+            "{line}"
+        );
+        let line = usage_error(SERVER_BIN, &["--bind", "-h"]);
+        assert!(line.contains("'--bind' with value '-h'"), "{line}");
+    });
+}
+
+#[test]
+fn help_reads_the_same_in_both_binaries() {
+    with_time_limit(TEST_LIMIT, || {
+        for (name, path) in BINARIES {
+            let help = stdout_of(path, &["--help"]);
+            assert!(help.starts_with(&format!("Usage: {name} [")), "{help}");
+            let usage: Vec<&str> = help.lines().take_while(|l| !l.is_empty()).collect();
+            for line in &usage {
+                assert!(line.len() <= 80, "usage line over 80 columns: {line:?}");
+                assert!(!line.contains('<'), "placeholder not in capitals: {line:?}");
+            }
+            let usage = usage.join(" ");
+            for placeholder in ["DUR]", "N]", "ADDR"] {
+                assert!(usage.contains(placeholder), "no {placeholder} in {usage}");
+            }
+            assert!(help.contains("\nExit codes:\n  0 "), "{help}");
+            assert!(help.contains("\n  2 usage error\n"), "{help}");
+            assert!(!help.contains("Error codes"), "{help}");
+        }
+    });
+}
+
+#[test]
+fn duration_errors_read_the_same_everywhere() {
+    with_time_limit(TEST_LIMIT, || {
+        let not_a_duration = "expected a duration such as 2s, 500ms or 1m 30s";
+        for (path, flag) in [
+            (SERVER_BIN, "--shutdown-timeout"),
+            (SERVER_BIN, "--idle-timeout"),
+            (SERVER_BIN, "--drain-delay"),
+            (SERVER_BIN, "--busy-poll"),
+            (CLIENT, "--timeout"),
+            (CLIENT, "--interval"),
+        ] {
+            let line = usage_error(path, &[flag, "soon"]);
+            assert!(line.contains(not_a_duration), "{line}");
+        }
+        for (path, flag) in [(SERVER_BIN, "--idle-timeout"), (CLIENT, "--timeout")] {
+            let line = usage_error(path, &[flag, "0s"]);
+            assert!(
+                line.contains("'0s': must be more than 0 (see --help)"),
+                "{line}"
+            );
+        }
+    });
+}
+
+#[test]
+fn a_scoped_ipv6_address_is_refused_in_one_wording_by_both() {
+    with_time_limit(TEST_LIMIT, || {
+        let wording = echo_chamber::error::SCOPED_IPV6_UNSUPPORTED;
+        let server = usage_error(SERVER_BIN, &["--bind", "fe80::1%lo"]);
+        let client = usage_error(CLIENT, &["[fe80::1%lo]:7"]);
+        assert!(server.contains(wording), "{server}");
+        assert!(client.contains(wording), "{client}");
+        let run = run_client(&["fe80::1%lo:7"], b"", LIMIT);
+        assert!(run.stderr.contains(wording), "{}", run.describe());
+    });
+}
+
+#[test]
+fn bind_with_a_port_or_a_host_name_says_what_to_give_instead() {
+    with_time_limit(TEST_LIMIT, || {
+        let line = usage_error(SERVER_BIN, &["--bind", "127.0.0.1:9999"]);
+        assert!(
+            line.contains("give the port with --port, as in --bind 127.0.0.1 --port 9999"),
+            "{line}"
+        );
+        let line = usage_error(SERVER_BIN, &["--bind", "localhost"]);
+        assert!(
+            line.contains("give an IP address, 127.0.0.1 (or ::1)"),
+            "{line}"
+        );
+        let line = usage_error(SERVER_BIN, &["--bind", "echo.example"]);
+        assert!(line.contains("give one of its IP addresses"), "{line}");
+    });
+}
