@@ -4,10 +4,11 @@
 
 mod common;
 
+use std::process::Command;
 use std::time::Duration;
 
 use common::client::{CLIENT, run_client};
-use common::{SERVER_BIN, describe, run_to_end, with_time_limit};
+use common::{SERVER_BIN, ServerProcess, describe, run_to_end, with_time_limit};
 
 /// The most one child process may run; it is killed after that.
 const LIMIT: Duration = Duration::from_secs(30);
@@ -141,5 +142,91 @@ fn bind_with_a_port_or_a_host_name_says_what_to_give_instead() {
         );
         let line = usage_error(SERVER_BIN, &["--bind", "echo.example"]);
         assert!(line.contains("give one of its IP addresses"), "{line}");
+    });
+}
+
+#[test]
+fn an_address_not_on_this_machine_is_said_in_words() {
+    with_time_limit(TEST_LIMIT, || {
+        // 192.0.2.0/24 is TEST-NET-1, never a host's own address.
+        for transport in ["--tcp", "--udp"] {
+            let args = ["--bind", "192.0.2.1", "--port", "0", transport];
+            let output = run_to_end(SERVER_BIN, &args, LIMIT);
+            let context = describe(SERVER_BIN, &args, &output);
+            assert_eq!(output.status.code(), Some(1), "{context}");
+            assert_eq!(
+                String::from_utf8_lossy(&output.stderr),
+                "echo-server: cannot listen on 192.0.2.1:0: 192.0.2.1 is not an address of \
+                 this machine; give --bind one of its addresses, or 0.0.0.0 for every \
+                 interface\n",
+                "{context}"
+            );
+        }
+    });
+}
+
+#[test]
+fn listening_on_every_interface_is_said_once_at_start_up() {
+    with_time_limit(TEST_LIMIT, || {
+        let args = ["--bind", "0.0.0.0", "--port", "0", "--workers", "1", "-q"];
+        let mut server = ServerProcess::start_exact(Command::new(SERVER_BIN), &args);
+        server.stop_cleanly();
+        let log = server.log();
+        let notices: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("every interface"))
+            .collect();
+        assert_eq!(notices.len(), 1, "log:\n{log}");
+        assert!(
+            notices[0].ends_with(
+                "INFO serving every interface (0.0.0.0): other machines can reach this \
+                 server; --bind 127.0.0.1 keeps it to this one"
+            ),
+            "log:\n{log}"
+        );
+        let mut local = ServerProcess::start(&["--workers", "1"]);
+        local.stop_cleanly();
+        assert!(!local.log().contains("every interface"), "{}", local.log());
+    });
+}
+
+#[test]
+fn log_lines_say_one_worker_one_connection_and_one_byte() {
+    with_time_limit(TEST_LIMIT, || {
+        let mut server = ServerProcess::start(&["--workers", "1"]);
+        common::try_echo(server.addr, b"x", LIMIT).expect("one echo");
+        server.wait_for_log("close ", LIMIT);
+        let summary = server.stop_cleanly();
+        let log = server.log();
+        assert!(log.contains("(tcp; 1 worker)"), "log:\n{log}");
+        assert!(log.contains(": 1 byte echoed in "), "log:\n{log}");
+        assert!(
+            summary.contains(
+                "shutdown complete: 1 connection served, 1 byte received, 1 byte echoed, \
+                 0 connections cut at the deadline, 0 bytes discarded, 0 connections refused; \
+                 busy polling caught "
+            ),
+            "{summary}"
+        );
+    });
+}
+
+#[test]
+fn a_shutdown_timeout_past_the_cap_is_logged_as_the_cap() {
+    with_time_limit(TEST_LIMIT, || {
+        let mut server = ServerProcess::start(&["--shutdown-timeout", "100000000000000s", "-q"]);
+        server.stop_cleanly();
+        let log = server.log();
+        assert!(
+            log.contains("draining 0 connections (deadline 100 years, the longest timer)"),
+            "log:\n{log}"
+        );
+        let mut server = ServerProcess::start(&["--shutdown-timeout", "90s", "-q"]);
+        server.stop_cleanly();
+        assert!(
+            server.log().contains("(deadline 1m 30s)"),
+            "{}",
+            server.log()
+        );
     });
 }

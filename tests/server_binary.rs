@@ -355,7 +355,11 @@ fn a_port_in_use_exits_1_naming_the_address_and_cause() {
         );
         assert_eq!(
             stderr.trim(),
-            format!("echo-server: cannot listen on 127.0.0.1:{port}: address already in use"),
+            format!(
+                "echo-server: cannot listen on 127.0.0.1:{port}: address already in use; \
+                 another process is listening there; choose another --port, or --port 0 \
+                 for a free one"
+            ),
             "{}",
             describe(SERVER_BIN, &args, &output)
         );

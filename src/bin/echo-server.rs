@@ -15,6 +15,7 @@ mod cli;
 mod stop_signals;
 use echo_chamber::error::io_cause;
 use echo_chamber::limits;
+use echo_chamber::log::counted;
 use echo_chamber::server::activation::{self, Inherited};
 use echo_chamber::server::cidr::{self, Cidr};
 use echo_chamber::server::config::{self, LogLevel, ServerConfig};
@@ -108,7 +109,8 @@ struct Args {
     #[argh(option, from_str_fn(parse_metrics_addr), arg_name = "addr")]
     metrics: Option<SocketAddr>,
 
-    /// worker threads, each serving many connections, 1 to 1024 (default: one per CPU)
+    /// worker threads, each serving many connections, 1 to 1024 (default: one
+    /// per CPU this process may use, following a cgroup CPU quota)
     #[argh(option, from_str_fn(parse_workers), arg_name = "n")]
     workers: Option<usize>,
 
@@ -394,7 +396,7 @@ fn run() -> Result<(), Failure> {
             echo_chamber::server::listener::bind_tcp(addr, reuse_port).map_err(|err| {
                 Failure::Runtime(format!(
                     "cannot listen for metrics on {addr}: {}",
-                    io_cause(&err)
+                    listen_cause(addr, &err, Flags::METRICS)
                 ))
             })?,
         ),
@@ -415,13 +417,27 @@ fn run() -> Result<(), Failure> {
                 reuse_port,
             )
             .map_err(|err| {
-                Failure::Runtime(format!("cannot listen on {addr}: {}", io_cause(&err)))
+                Failure::Runtime(format!(
+                    "cannot listen on {addr}: {}",
+                    listen_cause(addr, &err, Flags::ECHO)
+                ))
             })?
         }
     };
     let server =
         Server::start(sockets, config).map_err(|err| Failure::Runtime(start_failure(&err)))?;
     // Only once the server runs: if it cannot start, its one error line says why.
+    let bound = server.local_addr().ip();
+    if bound.is_unspecified() {
+        let (interfaces, local) = match bound.is_ipv6() {
+            true => ("every interface, IPv6 and IPv4", "::1"),
+            false => ("every interface", "127.0.0.1"),
+        };
+        logger.notice(format_args!(
+            "serving {interfaces} ({bound}): other machines can reach this server; \
+             --bind {local} keeps it to this one"
+        ));
+    }
     if let Some(warning) = descriptor_warning {
         logger.warn(format_args!("{warning}"));
     }
@@ -505,7 +521,10 @@ fn spawn_notifier(monitor: Monitor, logger: echo_chamber::log::Logger) -> Result
             // Asleep until the shutdown: no wake-ups while serving.
             while !monitor.wait_for_shutdown(Duration::from_secs(24 * 3600)) {}
             let status = |monitor: &Monitor| {
-                format!("stopping: {} connections open", monitor.open_connections())
+                format!(
+                    "stopping: {} open",
+                    counted(monitor.open_connections() as u64, "connection")
+                )
             };
             send(&[
                 sd_notify::NotifyState::Stopping,
@@ -613,6 +632,58 @@ fn descriptor_warning(config: &ServerConfig, limit: std::io::Result<u64>) -> Opt
     }
 }
 
+/// The flags that choose a listening address, as a hint names them.
+struct Flags {
+    /// What to change for another port.
+    port: &'static str,
+    /// Where the address was given.
+    address: &'static str,
+}
+
+impl Flags {
+    const ECHO: Flags = Flags {
+        port: "another --port, or --port 0 for a free one",
+        address: "--bind",
+    };
+    const METRICS: Flags = Flags {
+        port: "another --metrics port, or port 0 for a free one",
+        address: "--metrics",
+    };
+}
+
+/// Why a bind failed, with what to do for the commonest reasons.
+fn listen_cause(addr: SocketAddr, err: &std::io::Error, flags: Flags) -> String {
+    let cause = io_cause(err);
+    match err.kind() {
+        std::io::ErrorKind::AddrInUse => format!(
+            "{cause}; another process is listening there; choose {}",
+            flags.port
+        ),
+        // Not our own refusal of a multicast or broadcast address, which
+        // says why itself.
+        std::io::ErrorKind::AddrNotAvailable
+            if cause.ends_with("cannot assign requested address") =>
+        {
+            let udp = if cause.starts_with("for UDP") {
+                " (for UDP)"
+            } else {
+                ""
+            };
+            format!(
+                "{} is not an address of this machine{udp}; give {} one of its addresses, \
+                 or 0.0.0.0 for every interface",
+                addr.ip(),
+                flags.address
+            )
+        }
+        std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => format!(
+            "{cause}: ports below 1024 need root or CAP_NET_BIND_SERVICE; choose {}",
+            flags.port
+        ),
+        _ => cause,
+    }
+}
+
 /// Why the server could not start, with the way out when descriptors ran out.
 fn start_failure(err: &echo_chamber::error::Error) -> String {
     match err {
@@ -655,6 +726,22 @@ fn spawn_signal_thread(mut signals: Signals, shutdown: ShutdownHandle) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_privileged_port_refused_says_what_it_needs() {
+        let addr: SocketAddr = "0.0.0.0:7".parse().expect("an address");
+        let denied = std::io::Error::from_raw_os_error(libc::EACCES);
+        assert_eq!(
+            listen_cause(addr, &denied, Flags::ECHO),
+            "permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE; \
+             choose another --port, or --port 0 for a free one"
+        );
+        let high: SocketAddr = "0.0.0.0:9999".parse().expect("an address");
+        assert_eq!(
+            listen_cause(high, &denied, Flags::ECHO),
+            "permission denied"
+        );
+    }
 
     #[test]
     fn busy_polling_is_off_by_default_only_under_a_quota_smaller_than_the_machine() {
