@@ -4,10 +4,15 @@
 
 mod common;
 
-use std::process::Command;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::thread;
 use std::time::Duration;
 
-use common::client::{CLIENT, run_client};
+use common::client::{
+    CLIENT, EchoServer, Json, TestServer, closed_port, closes_after_three_greetings,
+    echoes_half_then_closes, run_client,
+};
 use common::{SERVER_BIN, ServerProcess, describe, run_to_end, with_time_limit};
 
 /// The most one child process may run; it is killed after that.
@@ -228,5 +233,176 @@ fn a_shutdown_timeout_past_the_cap_is_logged_as_the_cap() {
             "{}",
             server.log()
         );
+    });
+}
+
+#[test]
+fn a_run_whose_only_connection_failed_shows_no_loss_and_no_leading_blank_line() {
+    with_time_limit(TEST_LIMIT, || {
+        let port = closed_port();
+        let addr = port.addr().to_string();
+        for quiet in [&[][..], &["-q"]] {
+            let mut args = vec![addr.as_str()];
+            args.extend_from_slice(quiet);
+            let run = run_client(&args, b"", LIMIT);
+            assert_eq!(run.code(), Some(1), "{}", run.describe());
+            assert!(run.stdout.starts_with("--- "), "{}", run.describe());
+            assert!(
+                run.stdout
+                    .contains("\n0 sent, 0 echoed, 0 mismatched, 0 timed out, 1 error, time "),
+                "{}",
+                run.describe()
+            );
+            assert!(!run.stdout.contains("loss"), "{}", run.describe());
+        }
+    });
+}
+
+#[test]
+fn quiet_output_starts_with_the_summary_not_a_blank_line() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = EchoServer::start();
+        let addr = server.addr().to_string();
+        let run = run_client(&[&addr, "-q", "--repeat", "3"], b"", LIMIT);
+        assert_eq!(run.code(), Some(0), "{}", run.describe());
+        assert!(
+            run.stdout
+                .starts_with(&format!("--- {addr} echo statistics ---\n")),
+            "{}",
+            run.describe()
+        );
+        // Without -q, the summary is set apart from the echo lines.
+        let run = run_client(&[&addr, "--repeat", "1"], b"", LIMIT);
+        assert!(run.stdout.contains(")\n\n--- "), "{}", run.describe());
+    });
+}
+
+#[test]
+fn stdin_statistics_leave_out_the_time_spent_waiting_for_lines() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = EchoServer::start();
+        let addr = server.addr().to_string();
+        let mut child = Command::new(CLIENT)
+            .args([&addr, "--stdin", "--json"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn echo-client");
+        let mut input = child.stdin.take().expect("piped stdin");
+        // Two lines a second apart, as someone typing them would send.
+        input.write_all(b"first\n").expect("write a line");
+        thread::sleep(Duration::from_millis(1200));
+        input.write_all(b"second\n").expect("write a line");
+        drop(input);
+        let output = child.wait_with_output().expect("echo-client ends");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(output.status.code(), Some(0), "{stdout}");
+        let json = Json::parse(&stdout).unwrap_or_else(|err| panic!("{err}: {stdout}"));
+        assert_eq!(json.number("echoed"), Some(2.0), "{stdout}");
+        let elapsed = json.number("elapsed_s").expect("elapsed_s");
+        assert!(
+            elapsed < 0.6,
+            "the 1.2 s pause counted as run time: {stdout}"
+        );
+        let rate = json.number("echoes_per_s").expect("echoes_per_s");
+        assert!(
+            rate > 2.0 / 0.6,
+            "the pause counted in the throughput: {stdout}"
+        );
+    });
+}
+
+#[test]
+fn a_close_between_echoes_reads_as_what_it_is_and_is_counted_apart() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = TestServer::start(closes_after_three_greetings);
+        let addr = server.addr().to_string();
+        let run = run_client(&[&addr, "--repeat", "5", "-q"], b"", LIMIT);
+        assert_eq!(run.code(), Some(1), "{}", run.describe());
+        assert_eq!(
+            run.stderr,
+            format!(
+                "echo-client: {addr} closed the connection before echo 4 was sent (the server \
+                 is shutting down or closed it)\n"
+            ),
+            "{}",
+            run.describe()
+        );
+        // Past 80 columns, the line wraps after the loss.
+        assert!(
+            run.stdout.contains(
+                "\n4 sent, 3 echoed, 0 mismatched, 0 timed out, 1 closed before echo, 25% loss,\n  time "
+            ),
+            "{}",
+            run.describe()
+        );
+        let run = run_client(&[&addr, "--repeat", "5", "--json"], b"", LIMIT);
+        assert_eq!(run.code(), Some(1), "{}", run.describe());
+        let json =
+            Json::parse(&run.stdout).unwrap_or_else(|err| panic!("{err}: {}", run.describe()));
+        assert_eq!(
+            json.number("closed_before_echo"),
+            Some(1.0),
+            "{}",
+            run.describe()
+        );
+        assert_eq!(json.number("errors"), Some(0.0), "{}", run.describe());
+    });
+}
+
+#[test]
+fn an_echo_cut_midway_still_counts_as_an_error() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = TestServer::start(echoes_half_then_closes);
+        let addr = server.addr().to_string();
+        let run = run_client(&[&addr, "--json"], b"", LIMIT);
+        assert_eq!(run.code(), Some(1), "{}", run.describe());
+        let json =
+            Json::parse(&run.stdout).unwrap_or_else(|err| panic!("{err}: {}", run.describe()));
+        assert_eq!(
+            json.number("closed_before_echo"),
+            Some(0.0),
+            "{}",
+            run.describe()
+        );
+        assert_eq!(json.number("errors"), Some(1.0), "{}", run.describe());
+    });
+}
+
+#[test]
+fn the_client_says_one_byte_and_its_summary_fits_80_columns() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = EchoServer::start();
+        let addr = server.addr().to_string();
+        let run = run_client(
+            &[&addr, "--size", "1", "--repeat", "1", "--histogram"],
+            b"",
+            LIMIT,
+        );
+        assert_eq!(run.code(), Some(0), "{}", run.describe());
+        assert!(
+            run.stdout.contains("Server echoed: 1 byte (seq=1 "),
+            "{}",
+            run.describe()
+        );
+        assert!(
+            run.stdout.contains("rtt histogram (1 exact echo,"),
+            "{}",
+            run.describe()
+        );
+        let run = run_client(
+            &[&addr, "--connections", "20", "--repeat", "50", "-q"],
+            b"",
+            LIMIT,
+        );
+        assert_eq!(run.code(), Some(0), "{}", run.describe());
+        for line in run.stdout.lines() {
+            assert!(
+                line.chars().count() <= 80,
+                "over 80 columns: {}",
+                run.describe()
+            );
+        }
     });
 }
