@@ -72,6 +72,8 @@ fn parse_from<T: FromArgs>(prog: &str, raw: Vec<OsString>) -> Parsed<T> {
 fn help_text<T: FromArgs>(prog: &str) -> String {
     match T::from_args(&[prog], &["--help"]) {
         Err(early) => early.output,
+        // argh always answers --help; without its text, no option takes
+        // a value, and -h and -V are only ever rewritten as flags.
         Ok(_) => String::new(),
     }
 }
