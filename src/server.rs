@@ -43,7 +43,7 @@ use std::thread::{self, JoinHandle};
 use mio::Poll;
 
 use crate::error::Error;
-use crate::log::Logger;
+use crate::log::{Logger, counted};
 use acceptor::{Acceptor, Admission, WorkerLink};
 use config::ServerConfig;
 use datagram::{UdpEcho, UdpShared};
@@ -161,9 +161,9 @@ impl Server {
         }
         if udp.len() > config.workers {
             return Err(Error::InvalidConfig(format!(
-                "{} UDP sockets for {} workers: each worker serves at most one",
-                udp.len(),
-                config.workers
+                "{} for {}: each worker serves at most one",
+                counted(udp.len() as u64, "UDP socket"),
+                counted(config.workers as u64, "worker")
             )));
         }
         let setup = |what: String| move |source| Error::Setup { what, source };
@@ -321,8 +321,8 @@ impl Server {
             .map_err(setup("the acceptor thread".into()))?;
         server.acceptor = Some(thread);
         logger.notice(format_args!(
-            "listening on {local_addr} ({transports}; {} workers)",
-            config.workers
+            "listening on {local_addr} ({transports}; {})",
+            counted(config.workers as u64, "worker")
         ));
         Ok(server)
     }

@@ -546,7 +546,8 @@ fn a_metrics_port_in_use_is_a_one_line_error_before_anything_is_served() {
         assert_eq!(stderr.lines().count(), 1, "{described}");
         assert!(
             stderr.contains(&format!(
-                "cannot listen for metrics on {addr}: address already in use"
+                "cannot listen for metrics on {addr}: address already in use; another process \
+                 is listening there; choose another --metrics port, or port 0 for a free one"
             )),
             "{described}"
         );

@@ -25,6 +25,7 @@ use echo_chamber::client::{
     self, ClientConfig, ConfigError, Event, MAX_CONNECTIONS, Payload, Reconnect, Report,
     StopHandle, Target,
 };
+use echo_chamber::log::counted;
 
 const PROG: &str = "echo-client";
 /// Longest message shown as text in per-echo lines; longer ones show a length.
@@ -38,7 +39,8 @@ const MAX_UDP_FAILURE_LINES: u64 = 100;
 enum Exit {
     /// Every echo came back exact (also after Ctrl-C), or --help/--version.
     Success = 0,
-    /// At least one echo failed: timed out, mismatched, cut short, refused,
+    /// At least one echo failed: timed out, mismatched, cut short, closed
+    /// before echo (the server ended the connection between echoes), refused,
     /// reset, or still out (or still connecting) when stopped; the server
     /// sent bytes it was never sent; the host did not resolve; a message
     /// could not be allocated; or stdin could not be read or stdout written.
@@ -60,7 +62,7 @@ enum Exit {
     ),
     error_code(
         1,
-        "an echo failed (timed out, mismatched, cut short, refused, reset, or still out or still connecting when stopped), the server sent bytes it was never sent, the host did not resolve, a message could not be allocated, or reading stdin or writing stdout failed; with --udp: more datagrams lost than --max-loss allows, or an echo corrupted, duplicated or from another address"
+        "an echo failed (timed out, mismatched, cut short, closed before echo by a server ending the connection, refused, reset, or still out or still connecting when stopped), the server sent bytes it was never sent, the host did not resolve, a message could not be allocated, or reading stdin or writing stdout failed; with --udp: more datagrams lost than --max-loss allows, or an echo corrupted, duplicated or from another address"
     ),
     error_code(2, "usage error"),
     error_code(130, "a second Ctrl-C or SIGTERM stopped the run at once")
@@ -75,7 +77,7 @@ struct Args {
     addr: Option<Target>,
 
     /// text to send as each message (default "Hello Echo!")
-    #[argh(option, from_str_fn(parse_message))]
+    #[argh(option, from_str_fn(parse_message), arg_name = "text")]
     message: Option<String>,
 
     /// send BYTES of binary data per message instead of --message, different every message (1 to 64MiB; KiB and MiB suffixes allowed; with --udp 0 to 65507, or 65527 over IPv6)
@@ -432,19 +434,11 @@ fn parse_connections(value: &str) -> Result<NonZeroUsize, String> {
 }
 
 fn parse_interval(value: &str) -> Result<Duration, String> {
-    parse_duration(value)
+    cli::parse_duration(value)
 }
 
 fn parse_timeout(value: &str) -> Result<Duration, String> {
-    match parse_duration(value)? {
-        timeout if timeout.is_zero() => Err("the timeout must be more than 0".to_owned()),
-        timeout => Ok(timeout),
-    }
-}
-
-fn parse_duration(value: &str) -> Result<Duration, String> {
-    humantime::parse_duration(value)
-        .map_err(|error| format!("expected a duration such as 2s or 500ms ({error})"))
+    cli::parse_positive_duration(value)
 }
 
 /// First Ctrl-C or SIGTERM: stop sending and print the summary. A later
@@ -501,6 +495,8 @@ struct Printer {
     progress_shown: Mutex<bool>,
     /// Stdout's reader went away, or a write to it failed: print nothing more.
     stdout_ended: AtomicBool,
+    /// A line went to stdout: the summary then comes after a blank line.
+    said_anything: AtomicBool,
     /// Why a write to stdout failed, if one did (a gone reader is no failure).
     stdout_failure: Mutex<Option<String>>,
     stop: StopHandle,
@@ -516,6 +512,7 @@ impl Printer {
             failures: AtomicU64::new(0),
             progress_shown: Mutex::new(false),
             stdout_ended: AtomicBool::new(false),
+            said_anything: AtomicBool::new(false),
             stdout_failure: Mutex::new(None),
             stop,
         }
@@ -656,6 +653,7 @@ impl Printer {
         if self.stdout_ended.load(Ordering::Relaxed) {
             return;
         }
+        self.said_anything.store(true, Ordering::Relaxed);
         if !self.write_out(&format!("{line}\n")) {
             self.stop.stop();
         }
@@ -713,7 +711,7 @@ impl fmt::Display for Shown<'_> {
             {
                 f.write_str(text)
             }
-            _ => write!(f, "{} bytes", self.message.len()),
+            _ => write!(f, "{}", counted(self.message.len() as u64, "byte")),
         }
     }
 }
@@ -735,7 +733,8 @@ fn print_progress(printer: &Printer, finished: &crossbeam_channel::Receiver<()>)
         let rate = (count - last_count) as f64 / now.duration_since(last_time).as_secs_f64();
         (last_count, last_time) = (count, now);
         cli::write_err(&format!(
-            "\r{count} echoes, {rate:.0}/s, {failures} failed\x1b[K"
+            "\r{}, {rate:.0}/s, {failures} failed\x1b[K",
+            counted(count, "echo")
         ));
         *progress_shown = true;
     }
@@ -747,8 +746,11 @@ fn print_progress(printer: &Printer, finished: &crossbeam_channel::Receiver<()>)
 fn print_report(args: &Args, report: &Outcome, printer: &Printer) {
     let text = if on(args.json) {
         format!("{}\n", report.to_json())
-    } else {
+    } else if printer.said_anything.load(Ordering::Relaxed) {
+        // Set apart from the lines above it, as ping does.
         format!("\n{}", report.summary(on(args.histogram)))
+    } else {
+        report.summary(on(args.histogram))
     };
     // A gone reader leaves the exit status to tell; a failure is recorded.
     printer.write_out(&text);
