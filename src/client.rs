@@ -408,7 +408,7 @@ where
 
 /// Interactive mode (`--stdin`): one connection, each line of `input`
 /// (including its line ending) sent as one message, until end of input or
-/// until `stop` fires. Uses `target`, `timeout` and `reconnect` of `config`; its `payload`,
+/// until `stop` fires. The report's time leaves out the waits for input. Uses `target`, `timeout` and `reconnect` of `config`; its `payload`,
 /// `repeat`, `interval` and `connections` are ignored.
 ///
 /// `input` is read on its own thread so that `stop` is seen even while no line
@@ -437,6 +437,7 @@ where
         ..config.clone()
     };
     let lines = echo::read_lines_in_background(input);
+    let mut waited = Duration::ZERO;
     let tally = match resolve(&single, observer) {
         Some(addrs) => {
             let context = echo::Context {
@@ -447,17 +448,40 @@ where
                 stop,
                 reconnect: config.reconnect,
             };
-            let mut messages = echo::LineMessages::new(lines, stop);
-            echo::run_connection(&context, 1, &mut messages)
+            let mut messages = TimedInput {
+                lines: echo::LineMessages::new(lines, stop),
+                waited: Duration::ZERO,
+            };
+            let tally = echo::run_connection(&context, 1, &mut messages);
+            waited = messages.waited;
+            tally
         }
         None => ConnectionTally::resolve_failed(),
     };
-    Ok(Report::from_tallies(
-        &single,
-        vec![tally],
-        started,
-        stop.is_stopped(),
-    ))
+    let mut report = Report::from_tallies(&single, vec![tally], started, stop.is_stopped());
+    // The time someone took to type (or a pipe to deliver) the lines is not
+    // the run's: the time and the throughput count the echoes alone.
+    report.elapsed = report.elapsed.saturating_sub(waited);
+    Ok(report)
+}
+
+/// `--stdin`'s lines, counting how long the echoes waited for them.
+struct TimedInput<'a> {
+    lines: echo::LineMessages<'a>,
+    /// Waits for lines that then went out, or that failed; not the last
+    /// wait, for the end of input, which comes after the run's last echo.
+    waited: Duration,
+}
+
+impl echo::Messages for TimedInput<'_> {
+    fn next(&mut self, seq: u64, buf: &mut Vec<u8>) -> Result<bool, FailureKind> {
+        let asked = Instant::now();
+        let next = self.lines.next(seq, buf);
+        if !matches!(next, Ok(false)) {
+            self.waited += asked.elapsed();
+        }
+        next
+    }
 }
 
 /// The open files a [`run`] of `config` needs at most: a socket per

@@ -16,3 +16,20 @@ pub fn deadline_after(from: Instant, after: Duration) -> Instant {
         .or_else(|| from.checked_add(ONE_YEAR))
         .unwrap_or(from)
 }
+
+/// `duration` as the server's log lines show a timer: humantime's form,
+/// or, past [`LONGEST_TIMER`], the cap that applies instead.
+///
+/// ```
+/// use std::time::Duration;
+/// use echo_chamber::deadline::describe;
+/// assert_eq!(describe(Duration::from_secs(5)), "5s");
+/// assert_eq!(describe(Duration::MAX), "100 years, the longest timer");
+/// ```
+pub fn describe(duration: Duration) -> String {
+    if duration >= LONGEST_TIMER {
+        "100 years, the longest timer".to_owned()
+    } else {
+        humantime::format_duration(duration).to_string()
+    }
+}

@@ -5,6 +5,11 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 
+/// The one wording, for the server's `--bind` and the client's address
+/// alike, of a scoped IPv6 address (`fe80::1%lo`), which neither takes.
+pub const SCOPED_IPV6_UNSUPPORTED: &str =
+    "scoped IPv6 addresses (with %zone, as in fe80::1%eth0) are not supported";
+
 /// What can stop the server from starting or from finishing cleanly.
 #[derive(Debug)]
 pub enum Error {

@@ -76,6 +76,37 @@ impl Logger {
     }
 }
 
+/// `count` and `noun`, the noun in the plural unless `count` is 1: `1
+/// connection`, `2 connections`, `0 echoes`. For log and summary lines of
+/// both binaries.
+///
+/// ```
+/// use echo_chamber::log::counted;
+/// assert_eq!(counted(1, "worker").to_string(), "1 worker");
+/// assert_eq!(counted(0, "echo").to_string(), "0 echoes");
+/// ```
+pub fn counted(count: u64, noun: &str) -> Counted<'_> {
+    Counted { count, noun }
+}
+
+/// A count and its noun, as [`counted`] makes it.
+#[derive(Debug, Clone, Copy)]
+pub struct Counted<'a> {
+    count: u64,
+    noun: &'a str,
+}
+
+impl fmt::Display for Counted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ending = match (self.count, self.noun.ends_with('o')) {
+            (1, _) => "",
+            (_, true) => "es",
+            (_, false) => "s",
+        };
+        write!(f, "{} {}{ending}", self.count, self.noun)
+    }
+}
+
 /// Lets one warning of a kind through at most once a second, shared by every
 /// thread that may warn of it (the workers' UDP sockets, say), so that a
 /// flood of bad traffic costs a line a second, never a line a datagram.

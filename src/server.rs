@@ -43,7 +43,7 @@ use std::thread::{self, JoinHandle};
 use mio::Poll;
 
 use crate::error::Error;
-use crate::log::Logger;
+use crate::log::{Logger, counted};
 use acceptor::{Acceptor, Admission, WorkerLink};
 use config::ServerConfig;
 use datagram::{UdpEcho, UdpShared};
@@ -60,10 +60,10 @@ pub use crate::server::stats::{Snapshot, Summary};
 /// # Examples
 /// ```
 /// use std::io::{Read, Write};
-/// use echo_chamber::config::{LogLevel, ServerConfig};
+/// use echo_chamber::server::config::{LogLevel, ServerConfig};
 /// use echo_chamber::server::Server;
 ///
-/// let listener = echo_chamber::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+/// let listener = echo_chamber::server::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
 /// let config = ServerConfig { workers: 1, log_level: LogLevel::Quiet, ..ServerConfig::default() };
 /// let server = Server::start(listener, config).unwrap();
 ///
@@ -161,9 +161,9 @@ impl Server {
         }
         if udp.len() > config.workers {
             return Err(Error::InvalidConfig(format!(
-                "{} UDP sockets for {} workers: each worker serves at most one",
-                udp.len(),
-                config.workers
+                "{} for {}: each worker serves at most one",
+                counted(udp.len() as u64, "UDP socket"),
+                counted(config.workers as u64, "worker")
             )));
         }
         let setup = |what: String| move |source| Error::Setup { what, source };
@@ -321,8 +321,8 @@ impl Server {
             .map_err(setup("the acceptor thread".into()))?;
         server.acceptor = Some(thread);
         logger.notice(format_args!(
-            "listening on {local_addr} ({transports}; {} workers)",
-            config.workers
+            "listening on {local_addr} ({transports}; {})",
+            counted(config.workers as u64, "worker")
         ));
         Ok(server)
     }

@@ -393,7 +393,7 @@ fn server_that_echoes_half_and_closes_exits_1() {
 }
 
 #[test]
-fn closed_port_exits_1_at_once() {
+fn closed_port_exits_1_at_once_asking_whether_echo_server_runs_there() {
     with_time_limit(TEST_LIMIT, || {
         let closed = common::client::closed_port();
         let addr = closed.addr().to_string();
@@ -401,7 +401,10 @@ fn closed_port_exits_1_at_once() {
         assert_eq!(run.code(), Some(1), "{}", run.describe());
         assert_eq!(
             run.stderr,
-            format!("echo-client: cannot connect to {addr}: connection refused\n")
+            format!(
+                "echo-client: cannot connect to {addr}: connection refused; is echo-server \
+                 running on {addr}?\n"
+            )
         );
     });
 }

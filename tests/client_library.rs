@@ -461,7 +461,9 @@ fn closed_port_fails_at_once_not_after_the_timeout() {
         assert_eq!((report.sent, report.errors), (0, 1));
         assert_eq!(
             seen.failures,
-            vec![format!("cannot connect to {addr}: connection refused")]
+            vec![format!(
+                "cannot connect to {addr}: connection refused; is echo-server running on {addr}?"
+            )]
         );
     });
 }

@@ -358,7 +358,12 @@ fn report_every_with_json_prints_json_lines_then_the_summary_object() {
             })
             .collect();
         let (summary, intervals) = lines.split_last().expect("at least the summary");
-        assert_eq!(summary.keys()[..8], JSON_KEYS, "{}", run.describe());
+        assert_eq!(
+            summary.keys()[..JSON_KEYS.len()],
+            JSON_KEYS,
+            "{}",
+            run.describe()
+        );
         // One second in 200 ms steps, and the closing checks' short tail.
         assert!(
             (5..=8).contains(&intervals.len()),

@@ -197,7 +197,7 @@ fn a_reset_while_no_echo_is_due_fails_and_the_run_goes_on_reconnected() {
 }
 
 #[test]
-fn without_reconnect_a_close_before_any_byte_of_the_echo_still_fails() {
+fn without_reconnect_a_close_before_any_byte_of_the_echo_still_fails_counted_apart() {
     with_time_limit(TEST_LIMIT, || {
         let server =
             TestServer::start_numbered(declines_the_third_greeting_on_its_first_connection);
@@ -207,14 +207,22 @@ fn without_reconnect_a_close_before_any_byte_of_the_echo_still_fails() {
         };
         let (report, seen) = run_and_record(&config);
         assert_eq!(
-            (report.sent, report.echoed, report.errors, report.reconnects),
-            (3, 2, 1, 0),
+            (
+                report.sent,
+                report.echoed,
+                report.closed_before_echo,
+                report.errors,
+                report.reconnects
+            ),
+            (3, 2, 1, 0, 0),
             "{report:?}"
         );
+        assert!(!report.is_success(), "{report:?}");
         assert_eq!(
             seen.failures,
             [format!(
-                "echo 3: {} closed the connection after 0 of 11 bytes",
+                "{} closed the connection before echo 3 was sent (the server is shutting \
+                 down or closed it)",
                 server.addr()
             )]
         );

@@ -261,7 +261,7 @@ fn readiness_then_stopping_are_sent_to_the_notify_socket_in_order() {
         let stopping = notifications(&socket, 1, Duration::from_secs(20));
         assert_eq!(
             stopping,
-            ["STOPPING=1\nSTATUS=stopping: 1 connections open\n"]
+            ["STOPPING=1\nSTATUS=stopping: 1 connection open\n"]
         );
         drop(open);
         let status = server.wait_exit(Duration::from_secs(20));

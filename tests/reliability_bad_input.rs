@@ -265,7 +265,7 @@ fn an_address_that_cannot_be_bound_gets_one_line_and_exit_code_1() {
             case(
                 &["--bind", "192.0.2.1"],
                 RUNTIME,
-                "cannot assign requested address",
+                "192.0.2.1 is not an address of this machine",
             ),
             case(
                 &["--bind", "2001:db8::1"],

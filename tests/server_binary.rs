@@ -355,7 +355,11 @@ fn a_port_in_use_exits_1_naming_the_address_and_cause() {
         );
         assert_eq!(
             stderr.trim(),
-            format!("echo-server: cannot listen on 127.0.0.1:{port}: address already in use"),
+            format!(
+                "echo-server: cannot listen on 127.0.0.1:{port}: address already in use; \
+                 another process is listening there; choose another --port, or --port 0 \
+                 for a free one"
+            ),
             "{}",
             describe(SERVER_BIN, &args, &output)
         );
@@ -403,7 +407,7 @@ fn bad_flags_exit_2_with_one_line_naming_the_flag() {
         (&["--bind", "not-an-address"], "--bind"),
         (
             &["--bind", "fe80::1%lo"],
-            "scoped IPv6 addresses (with %zone) are not supported",
+            echo_chamber::error::SCOPED_IPV6_UNSUPPORTED,
         ),
         (&["--port", "70000"], "--port"),
         (&["--max-connections", "0"], "--max-connections"),

@@ -453,7 +453,7 @@ fn a_udp_only_server_takes_no_tcp_connections_and_says_so_first() {
         both.wait_for_log("listening on", Duration::from_secs(10));
         let first = both.log().lines().next().unwrap_or_default().to_string();
         assert!(
-            first.contains("(tcp, udp; 1 workers)"),
+            first.contains("(tcp, udp; 1 worker)"),
             "first line: {first}"
         );
         common::try_echo(both.addr, b"over tcp", Duration::from_secs(10)).expect("TCP echo");
@@ -482,7 +482,9 @@ fn a_udp_port_taken_by_another_program_is_a_one_line_error_naming_udp() {
         assert_eq!(
             stderr.trim_end(),
             format!(
-                "echo-server: cannot listen on 127.0.0.1:{port}: for UDP: address already in use"
+                "echo-server: cannot listen on 127.0.0.1:{port}: for UDP: address already in use; \
+                 another process is listening there; choose another --port, or --port 0 for a \
+                 free one"
             ),
         );
     });

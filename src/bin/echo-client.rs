@@ -25,6 +25,7 @@ use echo_chamber::client::{
     self, ClientConfig, ConfigError, Event, Interval, MAX_CONNECTIONS, Payload, Reconnect, Report,
     StopHandle, Target,
 };
+use echo_chamber::log::counted;
 
 const PROG: &str = "echo-client";
 /// Longest message shown as text in per-echo lines; longer ones show a length.
@@ -41,7 +42,8 @@ const MAX_THREADS: usize = 1024;
 enum Exit {
     /// Every echo came back exact (also after Ctrl-C), or --help/--version.
     Success = 0,
-    /// At least one echo failed: timed out, mismatched, cut short, refused,
+    /// At least one echo failed: timed out, mismatched, cut short, closed
+    /// before echo (the server ended the connection between echoes), refused,
     /// reset, or still out (or still connecting) when stopped; the server
     /// sent bytes it was never sent; the host did not resolve; a message
     /// could not be allocated; or stdin could not be read or stdout written.
@@ -56,19 +58,16 @@ enum Exit {
 /// check that every byte comes back, with ping-style statistics.
 #[derive(FromArgs, Debug)]
 #[argh(
-    note = "TCP connections run on --threads event loops (one per CPU by default); with --reconnect or --stdin, each connection has a thread of its own.\nWith --udp, each of --connections flows sends --repeat datagrams on its own socket, --interval apart whether or not the last came back (default 20ms; 0 sends each when the last is answered or lost), and a datagram whose echo has not come within --timeout counts as lost. --size datagrams carry their sequence number, so many may be in flight; --message and 0-byte datagrams carry none, so their flow keeps one in flight. Jitter is the mean difference between the round trips of consecutive datagrams, as Cisco IP SLA reports it.\nPercentiles come from a histogram accurate to within 0.4%; min/avg/max/mdev are exact (mdev is the population standard deviation, as in ping).\nWith --reconnect, a connection the server ends cleanly is opened again, and one that broke (an echo cut short, a reset, a timeout: each still counts as failed) too. An end of stream before any byte of an echo came back means the server never took that message (the drain guarantee of echo-server; another server may differ): it is sent again and counted as resent. A refused connect is tried again after 10ms, doubling to 500ms, for --timeout from the first failure; the summary and --json count reconnects and resent.\nCtrl-C (or SIGTERM) stops sending and prints the summary; an echo still out may stay silent for twice the p99 round trip (1 s for a first echo) before it counts as failed, and a connect still unanswered for 1 s. A second one, 0.5 s or more later, exits at once.",
+    note = "TCP connections run on --threads event loops (one per CPU by default); with --reconnect or --stdin, each connection has a thread of its own. A run whose buffers cannot fit in the memory the process may use (its cgroup's limit, or what the machine has available) is refused with exit 2 before connecting.\nWith --udp, each of --connections flows sends --repeat datagrams on its own socket, --interval apart whether or not the last came back (default 20ms; 0 sends each when the last is answered or lost), and a datagram whose echo has not come within --timeout counts as lost. --size datagrams carry their sequence number, so many may be in flight; --message and 0-byte datagrams carry none, so their flow keeps one in flight. Jitter is the mean difference between the round trips of consecutive datagrams, as Cisco IP SLA reports it.\nPercentiles come from a histogram accurate to within 0.4%; min/avg/max/mdev are exact (mdev is the population standard deviation, as in ping).\nWith --reconnect, a connection the server ends cleanly is opened again, and one that broke (an echo cut short, a reset, a timeout: each still counts as failed) too. An end of stream before any byte of an echo came back means the server never took that message (the drain guarantee of echo-server; another server may differ): it is sent again and counted as resent. A refused connect is tried again after 10ms, doubling to 500ms, for --timeout from the first failure; the summary and --json count reconnects and resent.\nCtrl-C (or SIGTERM) stops sending and prints the summary; an echo still out may stay silent for twice the p99 round trip (1 s for a first echo) before it counts as failed, and a connect still unanswered for 1 s. A second one, 0.5 s or more later, exits at once.",
     error_code(
         0,
         "every echo came back exact (also when stopped with Ctrl-C or SIGTERM)"
     ),
     error_code(
         1,
-        "an echo failed (timed out, mismatched, cut short, refused, reset, or still out or still connecting when stopped), the server sent bytes it was never sent, the host did not resolve, a message could not be allocated, or reading stdin or writing stdout failed; with --udp: more datagrams lost than --max-loss allows, or an echo corrupted, duplicated or from another address"
+        "an echo failed (timed out, mismatched, cut short, closed before echo by a server ending the connection, refused, reset, or still out or still connecting when stopped), the server sent bytes it was never sent, the host did not resolve, a message could not be allocated, or reading stdin or writing stdout failed; with --udp: more datagrams lost than --max-loss allows, or an echo corrupted, duplicated or from another address"
     ),
-    error_code(
-        2,
-        "usage error, or a run whose buffers cannot fit in the memory the process may use"
-    ),
+    error_code(2, "usage error"),
     error_code(130, "a second Ctrl-C or SIGTERM stopped the run at once")
 )]
 struct Args {
@@ -81,7 +80,7 @@ struct Args {
     addr: Option<Target>,
 
     /// text to send as each message (default "Hello Echo!")
-    #[argh(option, from_str_fn(parse_message))]
+    #[argh(option, from_str_fn(parse_message), arg_name = "text")]
     message: Option<String>,
 
     /// send BYTES of binary data per message instead of --message, different every message (1 to 64MiB; KiB and MiB suffixes allowed; with --udp 0 to 65507, or 65527 over IPv6)
@@ -526,7 +525,7 @@ fn parse_rate(value: &str) -> Result<u64, String> {
 }
 
 fn parse_run_duration(value: &str) -> Result<Duration, String> {
-    match parse_duration(value)? {
+    match cli::parse_duration(value)? {
         duration if duration.is_zero() => Err("the duration must be more than 0".to_owned()),
         duration => Ok(duration),
     }
@@ -546,19 +545,11 @@ fn parse_threads(value: &str) -> Result<NonZeroUsize, String> {
 }
 
 fn parse_interval(value: &str) -> Result<Duration, String> {
-    parse_duration(value)
+    cli::parse_duration(value)
 }
 
 fn parse_timeout(value: &str) -> Result<Duration, String> {
-    match parse_duration(value)? {
-        timeout if timeout.is_zero() => Err("the timeout must be more than 0".to_owned()),
-        timeout => Ok(timeout),
-    }
-}
-
-fn parse_duration(value: &str) -> Result<Duration, String> {
-    humantime::parse_duration(value)
-        .map_err(|error| format!("expected a duration such as 2s or 500ms ({error})"))
+    cli::parse_positive_duration(value)
 }
 
 /// Refuses a run whose buffers cannot fit in the memory the process may
@@ -688,6 +679,8 @@ struct Printer {
     progress_shown: Mutex<bool>,
     /// Stdout's reader went away, or a write to it failed: print nothing more.
     stdout_ended: AtomicBool,
+    /// A line went to stdout: the summary then comes after a blank line.
+    said_anything: AtomicBool,
     /// Why a write to stdout failed, if one did (a gone reader is no failure).
     stdout_failure: Mutex<Option<String>>,
     stop: StopHandle,
@@ -704,6 +697,7 @@ impl Printer {
             failures: AtomicU64::new(0),
             progress_shown: Mutex::new(false),
             stdout_ended: AtomicBool::new(false),
+            said_anything: AtomicBool::new(false),
             stdout_failure: Mutex::new(None),
             stop,
         }
@@ -853,6 +847,7 @@ impl Printer {
         if self.stdout_ended.load(Ordering::Relaxed) {
             return;
         }
+        self.said_anything.store(true, Ordering::Relaxed);
         if !self.write_out(&format!("{line}\n")) {
             self.stop.stop();
         }
@@ -910,7 +905,7 @@ impl fmt::Display for Shown<'_> {
             {
                 f.write_str(text)
             }
-            _ => write!(f, "{} bytes", self.message.len()),
+            _ => write!(f, "{}", counted(self.message.len() as u64, "byte")),
         }
     }
 }
@@ -932,7 +927,8 @@ fn print_progress(printer: &Printer, finished: &crossbeam_channel::Receiver<()>)
         let rate = (count - last_count) as f64 / now.duration_since(last_time).as_secs_f64();
         (last_count, last_time) = (count, now);
         cli::write_err(&format!(
-            "\r{count} echoes, {rate:.0}/s, {failures} failed\x1b[K"
+            "\r{}, {rate:.0}/s, {failures} failed\x1b[K",
+            counted(count, "echo")
         ));
         *progress_shown = true;
     }
@@ -944,8 +940,11 @@ fn print_progress(printer: &Printer, finished: &crossbeam_channel::Receiver<()>)
 fn print_report(args: &Args, report: &Outcome, printer: &Printer) {
     let text = if on(args.json) {
         format!("{}\n", report.to_json())
-    } else {
+    } else if printer.said_anything.load(Ordering::Relaxed) {
+        // Set apart from the lines above it, as ping does.
         format!("\n{}", report.summary(on(args.histogram)))
+    } else {
+        report.summary(on(args.histogram))
     };
     // A gone reader leaves the exit status to tell; a failure is recorded.
     printer.write_out(&text);

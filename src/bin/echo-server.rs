@@ -15,6 +15,7 @@ mod cli;
 mod stop_signals;
 use echo_chamber::error::io_cause;
 use echo_chamber::limits;
+use echo_chamber::log::counted;
 use echo_chamber::server::activation::{self, Inherited};
 use echo_chamber::server::cidr::{self, Cidr};
 use echo_chamber::server::config::{self, LogLevel, ServerConfig};
@@ -39,7 +40,13 @@ const EXIT_USAGE: u8 = 2;
 /// whole, to where it came from. SIGINT or SIGTERM drains open connections
 /// and queued datagrams and exits 0; a second signal (0.5 s or more after
 /// the first) exits at once (130 or 143).
-/// Exit codes: 0 clean stop, 1 runtime error, 2 usage error.
+#[argh(
+    error_code(0, "clean stop, also when the drain's deadline cut connections"),
+    error_code(1, "runtime error: cannot listen, cannot start, or a worker died"),
+    error_code(2, "usage error"),
+    error_code(130, "a second SIGINT during the drain exited at once"),
+    error_code(143, "a second SIGTERM during the drain exited at once")
+)]
 struct Args {
     /// serve TCP (the default when neither --tcp nor --udp is given)
     #[argh(switch)]
@@ -52,7 +59,7 @@ struct Args {
     /// UDP datagrams answered per second to one source address (an IPv6
     /// source: its /64), with a second's worth at once; 0 for no limit
     /// (default 1000)
-    #[argh(option, from_str_fn(parse_rate))]
+    #[argh(option, from_str_fn(parse_rate), arg_name = "n")]
     udp_rate_per_ip: Option<u32>,
 
     /// sources the UDP rate limit does not apply to, as address blocks
@@ -62,11 +69,11 @@ struct Args {
     udp_rate_exempt: Option<Vec<Cidr>>,
 
     /// address to listen on, IPv4 or IPv6 (default 0.0.0.0)
-    #[argh(option, from_str_fn(parse_ip))]
+    #[argh(option, from_str_fn(parse_ip), arg_name = "addr")]
     bind: Option<IpAddr>,
 
     /// port to listen on; 0 picks a free one (default 9999)
-    #[argh(option, from_str_fn(parse_port))]
+    #[argh(option, from_str_fn(parse_port), arg_name = "port")]
     port: Option<u16>,
 
     /// require a PROXY protocol header (v1 or v2, as HAProxy's send-proxy,
@@ -88,7 +95,12 @@ struct Args {
     /// after the first signal, go on accepting for this long while not
     /// ready, then drain, e.g. 5s, for load balancers slow to notice
     /// (default 0)
-    #[argh(option, default = "Duration::ZERO", from_str_fn(parse_duration))]
+    #[argh(
+        option,
+        default = "Duration::ZERO",
+        from_str_fn(parse_duration),
+        arg_name = "dur"
+    )]
     drain_delay: Duration,
 
     /// serve Prometheus metrics (GET /metrics) and health checks (GET
@@ -97,38 +109,41 @@ struct Args {
     #[argh(option, from_str_fn(parse_metrics_addr), arg_name = "addr")]
     metrics: Option<SocketAddr>,
 
-    /// worker threads, each serving many connections, 1 to 1024 (default: one per CPU)
-    #[argh(option, from_str_fn(parse_workers))]
+    /// worker threads, each serving many connections, 1 to 1024 (default: one
+    /// per CPU this process may use, following a cgroup CPU quota)
+    #[argh(option, from_str_fn(parse_workers), arg_name = "n")]
     workers: Option<usize>,
 
     /// connections open at once; more are closed at once (default 10000)
     #[argh(
         option,
         default = "config::DEFAULT_MAX_CONNECTIONS",
-        from_str_fn(parse_at_least_one)
+        from_str_fn(parse_at_least_one),
+        arg_name = "n"
     )]
     max_connections: usize,
 
     /// connections open at once from one IP address (default: no limit)
-    #[argh(option, from_str_fn(parse_at_least_one))]
+    #[argh(option, from_str_fn(parse_at_least_one), arg_name = "n")]
     max_connections_per_ip: Option<usize>,
 
     /// close a connection after this long without traffic, e.g. 30s (default: off)
-    #[argh(option, from_str_fn(parse_positive_duration))]
+    #[argh(option, from_str_fn(parse_positive_duration), arg_name = "dur")]
     idle_timeout: Option<Duration>,
 
     /// how long the drain may take before busy connections are cut (default 5s)
     #[argh(
         option,
         default = "config::DEFAULT_SHUTDOWN_TIMEOUT",
-        from_str_fn(parse_duration)
+        from_str_fn(parse_duration),
+        arg_name = "dur"
     )]
     shutdown_timeout: Duration,
 
     /// how long a worker keeps polling for the next message before it sleeps,
     /// up to 1ms; 0 never spins (default 50us, or 0 under a cgroup CPU quota
     /// smaller than the machine)
-    #[argh(option, from_str_fn(parse_busy_poll))]
+    #[argh(option, from_str_fn(parse_busy_poll), arg_name = "dur")]
     busy_poll: Option<Duration>,
 
     /// also log the data received, escaped and cut to 80 characters
@@ -144,17 +159,44 @@ struct Args {
     version: u8,
 }
 
+/// An IP address for `--bind`. Host names are refused, not resolved: a
+/// name may stand for several addresses (`localhost` for `::1` and
+/// `127.0.0.1`) and the server listens on one, so clients of the others
+/// would be refused.
 fn parse_ip(value: &str) -> Result<IpAddr, String> {
     let bare = value
         .strip_prefix('[')
         .and_then(|rest| rest.strip_suffix(']'))
         .unwrap_or(value);
-    bare.parse().map_err(|_| {
-        if bare.contains('%') && bare.contains(':') {
-            "scoped IPv6 addresses (with %zone) are not supported".to_string()
-        } else {
-            "not an IPv4 or IPv6 address".to_string()
-        }
+    if let Ok(ip) = bare.parse() {
+        return Ok(ip);
+    }
+    if let Ok(addr) = value.parse::<SocketAddr>() {
+        return Err(format!(
+            "an address with a port: give the port with --port, as in --bind {} --port {}",
+            addr.ip(),
+            addr.port()
+        ));
+    }
+    if bare.contains('%') && bare.contains(':') {
+        return Err(echo_chamber::error::SCOPED_IPV6_UNSUPPORTED.to_string());
+    }
+    if bare.eq_ignore_ascii_case("localhost") {
+        return Err(
+            "a host name: give an IP address, 127.0.0.1 (or ::1) for this machine only".into(),
+        );
+    }
+    let name = !bare.is_empty()
+        && bare
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        && bare.chars().any(|c| c.is_ascii_alphabetic());
+    Err(if name {
+        "a host name: give one of its IP addresses (--bind takes no names: a name \
+         may stand for several addresses, and the server listens on one)"
+            .into()
+    } else {
+        "not an IPv4 or IPv6 address, e.g. 127.0.0.1, ::1, or 0.0.0.0 for every interface".into()
     })
 }
 
@@ -195,17 +237,7 @@ fn parse_cidr_list(value: &str) -> Result<Vec<Cidr>, String> {
         .map_err(|why| format!("{why}; give blocks such as 10.0.0.0/8,fc00::/7, or none"))
 }
 
-fn parse_duration(value: &str) -> Result<Duration, String> {
-    humantime::parse_duration(value)
-        .map_err(|err| format!("not a duration such as 2s, 500ms or 1m 30s ({err})"))
-}
-
-fn parse_positive_duration(value: &str) -> Result<Duration, String> {
-    match parse_duration(value)? {
-        Duration::ZERO => Err("must be more than zero".to_string()),
-        duration => Ok(duration),
-    }
-}
+use cli::{parse_duration, parse_positive_duration};
 
 fn parse_busy_poll(value: &str) -> Result<Duration, String> {
     match parse_duration(value)? {
@@ -364,7 +396,7 @@ fn run() -> Result<(), Failure> {
             echo_chamber::server::listener::bind_tcp(addr, reuse_port).map_err(|err| {
                 Failure::Runtime(format!(
                     "cannot listen for metrics on {addr}: {}",
-                    io_cause(&err)
+                    listen_cause(addr, &err, Flags::METRICS)
                 ))
             })?,
         ),
@@ -385,13 +417,27 @@ fn run() -> Result<(), Failure> {
                 reuse_port,
             )
             .map_err(|err| {
-                Failure::Runtime(format!("cannot listen on {addr}: {}", io_cause(&err)))
+                Failure::Runtime(format!(
+                    "cannot listen on {addr}: {}",
+                    listen_cause(addr, &err, Flags::ECHO)
+                ))
             })?
         }
     };
     let server =
         Server::start(sockets, config).map_err(|err| Failure::Runtime(start_failure(&err)))?;
     // Only once the server runs: if it cannot start, its one error line says why.
+    let bound = server.local_addr().ip();
+    if bound.is_unspecified() {
+        let (interfaces, local) = match bound.is_ipv6() {
+            true => ("every interface, IPv6 and IPv4", "::1"),
+            false => ("every interface", "127.0.0.1"),
+        };
+        logger.notice(format_args!(
+            "serving {interfaces} ({bound}): other machines can reach this server; \
+             --bind {local} keeps it to this one"
+        ));
+    }
     if let Some(warning) = descriptor_warning {
         logger.warn(format_args!("{warning}"));
     }
@@ -475,7 +521,10 @@ fn spawn_notifier(monitor: Monitor, logger: echo_chamber::log::Logger) -> Result
             // Asleep until the shutdown: no wake-ups while serving.
             while !monitor.wait_for_shutdown(Duration::from_secs(24 * 3600)) {}
             let status = |monitor: &Monitor| {
-                format!("stopping: {} connections open", monitor.open_connections())
+                format!(
+                    "stopping: {} open",
+                    counted(monitor.open_connections() as u64, "connection")
+                )
             };
             send(&[
                 sd_notify::NotifyState::Stopping,
@@ -583,6 +632,58 @@ fn descriptor_warning(config: &ServerConfig, limit: std::io::Result<u64>) -> Opt
     }
 }
 
+/// The flags that choose a listening address, as a hint names them.
+struct Flags {
+    /// What to change for another port.
+    port: &'static str,
+    /// Where the address was given.
+    address: &'static str,
+}
+
+impl Flags {
+    const ECHO: Flags = Flags {
+        port: "another --port, or --port 0 for a free one",
+        address: "--bind",
+    };
+    const METRICS: Flags = Flags {
+        port: "another --metrics port, or port 0 for a free one",
+        address: "--metrics",
+    };
+}
+
+/// Why a bind failed, with what to do for the commonest reasons.
+fn listen_cause(addr: SocketAddr, err: &std::io::Error, flags: Flags) -> String {
+    let cause = io_cause(err);
+    match err.kind() {
+        std::io::ErrorKind::AddrInUse => format!(
+            "{cause}; another process is listening there; choose {}",
+            flags.port
+        ),
+        // Not our own refusal of a multicast or broadcast address, which
+        // says why itself.
+        std::io::ErrorKind::AddrNotAvailable
+            if cause.ends_with("cannot assign requested address") =>
+        {
+            let udp = if cause.starts_with("for UDP") {
+                " (for UDP)"
+            } else {
+                ""
+            };
+            format!(
+                "{} is not an address of this machine{udp}; give {} one of its addresses, \
+                 or 0.0.0.0 for every interface",
+                addr.ip(),
+                flags.address
+            )
+        }
+        std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => format!(
+            "{cause}: ports below 1024 need root or CAP_NET_BIND_SERVICE; choose {}",
+            flags.port
+        ),
+        _ => cause,
+    }
+}
+
 /// Why the server could not start, with the way out when descriptors ran out.
 fn start_failure(err: &echo_chamber::error::Error) -> String {
     match err {
@@ -625,6 +726,22 @@ fn spawn_signal_thread(mut signals: Signals, shutdown: ShutdownHandle) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_privileged_port_refused_says_what_it_needs() {
+        let addr: SocketAddr = "0.0.0.0:7".parse().expect("an address");
+        let denied = std::io::Error::from_raw_os_error(libc::EACCES);
+        assert_eq!(
+            listen_cause(addr, &denied, Flags::ECHO),
+            "permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE; \
+             choose another --port, or --port 0 for a free one"
+        );
+        let high: SocketAddr = "0.0.0.0:9999".parse().expect("an address");
+        assert_eq!(
+            listen_cause(high, &denied, Flags::ECHO),
+            "permission denied"
+        );
+    }
 
     #[test]
     fn busy_polling_is_off_by_default_only_under_a_quota_smaller_than_the_machine() {

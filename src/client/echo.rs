@@ -86,6 +86,9 @@ pub(super) struct ConnectionTally {
     pub echoed: u64,
     pub mismatched: u64,
     pub timed_out: u64,
+    /// Echoes the server ended the connection before (see
+    /// [`FailureKind::is_closed_before_echo`]).
+    pub closed_before_echo: u64,
     pub errors: u64,
     pub bytes_sent: u64,
     pub bytes_echoed: u64,
@@ -124,6 +127,8 @@ impl ConnectionTally {
             self.timed_out += 1;
         } else if kind.is_mismatch() {
             self.mismatched += 1;
+        } else if kind.is_closed_before_echo() {
+            self.closed_before_echo += 1;
         } else {
             self.errors += 1;
         }

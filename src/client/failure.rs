@@ -64,7 +64,9 @@ pub enum FailureKind {
         /// The byte that came back there.
         got: u8,
     },
-    /// The server closed the connection before the whole echo came back.
+    /// The server closed the connection before the whole echo came back;
+    /// with `received` 0, before any of it (see
+    /// [`is_closed_before_echo`](Self::is_closed_before_echo)).
     Closed {
         /// Echo number on the connection, from 1.
         seq: u64,
@@ -173,6 +175,15 @@ impl FailureKind {
     pub fn is_mismatch(&self) -> bool {
         matches!(self, FailureKind::Mismatch { .. })
     }
+
+    /// True when the server ended the connection cleanly before any byte of
+    /// the echo came back: between echoes, as a draining server does (it
+    /// never took the message), not in the middle of one. The report counts
+    /// it apart from echoes cut short.
+    #[must_use]
+    pub fn is_closed_before_echo(&self) -> bool {
+        matches!(self, FailureKind::Closed { received: 0, .. })
+    }
 }
 
 impl fmt::Display for Failure {
@@ -181,18 +192,23 @@ impl fmt::Display for Failure {
             FailureKind::Resolve { target, error } => {
                 write!(f, "cannot resolve {target}: {}", describe(error))?;
             }
-            FailureKind::Connect { attempts } => match attempts.as_slice() {
-                [(addr, error)] => write!(f, "cannot connect to {addr}: {}", describe(error))?,
-                [earlier @ .., (last, last_error)] => {
-                    write!(f, "cannot connect to ")?;
-                    for (at, (addr, error)) in earlier.iter().enumerate() {
-                        let comma = if at > 0 { ", " } else { "" };
-                        write!(f, "{comma}{addr} ({})", describe(error))?;
+            FailureKind::Connect { attempts } => {
+                match attempts.as_slice() {
+                    [(addr, error)] => {
+                        write!(f, "cannot connect to {addr}: {}", describe(error))?;
                     }
-                    write!(f, " or {last} ({})", describe(last_error))?;
+                    [earlier @ .., (last, last_error)] => {
+                        write!(f, "cannot connect to ")?;
+                        for (at, (addr, error)) in earlier.iter().enumerate() {
+                            let comma = if at > 0 { ", " } else { "" };
+                            write!(f, "{comma}{addr} ({})", describe(error))?;
+                        }
+                        write!(f, " or {last} ({})", describe(last_error))?;
+                    }
+                    [] => write!(f, "cannot connect: no address to try")?,
                 }
-                [] => write!(f, "cannot connect: no address to try")?,
-            },
+                write_refused_hint(f, attempts)?;
+            }
             FailureKind::TimedOut {
                 seq,
                 peer,
@@ -224,6 +240,16 @@ impl fmt::Display for Failure {
             } => write!(
                 f,
                 "echo {seq} from {peer} mismatched: byte {offset} of {len} came back as {got:#04x}, sent {sent:#04x}"
+            )?,
+            FailureKind::Closed {
+                seq,
+                peer,
+                received: 0,
+                ..
+            } => write!(
+                f,
+                "{peer} closed the connection before echo {seq} was sent (the server is \
+                 shutting down or closed it)"
             )?,
             FailureKind::Closed {
                 seq,
@@ -338,6 +364,25 @@ impl fmt::Display for Failure {
             write!(f, " (connection {connection})")?;
         }
         Ok(())
+    }
+}
+
+/// When every address refused: nothing listens there, most likely because
+/// the server is not running, or runs on another port.
+fn write_refused_hint(
+    f: &mut fmt::Formatter<'_>,
+    attempts: &[(SocketAddr, io::Error)],
+) -> fmt::Result {
+    let refused =
+        |(_, error): &(SocketAddr, io::Error)| error.kind() == io::ErrorKind::ConnectionRefused;
+    match attempts {
+        [(addr, _)] if refused(&attempts[0]) => {
+            write!(f, "; is echo-server running on {addr}?")
+        }
+        [(first, _), ..] if attempts.iter().all(refused) => {
+            write!(f, "; is echo-server running on port {}?", first.port())
+        }
+        _ => Ok(()),
     }
 }
 

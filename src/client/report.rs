@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use super::ClientConfig;
 use super::echo::ConnectionTally;
 use super::rtt::RttStats;
+use crate::log::counted;
 
 /// What a run did, over all its connections.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,8 +24,12 @@ pub struct Report {
     pub mismatched: u64,
     /// Echoes that did not come back in full within the timeout.
     pub timed_out: u64,
-    /// Everything else that failed: resolve, connect, closed early, reset,
-    /// other socket or input errors.
+    /// Echoes whose connection the server ended cleanly before any byte of
+    /// them came back: between echoes, as a draining server does. Not in
+    /// `errors`, which counts echoes cut short among the rest.
+    pub closed_before_echo: u64,
+    /// Everything else that failed: resolve, connect, an echo cut short,
+    /// reset, other socket or input errors.
     pub errors: u64,
     /// Bytes of all messages sent.
     pub bytes_sent: u64,
@@ -110,6 +115,7 @@ impl Report {
             echoed: 0,
             mismatched: 0,
             timed_out: 0,
+            closed_before_echo: 0,
             errors: 0,
             bytes_sent: 0,
             bytes_echoed: 0,
@@ -149,6 +155,7 @@ impl Report {
             report.echoed += tally.echoed;
             report.mismatched += tally.mismatched;
             report.timed_out += tally.timed_out;
+            report.closed_before_echo += tally.closed_before_echo;
             report.errors += tally.errors;
             report.bytes_sent += tally.bytes_sent;
             report.bytes_echoed += tally.bytes_echoed;
@@ -167,7 +174,11 @@ impl Report {
     /// a run stopped early, too, and for one that sent nothing).
     #[must_use]
     pub fn is_success(&self) -> bool {
-        self.mismatched == 0 && self.timed_out == 0 && self.errors == 0 && self.echoed == self.sent
+        self.mismatched == 0
+            && self.timed_out == 0
+            && self.closed_before_echo == 0
+            && self.errors == 0
+            && self.echoed == self.sent
     }
 
     /// Percent of messages sent whose echo never came back in full.
@@ -195,10 +206,13 @@ impl Report {
     /// rtt p50/p90/p99/p99.9 = 0.080/0.101/0.180/0.201 ms (histogram, within 0.4%)
     /// ```
     ///
-    /// With [`reconnect`](Self::reconnect), a line `3 reconnects, 1 resent`
+    /// `N closed before echo` and `N errors` join the counts when not 0,
+    /// and the loss only when something was sent. With
+    /// [`reconnect`](Self::reconnect), a line `3 reconnects, 1 resent`
     /// follows the counts. A throughput line follows when more than one echo
     /// was sent or more than one connection was asked for, and a histogram
-    /// when `histogram` is true.
+    /// when `histogram` is true. Lines that would pass 80 columns are
+    /// wrapped ([`fit_to_terminal`]).
     #[must_use]
     pub fn summary(&self, histogram: bool) -> String {
         let mut text = String::new();
@@ -209,19 +223,20 @@ impl Report {
             "{} sent, {} echoed, {} mismatched, {} timed out",
             self.sent, self.echoed, self.mismatched, self.timed_out
         );
+        if self.closed_before_echo > 0 {
+            let _ = write!(text, ", {} closed before echo", self.closed_before_echo);
+        }
         if self.errors > 0 {
-            let plural = if self.errors == 1 { "" } else { "s" };
-            let _ = write!(text, ", {} error{plural}", self.errors);
+            let _ = write!(text, ", {}", counted(self.errors, "error"));
         }
         let lost = self.sent.saturating_sub(self.echoed + self.mismatched);
-        let loss = format_loss(lost, self.sent);
-        let _ = writeln!(text, ", {loss}% loss, time {}ms", self.elapsed.as_millis());
+        write_loss_and_time(&mut text, lost, self.sent, self.elapsed);
         if self.reconnect {
-            let plural = if self.reconnects == 1 { "" } else { "s" };
             let _ = writeln!(
                 text,
-                "{} reconnect{plural}, {} resent",
-                self.reconnects, self.resent
+                "{}, {} resent",
+                counted(self.reconnects, "reconnect"),
+                self.resent
             );
         }
         write_rtt(&mut text, &self.rtt);
@@ -236,6 +251,7 @@ impl Report {
             };
             throughput.write(&mut text);
         }
+        let mut text = fit_to_terminal(&text);
         write_histogram(&mut text, &self.rtt, histogram);
         text
     }
@@ -280,7 +296,7 @@ impl Report {
             if !rate.kept() {
                 let _ = writeln!(
                     text,
-                    "the client could not keep --rate {}: {} of {} echoes went out late or not at all; each connection has one echo out at most, so more --connections (or --threads) may help",
+                    "the client could not keep --rate {}, {} of {} echoes went out late or not at all, more --connections (each has one echo out at most) or --threads may help",
                     rate.asked,
                     rate.late + rate.unsent,
                     rate.due
@@ -290,7 +306,7 @@ impl Report {
     }
 
     /// The report as one JSON object on one line, with the keys `sent`,
-    /// `echoed`, `mismatched`, `timed_out`, `errors`, `rtt_ms` (`min`, `avg`,
+    /// `echoed`, `mismatched`, `timed_out`, `closed_before_echo`, `errors`, `rtt_ms` (`min`, `avg`,
     /// `max`, `mdev`, `p50`, `p90`, `p99`, `p999`; `null` without exact
     /// echoes), `elapsed_s` and `echoes_per_s`; with
     /// [`reconnect`](Self::reconnect), then `reconnects` and `resent`.
@@ -338,7 +354,8 @@ impl Report {
         }
         format!(
             concat!(
-                "{{\"sent\":{},\"echoed\":{},\"mismatched\":{},\"timed_out\":{},\"errors\":{},",
+                "{{\"sent\":{},\"echoed\":{},\"mismatched\":{},\"timed_out\":{},",
+                "\"closed_before_echo\":{},\"errors\":{},",
                 "\"rtt_ms\":{{\"min\":{},\"avg\":{},\"max\":{},\"mdev\":{},",
                 "\"p50\":{},\"p90\":{},\"p99\":{},\"p999\":{}}},",
                 "\"elapsed_s\":{:.6},\"echoes_per_s\":{:.3}{}}}"
@@ -347,6 +364,7 @@ impl Report {
             self.echoed,
             self.mismatched,
             self.timed_out,
+            self.closed_before_echo,
             self.errors,
             rtt(self.rtt.min()),
             rtt(self.rtt.mean()),
@@ -380,6 +398,70 @@ pub(super) fn json_string(text: &str) -> String {
     }
     quoted.push('"');
     quoted
+}
+
+/// Ends the counts line: `, 2% loss, time 12ms`, the loss left out when
+/// nothing was sent (a run whose connection failed lost nothing, and
+/// `0% loss` beside its error would read as a success).
+pub(super) fn write_loss_and_time(text: &mut String, lost: u64, sent: u64, elapsed: Duration) {
+    // Writing to a String cannot fail.
+    if sent > 0 {
+        let _ = write!(text, ", {}% loss", format_loss(lost, sent));
+    }
+    let _ = writeln!(text, ", time {}ms", elapsed.as_millis());
+}
+
+/// The width a summary line may take, as an 80-column terminal shows it.
+const SUMMARY_WIDTH: usize = 80;
+
+/// `text` with each line longer than 80 columns broken, at the last
+/// `, ` (outside parentheses) or ` (` that keeps it within 80, and the rest
+/// indented by two spaces; a line with no such point is left whole.
+pub(super) fn fit_to_terminal(text: &str) -> String {
+    let mut fitted = String::with_capacity(text.len() + 16);
+    for line in text.split_inclusive('\n') {
+        let mut rest = line;
+        let mut indent = "";
+        while rest.trim_end().chars().count() + indent.len() > SUMMARY_WIDTH {
+            let Some((head, tail)) = break_line(rest, SUMMARY_WIDTH - indent.len()) else {
+                break;
+            };
+            fitted.push_str(indent);
+            fitted.push_str(head);
+            fitted.push('\n');
+            rest = tail;
+            indent = "  ";
+        }
+        fitted.push_str(indent);
+        fitted.push_str(rest);
+    }
+    fitted
+}
+
+/// `line` split at its last break point within `width` columns: after a
+/// `, ` outside parentheses, or before a ` (`.
+fn break_line(line: &str, width: usize) -> Option<(&str, &str)> {
+    let mut depth = 0usize;
+    let mut best = None;
+    for (column, (at, c)) in line.char_indices().enumerate() {
+        match c {
+            '(' => {
+                if column > 0 && column <= width && line[..at].ends_with(' ') {
+                    best = Some((&line[..at - 1], &line[at..]));
+                }
+                depth += 1;
+            }
+            ')' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 && column < width && line[at..].starts_with(", ") => {
+                best = Some((&line[..=at], &line[at + 2..]));
+            }
+            _ => {}
+        }
+        if column >= width && best.is_some() {
+            break;
+        }
+    }
+    best
 }
 
 /// Milliseconds with microsecond resolution, as ping prints them.
@@ -434,14 +516,14 @@ impl Throughput {
     /// Appends `throughput N echoes/s, N MB/s sent, N MB/s echoed (N units)`.
     pub(super) fn write(&self, text: &mut String) {
         let (count, unit) = self.units;
-        let plural = if count == 1 { "" } else { "s" };
         // Writing to a String cannot fail.
         let _ = writeln!(
             text,
-            "throughput {:.1} echoes/s, {:.3} MB/s sent, {:.3} MB/s echoed ({count} {unit}{plural})",
+            "throughput {:.1} echoes/s, {:.3} MB/s sent, {:.3} MB/s echoed ({})",
             self.echoes_per_second,
             per_second(self.bytes_sent, self.elapsed) / 1e6,
             per_second(self.bytes_echoed, self.elapsed) / 1e6,
+            counted(count as u64, unit),
         );
     }
 }
@@ -480,8 +562,8 @@ pub(super) fn write_histogram(text: &mut String, rtt: &RttStats, asked: bool) {
         // Writing to a String cannot fail.
         let _ = writeln!(
             text,
-            "rtt histogram ({} exact echoes, log-spaced rows):",
-            rtt.count()
+            "rtt histogram ({}, log-spaced rows):",
+            counted(rtt.count(), "exact echo")
         );
         text.push_str(&rtt.histogram_text());
     }
@@ -498,7 +580,26 @@ pub(super) fn per_second(count: u64, elapsed: Duration) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::format_loss;
+    use super::{fit_to_terminal, format_loss};
+
+    #[test]
+    fn summary_lines_wrap_at_a_comma_or_before_a_parenthesis_within_80_columns() {
+        let counts = "1000000 sent, 999990 echoed, 0 mismatched, 4 timed out, \
+                      6 closed before echo, 0.001% loss, time 1234567ms\n";
+        let throughput = "throughput 123456.7 echoes/s, 1234.567 MB/s sent, \
+                          1234.567 MB/s echoed (10000 connections)\n";
+        let short = "3 sent, 3 echoed, 0 mismatched, 0 timed out, 0% loss, time 2ms\n";
+        let text = fit_to_terminal(&format!("{counts}{throughput}{short}"));
+        assert_eq!(
+            text,
+            "1000000 sent, 999990 echoed, 0 mismatched, 4 timed out, 6 closed before echo,\n  \
+             0.001% loss, time 1234567ms\n\
+             throughput 123456.7 echoes/s, 1234.567 MB/s sent, 1234.567 MB/s echoed\n  \
+             (10000 connections)\n\
+             3 sent, 3 echoed, 0 mismatched, 0 timed out, 0% loss, time 2ms\n"
+        );
+        assert!(text.lines().all(|line| line.len() <= 80), "{text}");
+    }
 
     #[test]
     fn a_partial_loss_never_shows_as_none_or_all() {

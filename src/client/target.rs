@@ -32,6 +32,8 @@ pub enum TargetError {
     BadIpv6(String),
     /// Something other than `:port` follows the `]` of an IPv6 address.
     AfterBracket(String),
+    /// A scoped IPv6 address (`fe80::1%eth0`), which the client does not take.
+    ScopedIpv6(String),
     /// A valid IPv6 address and a port, without the brackets that tell
     /// them apart, as in `::1:9999`.
     Ipv6WithoutBrackets(String),
@@ -52,6 +54,7 @@ impl fmt::Display for TargetError {
                     "{host:?} is not a valid IPv6 address; write IPv6 as [::1]:9999"
                 )
             }
+            TargetError::ScopedIpv6(_) => f.write_str(crate::error::SCOPED_IPV6_UNSUPPORTED),
             TargetError::Ipv6WithoutBrackets(text) => {
                 let (host, port) = text.rsplit_once(':').unwrap_or((text, "PORT"));
                 write!(f, "write IPv6 addresses in brackets: [{host}]:{port}")
@@ -116,7 +119,7 @@ impl FromStr for Target {
                 .split_once(']')
                 .ok_or_else(|| TargetError::BadIpv6(text.to_owned()))?;
             if host.parse::<Ipv6Addr>().is_err() {
-                return Err(TargetError::BadIpv6(host.to_owned()));
+                return Err(bad_ipv6(host));
             }
             let port = match after.strip_prefix(':') {
                 Some(port) => port,
@@ -138,7 +141,7 @@ impl FromStr for Target {
                 return Err(if host.parse::<Ipv6Addr>().is_ok() {
                     TargetError::Ipv6WithoutBrackets(text.to_owned())
                 } else {
-                    TargetError::BadIpv6(host.to_owned())
+                    bad_ipv6(host)
                 });
             }
             (host, port)
@@ -152,6 +155,16 @@ impl FromStr for Target {
             Ok(number) if digits && number != 0 => Ok(Target::new(host, number)),
             _ => Err(TargetError::BadPort(port.to_owned())),
         }
+    }
+}
+
+/// Why `host` is not an IPv6 address: a scope, or anything else.
+fn bad_ipv6(host: &str) -> TargetError {
+    match host.split_once('%') {
+        Some((address, _)) if address.parse::<Ipv6Addr>().is_ok() => {
+            TargetError::ScopedIpv6(host.to_owned())
+        }
+        _ => TargetError::BadIpv6(host.to_owned()),
     }
 }
 
@@ -204,7 +217,11 @@ mod tests {
         );
         assert_eq!(
             "fe80::1%lo:7".parse::<Target>(),
-            Err(TargetError::BadIpv6("fe80::1%lo".into()))
+            Err(TargetError::ScopedIpv6("fe80::1%lo".into()))
+        );
+        assert_eq!(
+            "[fe80::1%lo]:7".parse::<Target>(),
+            Err(TargetError::ScopedIpv6("fe80::1%lo".into()))
         );
         assert_eq!(
             "[nope]:80".parse::<Target>(),

@@ -18,7 +18,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::error::{interrupted, io_cause, would_block};
-use crate::log::Logger;
+use crate::log::{Logger, counted};
 use crate::server::shutdown::ShutdownHandle;
 use crate::server::stats::{AcceptorCounters, OpenConnections, Refusal};
 use crate::server::worker::Handoff;
@@ -219,7 +219,7 @@ impl Acceptor {
                     delay_announced = true;
                     self.logger.notice(format_args!(
                         "shutdown requested: still accepting for {} (--drain-delay), not ready",
-                        humantime::format_duration(self.shutdown.drain_delay())
+                        crate::deadline::describe(self.shutdown.drain_delay())
                     ));
                 }
             }
@@ -470,8 +470,9 @@ impl Acceptor {
         self.accept_backlog();
         let draining = self.open.total();
         self.logger.notice(format_args!(
-            "shutting down: draining {draining} connections (deadline {})",
-            humantime::format_duration(self.shutdown.timeout())
+            "shutting down: draining {} (deadline {})",
+            counted(draining as u64, "connection"),
+            crate::deadline::describe(self.shutdown.timeout())
         ));
         // Closing the listener resets whatever reached its backlog since.
         self.listener = None;

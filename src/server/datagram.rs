@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use mio::net::UdpSocket;
 
 use crate::error::{interrupted, io_cause, would_block};
-use crate::log::{Logger, SharedThrottle, preview};
+use crate::log::{Logger, SharedThrottle, counted, preview};
 use crate::server::config::LogLevel;
 use crate::server::source_guard::{ForbiddenSource, SourceGuard, Verdict};
 use crate::server::stats::WorkerCounters;
@@ -300,8 +300,8 @@ impl UdpEcho {
                     if verbose {
                         let data = self.batch.payload(index);
                         self.logger.debug(format_args!(
-                            "udp {peer} sent {} bytes: \"{}\"",
-                            data.len(),
+                            "udp {peer} sent {}: \"{}\"",
+                            counted(data.len() as u64, "byte"),
                             preview(data)
                         ));
                     }

@@ -16,6 +16,8 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::log::counted;
+
 /// What the server did from start to stop.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Summary {
@@ -78,14 +80,14 @@ impl fmt::Display for UdpSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} datagrams received, {} echoed ({} bytes), {} refused by source, \
-             {} rate-limited, {} send failures",
-            self.datagrams_received,
+            "{} received, {} echoed ({}), {} refused by source, \
+             {} rate-limited, {}",
+            counted(self.datagrams_received, "datagram"),
             self.datagrams_echoed,
-            self.bytes_echoed,
+            counted(self.bytes_echoed, "byte"),
             self.refused_source,
             self.rate_limited,
-            self.send_failed,
+            counted(self.send_failed, "send failure"),
         )
     }
 }
@@ -116,17 +118,16 @@ impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} connections served, {} bytes received, {} bytes echoed, \
-             {} connections cut at the deadline, {} bytes discarded, {} connections refused; \
-             busy polling caught {} of {} waits",
-            self.connections_served,
-            self.bytes_received,
-            self.bytes_echoed,
-            self.connections_cut,
-            self.bytes_discarded,
-            self.connections_refused,
+            "{} served, {} received, {} echoed, {} cut at the deadline, {} discarded, \
+             {} refused; busy polling caught {} of {}",
+            counted(self.connections_served, "connection"),
+            counted(self.bytes_received, "byte"),
+            counted(self.bytes_echoed, "byte"),
+            counted(self.connections_cut, "connection"),
+            counted(self.bytes_discarded, "byte"),
+            counted(self.connections_refused, "connection"),
             self.busy_poll_catches,
-            self.busy_poll_catches + self.worker_sleeps,
+            counted(self.busy_poll_catches + self.worker_sleeps, "wait"),
         )?;
         if let Some(udp) = &self.udp {
             write!(f, "; udp: {udp}")?;
@@ -332,8 +333,9 @@ impl fmt::Display for ProxySummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} connections from untrusted sources, {} without a valid header",
-            self.untrusted_sources, self.bad_headers
+            "{} from untrusted sources, {} without a valid header",
+            counted(self.untrusted_sources, "connection"),
+            self.bad_headers
         )
     }
 }

@@ -32,7 +32,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::deadline::deadline_after;
 use crate::error::{interrupted, io_cause, would_block};
-use crate::log::{Logger, preview};
+use crate::log::{Logger, counted, preview};
 use crate::server::busy_poll::BusyPoll;
 use crate::server::config::{LogLevel, PROXY_HEADER_TIMEOUT, READ_BUFFER_SIZE};
 use crate::server::connection::{CloseReason, Connection, ConnectionStats, Outcome, Readiness};
@@ -425,8 +425,8 @@ impl Worker {
             .on_ready(&mut slot.stream, ready, &mut self.buf, |data| {
                 if logger.enabled(LogLevel::Verbose) {
                     logger.debug(format_args!(
-                        "{peer} sent {} bytes: \"{}\"",
-                        data.len(),
+                        "{peer} sent {}: \"{}\"",
+                        counted(data.len() as u64, "byte"),
                         preview(data)
                     ));
                 }
@@ -740,9 +740,9 @@ impl Worker {
         }
         if self.setup.logger.enabled(LogLevel::Normal) {
             self.setup.logger.info(format_args!(
-                "close {}: {} bytes echoed in {:.3}s ({})",
+                "close {}: {} echoed in {:.3}s ({})",
                 slot.peer,
-                stats.echoed,
+                counted(stats.echoed, "byte"),
                 now.saturating_duration_since(slot.opened).as_secs_f64(),
                 describe(&ending),
             ));
@@ -776,7 +776,10 @@ fn describe(ending: &Ending) -> String {
         Ending::LingerCut => "drained; the peer had not closed by the deadline".into(),
         Ending::CutUntaken { untaken, reset } => {
             let untaken = match untaken {
-                Some(bytes) => format!("the peer had not taken {bytes} bytes of the echo"),
+                Some(bytes) => format!(
+                    "the peer had not taken {} of the echo",
+                    counted(*bytes as u64, "byte")
+                ),
                 None => "whether the peer took all of the echo is unknown".into(),
             };
             let fate = match reset {

@@ -472,11 +472,12 @@ pub fn run_client(args: &[&str], stdin: &[u8], limit: Duration) -> Run {
 }
 
 /// The top-level keys of `--json`, in order, as docs/client.md documents them.
-pub const JSON_KEYS: [&str; 8] = [
+pub const JSON_KEYS: [&str; 9] = [
     "sent",
     "echoed",
     "mismatched",
     "timed_out",
+    "closed_before_echo",
     "errors",
     "rtt_ms",
     "elapsed_s",

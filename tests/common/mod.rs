@@ -363,7 +363,7 @@ impl ServerProcess {
             .expect("log lock")
             .iter()
             .rev()
-            .find(|line| line.contains("connections served"))
+            .find(|line| line.contains("shutdown complete: "))
             .cloned()
             .unwrap_or_else(|| panic!("no summary line in the log:\n{}", self.log()))
     }
@@ -377,10 +377,14 @@ impl Drop for ServerProcess {
     }
 }
 
-/// A number from a summary line: `summary_count(line, "bytes echoed")`.
+/// A number from a summary line: `summary_count(line, "bytes echoed")`,
+/// which also finds `1 byte echoed`.
 pub fn summary_count(summary: &str, label: &str) -> u64 {
-    let at = summary
-        .find(label)
+    let (noun, rest) = label.split_once(' ').unwrap_or((label, ""));
+    let singular = format!("{} {rest}", noun.strip_suffix('s').unwrap_or(noun));
+    let at = [label, singular.trim_end()]
+        .iter()
+        .find_map(|label| summary.find(&format!(" {label}")).map(|at| at + 1))
         .unwrap_or_else(|| panic!("no {label:?} in summary {summary:?}"));
     summary[..at]
         .split_whitespace()

@@ -1,11 +1,14 @@
 //! Command-line plumbing shared by both binaries: argh parsing with this
-//! project's rules. `--help` prints to stdout and succeeds; a usage mistake
-//! becomes one line for stderr, which the binary turns into exit code 2
-//! (argh alone would exit 1).
+//! project's rules. `-h` and `-V` mean `--help` and `--version`; `--help`
+//! prints to stdout, with the same placeholders (`ADDR`, `N`, `DUR`) and
+//! headings in both binaries, and succeeds; a usage mistake becomes one line
+//! for stderr, which the binary turns into exit code 2 (argh alone would
+//! exit 1). Duration values are parsed, and refused, in the same words by both.
 
 use std::ffi::OsString;
 use std::fmt::Display;
 use std::io::{self, Write};
+use std::time::Duration;
 
 use argh::FromArgs;
 use echo_chamber::error::io_cause;
@@ -45,23 +48,144 @@ fn parse_from<T: FromArgs>(prog: &str, raw: Vec<OsString>) -> Parsed<T> {
             }
         }
     }
+    let help = help_text::<T>(prog);
+    let strings = expand_short_flags(strings, |option| takes_value(&help, option));
     let strs: Vec<&str> = strings.iter().map(String::as_str).collect();
     match T::from_args(&[prog], &strs) {
         Ok(args) => Parsed::Run(args),
         Err(early) => match early.status {
             Ok(()) => {
-                let newline = if early.output.ends_with('\n') {
-                    ""
-                } else {
-                    "\n"
-                };
-                match print_out(&format!("{}{newline}", early.output)) {
+                let output = tidy_help(&early.output);
+                let newline = if output.ends_with('\n') { "" } else { "\n" };
+                match print_out(&format!("{output}{newline}")) {
                     Ok(()) => Parsed::Answered,
                     Err(message) => Parsed::CannotAnswer(message),
                 }
             }
             Err(()) => Parsed::Usage(format!("{} (see --help)", one_line(&early.output))),
         },
+    }
+}
+
+/// argh's `--help` text for `T`, untidied: its usage line tells which
+/// options take a value (`[--port <port>]`).
+fn help_text<T: FromArgs>(prog: &str) -> String {
+    match T::from_args(&[prog], &["--help"]) {
+        Err(early) => early.output,
+        // argh always answers --help; without its text, no option takes
+        // a value, and -h and -V are only ever rewritten as flags.
+        Ok(_) => String::new(),
+    }
+}
+
+/// Whether `option` takes a value, according to the usage line of `help`.
+fn takes_value(help: &str, option: &str) -> bool {
+    let usage = help.lines().next().unwrap_or_default();
+    usage.contains(&format!("[{option} <"))
+}
+
+/// `-h` and `-V` as `--help` and `--version`, the usual short forms that
+/// argh lacks; only as whole arguments, never as the value of an option
+/// (`--message -h` sends `-h`), nor after `--`.
+fn expand_short_flags(args: Vec<String>, takes_value: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut expanded = Vec::with_capacity(args.len());
+    let mut value_due = false;
+    let mut options_ended = false;
+    for arg in args {
+        let is_value = std::mem::take(&mut value_due);
+        let arg = match arg.as_str() {
+            _ if is_value || options_ended => arg,
+            "--" => {
+                options_ended = true;
+                arg
+            }
+            "-h" => "--help".to_owned(),
+            "-V" => "--version".to_owned(),
+            option => {
+                value_due = option.starts_with("--") && takes_value(option);
+                arg
+            }
+        };
+        expanded.push(arg);
+    }
+    expanded
+}
+
+/// argh's help made to read the same in both binaries: placeholders in
+/// capitals as the docs write them (`--port PORT`, `[ADDR]`), the usage
+/// wrapped at 80 columns, and the exit codes under "Exit codes".
+fn tidy_help(help: &str) -> String {
+    let mut lines = help.lines();
+    let Some(usage) = lines.next().filter(|line| line.starts_with("Usage: ")) else {
+        return help.to_owned();
+    };
+    let mut usage = usage.to_owned();
+    while let Some(start) = usage.find('<') {
+        let Some(len) = usage[start..].find('>') else {
+            break;
+        };
+        let name = usage[start + 1..start + len].to_uppercase();
+        usage.replace_range(start..=start + len, &name);
+    }
+    let mut tidy = wrap_usage(&usage);
+    for line in lines {
+        tidy.push('\n');
+        tidy.push_str(if line == "Error codes:" {
+            "Exit codes:"
+        } else {
+            line
+        });
+    }
+    if help.ends_with('\n') {
+        tidy.push('\n');
+    }
+    tidy
+}
+
+/// The usage line broken before a `[` so that no line passes 80 columns,
+/// each continuation indented under the first flag.
+fn wrap_usage(usage: &str) -> String {
+    const WIDTH: usize = 80;
+    let indent = usage.find(" [").map_or(0, |at| at + 1).min(WIDTH / 2);
+    let mut wrapped = String::new();
+    let mut line = String::new();
+    for (at, word) in usage.split(" [").enumerate() {
+        let word = if at == 0 {
+            word.to_owned()
+        } else {
+            format!("[{word}")
+        };
+        if !line.is_empty() && line.len() + 1 + word.len() > WIDTH {
+            wrapped.push_str(&line);
+            wrapped.push('\n');
+            line = " ".repeat(indent);
+        } else if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(&word);
+    }
+    wrapped.push_str(&line);
+    wrapped
+}
+
+/// A duration such as `2s`, `500ms` or `1m 30s`, for every duration flag of
+/// both binaries.
+///
+/// # Errors
+/// One message saying what a duration looks like, with humantime's reason.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value)
+        .map_err(|err| format!("expected a duration such as 2s, 500ms or 1m 30s ({err})"))
+}
+
+/// A [`parse_duration`] that must be more than zero.
+///
+/// # Errors
+/// As [`parse_duration`], and for a zero duration.
+pub fn parse_positive_duration(value: &str) -> Result<Duration, String> {
+    match parse_duration(value)? {
+        Duration::ZERO => Err("must be more than 0".to_owned()),
+        duration => Ok(duration),
     }
 }
 

@@ -105,11 +105,14 @@ impl UdpReport {
             let _ = write!(text, ", {} foreign", counts.foreign);
         }
         if self.errors > 0 {
-            let plural = if self.errors == 1 { "" } else { "s" };
-            let _ = write!(text, ", {} error{plural}", self.errors);
+            let _ = write!(text, ", {}", crate::log::counted(self.errors, "error"));
         }
-        let loss = format_loss(counts.lost, counts.sent);
-        let _ = writeln!(text, ", {loss}% loss, time {}ms", self.elapsed.as_millis());
+        crate::client::report::write_loss_and_time(
+            &mut text,
+            counts.lost,
+            counts.sent,
+            self.elapsed,
+        );
         crate::client::report::write_rtt(&mut text, &self.rtt);
         if let Some(jitter) = self.jitter.mean() {
             let pairs = self.jitter.pairs();
@@ -130,6 +133,7 @@ impl UdpReport {
             };
             throughput.write(&mut text);
         }
+        let mut text = crate::client::report::fit_to_terminal(&text);
         crate::client::report::write_histogram(&mut text, &self.rtt, histogram);
         text
     }

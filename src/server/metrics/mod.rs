@@ -33,9 +33,12 @@ use crate::server::Monitor;
 use exposition::Exposition;
 use http::{MAX_HEAD, Page, Request, Status};
 
-/// The most connections the endpoint serves at once; past it, new ones are
-/// closed as soon as they are accepted. A scraper and a few probes need a
-/// handful; a flood gets closes and costs a fixed amount of memory.
+/// The most connections the endpoint serves at once. Past it, a new one
+/// takes the place of the oldest connection that has not sent a whole
+/// request yet, so that idle or slow connections (a slowloris) cannot lock
+/// out a health probe, which sends its request at once; when every place is
+/// busy answering, the new one is closed. A scraper and a few probes need a
+/// handful; a flood costs a fixed amount of memory.
 pub const MAX_CLIENTS: usize = 64;
 
 /// How long a connection may live, from its accept to its close: a client
@@ -71,12 +74,12 @@ const FIRST_CLIENT: usize = 2;
 /// # Examples
 /// ```
 /// use std::io::{Read, Write};
-/// use echo_chamber::config::{LogLevel, ServerConfig};
+/// use echo_chamber::server::config::{LogLevel, ServerConfig};
 /// use echo_chamber::log::Logger;
-/// use echo_chamber::metrics::MetricsServer;
+/// use echo_chamber::server::metrics::MetricsServer;
 /// use echo_chamber::server::Server;
 ///
-/// let listener = echo_chamber::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+/// let listener = echo_chamber::server::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
 /// let config = ServerConfig { workers: 1, log_level: LogLevel::Silent, ..ServerConfig::default() };
 /// let server = Server::start(listener, config).unwrap();
 /// let metrics_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -135,8 +138,10 @@ impl MetricsServer {
             clients: (0..MAX_CLIENTS).map(|_| None).collect(),
             retry_accept_at: None,
             turned_away: 0,
+            pushed_out: 0,
             accept_warnings: SharedThrottle::new(),
             turned_away_warnings: SharedThrottle::new(),
+            pushed_out_warnings: SharedThrottle::new(),
             logger,
         };
         let thread = thread::Builder::new()
@@ -203,6 +208,7 @@ struct Client {
     answer: Vec<u8>,
     written: usize,
     lingered: usize,
+    accepted: Instant,
     deadline: Instant,
 }
 
@@ -225,11 +231,15 @@ struct Endpoint {
     monitor: Monitor,
     clients: Vec<Option<Client>>,
     retry_accept_at: Option<Instant>,
-    /// Connections closed at once because every place was taken, since the
-    /// last warning.
+    /// Connections closed at once because every place was busy answering,
+    /// since the last warning.
     turned_away: u64,
+    /// Connections closed before their request was whole, to make room for
+    /// a new one, since the last warning.
+    pushed_out: u64,
     accept_warnings: SharedThrottle,
     turned_away_warnings: SharedThrottle,
+    pushed_out_warnings: SharedThrottle,
     logger: Logger,
 }
 
@@ -311,6 +321,12 @@ impl Endpoint {
     }
 
     fn warn_turned_away(&mut self, now: Instant) {
+        if self.pushed_out > 0 && self.pushed_out_warnings.pass(now) {
+            self.logger.warn(format_args!(
+                "metrics endpoint: {} connections without a whole request closed to make room: {MAX_CLIENTS} already open",
+                std::mem::take(&mut self.pushed_out)
+            ));
+        }
         if self.turned_away > 0 && self.turned_away_warnings.pass(now) {
             self.logger.warn(format_args!(
                 "metrics endpoint: {} connections closed at once: {MAX_CLIENTS} already open",
@@ -319,13 +335,19 @@ impl Endpoint {
         }
     }
 
-    /// Takes a new connection into a free place, or closes it.
+    /// Takes a new connection into a free place, or into the place of the
+    /// oldest connection still waiting for its request, or closes it.
     fn admit(&mut self, mut stream: TcpStream, now: Instant) {
-        let Some(index) = self.clients.iter().position(Option::is_none) else {
+        let free = self.clients.iter().position(Option::is_none);
+        let Some(index) = free.or_else(|| self.oldest_waiting()) else {
             self.turned_away += 1;
             // Dropping the stream closes it.
             return;
         };
+        if self.clients[index].is_some() {
+            self.pushed_out += 1;
+            self.close(index);
+        }
         // Edge-triggered, registered once for both directions.
         if let Err(err) = self.poll.registry().register(
             &mut stream,
@@ -345,10 +367,23 @@ impl Endpoint {
             answer: Vec::new(),
             written: 0,
             lingered: 0,
+            accepted: now,
             deadline: now + REQUEST_DEADLINE,
         });
         // Its request may be there already; the edge has passed.
         self.drive(index, now);
+    }
+
+    /// The place of the connection that has waited longest for its request
+    /// head, if any is still waiting.
+    fn oldest_waiting(&self) -> Option<usize> {
+        self.clients
+            .iter()
+            .enumerate()
+            .filter_map(|(index, client)| Some((index, client.as_ref()?)))
+            .filter(|(_, client)| client.phase == Phase::Reading)
+            .min_by_key(|(_, client)| client.accepted)
+            .map(|(index, _)| index)
     }
 
     /// Moves a client on as far as its socket lets it, and closes it if done.
