@@ -32,6 +32,10 @@
 //!    one, two and three `echo-server --workers 1` child processes, next to
 //!    the same load direct to one: echoes/s, RTT p50 and p99, and the CPU of
 //!    HAProxy and of the backends.
+//! 9. `echo-client` as a load generator (issue 13), a child process against
+//!    ours in-process ([`client_load`]): 256 connections of 64 B next to the
+//!    bench's own load and to the thread-per-connection engine; 10,000
+//!    connections on 2 threads; `--rate 50000` over 256 connections.
 //!
 //! Usage: `cargo bench --bench echo -- [--quick] [--cases 1,2,6] [--load-threads N]
 //! [--active-stride N] [--busy-poll DURATION] [--floor-in-turn]
@@ -40,6 +44,8 @@
 //! `bench = false`, so `cargo bench -- --quick` reaches only this bench).
 //! Everything runs on loopback, bounded in count and time.
 
+#[path = "echo/client_load.rs"]
+mod client_load;
 #[path = "echo/floor.rs"]
 mod floor;
 #[path = "echo/haproxy.rs"]
@@ -95,7 +101,7 @@ struct Options {
     floor_placement: floor::Placement,
 }
 
-const USAGE: &str = "usage: cargo bench --bench echo -- [--quick] [--cases 1,2,3,4,5,6,7,8] \
+const USAGE: &str = "usage: cargo bench --bench echo -- [--quick] [--cases 1,2,3,4,5,6,7,8,9] \
      [--load-threads N] [--active-stride N] [--busy-poll DURATION] [--floor-in-turn] \
      [--drive 127.0.0.1:PORT [--conns N]]";
 
@@ -103,7 +109,7 @@ impl Options {
     fn parse(args: impl Iterator<Item = String>) -> Result<Options, String> {
         let mut options = Options {
             quick: false,
-            cases: vec![1, 2, 3, 4, 5, 6, 7, 8],
+            cases: vec![1, 2, 3, 4, 5, 6, 7, 8, 9],
             load_threads: 2,
             drive: None,
             conns: 256,
@@ -122,8 +128,8 @@ impl Options {
                     options.cases = list
                         .split(',')
                         .map(|c| match c.trim().parse() {
-                            Ok(n @ 1..=8) => Ok(n),
-                            _ => Err(format!("--cases: {c:?} is not a case 1-8")),
+                            Ok(n @ 1..=9) => Ok(n),
+                            _ => Err(format!("--cases: {c:?} is not a case 1-9")),
                         })
                         .collect::<Result<_, _>>()?;
                 }
@@ -234,7 +240,8 @@ fn main() -> ExitCode {
             6 => case_udp(&options, &mut report),
             7 => case_scrape_cost(&options, &mut report),
             8 => case_haproxy(&options, &mut report),
-            _ => unreachable!("Options::parse accepts only cases 1-8"),
+            9 => case_client_load(&options, &mut report),
+            _ => unreachable!("Options::parse accepts only cases 1-9"),
         }
         if let (Some(before), Some(after)) = (before, outside_load_mark()) {
             let cores = after.cores_since(&before);
@@ -884,6 +891,158 @@ fn case_connection_scaling(options: &Options, report: &mut Report) {
     for detail in details {
         report.note(detail);
     }
+}
+
+/// Case 9: `echo-client` as a load generator (see [`client_load`]).
+fn case_client_load(options: &Options, report: &mut Report) {
+    let seconds = if options.quick { 1 } else { 3 };
+    let duration = format!("{seconds}s");
+    let message = "x".repeat(64);
+    let mut table = Table {
+        title: "case 9: echo-client as a load generator, against ours in-process (2 workers)"
+            .to_string(),
+        header: [
+            "run",
+            "echoes/s",
+            "client CPU/echo",
+            "p50 / p99",
+            "client peak RSS",
+        ]
+        .map(String::from)
+        .to_vec(),
+        rows: Vec::new(),
+    };
+    if let Err(error) = echo_chamber::limits::raise_open_file_limit() {
+        report.failure(format!("case 9: raising the open-file limit: {error}"));
+        return;
+    }
+    wait_for_quiet();
+    let server = match InProcess::start(
+        Kind::Ours,
+        WORKERS,
+        options.busy_poll,
+        options.floor_placement,
+    ) {
+        Ok(server) => server,
+        Err(error) => {
+            report.failure(format!("case 9: starting ours: {error}"));
+            return;
+        }
+    };
+    let addr = server.addr().to_string();
+    let spec = Spec {
+        message_len: 64,
+        window: 1,
+    };
+    let own = load::connect(server.addr(), 256).and_then(|streams| {
+        measure_window(streams, spec, options, Placement::InProcess, &|| {
+            procfs::snapshot(None, &|comm| Kind::Ours.owns_thread(comm))
+        })
+    });
+    match own {
+        Ok(w) => table.rows.push(vec![
+            format!(
+                "bench load, 256 conns x 64 B, {} mio threads",
+                options.load_threads
+            ),
+            format!("{:.0}", w.echoes as f64 / w.secs),
+            format!("{:.2} us", w.per_echo_us(w.load_cpu)),
+            String::new(),
+            String::new(),
+        ]),
+        Err(error) => report.failure(format!("case 9 bench load: {error}")),
+    }
+    let runs: [(&str, Vec<String>); 4] = [
+        (
+            "echo-client, 256 conns x 64 B, closed loop, --threads 2",
+            vec![
+                addr.clone(),
+                "--connections".into(),
+                "256".into(),
+                "--message".into(),
+                message.clone(),
+                "--duration".into(),
+                duration.clone(),
+                "--threads".into(),
+                "2".into(),
+                "-q".into(),
+            ],
+        ),
+        (
+            "echo-client --reconnect (a thread per connection), 256 conns x 64 B",
+            vec![
+                addr.clone(),
+                "--connections".into(),
+                "256".into(),
+                "--message".into(),
+                message,
+                "--repeat".into(),
+                (seconds * 100).to_string(),
+                "--reconnect".into(),
+                "-q".into(),
+            ],
+        ),
+        (
+            "echo-client, 10,000 conns, --rate 20000, --threads 2",
+            vec![
+                addr.clone(),
+                "--connections".into(),
+                "10000".into(),
+                "--rate".into(),
+                "20000".into(),
+                "--duration".into(),
+                duration.clone(),
+                "--threads".into(),
+                "2".into(),
+                "--timeout".into(),
+                "30s".into(),
+                "-q".into(),
+            ],
+        ),
+        (
+            "echo-client, 256 conns, --rate 50000 (p50/p99 from the due time)",
+            vec![
+                addr.clone(),
+                "--connections".into(),
+                "256".into(),
+                "--rate".into(),
+                "50000".into(),
+                "--duration".into(),
+                duration,
+                "-q".into(),
+            ],
+        ),
+    ];
+    for (what, args) in runs {
+        wait_for_quiet();
+        match client_load::run_client(&args) {
+            Ok(run) => {
+                let ms = |value: Option<f64>| {
+                    value.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"))
+                };
+                table.rows.push(vec![
+                    what.to_string(),
+                    format!("{:.0}", run.echoes_per_s()),
+                    format!("{:.2} us", run.cpu_us_per_echo()),
+                    format!("{} / {} ms", ms(run.p50_ms), ms(run.p99_ms)),
+                    format!("{:.1} MiB", run.max_rss_kib as f64 / 1024.0),
+                ]);
+            }
+            Err(error) => report.failure(format!("case 9 {what}: {error}")),
+        }
+    }
+    if let Err(error) = server.stop() {
+        report.failure(format!("case 9: stopping ours: {error}"));
+    }
+    report.table(table);
+    report.note(format!(
+        "case 9: the client is a child process (CPU and peak RSS from wait4, connects and \
+         the closing checks included); the bench load's CPU is its load threads' over a \
+         {:.1} s window; --reconnect runs the thread-per-connection engine, for \
+         {} echoes per connection; the client's echoes/s counts from its start",
+        options.load_window().1.as_secs_f64(),
+        seconds * 100
+    ));
 }
 
 /// Warns when other processes took enough CPU to disturb a case.
