@@ -314,7 +314,7 @@ impl Report {
     pub fn to_json(&self) -> String {
         let rtt = |value: Option<Duration>| value.map_or_else(|| "null".to_owned(), ms);
         let p = |q| rtt(self.rtt.percentile(q));
-        let mut reconnects = if self.reconnect {
+        let mut extra = if self.reconnect {
             format!(
                 ",\"reconnects\":{},\"resent\":{}",
                 self.reconnects, self.resent
@@ -331,7 +331,7 @@ impl Report {
                 .collect();
             // Writing to a String cannot fail.
             let _ = write!(
-                reconnects,
+                extra,
                 ",\"connect_ms\":{{\"min\":{},\"p50\":{},\"p99\":{},\"max\":{}}},\"connect_failures\":{{{}}}",
                 c(self.connect.min()),
                 c(self.connect.percentile(0.5)),
@@ -341,8 +341,9 @@ impl Report {
             );
         }
         if let Some(rate) = &self.rate {
+            // Writing to a String cannot fail.
             let _ = write!(
-                reconnects,
+                extra,
                 ",\"rate\":{{\"asked\":{},\"due\":{},\"late\":{},\"unsent\":{},\"most_late_ms\":{},\"kept\":{}}}",
                 rate.asked,
                 rate.due,
@@ -376,7 +377,7 @@ impl Report {
             p(0.999),
             self.elapsed.as_secs_f64(),
             self.echoes_per_second(),
-            reconnects,
+            extra,
         )
     }
 }
