@@ -189,6 +189,19 @@ fn mem_available(meminfo: &str) -> Option<u64> {
     kib.checked_mul(1024)
 }
 
+/// The local ports Linux picks from for an outgoing connection
+/// (`net.ipv4.ip_local_port_range`), first and last: one client address
+/// can hold at most that many connections to one server address and port.
+#[must_use]
+pub fn ephemeral_ports() -> Option<(u16, u16)> {
+    let range = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut ports = range.split_whitespace().map(str::parse::<u16>);
+    match (ports.next(), ports.next()) {
+        (Some(Ok(first)), Some(Ok(last))) if first <= last => Some((first, last)),
+        _ => None,
+    }
+}
+
 /// cgroup v2's `cpu.max`: "QUOTA PERIOD", or "max PERIOD" for none.
 fn parse_cpu_max(text: &str) -> Option<f64> {
     let mut fields = text.split_whitespace();

@@ -238,6 +238,7 @@ fn run() -> Exit {
             return Exit::Usage;
         }
         warn_if_open_files_fall_short(&config);
+        warn_if_ports_fall_short(&config);
     }
     let stop = StopHandle::new();
     install_stop_signals(&stop);
@@ -593,6 +594,25 @@ fn bytes_text(bytes: u64) -> String {
     let text = format!("{value:.1}");
     let text = text.strip_suffix(".0").unwrap_or(&text);
     format!("{text} {}", UNITS[unit])
+}
+
+/// Says in one line before connecting when there are more connections
+/// than local ports for them: the rest fail as `cannot assign requested
+/// address`. (A target of several addresses has that many per address.)
+fn warn_if_ports_fall_short(config: &ClientConfig) {
+    let Some((first, last)) = echo_chamber::limits::ephemeral_ports() else {
+        return;
+    };
+    let ports = usize::from(last - first) + 1;
+    let connections = config.connections.get();
+    if connections > ports {
+        cli::print_err(
+            PROG,
+            format_args!(
+                "{connections} connections, but one client address has only {ports} local ports for one server port (net.ipv4.ip_local_port_range {first}-{last}); widen it, e.g. sysctl -w net.ipv4.ip_local_port_range=\"1024 65535\", or run clients from several addresses"
+            ),
+        );
+    }
 }
 
 /// Raises the soft open-file limit to the hard one, as the server does,

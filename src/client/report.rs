@@ -264,7 +264,7 @@ impl Report {
         {
             let p = |q| self.connect.percentile(q).map_or_else(String::new, ms);
             // Writing to a String cannot fail, here and below.
-            let _ = writeln!(
+            let _ = write!(
                 text,
                 "connect min/p50/p99/max = {}/{}/{}/{} ms",
                 ms(min),
@@ -272,6 +272,12 @@ impl Report {
                 p(0.99),
                 ms(max)
             );
+            // Some never connected, or never started (--duration ended first).
+            let connected = self.connect.count();
+            if connected < self.connections as u64 {
+                let _ = write!(text, ", {connected} of {} connected", self.connections);
+            }
+            text.push('\n');
         }
         if !self.connect_failures.is_empty() {
             let causes: Vec<String> = self
