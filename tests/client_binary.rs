@@ -542,6 +542,10 @@ fn usage_errors_exit_2_with_one_line_naming_the_flag_and_value() {
             (&["--duration", "0s"], &["--duration", "0s"]),
             (&["--rate", "10", "--reconnect"], &["--rate", "--reconnect"]),
             (&["--duration", "1s", "--stdin"], &["--duration", "--stdin"]),
+            (
+                &["--rate", "10", "--interval", "1s"],
+                &["--interval", "--rate"],
+            ),
             (&["--threads", "2", "--udp"], &["--threads", "--udp"]),
             (&["--message", ""], &["--message", "''"]),
             (&["nonsense"], &["addr", "nonsense"]),

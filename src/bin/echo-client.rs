@@ -384,6 +384,12 @@ fn check_combinations(args: &Args) -> Result<(), String> {
             ));
         }
     }
+    if args.rate.is_some() && args.interval.is_some() {
+        return Err(
+            "--interval cannot be combined with --rate: the rate sets when each echo goes"
+                .to_owned(),
+        );
+    }
     if on(args.reconnect)
         && args
             .connections

@@ -1299,3 +1299,43 @@ where
     tally.echoing_ended = Some(Instant::now());
     tally
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schedule(per_second: f64, limit: Option<u64>) -> Schedule {
+        Schedule {
+            per_second,
+            start: Some(Instant::now()),
+            issued: 0,
+            sent: 0,
+            limit,
+            free: VecDeque::new(),
+        }
+    }
+
+    #[test]
+    fn echoes_fall_due_evenly_from_the_start() {
+        let schedule = schedule(1000.0, None);
+        let start = schedule.start.expect("started");
+        assert_eq!(schedule.due(0), start);
+        assert_eq!(schedule.due(1) - start, Duration::from_millis(1));
+        assert_eq!(schedule.due(2500) - start, Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn late_echoes_go_oldest_first_and_cost_no_memory() {
+        let mut schedule = schedule(1000.0, Some(1_000_000));
+        // A million echoes fell due with no connection free: two numbers.
+        schedule.issued = 1_000_000;
+        assert_eq!(schedule.late(), 1_000_000);
+        let start = schedule.start.expect("started");
+        assert_eq!(schedule.take_late(), Some(start));
+        assert_eq!(schedule.take_late(), Some(start + Duration::from_millis(1)));
+        assert!(!schedule.finished());
+        assert_eq!(schedule.drop_late(), 999_998);
+        assert!(schedule.finished());
+        assert_eq!(schedule.take_late(), None);
+    }
+}
