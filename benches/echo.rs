@@ -895,7 +895,8 @@ fn case_connection_scaling(options: &Options, report: &mut Report) {
 
 /// Case 9: `echo-client` as a load generator (see [`client_load`]).
 fn case_client_load(options: &Options, report: &mut Report) {
-    let seconds = if options.quick { 1 } else { 3 };
+    // At least two whole one-second intervals beside the ramp and the tail.
+    let seconds = if options.quick { 3 } else { 5 };
     let duration = format!("{seconds}s");
     let message = "x".repeat(64);
     let mut table = Table {
@@ -965,6 +966,8 @@ fn case_client_load(options: &Options, report: &mut Report) {
                 duration.clone(),
                 "--threads".into(),
                 "2".into(),
+                "--report-every".into(),
+                "1s".into(),
                 "-q".into(),
             ],
         ),
@@ -996,6 +999,8 @@ fn case_client_load(options: &Options, report: &mut Report) {
                 "2".into(),
                 "--timeout".into(),
                 "30s".into(),
+                "--report-every".into(),
+                "1s".into(),
                 "-q".into(),
             ],
         ),
@@ -1009,6 +1014,8 @@ fn case_client_load(options: &Options, report: &mut Report) {
                 "50000".into(),
                 "--duration".into(),
                 duration,
+                "--report-every".into(),
+                "1s".into(),
                 "-q".into(),
             ],
         ),
@@ -1039,7 +1046,9 @@ fn case_client_load(options: &Options, report: &mut Report) {
         "case 9: the client is a child process (CPU and peak RSS from wait4, connects and \
          the closing checks included); the bench load's CPU is its load threads' over a \
          {:.1} s window; --reconnect runs the thread-per-connection engine, for \
-         {} echoes per connection; the client's echoes/s counts from its start",
+         {} echoes per connection, its echoes/s over the whole run; the others' echoes/s is \
+         the median of their whole one-second --report-every intervals (steady state), \
+         their CPU per echo over the whole run",
         options.load_window().1.as_secs_f64(),
         seconds * 100
     ));

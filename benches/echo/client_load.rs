@@ -20,6 +20,10 @@ const CLIENT: &str = env!("CARGO_BIN_EXE_echo-client");
 pub struct ClientRun {
     pub echoed: f64,
     pub elapsed_s: f64,
+    /// With `--report-every 1s` among the arguments: the median echoes/s
+    /// of the whole one-second intervals, steady state without the
+    /// connects and the closing checks.
+    pub steady_per_s: Option<f64>,
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
     /// User plus system CPU of the whole process, in seconds.
@@ -29,8 +33,11 @@ pub struct ClientRun {
 }
 
 impl ClientRun {
+    /// Echoes/s over the steady intervals if there were any, else over
+    /// the whole run.
     pub fn echoes_per_s(&self) -> f64 {
-        self.echoed / self.elapsed_s.max(1e-9)
+        self.steady_per_s
+            .unwrap_or(self.echoed / self.elapsed_s.max(1e-9))
     }
 
     pub fn cpu_us_per_echo(&self) -> f64 {
@@ -82,10 +89,22 @@ pub fn run_client(args: &[String]) -> Result<ClientRun, String> {
         .last()
         .ok_or_else(|| format!("{CLIENT} printed nothing; stderr: {stderr}"))?;
     let number = |key: &str| json_number(report, key);
+    let mut steady: Vec<f64> = stdout
+        .lines()
+        .filter(|line| line.starts_with("{\"start_s\""))
+        .filter(|line| {
+            let start = json_number(line, "\"start_s\":").unwrap_or(0.0);
+            let end = json_number(line, "\"end_s\":").unwrap_or(0.0);
+            end - start >= 0.999
+        })
+        .filter_map(|line| json_number(line, "\"echoes_per_s\":"))
+        .collect();
+    steady.sort_by(f64::total_cmp);
     let seconds = |time: libc::timeval| time.tv_sec as f64 + time.tv_usec as f64 / 1e6;
     Ok(ClientRun {
         echoed: number("\"echoed\":").ok_or_else(|| format!("no echoed in {report}"))?,
         elapsed_s: number("\"elapsed_s\":").ok_or_else(|| format!("no elapsed_s in {report}"))?,
+        steady_per_s: steady.get(steady.len() / 2).copied(),
         p50_ms: number("\"p50\":"),
         p99_ms: number("\"p99\":"),
         cpu_s: seconds(usage.ru_utime) + seconds(usage.ru_stime),
