@@ -122,6 +122,7 @@ pub fn memory_limit() -> Option<MemoryLimit> {
 /// A memory limit in bytes, and what set it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryLimit {
+    /// The limit, in bytes.
     pub bytes: u64,
     /// Where the figure was read, for messages: `the cgroup's memory.max`.
     pub source: &'static str,

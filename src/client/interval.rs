@@ -24,8 +24,9 @@ pub(super) struct IntervalTally {
 /// One interval of a run: from `start` to `end` after the run began.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Interval {
-    /// When the interval began and ended, from the start of the run.
+    /// When the interval began, from the start of the run.
     pub start: Duration,
+    /// When it ended, from the start of the run.
     pub end: Duration,
     /// Complete echoes (exact or not) that came back in it.
     pub echoes: u64,
