@@ -313,11 +313,11 @@ where
     pub fn run(mut self) -> ConnectionTally {
         let mut events = Events::with_capacity(EVENTS);
         let mut ready = Vec::with_capacity(EVENTS);
-        let mut now = Instant::now();
-        self.tick(now);
+        self.tick(Instant::now());
         while self.open > 0 {
-            // `now` is from before the last events were handled: a wait a
-            // few microseconds long is rounded up to a millisecond anyway.
+            // Read again after handling the events: a thousand of them can
+            // take a millisecond, which a due echo must not wait on top.
+            let now = Instant::now();
             let next = [
                 self.timers.peek().map(|Reverse((at, _))| *at),
                 self.loop_wake,
@@ -347,7 +347,7 @@ where
                 self.abandon(&error, Instant::now());
                 break;
             }
-            now = Instant::now();
+            let now = Instant::now();
             ready.clear();
             ready.extend(
                 events
