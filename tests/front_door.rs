@@ -48,7 +48,18 @@ fn usage_error(program: &str, args: &[&str]) -> String {
 fn dash_h_is_help_and_dash_capital_v_is_version_on_both_binaries() {
     with_time_limit(TEST_LIMIT, || {
         for (name, path) in BINARIES {
-            assert_eq!(stdout_of(path, &["-h"]), stdout_of(path, &["--help"]));
+            let help = stdout_of(path, &["--help"]);
+            assert_eq!(stdout_of(path, &["-h"]), help);
+            // The help lists the short forms it takes.
+            for listed in [
+                "\n  -V, --version     print",
+                "\n  -h, --help, help  display",
+            ] {
+                assert!(
+                    help.contains(listed),
+                    "{name} --help lacks {listed:?}:\n{help}"
+                );
+            }
             let version = format!("{name} {}\n", env!("CARGO_PKG_VERSION"));
             assert_eq!(stdout_of(path, &["-V"]), version);
         }
