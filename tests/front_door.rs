@@ -48,7 +48,18 @@ fn usage_error(program: &str, args: &[&str]) -> String {
 fn dash_h_is_help_and_dash_capital_v_is_version_on_both_binaries() {
     with_time_limit(TEST_LIMIT, || {
         for (name, path) in BINARIES {
-            assert_eq!(stdout_of(path, &["-h"]), stdout_of(path, &["--help"]));
+            let help = stdout_of(path, &["--help"]);
+            assert_eq!(stdout_of(path, &["-h"]), help);
+            // The help lists the short forms it takes.
+            for listed in [
+                "\n  -V, --version     print",
+                "\n  -h, --help, help  display",
+            ] {
+                assert!(
+                    help.contains(listed),
+                    "{name} --help lacks {listed:?}:\n{help}"
+                );
+            }
             let version = format!("{name} {}\n", env!("CARGO_PKG_VERSION"));
             assert_eq!(stdout_of(path, &["-V"]), version);
         }
@@ -159,19 +170,28 @@ fn bind_with_a_port_or_a_host_name_says_what_to_give_instead() {
 #[test]
 fn an_address_not_on_this_machine_is_said_in_words() {
     with_time_limit(TEST_LIMIT, || {
-        // 192.0.2.0/24 is TEST-NET-1, never a host's own address.
-        for transport in ["--tcp", "--udp"] {
-            let args = ["--bind", "192.0.2.1", "--port", "0", transport];
-            let output = run_to_end(SERVER_BIN, &args, LIMIT);
-            let context = describe(SERVER_BIN, &args, &output);
-            assert_eq!(output.status.code(), Some(1), "{context}");
-            assert_eq!(
-                String::from_utf8_lossy(&output.stderr),
-                "echo-server: cannot listen on 192.0.2.1:0: 192.0.2.1 is not an address of \
-                 this machine; give --bind one of its addresses, or 0.0.0.0 for every \
-                 interface\n",
-                "{context}"
-            );
+        // Documentation ranges (TEST-NET-2, 2001:db8::/32): a lab may number
+        // its hosts from TEST-NET-1, but these two are assigned to no host.
+        let cases = [
+            ("198.51.100.7", "198.51.100.7:0", "0.0.0.0"),
+            ("2001:db8::7", "[2001:db8::7]:0", "::"),
+        ];
+        for (address, shown, every) in cases {
+            for transport in ["--tcp", "--udp"] {
+                let args = ["--bind", address, "--port", "0", transport];
+                let output = run_to_end(SERVER_BIN, &args, LIMIT);
+                let context = describe(SERVER_BIN, &args, &output);
+                assert_eq!(output.status.code(), Some(1), "{context}");
+                assert_eq!(
+                    String::from_utf8_lossy(&output.stderr),
+                    format!(
+                        "echo-server: cannot listen on {shown}: {address} is not an address of \
+                         this machine; give --bind one of its addresses, or {every} for every \
+                         interface\n"
+                    ),
+                    "{context}"
+                );
+            }
         }
     });
 }
@@ -194,6 +214,15 @@ fn listening_on_every_interface_is_said_once_at_start_up() {
                  server; --bind 127.0.0.1 keeps it to this one"
             ),
             "log:\n{log}"
+        );
+        // Every IPv4 interface, written as an IPv4-mapped IPv6 address.
+        let args = ["--bind", "::ffff:0.0.0.0", "--port", "0", "--workers", "1"];
+        let mut mapped = ServerProcess::start_exact(Command::new(SERVER_BIN), &args);
+        mapped.stop_cleanly();
+        assert!(
+            mapped.log().contains("INFO serving every interface ("),
+            "log:\n{}",
+            mapped.log()
         );
         let mut local = ServerProcess::start(&["--workers", "1"]);
         local.stop_cleanly();

@@ -43,7 +43,7 @@ enum Exit {
     /// Every echo came back exact (also after Ctrl-C), or --help/--version.
     Success = 0,
     /// At least one echo failed: timed out, mismatched, cut short, closed
-    /// before echo (the server ended the connection between echoes), refused,
+    /// before echo (the server ended the connection before any byte of an echo came back), refused,
     /// reset, or still out (or still connecting) when stopped; the server
     /// sent bytes it was never sent; the host did not resolve; a message
     /// could not be allocated; or stdin could not be read or stdout written.

@@ -428,10 +428,12 @@ fn run() -> Result<(), Failure> {
         Server::start(sockets, config).map_err(|err| Failure::Runtime(start_failure(&err)))?;
     // Only once the server runs: if it cannot start, its one error line says why.
     let bound = server.local_addr().ip();
-    if bound.is_unspecified() {
-        let (interfaces, local) = match bound.is_ipv6() {
-            true => ("every interface, IPv6 and IPv4", "::1"),
-            false => ("every interface", "127.0.0.1"),
+    // `::ffff:0.0.0.0` is every IPv4 interface too.
+    if bound.to_canonical().is_unspecified() {
+        let (interfaces, local) = match bound.to_canonical() {
+            IpAddr::V6(_) if ipv6_only_by_default() => ("every IPv6 interface", "::1"),
+            IpAddr::V6(_) => ("every interface, IPv6 and IPv4", "::1"),
+            IpAddr::V4(_) => ("every interface", "127.0.0.1"),
         };
         logger.notice(format_args!(
             "serving {interfaces} ({bound}): other machines can reach this server; \
@@ -651,6 +653,21 @@ impl Flags {
     };
 }
 
+/// Whether a `::` socket takes IPv6 only (`net.ipv6.bindv6only`): the server
+/// leaves `IPV6_V6ONLY` as the system sets it.
+fn ipv6_only_by_default() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|value| value.trim() == "1")
+}
+
+/// The lowest port a process without CAP_NET_BIND_SERVICE may bind
+/// (`net.ipv4.ip_unprivileged_port_start`, 1024 unless set otherwise).
+fn unprivileged_port_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(1024)
+}
+
 /// Why a bind failed, with what to do for the commonest reasons.
 fn listen_cause(addr: SocketAddr, err: &std::io::Error, flags: Flags) -> String {
     let cause = io_cause(err);
@@ -669,19 +686,31 @@ fn listen_cause(addr: SocketAddr, err: &std::io::Error, flags: Flags) -> String 
             } else {
                 ""
             };
+            let every = if addr.is_ipv6() { "::" } else { "0.0.0.0" };
             format!(
                 "{} is not an address of this machine{udp}; give {} one of its addresses, \
-                 or 0.0.0.0 for every interface",
+                 or {every} for every interface",
                 addr.ip(),
                 flags.address
             )
         }
-        std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => format!(
-            "{cause}: ports below 1024 need root or CAP_NET_BIND_SERVICE; choose {}",
-            flags.port
-        ),
+        std::io::ErrorKind::PermissionDenied => {
+            privileged_port_hint(cause, addr.port(), unprivileged_port_start(), flags)
+        }
         _ => cause,
     }
+}
+
+/// A refused bind to a port below `start` needs a privilege; any other
+/// refusal (a port 0, a security module) is left as the system said it.
+fn privileged_port_hint(cause: String, port: u16, start: u16, flags: Flags) -> String {
+    if port == 0 || port >= start {
+        return cause;
+    }
+    format!(
+        "{cause}: ports below {start} need root or CAP_NET_BIND_SERVICE; choose {}",
+        flags.port
+    )
 }
 
 /// Why the server could not start, with the way out when descriptors ran out.
@@ -729,16 +758,25 @@ mod tests {
 
     #[test]
     fn a_privileged_port_refused_says_what_it_needs() {
-        let addr: SocketAddr = "0.0.0.0:7".parse().expect("an address");
-        let denied = std::io::Error::from_raw_os_error(libc::EACCES);
+        let denied = || "permission denied".to_string();
         assert_eq!(
-            listen_cause(addr, &denied, Flags::ECHO),
+            privileged_port_hint(denied(), 7, 1024, Flags::ECHO),
             "permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE; \
              choose another --port, or --port 0 for a free one"
         );
-        let high: SocketAddr = "0.0.0.0:9999".parse().expect("an address");
+        // net.ipv4.ip_unprivileged_port_start moved the line.
         assert_eq!(
-            listen_cause(high, &denied, Flags::ECHO),
+            privileged_port_hint(denied(), 1500, 2000, Flags::ECHO),
+            "permission denied: ports below 2000 need root or CAP_NET_BIND_SERVICE; \
+             choose another --port, or --port 0 for a free one"
+        );
+        assert_eq!(
+            privileged_port_hint(denied(), 9999, 1024, Flags::ECHO),
+            "permission denied"
+        );
+        // Port 0 needs no privilege: the refusal came from elsewhere.
+        assert_eq!(
+            privileged_port_hint(denied(), 0, 1024, Flags::ECHO),
             "permission denied"
         );
     }

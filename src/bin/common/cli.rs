@@ -130,11 +130,23 @@ fn tidy_help(help: &str) -> String {
     let mut tidy = wrap_usage(&usage);
     for line in lines {
         tidy.push('\n');
-        tidy.push_str(if line == "Error codes:" {
-            "Exit codes:"
-        } else {
-            line
-        });
+        // argh lists only the long forms; the wrapper also takes -V and -h.
+        let short = match line.split_once("  ") {
+            Some(("", rest)) if rest.starts_with("--version ") => Some(("-V, --version", rest)),
+            Some(("", rest)) if rest.starts_with("--help, help ") => {
+                Some(("-h, --help, help", rest))
+            }
+            _ => None,
+        };
+        match short {
+            Some((flags, rest)) => {
+                let description = rest.split_once("  ").map_or("", |(_, d)| d.trim_start());
+                let width = rest.len() - description.len();
+                tidy.push_str(&format!("  {flags:<width$}{description}"));
+            }
+            None if line == "Error codes:" => tidy.push_str("Exit codes:"),
+            None => tidy.push_str(line),
+        }
     }
     if help.ends_with('\n') {
         tidy.push('\n');

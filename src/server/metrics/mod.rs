@@ -28,7 +28,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::error::{Error, interrupted, io_cause, is_peer_gone, would_block};
-use crate::log::{Logger, SharedThrottle};
+use crate::log::{Logger, SharedThrottle, counted};
 use crate::server::Monitor;
 use exposition::Exposition;
 use http::{MAX_HEAD, Page, Request, Status};
@@ -323,14 +323,14 @@ impl Endpoint {
     fn warn_turned_away(&mut self, now: Instant) {
         if self.pushed_out > 0 && self.pushed_out_warnings.pass(now) {
             self.logger.warn(format_args!(
-                "metrics endpoint: {} connections without a whole request closed to make room: {MAX_CLIENTS} already open",
-                std::mem::take(&mut self.pushed_out)
+                "metrics endpoint: {} without a whole request closed to make room: {MAX_CLIENTS} already open",
+                counted(std::mem::take(&mut self.pushed_out), "connection")
             ));
         }
         if self.turned_away > 0 && self.turned_away_warnings.pass(now) {
             self.logger.warn(format_args!(
-                "metrics endpoint: {} connections closed at once: {MAX_CLIENTS} already open",
-                std::mem::take(&mut self.turned_away)
+                "metrics endpoint: {} closed at once: {MAX_CLIENTS} already open",
+                counted(std::mem::take(&mut self.turned_away), "connection")
             ));
         }
     }
