@@ -405,3 +405,51 @@ fn report_every_with_json_prints_json_lines_then_the_summary_object() {
         assert_eq!(Some(echoes), summary.number("echoed"), "{}", run.describe());
     });
 }
+
+#[test]
+fn buffers_follow_the_echoes_in_flight_not_the_connections() {
+    with_time_limit(LIMIT, || {
+        common::need_open_files(2 * 2_000 + 100);
+        let server = server_for(2_000);
+        // 2,000 connections of 1 MiB messages would hold 2 GiB if each kept
+        // its buffer; at 20 echoes a second, a handful are ever out.
+        let child = Command::new(common::client::CLIENT)
+            .args([
+                &server.local_addr().to_string(),
+                "--connections",
+                "2000",
+                "--size",
+                "1MiB",
+                "--rate",
+                "20",
+                "--duration",
+                "2s",
+                "--timeout",
+                "30s",
+                "-q",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the client binary starts");
+        let pid = child.id() as libc::pid_t;
+        let mut status = 0;
+        // SAFETY: an all-zero rusage is a valid value for wait4 to fill.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: wait4 on our own child, writing into locals that outlive it.
+        let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        assert_eq!(waited, pid, "wait4: {}", std::io::Error::last_os_error());
+        // wait4 reaped it above, keeping its rusage, which wait() cannot
+        // give; dropping the Child neither waits nor kills.
+        drop(child);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the client ended with status {status}"
+        );
+        let peak_mib = usage.ru_maxrss / 1024;
+        assert!(
+            peak_mib < 256,
+            "2,000 connections of 1 MiB at 20 echoes/s peaked at {peak_mib} MiB"
+        );
+    });
+}
