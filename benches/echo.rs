@@ -1059,6 +1059,7 @@ fn case_connection_scaling(options: &Options, report: &mut Report) {
                 details.push(detail);
             }
         }
+        floor_ratio_note(report, conns, &windows);
         report.row(Row {
             case: format!("2. echoes/s, {conns} conns"),
             unit: "/s",
@@ -1104,6 +1105,54 @@ fn case_connection_scaling(options: &Options, report: &mut Report) {
     for detail in details {
         report.note(detail);
     }
+}
+
+/// Issue 16's go/no-go figure: the io_uring floor's CPU per echo over the
+/// epoll floor's, per round (their windows were taken back to back), with
+/// the other processes' largest share of a core in that pair of windows.
+fn floor_ratio_note(report: &mut Report, conns: usize, windows: &[Vec<Window>; KINDS]) {
+    let at = |kind: Kind| {
+        Kind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .expect("ALL lists every kind")
+    };
+    let (epoll, uring) = (&windows[at(Kind::Floor)], &windows[at(Kind::UringFloor)]);
+    let pairs: Vec<(f64, f64)> = epoll
+        .iter()
+        .zip(uring)
+        .map(|(e, u)| {
+            (
+                u.per_echo_us(u.server_cpu) / e.per_echo_us(e.server_cpu),
+                e.foreign_cores.max(u.foreign_cores),
+            )
+        })
+        .collect();
+    if pairs.is_empty() {
+        return;
+    }
+    let ratios: Vec<f64> = pairs.iter().map(|p| p.0).collect();
+    let clean: Vec<f64> = pairs
+        .iter()
+        .filter(|p| p.1 <= FOREIGN_LIMIT)
+        .map(|p| p.0)
+        .collect();
+    let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    report.note(format!(
+        "case 2 {conns} conns: uring-floor / floor CPU per echo, per round: median {:.3}x \
+         ({min:.3}-{max:.3}x over {} rounds: {}); over the {} rounds where other processes \
+         used <= {FOREIGN_LIMIT} core: median {}",
+        median(ratios.clone()).unwrap_or(f64::NAN),
+        ratios.len(),
+        pairs
+            .iter()
+            .map(|(r, f)| format!("{r:.3}x@{f:.2}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        clean.len(),
+        median(clean).map_or("-".to_string(), |m| format!("{m:.3}x")),
+    ));
 }
 
 /// Warns when other processes took enough CPU to disturb a case.
@@ -2331,15 +2380,25 @@ fn case_busy_poll(options: &Options, report: &mut Report) {
                                             },
                                         )
                                     });
-                                server.stop()?;
-                                window
+                                let waits = server.stop_counting_waits()?;
+                                window.map(|w| (w, waits))
                             });
                     match outcome {
-                        Ok(w) if w.echoes > 0 => {
+                        Ok((w, waits)) if w.echoes > 0 => {
+                            let waits = waits.map_or(String::new(), |(caught, all)| {
+                                format!(", busy polling caught {caught} of {all} waits")
+                            });
+                            let mut times = w.round_trips.clone();
+                            times.sort();
+                            let p50 = if times.is_empty() {
+                                f64::NAN
+                            } else {
+                                percentile_us(&times, 50.0)
+                            };
                             eprintln!(
                                 "    case 9 {conns} conns, {} load, {name}: {} echoes in {:.2} s, \
-                                 server CPU {:.2} us/echo, load CPU {:.2} us/echo, machine {:.0}% \
-                                 idle, other processes {:.2} cores",
+                                 RTT p50 {p50:.1} us, server CPU {:.2} us/echo, load CPU {:.2} \
+                                 us/echo, machine {:.0}% idle, other processes {:.2} cores{waits}",
                                 load.name(),
                                 w.echoes,
                                 w.secs,

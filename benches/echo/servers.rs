@@ -149,19 +149,31 @@ impl InProcess {
     /// # Errors
     /// Our server reported a failure while joining.
     pub fn stop(self) -> Result<(), String> {
+        self.stop_counting_waits().map(drop)
+    }
+
+    /// As [`InProcess::stop`], and for ours, how many of its workers'
+    /// waits busy polling caught, and how many waits there were.
+    ///
+    /// # Errors
+    /// As [`InProcess::stop`].
+    pub fn stop_counting_waits(self) -> Result<Option<(u64, u64)>, String> {
         match self {
             InProcess::Ours(server) => {
                 server.shutdown_handle().shutdown();
                 server
                     .join()
-                    .map(|_summary| ())
+                    .map(|summary| {
+                        let caught = summary.busy_poll_catches;
+                        Some((caught, caught + summary.worker_sleeps))
+                    })
                     .map_err(|e| format!("ours: {e}"))
             }
             // The peers stop and join in their Drop.
             InProcess::Tokio(_)
             | InProcess::Blocking(_)
             | InProcess::Floor(_)
-            | InProcess::UringFloor(_) => Ok(()),
+            | InProcess::UringFloor(_) => Ok(None),
         }
     }
 }
