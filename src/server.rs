@@ -60,10 +60,10 @@ pub use crate::server::stats::{Snapshot, Summary};
 /// # Examples
 /// ```
 /// use std::io::{Read, Write};
-/// use echo_chamber::config::{LogLevel, ServerConfig};
+/// use echo_chamber::server::config::{LogLevel, ServerConfig};
 /// use echo_chamber::server::Server;
 ///
-/// let listener = echo_chamber::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+/// let listener = echo_chamber::server::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
 /// let config = ServerConfig { workers: 1, log_level: LogLevel::Quiet, ..ServerConfig::default() };
 /// let server = Server::start(listener, config).unwrap();
 ///

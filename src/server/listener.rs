@@ -21,7 +21,7 @@ pub const LISTEN_BACKLOG: i32 = 4096;
 ///
 /// # Examples
 /// ```
-/// let listener = echo_chamber::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+/// let listener = echo_chamber::server::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
 /// assert_ne!(listener.local_addr().unwrap().port(), 0);
 /// ```
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -112,7 +112,7 @@ const PORT_TRIES: usize = 16;
 ///
 /// # Examples
 /// ```
-/// use echo_chamber::listener::{bind_sockets, Transports};
+/// use echo_chamber::server::listener::{bind_sockets, Transports};
 /// let both = Transports { tcp: true, udp: true };
 /// let sockets = bind_sockets("127.0.0.1:0".parse().unwrap(), both, 2).unwrap();
 /// let port = sockets.tcp.as_ref().unwrap().local_addr().unwrap().port();

@@ -42,7 +42,7 @@ pub enum HeaderRead {
 ///
 /// # Examples
 /// ```
-/// use echo_chamber::proxy_header::{read_header, HeaderRead};
+/// use echo_chamber::server::proxy_header::{read_header, HeaderRead};
 /// let bytes = b"PROXY TCP4 192.0.2.7 198.51.100.1 40000 7\r\nhello";
 /// assert_eq!(
 ///     read_header(bytes),

@@ -71,12 +71,12 @@ const FIRST_CLIENT: usize = 2;
 /// # Examples
 /// ```
 /// use std::io::{Read, Write};
-/// use echo_chamber::config::{LogLevel, ServerConfig};
+/// use echo_chamber::server::config::{LogLevel, ServerConfig};
 /// use echo_chamber::log::Logger;
-/// use echo_chamber::metrics::MetricsServer;
+/// use echo_chamber::server::metrics::MetricsServer;
 /// use echo_chamber::server::Server;
 ///
-/// let listener = echo_chamber::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+/// let listener = echo_chamber::server::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
 /// let config = ServerConfig { workers: 1, log_level: LogLevel::Silent, ..ServerConfig::default() };
 /// let server = Server::start(listener, config).unwrap();
 /// let metrics_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
