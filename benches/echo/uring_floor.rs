@@ -573,6 +573,13 @@ impl Worker {
                         if !cqueue::more(flags) {
                             let closing = self.conns[slot].as_ref().is_none_or(|c| c.closing);
                             if closing {
+                                // A send queued in this pass may still name
+                                // this descriptor: submit it before the
+                                // close frees the number for the next accept,
+                                // or it would echo into that connection.
+                                if self.ring.submit().is_err() {
+                                    return;
+                                }
                                 // The last completion: nothing of the
                                 // kernel's refers to the slot any more
                                 // but sends, which check the generation.

@@ -112,6 +112,7 @@ impl BusyPoll {
 /// This thread's involuntary context switches so far: each time the
 /// scheduler ran another thread in its place while it was runnable, which
 /// a `sched_yield` that gave the CPU away counts too. None if unknown.
+#[cfg(target_os = "linux")]
 pub(crate) fn involuntary_switches() -> Option<i64> {
     // SAFETY: an all-zero rusage is a valid value of this plain C struct.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -119,6 +120,13 @@ pub(crate) fn involuntary_switches() -> Option<i64> {
     // RUSAGE_THREAD has no other precondition.
     let done = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &raw mut usage) };
     (done == 0).then_some(usage.ru_nivcsw)
+}
+
+/// Elsewhere `RUSAGE_THREAD` may not exist: contention is never seen, and
+/// only the batch sign stops spinning.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn involuntary_switches() -> Option<i64> {
+    None
 }
 
 #[cfg(test)]

@@ -281,15 +281,16 @@ impl Worker {
         let mut contested = false;
         // A timer due within the window is served by the sleep below.
         if !window.is_zero() && timeout.is_none_or(|left| left > window) {
-            // Counted before and after the spin: a yield that let another
-            // thread run shows the CPU is contested (see busy_poll).
-            let switches = busy_poll::involuntary_switches();
-            let mut yielded = false;
+            // Counted before the first yield and after the spin: a yield
+            // that let another thread run shows the CPU is contested (see
+            // busy_poll). A catch on the first poll needs no count.
+            let mut before_yields = None;
             loop {
                 poll.poll(events, Some(Duration::ZERO))?;
                 if !events.is_empty() {
                     self.setup.counters.busy_poll_catches.add(1);
-                    contested = yielded && busy_poll::involuntary_switches() != switches;
+                    contested = before_yields
+                        .is_some_and(|before| busy_poll::involuntary_switches() != before);
                     self.busy_poll.after_catch(Waited {
                         events: events.iter().count(),
                         contested,
@@ -299,12 +300,15 @@ impl Worker {
                 if began.elapsed() >= window {
                     break;
                 }
+                if before_yields.is_none() {
+                    before_yields = Some(busy_poll::involuntary_switches());
+                }
                 // Whatever else is runnable here, such as the peer that
                 // will send the next message, goes first.
                 std::thread::yield_now();
-                yielded = true;
             }
-            contested = busy_poll::involuntary_switches() != switches;
+            contested =
+                before_yields.is_some_and(|before| busy_poll::involuntary_switches() != before);
         }
         let remaining = timeout.map(|left| left.saturating_sub(began.elapsed()));
         self.setup.counters.worker_sleeps.add(1);
