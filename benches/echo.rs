@@ -32,12 +32,23 @@
 //!    one, two and three `echo-server --workers 1` child processes, next to
 //!    the same load direct to one: echoes/s, RTT p50 and p99, and the CPU of
 //!    HAProxy and of the backends.
-//! 9. `echo-client` as a load generator (issue 13), a child process against
-//!    ours in-process ([`client_load`]): 256 connections of 64 B next to the
-//!    bench's own load and to the thread-per-connection engine; 10,000
-//!    connections on 2 threads; `--rate 50000` over 256 connections.
+//! 9. busy polling under saturation (issue 16): ours with its default
+//!    `--busy-poll`, ours with `--busy-poll 0` and tokio, each driven by
+//!    both load generators (the default one and the tokio one), at one
+//!    connection and at 256, 2 workers: echoes/s, server CPU per echo and
+//!    RTT p50.
+//! 10. `echo-client` as a load generator (issue 13), a child process
+//!     against ours in-process ([`client_load`]): 256 connections of 64 B
+//!     next to the bench's own load and to the thread-per-connection engine;
+//!     10,000 connections on 2 threads; `--rate 50000` over 256 connections.
+//!
+//! In case 2 the io_uring floor ([`uring_floor`]) stands beside the epoll
+//! floor where the kernel allows io_uring; where it does not, the run says
+//! why and goes on without it.
 //!
 //! Usage: `cargo bench --bench echo -- [--quick] [--cases 1,2,6] [--load-threads N]
+//! [--load std|tokio] [--rounds N] [--scaling-conns 1,16,64,256]
+//! [--servers ours,tokio,blocking,floor,uring-floor]
 //! [--active-stride N] [--busy-poll DURATION] [--floor-in-turn]
 //! [--drive 127.0.0.1:PORT [--conns N]]`
 //! (plain `cargo bench` runs everything; the library and binaries set
@@ -52,6 +63,8 @@ mod floor;
 mod haproxy;
 #[path = "echo/load.rs"]
 mod load;
+#[path = "echo/load_tokio.rs"]
+mod load_tokio;
 #[path = "echo/peers.rs"]
 mod peers;
 #[path = "echo/procfs.rs"]
@@ -66,14 +79,18 @@ mod servers;
 mod udp;
 #[path = "echo/udp_peers.rs"]
 mod udp_peers;
+#[path = "echo/uring_floor.rs"]
+mod uring_floor;
 
 use std::process::ExitCode;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use haproxy::Haproxy;
-use load::{Load, Spec};
+use load::{BlockingPingPong, Load, Spec};
+use load_tokio::TokioLoad;
 use report::{Better, Report, Row, Table, format_value};
 use scrape::{Scraper, Scrapes};
 use servers::{InProcess, KINDS, Kind, OursWithMetrics, ServerProcess, UdpInProcess};
@@ -97,25 +114,57 @@ struct Options {
     active_stride: usize,
     /// Our server's `--busy-poll`, if not its default.
     busy_poll: Option<Duration>,
-    /// How the floor peer places connections.
+    /// How the floor peers place connections.
     floor_placement: floor::Placement,
+    /// Which load generator drives cases 1, 2, 4, 7 and 8 (case 9 uses both).
+    load: LoadKind,
+    /// Windows per server in cases 2, 3 and 9, if not the default.
+    rounds: Option<usize>,
+    /// Case 2's connection counts.
+    scaling_conns: Vec<usize>,
+    /// Only these servers, if given.
+    servers: Option<Vec<Kind>>,
+}
+
+/// The load generators.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LoadKind {
+    /// The bench's own: a blocking client for one connection (cases 1 and
+    /// 9), `load-N` threads each a mio loop over many connections.
+    Std,
+    /// [`load_tokio`]: a tokio task per connection on a multi-thread runtime.
+    Tokio,
+}
+
+impl LoadKind {
+    fn name(self) -> &'static str {
+        match self {
+            LoadKind::Std => "std",
+            LoadKind::Tokio => "tokio",
+        }
+    }
 }
 
 const USAGE: &str = "usage: cargo bench --bench echo -- [--quick] [--cases 1,2,3,4,5,6,7,8,9] \
-     [--load-threads N] [--active-stride N] [--busy-poll DURATION] [--floor-in-turn] \
-     [--drive 127.0.0.1:PORT [--conns N]]";
+     [--load-threads N] [--load std|tokio] [--rounds N] [--scaling-conns 1,16,64,256] \
+     [--servers ours,tokio,blocking,floor,uring-floor] [--active-stride N] \
+     [--busy-poll DURATION] [--floor-in-turn] [--drive 127.0.0.1:PORT [--conns N]]";
 
 impl Options {
     fn parse(args: impl Iterator<Item = String>) -> Result<Options, String> {
         let mut options = Options {
             quick: false,
-            cases: vec![1, 2, 3, 4, 5, 6, 7, 8, 9],
+            cases: vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
             load_threads: 2,
             drive: None,
             conns: 256,
             active_stride: 199,
             busy_poll: None,
             floor_placement: floor::Placement::Fewest,
+            load: LoadKind::Std,
+            rounds: None,
+            scaling_conns: vec![1, 16, 64, 256],
+            servers: None,
         };
         let mut args = args.peekable();
         while let Some(arg) = args.next() {
@@ -128,8 +177,8 @@ impl Options {
                     options.cases = list
                         .split(',')
                         .map(|c| match c.trim().parse() {
-                            Ok(n @ 1..=9) => Ok(n),
-                            _ => Err(format!("--cases: {c:?} is not a case 1-9")),
+                            Ok(n @ 1..=10) => Ok(n),
+                            _ => Err(format!("--cases: {c:?} is not a case 1-10")),
                         })
                         .collect::<Result<_, _>>()?;
                 }
@@ -177,6 +226,44 @@ impl Options {
                     options.busy_poll = Some(duration);
                 }
                 "--floor-in-turn" => options.floor_placement = floor::Placement::InTurn,
+                "--load" => {
+                    let kind = args.next().ok_or("--load needs std or tokio")?;
+                    options.load = match kind.as_str() {
+                        "std" => LoadKind::Std,
+                        "tokio" => LoadKind::Tokio,
+                        _ => return Err(format!("--load: {kind:?} is not std or tokio")),
+                    };
+                }
+                "--rounds" => {
+                    let n = args.next().ok_or("--rounds needs a number")?;
+                    options.rounds = match n.parse() {
+                        Ok(n @ 1..=50) => Some(n),
+                        _ => return Err(format!("--rounds: {n:?} is not 1-50")),
+                    };
+                }
+                "--scaling-conns" => {
+                    let list = args.next().ok_or("--scaling-conns needs a list")?;
+                    options.scaling_conns = list
+                        .split(',')
+                        .map(|c| match c.trim().parse() {
+                            Ok(n @ 1..=5_000) => Ok(n),
+                            _ => Err(format!("--scaling-conns: {c:?} is not 1-5000")),
+                        })
+                        .collect::<Result<_, _>>()?;
+                }
+                "--servers" => {
+                    let list = args.next().ok_or("--servers needs a list")?;
+                    options.servers = Some(
+                        list.split(',')
+                            .map(|name| {
+                                Kind::ALL
+                                    .into_iter()
+                                    .find(|k| k.name() == name.trim())
+                                    .ok_or(format!("--servers: {name:?} is not a server"))
+                            })
+                            .collect::<Result<_, _>>()?,
+                    );
+                }
                 "-h" | "--help" => return Err(USAGE.to_string()),
                 other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
             }
@@ -193,9 +280,9 @@ impl Options {
         }
     }
 
-    /// Windows per server in cases 2 and 3, taken in turns.
+    /// Windows per server in cases 2, 3 and 9, taken in turns.
     fn rounds(&self) -> usize {
-        if self.quick { 1 } else { 3 }
+        self.rounds.unwrap_or(if self.quick { 1 } else { 3 })
     }
 }
 
@@ -210,7 +297,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(servers) = &options.servers {
+        // Set once, before any case reads it.
+        let _ = SELECTED.set(servers.clone());
+    }
     println!("{}", machine_line());
+    println!("load: {}", options.load.name());
     let busy_poll = options
         .busy_poll
         .unwrap_or(echo_chamber::server::config::DEFAULT_BUSY_POLL);
@@ -240,8 +332,9 @@ fn main() -> ExitCode {
             6 => case_udp(&options, &mut report),
             7 => case_scrape_cost(&options, &mut report),
             8 => case_haproxy(&options, &mut report),
-            9 => case_client_load(&options, &mut report),
-            _ => unreachable!("Options::parse accepts only cases 1-9"),
+            9 => case_busy_poll(&options, &mut report),
+            10 => case_client_load(&options, &mut report),
+            _ => unreachable!("Options::parse accepts only cases 1-10"),
         }
         if let (Some(before), Some(after)) = (before, outside_load_mark()) {
             let cores = after.cores_since(&before);
@@ -436,8 +529,18 @@ fn case_round_trips(options: &Options, report: &mut Report) {
                 let outcome =
                     InProcess::start(kind, WORKERS, options.busy_poll, options.floor_placement)
                         .and_then(|server| {
-                            let taken =
-                                load::round_trips(server.addr(), size, warmup, 200_000, round_time);
+                            let taken = match options.load {
+                                LoadKind::Std => load::round_trips(
+                                    server.addr(),
+                                    size,
+                                    warmup,
+                                    200_000,
+                                    round_time,
+                                ),
+                                LoadKind::Tokio => {
+                                    tokio_round_trips(server.addr(), size, warmup, round_time)
+                                }
+                            };
                             server.stop()?;
                             taken
                         });
@@ -499,10 +602,38 @@ fn case_round_trips(options: &Options, report: &mut Report) {
     report.note(format!(
         "case 1: one connection per round, {rounds} rounds of {:.2} s per server taking turns, \
          pooled (rounds where other processes used > {FOREIGN_LIMIT} core are left out if \
-         any round was clean); warm-up round trips untimed; <= 4 KiB uses a blocking \
-         client, larger sizes a nonblocking one around poll(2)",
-        round_time.as_secs_f64()
+         any round was clean); warm-up round trips untimed; {}",
+        round_time.as_secs_f64(),
+        match options.load {
+            LoadKind::Std =>
+                "<= 4 KiB uses a blocking client, larger sizes a nonblocking one around poll(2)",
+            LoadKind::Tokio => "the tokio load (--load tokio): one task on a 2-thread runtime",
+        }
     ));
+}
+
+/// Case 1's round trips with the tokio load: one connection, `warmup`
+/// untimed round trips (or 2 s of them at most), then every round trip
+/// timed for `round_time`.
+fn tokio_round_trips(
+    addr: std::net::SocketAddr,
+    size: usize,
+    warmup: usize,
+    round_time: Duration,
+) -> Result<Vec<Duration>, String> {
+    let spec = Spec {
+        message_len: size,
+        window: 1,
+    };
+    let load = TokioLoad::start(load::connect(addr, 1)?, spec, 2)?;
+    let warm_until = Instant::now() + Duration::from_secs(2);
+    while load.totals().echoes < warmup as u64 && Instant::now() < warm_until {
+        thread::sleep(Duration::from_millis(1));
+    }
+    load.time_round_trips(true);
+    thread::sleep(round_time);
+    load.time_round_trips(false);
+    load.stop()
 }
 
 /// What one load window measured.
@@ -647,6 +778,70 @@ struct Extras<'a> {
     part_cpu: Option<&'a dyn Fn() -> std::io::Result<procfs::CpuSnapshot>>,
     /// Time every round trip in the window (ping-pong only).
     round_trips: bool,
+    /// This load generator instead of the run's (`--load`).
+    load: Option<LoadKind>,
+    /// With the std load, drive one ping-pong connection with a blocking
+    /// thread rather than a mio loop.
+    blocking_single: bool,
+}
+
+/// A running load of either generator.
+enum Driver {
+    Mio(Load),
+    Blocking(BlockingPingPong),
+    Tokio(TokioLoad),
+}
+
+impl Driver {
+    fn start(
+        kind: LoadKind,
+        mut streams: Vec<std::net::TcpStream>,
+        spec: Spec,
+        threads: usize,
+        timed: bool,
+        blocking_single: bool,
+    ) -> Result<Driver, String> {
+        match kind {
+            LoadKind::Tokio => TokioLoad::start(streams, spec, threads).map(Driver::Tokio),
+            LoadKind::Std if blocking_single && streams.len() == 1 && spec.window == 1 => {
+                BlockingPingPong::start(streams.remove(0), spec.message_len).map(Driver::Blocking)
+            }
+            LoadKind::Std if timed => Load::start_timed(streams, spec, threads).map(Driver::Mio),
+            LoadKind::Std => Load::start(streams, spec, threads).map(Driver::Mio),
+        }
+    }
+
+    fn totals(&self) -> load::Totals {
+        match self {
+            Driver::Mio(l) => l.totals(),
+            Driver::Blocking(l) => l.totals(),
+            Driver::Tokio(l) => l.totals(),
+        }
+    }
+
+    fn any_finished(&self) -> bool {
+        match self {
+            Driver::Mio(l) => l.any_finished(),
+            Driver::Blocking(l) => l.any_finished(),
+            Driver::Tokio(l) => l.any_finished(),
+        }
+    }
+
+    fn time_round_trips(&self, on: bool) {
+        match self {
+            Driver::Mio(l) => l.time_round_trips(on),
+            Driver::Blocking(l) => l.time_round_trips(on),
+            Driver::Tokio(l) => l.time_round_trips(on),
+        }
+    }
+
+    fn stop(self) -> Result<Vec<Duration>, String> {
+        match self {
+            Driver::Mio(l) => l.stop(),
+            Driver::Blocking(l) => l.stop(),
+            Driver::Tokio(l) => l.stop(),
+        }
+    }
 }
 
 /// [`measure_window`], with `extras`.
@@ -659,11 +854,14 @@ fn measure_window_with(
     extras: Extras,
 ) -> Result<Window, String> {
     let (warmup, measure) = options.load_window();
-    let load = if extras.round_trips {
-        Load::start_timed(streams, spec, options.load_threads)?
-    } else {
-        Load::start(streams, spec, options.load_threads)?
-    };
+    let load = Driver::start(
+        extras.load.unwrap_or(options.load),
+        streams,
+        spec,
+        options.load_threads,
+        extras.round_trips,
+        extras.blocking_single,
+    )?;
     let part_cpu = || {
         extras
             .part_cpu
@@ -761,10 +959,20 @@ fn in_process_rounds(
 
 /// The servers measured in `case`, each with its index in [`Kind::ALL`].
 fn kinds_in(case: u32) -> impl Iterator<Item = (usize, Kind)> {
-    Kind::ALL
-        .into_iter()
-        .enumerate()
-        .filter(move |(_, kind)| kind.in_case(case))
+    Kind::ALL.into_iter().enumerate().filter(move |(_, kind)| {
+        kind.in_case(case)
+            && SELECTED.get().is_none_or(|chosen| chosen.contains(kind))
+            && (*kind != Kind::UringFloor || uring_available().is_ok())
+    })
+}
+
+/// The servers chosen with `--servers`; unset means all.
+static SELECTED: OnceLock<Vec<Kind>> = OnceLock::new();
+
+/// Whether the io_uring floor can run here, probed once.
+fn uring_available() -> &'static Result<(), String> {
+    static PROBED: OnceLock<Result<(), String>> = OnceLock::new();
+    PROBED.get_or_init(uring_floor::available)
 }
 
 /// The median of `values` (the upper one of an even count); None if empty.
@@ -817,7 +1025,11 @@ fn case_connection_scaling(options: &Options, report: &mut Report) {
     };
     let mut details = Vec::new();
     let mut foreign: f64 = 0.0;
-    for conns in [1, 16, 64, 256] {
+    if let Err(reason) = uring_available() {
+        eprintln!("    case 2: uring-floor skipped: {reason}");
+        report.note(format!("case 2: uring-floor skipped: {reason}"));
+    }
+    for &conns in &options.scaling_conns {
         let label = format!("case 2 {conns} conns");
         let windows = in_process_rounds(options, 2, conns, spec, &label, report);
         foreign = foreign.max(most_foreign(&windows));
@@ -853,6 +1065,7 @@ fn case_connection_scaling(options: &Options, report: &mut Report) {
                 details.push(detail);
             }
         }
+        floor_ratio_note(report, conns, &windows);
         report.row(Row {
             case: format!("2. echoes/s, {conns} conns"),
             unit: "/s",
@@ -868,7 +1081,7 @@ fn case_connection_scaling(options: &Options, report: &mut Report) {
     }
     let (warmup, measure) = options.load_window();
     report.note(format!(
-        "case 2: {} load threads (mio), one 64 B message in flight per connection; medians \
+        "case 2: {} load threads ({}), one 64 B message in flight per connection; medians \
          of {} rounds, each round one window per server back to back (rounds where other \
          processes used > {FOREIGN_LIMIT} core are left out if any round was clean); \
          each window {:.1} s warm-up then {:.1} s measured (CPU needs >= 1 s windows: ticks are 10 ms); server CPU = on-CPU time of \
@@ -876,9 +1089,16 @@ fn case_connection_scaling(options: &Options, report: &mut Report) {
          utime+stime from .../stat (in the details) undercounts threads that run in bursts \
          shorter than a tick, such as the blocking peer's. Neither counts softirq work the \
          kernel defers to ksoftirqd; floor = the floor peer (benches/echo/floor.rs): per \
-         worker one level-triggered epoll and one recv and one send per ready connection, \
-         connections placed {}",
+         worker one level-triggered epoll and one recv and one send per ready connection; \
+         uring-floor = the io_uring floor (benches/echo/uring_floor.rs): per worker one \
+         ring, a multishot recv per connection on a provided-buffer ring, the send \
+         submitted from the received buffer, one io_uring_enter per loop; both floors \
+         place connections {}",
         options.load_threads,
+        match options.load {
+            LoadKind::Std => "mio loops",
+            LoadKind::Tokio => "tokio tasks, --load tokio",
+        },
         options.rounds(),
         warmup.as_secs_f64(),
         measure.as_secs_f64(),
@@ -893,14 +1113,14 @@ fn case_connection_scaling(options: &Options, report: &mut Report) {
     }
 }
 
-/// Case 9: `echo-client` as a load generator (see [`client_load`]).
+/// Case 10: `echo-client` as a load generator (see [`client_load`]).
 fn case_client_load(options: &Options, report: &mut Report) {
     // At least two whole one-second intervals beside the ramp and the tail.
     let seconds = if options.quick { 3 } else { 5 };
     let duration = format!("{seconds}s");
     let message = "x".repeat(64);
     let mut table = Table {
-        title: "case 9: echo-client as a load generator, against ours in-process (2 workers)"
+        title: "case 10: echo-client as a load generator, against ours in-process (2 workers)"
             .to_string(),
         header: [
             "run",
@@ -914,7 +1134,7 @@ fn case_client_load(options: &Options, report: &mut Report) {
         rows: Vec::new(),
     };
     if let Err(error) = echo_chamber::limits::raise_open_file_limit() {
-        report.failure(format!("case 9: raising the open-file limit: {error}"));
+        report.failure(format!("case 10: raising the open-file limit: {error}"));
         return;
     }
     wait_for_quiet();
@@ -926,7 +1146,7 @@ fn case_client_load(options: &Options, report: &mut Report) {
     ) {
         Ok(server) => server,
         Err(error) => {
-            report.failure(format!("case 9: starting ours: {error}"));
+            report.failure(format!("case 10: starting ours: {error}"));
             return;
         }
     };
@@ -951,7 +1171,7 @@ fn case_client_load(options: &Options, report: &mut Report) {
             String::new(),
             String::new(),
         ]),
-        Err(error) => report.failure(format!("case 9 bench load: {error}")),
+        Err(error) => report.failure(format!("case 10 bench load: {error}")),
     }
     let runs: [(&str, Vec<String>); 4] = [
         (
@@ -1035,15 +1255,15 @@ fn case_client_load(options: &Options, report: &mut Report) {
                     format!("{:.1} MiB", run.max_rss_kib as f64 / 1024.0),
                 ]);
             }
-            Err(error) => report.failure(format!("case 9 {what}: {error}")),
+            Err(error) => report.failure(format!("case 10 {what}: {error}")),
         }
     }
     if let Err(error) = server.stop() {
-        report.failure(format!("case 9: stopping ours: {error}"));
+        report.failure(format!("case 10: stopping ours: {error}"));
     }
     report.table(table);
     report.note(format!(
-        "case 9: the client is a child process (CPU and peak RSS from wait4, connects and \
+        "case 10: the client is a child process (CPU and peak RSS from wait4, connects and \
          the closing checks included); the bench load's CPU is its load threads' over a \
          {:.1} s window; --reconnect runs the thread-per-connection engine (plus \
          its idle check, one more recv per echo), for {} echoes per connection, its echoes/s over the whole run; the others' echoes/s is \
@@ -1051,6 +1271,54 @@ fn case_client_load(options: &Options, report: &mut Report) {
          their CPU per echo over the whole run",
         options.load_window().1.as_secs_f64(),
         seconds * 100
+    ));
+}
+
+/// Issue 16's go/no-go figure: the io_uring floor's CPU per echo over the
+/// epoll floor's, per round (their windows were taken back to back), with
+/// the other processes' largest share of a core in that pair of windows.
+fn floor_ratio_note(report: &mut Report, conns: usize, windows: &[Vec<Window>; KINDS]) {
+    let at = |kind: Kind| {
+        Kind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .expect("ALL lists every kind")
+    };
+    let (epoll, uring) = (&windows[at(Kind::Floor)], &windows[at(Kind::UringFloor)]);
+    let pairs: Vec<(f64, f64)> = epoll
+        .iter()
+        .zip(uring)
+        .map(|(e, u)| {
+            (
+                u.per_echo_us(u.server_cpu) / e.per_echo_us(e.server_cpu),
+                e.foreign_cores.max(u.foreign_cores),
+            )
+        })
+        .collect();
+    if pairs.is_empty() {
+        return;
+    }
+    let ratios: Vec<f64> = pairs.iter().map(|p| p.0).collect();
+    let clean: Vec<f64> = pairs
+        .iter()
+        .filter(|p| p.1 <= FOREIGN_LIMIT)
+        .map(|p| p.0)
+        .collect();
+    let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    report.note(format!(
+        "case 2 {conns} conns: uring-floor / floor CPU per echo, per round: median {:.3}x \
+         ({min:.3}-{max:.3}x over {} rounds: {}); over the {} rounds where other processes \
+         used <= {FOREIGN_LIMIT} core: median {}",
+        median(ratios.clone()).unwrap_or(f64::NAN),
+        ratios.len(),
+        pairs
+            .iter()
+            .map(|(r, f)| format!("{r:.3}x@{f:.2}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        clean.len(),
+        median(clean).map_or("-".to_string(), |m| format!("{m:.3}x")),
     ));
 }
 
@@ -1932,7 +2200,7 @@ fn scrape_window(
             &|| procfs::snapshot(None, &OursWithMetrics::owns_thread),
             Extras {
                 part_cpu: Some(&metrics_thread),
-                round_trips: false,
+                ..Extras::default()
             },
         );
         // Stopped even if the window failed; its failure comes first.
@@ -2210,6 +2478,7 @@ fn proxied_window(options: &Options, backends: usize) -> Result<Window, String> 
                     .as_ref()
                     .map(|f| f as &dyn Fn() -> std::io::Result<procfs::CpuSnapshot>),
                 round_trips: true,
+                ..Extras::default()
             },
         )
     });
@@ -2223,4 +2492,187 @@ fn proxied_window(options: &Options, backends: usize) -> Result<Window, String> 
         }
         message
     })
+}
+
+/// Case 9's servers: a name, the server, and our `--busy-poll` (None: the
+/// run's, which is our default unless `--busy-poll` is given).
+const BUSY_VARIANTS: [(&str, Kind, Option<Duration>); 3] = [
+    ("ours", Kind::Ours, None),
+    ("ours --busy-poll 0", Kind::Ours, Some(Duration::ZERO)),
+    ("tokio", Kind::Tokio, None),
+];
+
+/// Case 9's connection counts: one (where spinning can save a wake-up)
+/// and many (saturation, where it must not cost CPU).
+const BUSY_CONNS: [usize; 2] = [1, 256];
+
+/// Case 9 (issue 16): busy polling under both load generators. Per round,
+/// for each connection count and load generator, one window per variant
+/// back to back.
+fn case_busy_poll(options: &Options, report: &mut Report) {
+    const LOADS: [LoadKind; 2] = [LoadKind::Std, LoadKind::Tokio];
+    let spec = Spec {
+        message_len: 64,
+        window: 1,
+    };
+    let cells = BUSY_CONNS.len() * LOADS.len();
+    // windows[cell][variant], cell = conns index * LOADS + load index.
+    let mut windows: Vec<[Vec<Window>; 3]> = (0..cells).map(|_| Default::default()).collect();
+    for _ in 0..options.rounds() {
+        for (c, &conns) in BUSY_CONNS.iter().enumerate() {
+            for (l, &load) in LOADS.iter().enumerate() {
+                for (v, &(name, kind, busy_poll)) in BUSY_VARIANTS.iter().enumerate() {
+                    wait_for_quiet();
+                    let busy_poll = busy_poll.or(options.busy_poll);
+                    let outcome =
+                        InProcess::start(kind, WORKERS, busy_poll, options.floor_placement)
+                            .and_then(|server| {
+                                let window =
+                                    load::connect(server.addr(), conns).and_then(|streams| {
+                                        measure_window_with(
+                                            streams,
+                                            spec,
+                                            options,
+                                            Placement::InProcess,
+                                            &|| {
+                                                procfs::snapshot(None, &|comm| {
+                                                    kind.owns_thread(comm)
+                                                })
+                                            },
+                                            Extras {
+                                                round_trips: true,
+                                                load: Some(load),
+                                                blocking_single: true,
+                                                ..Extras::default()
+                                            },
+                                        )
+                                    });
+                                let waits = server.stop_counting_waits()?;
+                                window.map(|w| (w, waits))
+                            });
+                    match outcome {
+                        Ok((w, waits)) if w.echoes > 0 => {
+                            let waits = waits.map_or(String::new(), |(caught, all)| {
+                                format!(", busy polling caught {caught} of {all} waits")
+                            });
+                            let mut times = w.round_trips.clone();
+                            times.sort();
+                            let p50 = if times.is_empty() {
+                                f64::NAN
+                            } else {
+                                percentile_us(&times, 50.0)
+                            };
+                            eprintln!(
+                                "    case 9 {conns} conns, {} load, {name}: {} echoes in {:.2} s, \
+                                 RTT p50 {p50:.1} us, server CPU {:.2} us/echo, load CPU {:.2} \
+                                 us/echo, machine {:.0}% idle, other processes {:.2} cores{waits}",
+                                load.name(),
+                                w.echoes,
+                                w.secs,
+                                w.per_echo_us(w.server_cpu),
+                                w.per_echo_us(w.load_cpu),
+                                w.machine_idle * 100.0,
+                                w.foreign_cores
+                            );
+                            windows[c * LOADS.len() + l][v].push(w);
+                        }
+                        Ok(_) => report.failure(format!(
+                            "case 9 {conns} conns, {} load, {name}: no echoes",
+                            load.name()
+                        )),
+                        Err(e) => report.failure(format!(
+                            "case 9 {conns} conns, {} load, {name}: {e}",
+                            load.name()
+                        )),
+                    }
+                }
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    let mut foreign: f64 = 0.0;
+    for (c, &conns) in BUSY_CONNS.iter().enumerate() {
+        for (l, &load) in LOADS.iter().enumerate() {
+            let cell = &windows[c * LOADS.len() + l];
+            foreign = foreign.max(most_foreign(cell));
+            for (v, &(name, ..)) in BUSY_VARIANTS.iter().enumerate() {
+                let ws = &cell[v];
+                let spread = |f: &dyn Fn(&Window) -> f64| {
+                    let values: Vec<f64> = ws.iter().map(f).collect();
+                    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+                    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    (median(values), min, max)
+                };
+                let (Some(rate), rate_min, rate_max) = spread(&|w| w.echoes as f64 / w.secs) else {
+                    continue;
+                };
+                let (cpu, cpu_min, cpu_max) = spread(&|w| w.per_echo_us(w.server_cpu));
+                let (p50, ..) = spread(&|w| {
+                    let mut times = w.round_trips.clone();
+                    times.sort();
+                    if times.is_empty() {
+                        f64::NAN
+                    } else {
+                        percentile_us(&times, 50.0)
+                    }
+                });
+                let (idle, ..) = spread(&|w| w.machine_idle * 100.0);
+                let (others, ..) = spread(&|w| w.foreign_cores);
+                rows.push(vec![
+                    conns.to_string(),
+                    load.name().to_string(),
+                    name.to_string(),
+                    format!(
+                        "{} ({}-{})",
+                        format_value(rate, "/s"),
+                        format_value(rate_min, "").trim_end(),
+                        format_value(rate_max, "").trim_end()
+                    ),
+                    format!(
+                        "{} ({:.2}-{:.2})",
+                        format_value(cpu.unwrap_or(f64::NAN), "us"),
+                        cpu_min,
+                        cpu_max
+                    ),
+                    p50.map_or("-".to_string(), |p| format_value(p, "us")),
+                    format!("{:.0}%", idle.unwrap_or(f64::NAN)),
+                    format!("{:.2}", others.unwrap_or(f64::NAN)),
+                    ws.len().to_string(),
+                ]);
+            }
+        }
+    }
+    let busy_poll = options
+        .busy_poll
+        .unwrap_or(echo_chamber::server::config::DEFAULT_BUSY_POLL);
+    report.table(Table {
+        title: format!(
+            "9. busy polling under both loads: ours (--busy-poll {}), ours --busy-poll 0, \
+             tokio; 64 B ping-pong, {WORKERS} workers; medians (min-max) of the windows",
+            humantime::format_duration(busy_poll)
+        ),
+        header: [
+            "conns", "load", "server", "echoes/s", "CPU/echo", "RTT p50", "idle", "others",
+            "windows",
+        ]
+        .map(String::from)
+        .to_vec(),
+        rows,
+    });
+    let (warmup, measure) = options.load_window();
+    report.note(format!(
+        "case 9: {} rounds; per round, for 1 and 256 connections and each load, the three \
+         servers back to back, each a fresh in-process server, {:.1} s warm-up then {:.1} s \
+         measured; loads: std = one blocking thread for one connection, {} mio loop threads \
+         for many; tokio = a task per connection on a {}-thread runtime; CPU/echo = the \
+         server's threads' schedstat over echoes; RTT p50 = median over windows of each \
+         window's p50 of every round trip; others = cores used by other processes (the \
+         shared machine's load)",
+        options.rounds(),
+        warmup.as_secs_f64(),
+        measure.as_secs_f64(),
+        options.load_threads,
+        options.load_threads,
+    ));
+    note_foreign(report, "case 9", foreign);
 }

@@ -1,4 +1,4 @@
-//! Case 9 (issue 13): `echo-client` as a load generator, against our
+//! Case 10 (issue 13): `echo-client` as a load generator, against our
 //! server in-process with 2 workers. The client runs as a child process,
 //! so its CPU and peak RSS are its own (`wait4`'s rusage).
 //!

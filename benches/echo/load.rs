@@ -552,3 +552,114 @@ pub fn check_one_byte_echoes(streams: &mut [TcpStream], first: usize) -> Result<
     }
     Ok(())
 }
+
+/// One connection driven by one blocking thread (`load-blocking`): write a
+/// message with `write_all`, read its echo with `read_exact`, check it, and
+/// again, each round trip timed while timing is on. The cheapest client
+/// there is, whose thread sleeps in `read` itself; case 9's one-connection
+/// load beside the tokio one.
+pub struct BlockingPingPong {
+    stop: Arc<AtomicBool>,
+    timing: Arc<AtomicBool>,
+    counters: Arc<Counters>,
+    thread: JoinHandle<Result<Vec<Duration>, String>>,
+}
+
+impl BlockingPingPong {
+    /// Starts the thread on `stream` with messages of `message_len` bytes
+    /// (at most 4 KiB, so that a blocking `write_all` cannot deadlock).
+    ///
+    /// # Errors
+    /// The message is too large, or socket set-up or spawn failed.
+    pub fn start(mut stream: TcpStream, message_len: usize) -> Result<BlockingPingPong, String> {
+        if message_len > 4 * 1024 {
+            return Err(format!(
+                "{message_len} B is too large for a blocking ping-pong"
+            ));
+        }
+        stream
+            .set_read_timeout(Some(STEP_LIMIT))
+            .and_then(|()| stream.set_write_timeout(Some(STEP_LIMIT)))
+            .map_err(|e| format!("socket timeouts: {e}"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let timing = Arc::new(AtomicBool::new(false));
+        let counters = Arc::new(Counters::default());
+        let thread = {
+            let (stop, timing, counters) = (
+                Arc::clone(&stop),
+                Arc::clone(&timing),
+                Arc::clone(&counters),
+            );
+            thread::Builder::new()
+                .name("load-blocking".to_string())
+                .spawn(move || {
+                    let mut message: Vec<u8> = (0..message_len)
+                        .map(|i| ((i % PERIOD) * 7 + 13) as u8)
+                        .collect();
+                    let mut echo = vec![0u8; message_len];
+                    let mut times = Vec::new();
+                    let mut round = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let stamp = round.to_le_bytes();
+                        let stamp_len = stamp.len().min(message_len);
+                        message[..stamp_len].copy_from_slice(&stamp[..stamp_len]);
+                        let timed =
+                            timing.load(Ordering::Relaxed) && times.len() < MAX_TIMED_PER_THREAD;
+                        let begun = Instant::now();
+                        stream
+                            .write_all(&message)
+                            .and_then(|()| stream.read_exact(&mut echo))
+                            .map_err(|e| format!("round trip {round}: {e}"))?;
+                        if timed && timing.load(Ordering::Relaxed) {
+                            times.push(begun.elapsed());
+                        }
+                        if echo != message {
+                            return Err(format!("round trip {round}: echo differs from message"));
+                        }
+                        round += 1;
+                        counters.echoes.store(round, Ordering::Relaxed);
+                        counters
+                            .bytes
+                            .store(round * message_len as u64, Ordering::Relaxed);
+                    }
+                    Ok(times)
+                })
+                .map_err(|e| format!("spawn load thread: {e}"))?
+        };
+        Ok(BlockingPingPong {
+            stop,
+            timing,
+            counters,
+            thread,
+        })
+    }
+
+    /// What has been echoed so far.
+    pub fn totals(&self) -> Totals {
+        Totals {
+            echoes: self.counters.echoes.load(Ordering::Relaxed),
+            bytes: self.counters.bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// True once the thread has ended early (it failed).
+    pub fn any_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Turns the timing of round trips on or off.
+    pub fn time_round_trips(&self, on: bool) {
+        self.timing.store(on, Ordering::Relaxed);
+    }
+
+    /// Stops the thread and reports its failure, else its timed round trips.
+    ///
+    /// # Errors
+    /// An I/O error or a wrong echo.
+    pub fn stop(self) -> Result<Vec<Duration>, String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Err("the load thread panicked".to_string()))
+    }
+}

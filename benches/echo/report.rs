@@ -136,7 +136,7 @@ fn indent(text: &str, prefix: &str) -> String {
 }
 
 /// The servers ours is compared with, in column order.
-const PEERS: [Kind; KINDS - 1] = [Kind::Tokio, Kind::Blocking, Kind::Floor];
+const PEERS: [Kind; KINDS - 1] = [Kind::Tokio, Kind::Blocking, Kind::Floor, Kind::UringFloor];
 
 /// One line of the table: the case, ours, a ratio per peer, a value per peer.
 fn columns(

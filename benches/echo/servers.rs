@@ -26,6 +26,7 @@ use echo_chamber::server::stats::UdpSummary;
 use crate::floor::{self, FloorPeer, Placement};
 use crate::peers::{self, BlockingPeer, TokioPeer};
 use crate::udp_peers::{UdpBlockingPeer, UdpTokioPeer};
+use crate::uring_floor::{self, UringFloorPeer};
 
 /// Environment variable that makes this binary serve as a peer
 /// (`blocking` or `tokio`) instead of benchmarking.
@@ -44,19 +45,29 @@ pub enum Kind {
     Blocking,
     /// The yardstick of [`crate::floor`], in case 2 only.
     Floor,
+    /// The io_uring yardstick of [`crate::uring_floor`], in case 2 only,
+    /// where the kernel and the process's seccomp profile allow it.
+    UringFloor,
 }
 
 /// How many servers there are.
-pub const KINDS: usize = 4;
+pub const KINDS: usize = 5;
 
 impl Kind {
     /// Every server, ours first.
-    pub const ALL: [Kind; KINDS] = [Kind::Ours, Kind::Tokio, Kind::Blocking, Kind::Floor];
+    pub const ALL: [Kind; KINDS] = [
+        Kind::Ours,
+        Kind::Tokio,
+        Kind::Blocking,
+        Kind::Floor,
+        Kind::UringFloor,
+    ];
 
     /// Whether this server is measured in `case`: the floor peer echoes
-    /// only messages that one `send` takes whole, so only in case 2.
+    /// only messages that one `send` takes whole, so only in case 2; so
+    /// does the io_uring floor.
     pub fn in_case(self, case: u32) -> bool {
-        self != Kind::Floor || case == 2
+        !matches!(self, Kind::Floor | Kind::UringFloor) || case == 2
     }
 
     /// Short name for tables and messages.
@@ -66,6 +77,7 @@ impl Kind {
             Kind::Tokio => "tokio",
             Kind::Blocking => "blocking",
             Kind::Floor => "floor",
+            Kind::UringFloor => "uring-floor",
         }
     }
 
@@ -77,6 +89,7 @@ impl Kind {
             Kind::Tokio => comm.starts_with(peers::TOKIO_THREADS),
             Kind::Blocking => comm.starts_with(peers::BLOCKING_THREADS),
             Kind::Floor => comm.starts_with(floor::FLOOR_THREADS),
+            Kind::UringFloor => uring_floor::owns_thread(comm),
         }
     }
 }
@@ -87,6 +100,7 @@ pub enum InProcess {
     Tokio(TokioPeer),
     Blocking(BlockingPeer),
     Floor(FloorPeer),
+    UringFloor(UringFloorPeer),
 }
 
 impl InProcess {
@@ -112,6 +126,9 @@ impl InProcess {
             Kind::Tokio => TokioPeer::start(workers).map(InProcess::Tokio),
             Kind::Blocking => BlockingPeer::start().map(InProcess::Blocking),
             Kind::Floor => FloorPeer::start(workers, floor_placement).map(InProcess::Floor),
+            Kind::UringFloor => {
+                UringFloorPeer::start(workers, floor_placement).map(InProcess::UringFloor)
+            }
         };
         started.map_err(|e| format!("{}: cannot start: {e}", kind.name()))
     }
@@ -123,6 +140,7 @@ impl InProcess {
             InProcess::Tokio(peer) => peer.addr(),
             InProcess::Blocking(peer) => peer.addr(),
             InProcess::Floor(peer) => peer.addr(),
+            InProcess::UringFloor(peer) => peer.addr(),
         }
     }
 
@@ -131,16 +149,31 @@ impl InProcess {
     /// # Errors
     /// Our server reported a failure while joining.
     pub fn stop(self) -> Result<(), String> {
+        self.stop_counting_waits().map(drop)
+    }
+
+    /// As [`InProcess::stop`], and for ours, how many of its workers'
+    /// waits busy polling caught, and how many waits there were.
+    ///
+    /// # Errors
+    /// As [`InProcess::stop`].
+    pub fn stop_counting_waits(self) -> Result<Option<(u64, u64)>, String> {
         match self {
             InProcess::Ours(server) => {
                 server.shutdown_handle().shutdown();
                 server
                     .join()
-                    .map(|_summary| ())
+                    .map(|summary| {
+                        let caught = summary.busy_poll_catches;
+                        Some((caught, caught + summary.worker_sleeps))
+                    })
                     .map_err(|e| format!("ours: {e}"))
             }
             // The peers stop and join in their Drop.
-            InProcess::Tokio(_) | InProcess::Blocking(_) | InProcess::Floor(_) => Ok(()),
+            InProcess::Tokio(_)
+            | InProcess::Blocking(_)
+            | InProcess::Floor(_)
+            | InProcess::UringFloor(_) => Ok(None),
         }
     }
 }
@@ -267,7 +300,9 @@ impl UdpInProcess {
             }
             Kind::Tokio => UdpTokioPeer::start(workers).map(UdpInProcess::Tokio),
             Kind::Blocking => UdpBlockingPeer::start(workers).map(UdpInProcess::Blocking),
-            Kind::Floor => return Err("floor: has no UDP version".to_string()),
+            Kind::Floor | Kind::UringFloor => {
+                return Err(format!("{}: has no UDP version", kind.name()));
+            }
         };
         started.map_err(|e| format!("{}: cannot start: {e}", kind.name()))
     }
@@ -367,7 +402,9 @@ impl ServerProcess {
             Kind::Tokio | Kind::Blocking => {
                 return Err(format!("{}: takes no extra arguments", kind.name()));
             }
-            Kind::Floor => return Err("floor: runs only in-process, in case 2".to_string()),
+            Kind::Floor | Kind::UringFloor => {
+                return Err(format!("{}: runs only in-process, in case 2", kind.name()));
+            }
         };
         command
             .stdin(Stdio::null())

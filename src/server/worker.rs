@@ -33,7 +33,7 @@ use mio::{Events, Interest, Poll, Token};
 use crate::deadline::deadline_after;
 use crate::error::{interrupted, io_cause, would_block};
 use crate::log::{Logger, counted, preview};
-use crate::server::busy_poll::BusyPoll;
+use crate::server::busy_poll::{self, BusyPoll, Waited};
 use crate::server::config::{LogLevel, PROXY_HEADER_TIMEOUT, READ_BUFFER_SIZE};
 use crate::server::connection::{CloseReason, Connection, ConnectionStats, Outcome, Readiness};
 use crate::server::datagram::{Turn, UdpEcho};
@@ -278,27 +278,48 @@ impl Worker {
         }
         let began = Instant::now();
         let window = self.busy_poll.window();
+        let mut contested = false;
         // A timer due within the window is served by the sleep below.
         if !window.is_zero() && timeout.is_none_or(|left| left > window) {
+            // Counted before the first yield and after the spin: a yield
+            // that let another thread run shows the CPU is contested (see
+            // busy_poll). A catch on the first poll needs no count.
+            let mut before_yields = None;
             loop {
                 poll.poll(events, Some(Duration::ZERO))?;
                 if !events.is_empty() {
                     self.setup.counters.busy_poll_catches.add(1);
+                    contested = before_yields
+                        .is_some_and(|before| busy_poll::involuntary_switches() != before);
+                    self.busy_poll.after_catch(Waited {
+                        events: events.iter().count(),
+                        contested,
+                    });
                     return Ok(());
                 }
                 if began.elapsed() >= window {
                     break;
                 }
+                if before_yields.is_none() {
+                    before_yields = Some(busy_poll::involuntary_switches());
+                }
                 // Whatever else is runnable here, such as the peer that
                 // will send the next message, goes first.
                 std::thread::yield_now();
             }
+            contested =
+                before_yields.is_some_and(|before| busy_poll::involuntary_switches() != before);
         }
         let remaining = timeout.map(|left| left.saturating_sub(began.elapsed()));
         self.setup.counters.worker_sleeps.add(1);
         poll.poll(events, remaining)?;
-        self.busy_poll
-            .after_sleep(began.elapsed(), !events.is_empty());
+        self.busy_poll.after_sleep(
+            began.elapsed(),
+            Waited {
+                events: events.iter().count(),
+                contested,
+            },
+        );
         Ok(())
     }
 

@@ -41,7 +41,7 @@ use crate::client::interval::IntervalTally;
 use crate::client::{Event, Payload, payload};
 use crate::deadline::deadline_after;
 use crate::error::{interrupted, io_cause, is_peer_gone, would_block};
-use crate::server::busy_poll::BusyPoll;
+use crate::server::busy_poll::{BusyPoll, Waited};
 use crate::socket::unread_len;
 
 /// The token of the loop's waker; connection `i` of the loop uses `Token(i + 1)`.
@@ -403,6 +403,7 @@ where
             loop {
                 self.poll.poll(events, Some(Duration::ZERO))?;
                 if !events.is_empty() {
+                    self.busy_poll.after_catch(waited(events));
                     return Ok(());
                 }
                 if began.elapsed() >= window {
@@ -415,8 +416,7 @@ where
         }
         let remaining = timeout.map(|left| left.saturating_sub(began.elapsed()));
         self.poll.poll(events, remaining)?;
-        self.busy_poll
-            .after_sleep(began.elapsed(), !events.is_empty());
+        self.busy_poll.after_sleep(began.elapsed(), waited(events));
         Ok(())
     }
 
@@ -1274,6 +1274,18 @@ where
                 self.finish(index);
             }
         }
+    }
+}
+
+/// What a wait saw, for the busy-poll window: only the batch sign of
+/// saturation (more than two events). Unlike the server's workers, a
+/// client loop does not stand down when its yield let another thread run:
+/// on a shared machine that thread is often the server it waits for, and
+/// one connection's round trip would lose the spin's gain.
+fn waited(events: &Events) -> Waited {
+    Waited {
+        events: events.iter().count(),
+        contested: false,
     }
 }
 
