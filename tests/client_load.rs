@@ -9,9 +9,9 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::num::NonZeroUsize;
-use std::path::PathBuf;
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::client::{JSON_KEYS, Json, TestServer, run_client};
@@ -254,78 +254,245 @@ fn a_run_beyond_the_memory_available_is_refused_before_connecting() {
 }
 
 /// A memory cgroup limited to `bytes`, made under this machine's cgroup
-/// file system (v2, or v1's memory hierarchy) and removed when dropped;
-/// `None` where cgroups are not writable (most unprivileged runs).
+/// file system (v2, or v1's memory hierarchy) with a name of its own, and
+/// removed when dropped, with any groups made under it and after killing
+/// whatever still runs in them.
 struct MemoryCgroup {
     dir: PathBuf,
-    procs: PathBuf,
+    /// The hierarchy's root, to name groups as `/proc/self/cgroup` does.
+    root: PathBuf,
+    usage_file: &'static str,
+    children: Vec<PathBuf>,
 }
 
 impl MemoryCgroup {
+    /// `None` where cgroups are not writable (most unprivileged runs): the
+    /// test then skips, saying so, except in CI, which runs as root with
+    /// cgroups, so that a test that never ran cannot pass there.
     fn new(bytes: u64) -> Option<MemoryCgroup> {
-        let name = format!("echo-chamber-test-{}", std::process::id());
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "echo-chamber-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         let candidates = [
             (
                 PathBuf::from("/sys/fs/cgroup/memory"),
                 "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
             ),
-            (PathBuf::from("/sys/fs/cgroup"), "memory.max"),
+            (
+                PathBuf::from("/sys/fs/cgroup"),
+                "memory.max",
+                "memory.current",
+            ),
         ];
-        for (root, file) in candidates {
-            if !root.join(file).exists() && !root.join("cgroup.procs").exists() {
+        for (root, limit_file, usage_file) in candidates {
+            if !root.join("cgroup.procs").exists() {
                 continue;
             }
             let dir = root.join(&name);
             if std::fs::create_dir(&dir).is_err() {
                 continue;
             }
-            if std::fs::write(dir.join(file), bytes.to_string()).is_ok() {
-                let procs = dir.join("cgroup.procs");
-                return Some(MemoryCgroup { dir, procs });
+            let cgroup = MemoryCgroup {
+                dir,
+                root,
+                usage_file,
+                children: Vec::new(),
+            };
+            if std::fs::write(cgroup.dir.join(limit_file), bytes.to_string()).is_ok() {
+                return Some(cgroup);
             }
-            // Not a memory controller here after all.
-            let _ = std::fs::remove_dir(&dir);
+            // Not a memory controller here after all; dropping removes it.
         }
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root with cgroups: a memory cgroup must be possible under /sys/fs/cgroup"
+        );
+        eprintln!("skipped: no writable memory cgroup here (needs root and cgroups)");
         None
+    }
+
+    /// The group's path as `/proc/self/cgroup` names it.
+    fn name(&self) -> String {
+        let path = self.dir.strip_prefix(&self.root).expect("made under root");
+        format!("/{}", path.display())
+    }
+
+    /// Makes a group without a limit of its own under this one.
+    fn child(&mut self, name: &str) -> PathBuf {
+        // cgroup v2 hands the memory controller down only when asked; v1
+        // has no such file.
+        let subtree = self.dir.join("cgroup.subtree_control");
+        if subtree.exists() {
+            std::fs::write(&subtree, "+memory")
+                .unwrap_or_else(|err| panic!("enable memory in {}: {err}", subtree.display()));
+        }
+        let dir = self.dir.join(name);
+        std::fs::create_dir(&dir)
+            .unwrap_or_else(|err| panic!("make the cgroup {}: {err}", dir.display()));
+        self.children.push(dir.clone());
+        dir
+    }
+
+    /// What the group's processes use, in bytes.
+    fn usage(&self) -> u64 {
+        std::fs::read_to_string(self.dir.join(self.usage_file))
+            .ok()
+            .and_then(|usage| usage.trim().parse().ok())
+            .unwrap_or(0)
     }
 }
 
 impl Drop for MemoryCgroup {
     fn drop(&mut self) {
-        // The client has exited, so the group is empty; if removing it
-        // fails, an empty group is left behind.
-        let _ = std::fs::remove_dir(&self.dir);
+        for dir in self.children.iter().rev().chain([&self.dir]) {
+            // Only processes this test started are in its groups.
+            let procs = dir.join("cgroup.procs");
+            let emptied = common::wait_until(Duration::from_secs(10), || {
+                let pids = std::fs::read_to_string(&procs).unwrap_or_default();
+                for pid in pids.lines().filter_map(|pid| pid.parse::<i32>().ok()) {
+                    // SAFETY: kill only sends a signal.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+                pids.trim().is_empty()
+            });
+            // If the group cannot be emptied or removed, an empty or idle
+            // group is left behind; the test has its answer either way.
+            if emptied && let Err(err) = std::fs::remove_dir(dir) {
+                eprintln!("cannot remove the cgroup {}: {err}", dir.display());
+            }
+        }
     }
+}
+
+/// Runs the client binary with `args` in the cgroup at `dir`, moved there
+/// by a shell before it execs the client, so that the cgroup and its
+/// parents are the client's from its first instruction.
+fn run_client_in(dir: &Path, args: &[&str]) -> Output {
+    let mut command = Command::new("sh");
+    command
+        .args(["-c", "echo $$ > \"$1\" && shift && exec \"$@\"", "sh"])
+        .arg(dir.join("cgroup.procs"))
+        .arg(common::client::CLIENT)
+        .args(args);
+    common::run_command(command, b"", Stdio::piped(), Duration::from_secs(30))
+}
+
+fn describe_in(dir: &Path, args: &[&str], output: &Output) -> String {
+    let command = format!("(in {}) {}", dir.display(), common::client::CLIENT);
+    common::describe(&command, args, output)
 }
 
 #[test]
 fn a_run_beyond_its_cgroup_memory_limit_is_refused_with_the_limit_named() {
     with_time_limit(LIMIT, || {
         let Some(cgroup) = MemoryCgroup::new(1 << 30) else {
-            eprintln!("skipped: no writable memory cgroup here (needs root and cgroups)");
             return;
         };
         let closed = common::client::closed_port();
         // The case: 40 connections of 64 MiB in a 1 GiB cgroup was
         // killed by the OOM killer (exit 137) with no summary.
-        let script = format!(
-            "echo $$ > {} && exec {} {} --connections 40 --size 64MiB",
-            cgroup.procs.display(),
-            common::client::CLIENT,
-            closed.addr()
-        );
-        let output = Command::new("sh")
-            .args(["-c", &script])
-            .output()
-            .expect("sh runs");
+        let addr = closed.addr().to_string();
+        let args = [&addr, "--connections", "40", "--size", "64MiB", "-q"];
+        let output = run_client_in(&cgroup.dir, &args);
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        let describe = describe_in(&cgroup.dir, &args, &output);
+        assert_eq!(output.status.code(), Some(2), "{describe}");
+        assert_eq!(stderr.lines().count(), 1, "{describe}");
         assert!(
             stderr.contains("the run needs about 2.6 GiB")
-                && stderr.contains("more than the 1 GiB that the cgroup's memory"),
-            "{stderr}"
+                && stderr.contains("left of this cgroup's 1 GiB limit (memory."),
+            "{describe}"
         );
-        drop(cgroup);
+    });
+}
+
+#[test]
+fn a_memory_limit_on_a_parent_cgroup_refuses_a_run_in_a_group_under_it() {
+    with_time_limit(LIMIT, || {
+        // A systemd slice with MemoryMax=, the client in a scope under it;
+        // the review's run in the child group was killed (137).
+        let Some(mut cgroup) = MemoryCgroup::new(1 << 30) else {
+            return;
+        };
+        let inner = cgroup.child("inner");
+        let closed = common::client::closed_port();
+        let addr = closed.addr().to_string();
+        let args = [&addr, "--connections", "40", "--size", "64MiB", "-q"];
+        let output = run_client_in(&inner, &args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let describe = describe_in(&inner, &args, &output);
+        assert_eq!(output.status.code(), Some(2), "{describe}");
+        assert_eq!(stderr.lines().count(), 1, "{describe}");
+        let limit = format!(
+            "left of the 1 GiB limit of {}, a cgroup above this one (memory.",
+            cgroup.name()
+        );
+        assert!(
+            stderr.contains("the run needs about 2.6 GiB") && stderr.contains(&limit),
+            "expected {limit:?}\n{describe}"
+        );
+    });
+}
+
+/// A process that holds memory until killed: `tail` keeps every byte of
+/// a line until the line ends, and `sleep` keeps the line open.
+struct MemoryHolder(std::process::Child);
+
+impl MemoryHolder {
+    fn start_in(dir: &Path, mib: u64) -> MemoryHolder {
+        let script =
+            format!("echo $$ > \"$1\" && {{ head -c {mib}M /dev/zero; exec sleep 600; }} | tail");
+        let child = Command::new("sh")
+            .args(["-c", &script, "sh"])
+            .arg(dir.join("cgroup.procs"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("sh runs");
+        MemoryHolder(child)
+    }
+}
+
+impl Drop for MemoryHolder {
+    fn drop(&mut self) {
+        // The cgroup's drop kills the pipeline's other processes.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_run_that_fits_the_limit_but_not_what_is_left_of_it_is_refused() {
+    with_time_limit(LIMIT, || {
+        let Some(cgroup) = MemoryCgroup::new(1 << 30) else {
+            return;
+        };
+        // The review's case: another process in the group holds 400 MiB,
+        // and 10 connections of 64 MiB (about 704 MiB) were let in, then
+        // OOM-killed.
+        let _holder = MemoryHolder::start_in(&cgroup.dir, 400);
+        let held = common::wait_until(Duration::from_secs(60), || cgroup.usage() >= 400 << 20);
+        assert!(
+            held,
+            "the holder should have brought the cgroup to 400 MiB; it uses {} bytes",
+            cgroup.usage()
+        );
+        let closed = common::client::closed_port();
+        let addr = closed.addr().to_string();
+        let args = [&addr, "--connections", "10", "--size", "64MiB", "-q"];
+        let output = run_client_in(&cgroup.dir, &args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let describe = describe_in(&cgroup.dir, &args, &output);
+        assert_eq!(output.status.code(), Some(2), "{describe}");
+        assert_eq!(stderr.lines().count(), 1, "{describe}");
+        assert!(
+            stderr.contains("left of this cgroup's 1 GiB limit"),
+            "{describe}"
+        );
     });
 }
 

@@ -25,6 +25,7 @@ use echo_chamber::client::{
     self, ClientConfig, ConfigError, Event, Interval, MAX_CONNECTIONS, Payload, Reconnect, Report,
     StopHandle, Target,
 };
+use echo_chamber::limits::MemoryBound;
 use echo_chamber::log::counted;
 
 const PROG: &str = "echo-client";
@@ -560,14 +561,14 @@ fn parse_timeout(value: &str) -> Result<Duration, String> {
 }
 
 /// Refuses a run whose buffers cannot fit in the memory the process may
-/// use (its cgroup's limit, or what the machine has available), instead
-/// of being killed halfway with no summary.
+/// still use (what is left under its cgroups' limits, or what the machine
+/// has available), instead of being killed halfway with no summary.
 fn check_memory(config: &ClientConfig) -> Result<(), String> {
     let needed = client::memory_needed(config);
     let Some(limit) = echo_chamber::limits::memory_limit() else {
         return Ok(());
     };
-    if needed.bytes <= limit.bytes {
+    if needed.bytes <= limit.left {
         return Ok(());
     }
     let what = if needed.in_flight > 0 {
@@ -579,11 +580,30 @@ fn check_memory(config: &ClientConfig) -> Result<(), String> {
     } else {
         format!("{} connections", config.connections)
     };
+    let left = bytes_text(limit.left);
+    let room = match &limit.bound {
+        MemoryBound::Cgroup {
+            limit,
+            group,
+            own: true,
+            file,
+        } => format!(
+            "the {left} left of this cgroup's {} limit ({file} of {group})",
+            bytes_text(*limit)
+        ),
+        MemoryBound::Cgroup {
+            limit, group, file, ..
+        } => format!(
+            "the {left} left of the {} limit of {group}, a cgroup above this one ({file})",
+            bytes_text(*limit)
+        ),
+        MemoryBound::Available => {
+            format!("the {left} the machine has available (MemAvailable in /proc/meminfo)")
+        }
+    };
     Err(format!(
-        "the run needs about {} ({what}), more than the {} that {} allows; use fewer --connections, a smaller --size, or a --rate that keeps fewer echoes out",
+        "the run needs about {} ({what}), more than {room}; use fewer --connections, a smaller --size, or a --rate that keeps fewer echoes out",
         bytes_text(needed.bytes),
-        bytes_text(limit.bytes),
-        limit.source
     ))
 }
 
