@@ -580,7 +580,7 @@ fn check_memory(config: &ClientConfig) -> Result<(), String> {
     } else {
         format!("{} connections", config.connections)
     };
-    let left = bytes_text(limit.left);
+    let (needed_text, left) = needed_and_left_text(needed.bytes, limit.left);
     let room = match &limit.bound {
         MemoryBound::Cgroup {
             limit,
@@ -602,22 +602,58 @@ fn check_memory(config: &ClientConfig) -> Result<(), String> {
         }
     };
     Err(format!(
-        "the run needs about {} ({what}), more than {room}; use fewer --connections, a smaller --size, or a --rate that keeps fewer echoes out",
-        bytes_text(needed.bytes),
+        "the run needs about {needed_text} ({what}), more than {room}; use fewer --connections, a smaller --size, or a --rate that keeps fewer echoes out"
     ))
 }
+
+const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
 
 /// Bytes in the largest binary unit that leaves a whole number before the
 /// point: `64 MiB`, `2.5 GiB`.
 fn bytes_text(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
+    in_unit(bytes, unit_of(bytes), 1, f64::round)
+}
+
+/// `needed` and the `left` it exceeds, rounded so that the texts still
+/// show `needed` as the larger ("needs about 1 GiB, more than the 1 GiB
+/// left" would not). In units of their own when those differ, `left` then
+/// rounded down so that it stays under the next unit; in one unit, with
+/// two decimals, or a smaller unit, if one decimal makes them look equal.
+fn needed_and_left_text(needed: u64, left: u64) -> (String, String) {
+    let (needed_unit, left_unit) = (unit_of(needed), unit_of(left));
+    if needed_unit > left_unit {
+        return (bytes_text(needed), in_unit(left, left_unit, 1, f64::floor));
+    }
+    for unit in (1..=needed_unit).rev() {
+        for decimals in 1..=2 {
+            let texts = (
+                in_unit(needed, unit, decimals, f64::round),
+                in_unit(left, unit, decimals, f64::round),
+            );
+            if texts.0 != texts.1 {
+                return texts;
+            }
+        }
+    }
+    (format!("{needed} B"), format!("{left} B"))
+}
+
+/// The index in [`UNITS`] of the largest unit that `bytes` fills at least
+/// once.
+fn unit_of(bytes: u64) -> usize {
     let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
+    while unit < UNITS.len() - 1 && bytes >= 1 << (10 * (unit + 1)) {
         unit += 1;
     }
-    let text = format!("{value:.1}");
+    unit
+}
+
+/// `bytes` in `UNITS[unit]` with `decimals` places, `round`ed; a whole
+/// number loses its `.0`.
+fn in_unit(bytes: u64, unit: usize, decimals: i32, round: fn(f64) -> f64) -> String {
+    let scale = 10f64.powi(decimals);
+    let value = round(bytes as f64 / (1u64 << (10 * unit)) as f64 * scale) / scale;
+    let text = format!("{value:.*}", decimals as usize);
     let text = text.strip_suffix(".0").unwrap_or(&text);
     format!("{text} {}", UNITS[unit])
 }
@@ -994,4 +1030,99 @@ fn print_report(args: &Args, report: &Outcome, printer: &Printer) {
     };
     // A gone reader leaves the exit status to tell; a failure is recorded.
     printer.write_out(&text);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+
+    /// Whether the text of [`in_unit`] `a` reads as more than `b`.
+    fn reads_as_more(a: &str, b: &str) -> bool {
+        fn parse(text: &str) -> (&str, usize) {
+            let (value, unit) = text.split_once(' ').expect("a value and a unit");
+            let unit = UNITS.iter().position(|name| *name == unit).expect("a unit");
+            (value, unit)
+        }
+        match (parse(a), parse(b)) {
+            // Exact, beyond what an f64 holds.
+            ((a, 0), (b, 0)) => {
+                a.parse::<u64>().expect("whole bytes") > b.parse::<u64>().expect("whole bytes")
+            }
+            ((a, a_unit), (b, b_unit)) => {
+                let bytes = |value: &str, unit: usize| {
+                    value.parse::<f64>().expect("a number") * (1u64 << (10 * unit)) as f64
+                };
+                bytes(a, a_unit) > bytes(b, b_unit)
+            }
+        }
+    }
+
+    #[test]
+    fn sizes_keep_their_unit_and_one_decimal_when_that_shows_the_difference() {
+        assert_eq!(bytes_text(64 * MIB), "64 MiB");
+        assert_eq!(bytes_text(5 * GIB / 2), "2.5 GiB");
+        assert_eq!(
+            needed_and_left_text(2_805_000_000, 1_073_000_000),
+            ("2.6 GiB".to_owned(), "1023.2 MiB".to_owned())
+        );
+        assert_eq!(
+            needed_and_left_text(704 * MIB, 620 * MIB),
+            ("704 MiB".to_owned(), "620 MiB".to_owned())
+        );
+    }
+
+    #[test]
+    fn a_refusal_never_shows_the_need_as_no_more_than_what_is_left() {
+        // Once "needs about 1 GiB, more than the 1 GiB left".
+        assert_eq!(
+            needed_and_left_text(GIB + 40 * MIB, GIB + 10 * MIB),
+            ("1.04 GiB".to_owned(), "1.01 GiB".to_owned())
+        );
+        assert_eq!(
+            needed_and_left_text(GIB + MIB, GIB + MIB / 2),
+            ("1025 MiB".to_owned(), "1024.5 MiB".to_owned())
+        );
+        // Rounded to the nearest, 1023.99 MiB would read as 1024 MiB.
+        assert_eq!(
+            needed_and_left_text(GIB + 1, GIB - 10 * 1024),
+            ("1 GiB".to_owned(), "1023.9 MiB".to_owned())
+        );
+        // A byte apart, as a last resort, in bytes.
+        assert_eq!(
+            needed_and_left_text(GIB + 1, GIB),
+            ("1073741825 B".to_owned(), "1073741824 B".to_owned())
+        );
+        let sizes = [
+            0,
+            1,
+            1023,
+            1024,
+            MIB - 1,
+            MIB,
+            MIB + 1,
+            GIB - MIB,
+            GIB - 1,
+            GIB,
+            GIB + 1,
+            GIB + MIB / 3,
+            3 * GIB / 2,
+            (1 << 40) - 1,
+            1 << 40,
+            u64::MAX / 2,
+        ];
+        for needed in sizes {
+            for left in sizes.into_iter().filter(|&left| left < needed) {
+                for (needed, left) in [(needed, left), (needed, needed - 1), (left + 1, left)] {
+                    let (needed_text, left_text) = needed_and_left_text(needed, left);
+                    assert!(
+                        reads_as_more(&needed_text, &left_text),
+                        "{needed} bytes read as {needed_text}, {left} as {left_text}"
+                    );
+                }
+            }
+        }
+    }
 }
