@@ -235,6 +235,57 @@ fn many_flows_in_parallel_have_every_echo_checked() {
 }
 
 #[test]
+fn more_flows_than_the_soft_open_file_limit_all_echo() {
+    with_time_limit(TEST_LIMIT, || {
+        // The client raises the soft limit to the hard one; the hard one
+        // must have room. (The review's run: `ulimit -Sn 256` and 500
+        // flows gave 253 `too many open files`.)
+        common::need_open_files(1_000);
+        let server = UdpTestServer::echo();
+        let addr = server.addr().to_string();
+        let args = [
+            addr.as_str(),
+            "--udp",
+            "--json",
+            "--connections",
+            "500",
+            "--repeat",
+            "2",
+            "-q",
+        ];
+        let mut command = Command::new(CLIENT);
+        command.args(args);
+        common::lower_soft_open_files(&mut command, 256);
+        let started = Instant::now();
+        let output = common::run_command(command, b"", Stdio::piped(), LIMIT);
+        let run = Run {
+            command: format!("(ulimit -Sn 256; {CLIENT} {})", args.join(" ")),
+            status: output.status,
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            elapsed: started.elapsed(),
+        };
+        let json = Json::parse(&run.stdout).unwrap_or_else(|err| {
+            panic!(
+                "the output is not one JSON object ({err})\n{}",
+                run.describe()
+            )
+        });
+        assert!(
+            !run.stderr.contains("too many open files"),
+            "{}",
+            run.describe()
+        );
+        assert_counts(
+            &run,
+            &json,
+            0,
+            &[("sent", 1_000), ("echoed", 1_000), ("errors", 0)],
+        );
+    });
+}
+
+#[test]
 fn dropped_datagrams_count_as_lost_after_the_timeout() {
     with_time_limit(TEST_LIMIT, || {
         let server = UdpTestServer::start(|index, datagram| match index {

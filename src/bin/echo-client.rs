@@ -233,12 +233,16 @@ fn run() -> Exit {
         report_every: args.report_every,
     };
 
+    if !udp
+        && !on(args.stdin)
+        && let Err(message) = check_memory(&config)
+    {
+        cli::print_err(PROG, &message);
+        return Exit::Usage;
+    }
+    // Every mode holds a socket per connection or flow.
+    warn_if_open_files_fall_short(&config, udp || on(args.stdin));
     if !udp && !on(args.stdin) {
-        if let Err(message) = check_memory(&config) {
-            cli::print_err(PROG, &message);
-            return Exit::Usage;
-        }
-        warn_if_open_files_fall_short(&config);
         warn_if_ports_fall_short(&config);
     }
     let stop = StopHandle::new();
@@ -680,8 +684,14 @@ fn warn_if_ports_fall_short(config: &ClientConfig) {
 /// Raises the soft open-file limit to the hard one, as the server does,
 /// and says in one line before connecting when even that leaves too few
 /// descriptors for every connection: the rest then fail, counted by cause.
-fn warn_if_open_files_fall_short(config: &ClientConfig) {
-    let needed = client::open_files_needed(config);
+/// `thread_each`: each connection (a UDP flow, a `--stdin` connection) has
+/// a thread of its own rather than the event loops.
+fn warn_if_open_files_fall_short(config: &ClientConfig, thread_each: bool) {
+    let needed = if thread_each {
+        config.connections.get() as u64 + echo_chamber::limits::reserved_descriptors(0)
+    } else {
+        client::open_files_needed(config)
+    };
     let limit = match echo_chamber::limits::raise_open_file_limit() {
         Ok(limit) => limit,
         Err(error) => {

@@ -71,6 +71,31 @@ pub fn limit_open_files(command: &mut Command, count: u64) {
     limit_resource(command, libc::RLIMIT_NOFILE, count);
 }
 
+/// Makes `command`'s process start with a soft open-file limit of `count`,
+/// its hard limit unchanged, as after `ulimit -Sn`: the process may raise
+/// it again.
+pub fn lower_soft_open_files(command: &mut Command, count: u64) {
+    // SAFETY: getrlimit and setrlimit are async-signal-safe and touch only
+    // the closure's own struct.
+    unsafe {
+        command.pre_exec(move || {
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            limit.rlim_cur = (count as libc::rlim_t).min(limit.rlim_max);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
 /// Makes `command`'s process start with at most `bytes` of address space
 /// (`ulimit -v`), so that a large allocation fails instead of succeeding.
 pub fn limit_address_space(command: &mut Command, bytes: u64) {
