@@ -439,13 +439,14 @@ fn a_memory_limit_on_a_parent_cgroup_refuses_a_run_in_a_group_under_it() {
 }
 
 /// A process that holds memory until killed: `tail` keeps every byte of
-/// a line until the line ends, and `sleep` keeps the line open.
+/// a line until the line ends, and `sleep` keeps the line open (for two
+/// minutes at most, should the test die before it kills it).
 struct MemoryHolder(std::process::Child);
 
 impl MemoryHolder {
     fn start_in(dir: &Path, mib: u64) -> MemoryHolder {
         let script =
-            format!("echo $$ > \"$1\" && {{ head -c {mib}M /dev/zero; exec sleep 600; }} | tail");
+            format!("echo $$ > \"$1\" && {{ head -c {mib}M /dev/zero; exec sleep 120; }} | tail");
         let child = Command::new("sh")
             .args(["-c", &script, "sh"])
             .arg(dir.join("cgroup.procs"))
