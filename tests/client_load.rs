@@ -453,3 +453,108 @@ fn buffers_follow_the_echoes_in_flight_not_the_connections() {
         );
     });
 }
+
+/// Echoes like any server, except that each connection stalls once, for
+/// `stall`, on its first read `after` it was accepted.
+fn stalls_each_connection_once(stream: TcpStream, after: Duration, stall: Duration) {
+    let began = Instant::now();
+    let mut reader = stream.try_clone().expect("clone the accepted socket");
+    let mut writer = stream;
+    let mut buf = [0u8; 4096];
+    let mut stalled = false;
+    loop {
+        let read = match reader.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        if !stalled && began.elapsed() >= after {
+            stalled = true;
+            std::thread::sleep(stall);
+        }
+        if writer.write_all(&buf[..read]).is_err() {
+            return;
+        }
+    }
+}
+
+/// Every connection stalls for a second, half a second in.
+fn stalls_early(stream: TcpStream) {
+    stalls_each_connection_once(stream, Duration::from_millis(500), Duration::from_secs(1));
+}
+
+/// Every connection stalls for a second, two seconds in.
+fn stalls_late(stream: TcpStream) {
+    stalls_each_connection_once(stream, Duration::from_secs(2), Duration::from_secs(1));
+}
+
+/// The rate's books balance: every echo due was sent or counted unsent.
+fn assert_due_is_sent_plus_unsent(report: &client::Report) {
+    let rate = report.rate.clone().expect("a rate run reports its rate");
+    assert_eq!(
+        rate.due,
+        report.sent + rate.unsent,
+        "due should be sent + unsent: {rate:?}\n{}",
+        report.summary(false)
+    );
+}
+
+#[test]
+fn a_stop_during_a_stall_counts_the_echoes_due_and_unsent() {
+    with_time_limit(LIMIT, || {
+        let server = TestServer::start(stalls_early);
+        let config = ClientConfig {
+            rate: Some(1000),
+            repeat: 0,
+            duration: Some(Duration::from_secs(5)),
+            connections: NonZeroUsize::new(10).expect("not zero"),
+            ..config_for(server.addr())
+        };
+        let stop = StopHandle::new();
+        let stopper = stop.clone();
+        // Stopped 0.7 s into the second-long stall: some 700 echoes are
+        // due then with every connection's echo out.
+        let stopping = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1200));
+            stopper.stop();
+        });
+        let report = client::run(&config, &|_| {}, &stop).expect("valid config");
+        stopping.join().expect("the stopping thread");
+        assert_due_is_sent_plus_unsent(&report);
+        let rate = report.rate.clone().expect("a rate run reports its rate");
+        assert!(
+            rate.unsent >= 100 && !rate.kept(),
+            "{rate:?}\n{}",
+            report.summary(false)
+        );
+    });
+}
+
+#[test]
+fn a_stall_at_the_end_of_a_run_stays_in_the_percentiles() {
+    with_time_limit(LIMIT, || {
+        let server = TestServer::start(stalls_late);
+        let config = ClientConfig {
+            rate: Some(1000),
+            repeat: 0,
+            duration: Some(Duration::from_secs(3)),
+            connections: NonZeroUsize::new(10).expect("not zero"),
+            ..config_for(server.addr())
+        };
+        let report = client::run(&config, &|_| {}, &StopHandle::new()).expect("valid config");
+        assert_due_is_sent_plus_unsent(&report);
+        let rate = report.rate.clone().expect("a rate run reports its rate");
+        // The last second's echoes were due and never sent: a third of the
+        // run, each counted with its wait, so the p99 is most of a second.
+        let p99 = report.rtt.percentile(0.99).expect("echoes came back");
+        assert!(
+            rate.unsent >= 100 && rate.lower_bounds >= rate.unsent,
+            "{rate:?}\n{}",
+            report.summary(false)
+        );
+        assert!(
+            p99 >= Duration::from_millis(300),
+            "p99 {p99:?}\n{}",
+            report.summary(false)
+        );
+    });
+}

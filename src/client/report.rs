@@ -35,7 +35,10 @@ pub struct Report {
     pub bytes_sent: u64,
     /// Bytes of all complete echoes received.
     pub bytes_echoed: u64,
-    /// Round-trip times of the exact echoes.
+    /// Round-trip times of the exact echoes; with [`rate`](Self::rate),
+    /// also the echoes due and never sent or still out at their end, each
+    /// with the time it had waited by then (a lower bound:
+    /// [`RateReport::lower_bounds`]).
     pub rtt: RttStats,
     /// From the start of the run (before resolving) to its last echo (or
     /// failure); the closing checks after the last echo are not counted.
@@ -78,17 +81,23 @@ pub struct RateReport {
     /// Echoes sent more than 10 ms after they were due: no connection was
     /// free (each has one echo out at most), or the client was too busy.
     pub late: u64,
-    /// Echoes due but never sent, because the run ended first.
+    /// Echoes due but never sent: the run ended or was stopped first, or
+    /// every connection of theirs had ended. `due` is `sent` plus these.
     pub unsent: u64,
-    /// The lateness of the latest echo.
+    /// The lateness of the latest echo sent.
     pub most_late: Duration,
+    /// Round trips in [`Report::rtt`] that are lower bounds: echoes unsent,
+    /// or still out when their wait ran out (timed out, or stopped), each
+    /// counted with the time it had waited by then, as wrk2 does, so that
+    /// a stall at the end of a run stays in the percentiles.
+    pub lower_bounds: u64,
 }
 
 impl RateReport {
-    /// True unless more than 1% of the echoes due went out late or not at all.
+    /// True if every echo due was sent and no more than 1% went out late.
     #[must_use]
     pub fn kept(&self) -> bool {
-        (self.late + self.unsent).saturating_mul(100) <= self.due
+        self.unsent == 0 && self.late.saturating_mul(100) <= self.due
     }
 }
 
@@ -137,6 +146,7 @@ impl Report {
                 late: 0,
                 unsent: 0,
                 most_late: Duration::ZERO,
+                lower_bounds: 0,
             }),
         };
         let mut failures = std::collections::BTreeMap::new();
@@ -150,6 +160,8 @@ impl Report {
                 rate.late += tally.late;
                 rate.unsent += tally.unsent;
                 rate.most_late = rate.most_late.max(tally.most_late);
+                rate.lower_bounds += tally.lower_bounds.count();
+                report.rtt.merge(&tally.lower_bounds);
             }
             report.sent += tally.sent;
             report.echoed += tally.echoed;
@@ -288,7 +300,7 @@ impl Report {
             let _ = writeln!(text, "failed connects: {}", causes.join(", "));
         }
         if let Some(rate) = &self.rate {
-            let _ = writeln!(
+            let _ = write!(
                 text,
                 "rate {}/s asked: {} due, {} late (over 10 ms, the latest {}), {} unsent; round trips count from when each echo was due",
                 rate.asked,
@@ -299,6 +311,14 @@ impl Report {
                 )),
                 rate.unsent,
             );
+            if rate.lower_bounds > 0 {
+                let _ = write!(
+                    text,
+                    " ({} unsent or still out count with their wait so far, a lower bound)",
+                    rate.lower_bounds
+                );
+            }
+            text.push('\n');
             if !rate.kept() {
                 let _ = writeln!(
                     text,
@@ -350,13 +370,14 @@ impl Report {
             // Writing to a String cannot fail.
             let _ = write!(
                 extra,
-                ",\"rate\":{{\"asked\":{},\"due\":{},\"late\":{},\"unsent\":{},\"most_late_ms\":{},\"kept\":{}}}",
+                ",\"rate\":{{\"asked\":{},\"due\":{},\"late\":{},\"unsent\":{},\"most_late_ms\":{},\"kept\":{},\"lower_bounds\":{}}}",
                 rate.asked,
                 rate.due,
                 rate.late,
                 rate.unsent,
                 ms(rate.most_late),
-                rate.kept()
+                rate.kept(),
+                rate.lower_bounds
             );
         }
         format!(

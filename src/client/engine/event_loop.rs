@@ -18,7 +18,8 @@
 //! connection that has waited longest; with none free it waits in a queue
 //! of late echoes for the next connection to come free. The round trip is
 //! timed from when the echo was due (wrk2's answer to coordinated
-//! omission).
+//! omission); an echo due and never sent, or still out when its wait ran
+//! out, counts with the time it had waited by then, a lower bound.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -38,6 +39,7 @@ use crate::client::echo::{
 };
 use crate::client::failure::{Failure, FailureKind};
 use crate::client::interval::IntervalTally;
+use crate::client::rtt::RttStats;
 use crate::client::{Event, Payload, payload};
 use crate::deadline::deadline_after;
 use crate::error::{interrupted, io_cause, is_peer_gone, would_block};
@@ -214,6 +216,22 @@ struct Schedule {
 }
 
 impl Schedule {
+    /// The share of `--rate` of a loop with `connections` of the run's.
+    fn for_loop<F>(plan: &Plan<'_, F>, connections: usize) -> Option<Schedule> {
+        plan.config.rate.map(|rate| {
+            let share = connections as f64 / plan.config.connections.get() as f64;
+            Schedule {
+                per_second: rate as f64 * share,
+                start: None,
+                issued: 0,
+                sent: 0,
+                limit: (plan.config.repeat != 0)
+                    .then(|| plan.config.repeat.saturating_mul(connections as u64)),
+                free: VecDeque::new(),
+            }
+        })
+    }
+
     fn due(&self, number: u64) -> Instant {
         let start = self
             .start
@@ -241,9 +259,46 @@ impl Schedule {
         })
     }
 
-    /// Forgets the echoes due and not sent; returns how many.
-    fn drop_late(&mut self) -> u64 {
+    /// How many echoes have come due by `now`, within the limit (and never
+    /// fewer than already made due).
+    fn due_by(&self, now: Instant) -> u64 {
+        let Some(start) = self.start else {
+            return self.issued;
+        };
+        let elapsed = now.saturating_duration_since(start).as_secs_f64();
+        // Echo k is due at k / per_second; `due` settles the rounding.
+        let mut count = (elapsed * self.per_second) as u64 + 1;
+        while count > 0 && self.due(count - 1) > now {
+            count -= 1;
+        }
+        while self.due(count) <= now {
+            count += 1;
+        }
+        let count = self.limit.map_or(count, |limit| count.min(limit));
+        count.max(self.issued)
+    }
+
+    /// Makes due every echo whose time has come by `now`, all at once
+    /// however many (a loop held up for a second at a million a second
+    /// owes a million); returns how many.
+    fn make_due(&mut self, now: Instant) -> u64 {
+        let due = self.due_by(now);
+        let added = due - self.issued;
+        self.issued = due;
+        added
+    }
+
+    /// Gives up the echoes due and not sent at `end`, each counted in
+    /// `bounds` with the wait it had by then (a lower bound of its round
+    /// trip, as wrk2 counts them); returns how many.
+    fn drop_late(&mut self, end: Instant, bounds: &mut RttStats) -> u64 {
         let late = self.late();
+        if late > 0 {
+            // The newest waited least; each older one a step more.
+            let lowest = end.saturating_duration_since(self.due(self.issued - 1));
+            let step = Duration::from_secs_f64(1.0 / self.per_second);
+            bounds.record_evenly(lowest, step, late);
+        }
         self.sent = self.issued;
         late
     }
@@ -263,18 +318,7 @@ where
         let connections: Vec<Connection> = numbers(plan, index)
             .map(|number| Connection::new(number, plan.addrs[0]))
             .collect();
-        let schedule = plan.config.rate.map(|rate| {
-            let share = connections.len() as f64 / plan.config.connections.get() as f64;
-            Schedule {
-                per_second: rate as f64 * share,
-                start: None,
-                issued: 0,
-                sent: 0,
-                limit: (plan.config.repeat != 0)
-                    .then(|| plan.config.repeat.saturating_mul(connections.len() as u64)),
-                free: VecDeque::new(),
-            }
-        });
+        let schedule = Schedule::for_loop(plan, connections.len());
         Ok(EventLoop {
             plan,
             index,
@@ -381,7 +425,7 @@ where
         }
         if let Some(schedule) = &mut self.schedule {
             // Due, but every connection had ended.
-            self.tally.unsent += schedule.drop_late();
+            self.tally.unsent += schedule.drop_late(Instant::now(), &mut self.tally.lower_bounds);
         }
         self.tally
     }
@@ -711,6 +755,10 @@ where
                 let mut buf = self.pool.pop().unwrap_or_default();
                 let more = len.saturating_sub(buf.len());
                 if buf.try_reserve_exact(more).is_err() {
+                    if self.schedule.is_some() {
+                        // Due and taken, but it never went.
+                        self.tally.unsent += 1;
+                    }
                     self.tally.echoing_ended = Some(now);
                     self.fail(index, FailureKind::OutOfMemory { bytes: len });
                     self.finish(index);
@@ -813,6 +861,11 @@ where
         if now.saturating_duration_since(echo.sent_at) > plan.config.timeout {
             // The poll may wake a little after the deadline; the round
             // trip's own clock decides.
+            if self.schedule.is_some() {
+                self.tally
+                    .lower_bounds
+                    .record(now.saturating_duration_since(echo.due));
+            }
             self.recycle(echo.buf);
             self.echo_failed(
                 index,
@@ -900,6 +953,18 @@ where
             len: echo.len,
             written: echo.written,
         };
+        if self.schedule.is_some()
+            && matches!(
+                error,
+                ExchangeError::TimedOut { .. } | ExchangeError::Stopped { .. }
+            )
+        {
+            // Still out when its wait ran out: what it waited is a lower
+            // bound of its round trip.
+            self.tally
+                .lower_bounds
+                .record(now.saturating_duration_since(echo.due));
+        }
         self.tally.bytes_sent += echo.written as u64;
         self.echo_failed(index, error, &facts, now);
     }
@@ -1174,8 +1239,8 @@ where
         }
         self.next_unstarted = self.connections.len();
         if let Some(schedule) = &mut self.schedule {
-            // Stopped: what was due and not sent is simply not sent.
-            schedule.drop_late();
+            // Stopped: what was due and not sent never goes.
+            self.tally.unsent += schedule.drop_late(now, &mut self.tally.lower_bounds);
         }
         for index in 0..self.connections.len() {
             match &mut self.connections[index].state {
@@ -1200,7 +1265,7 @@ where
         }
         self.next_unstarted = self.connections.len();
         if let Some(schedule) = &mut self.schedule {
-            self.tally.unsent += schedule.drop_late();
+            self.tally.unsent += schedule.drop_late(now, &mut self.tally.lower_bounds);
         }
         self.close_idle(now);
     }
@@ -1230,18 +1295,10 @@ where
             }
             schedule.start = Some(now);
         }
-        loop {
-            let limited = schedule.limit.is_some_and(|limit| schedule.issued >= limit);
-            if limited {
-                break;
-            }
+        self.tally.scheduled += schedule.make_due(now);
+        if schedule.limit.is_none_or(|limit| schedule.issued < limit) {
             let due = schedule.due(schedule.issued);
-            if due > now {
-                self.loop_wake = Some(self.loop_wake.map_or(due, |wake| wake.min(due)));
-                break;
-            }
-            schedule.issued += 1;
-            self.tally.scheduled += 1;
+            self.loop_wake = Some(self.loop_wake.map_or(due, |wake| wake.min(due)));
         }
         while let Some(schedule) = &mut self.schedule
             && schedule.late() > 0
@@ -1352,6 +1409,18 @@ mod tests {
     }
 
     #[test]
+    fn echoes_held_up_fall_due_all_at_once() {
+        let mut schedule = schedule(1_000_000.0, None);
+        let start = schedule.start.expect("started");
+        // A loop held up for a second at a million a second owes a million
+        // and one (echo 0 is due at the start), made due in one step.
+        assert_eq!(schedule.make_due(start + Duration::from_secs(1)), 1_000_001);
+        assert_eq!(schedule.make_due(start + Duration::from_secs(1)), 0);
+        let mut limited = self::schedule(1000.0, Some(10));
+        assert_eq!(limited.make_due(start + Duration::from_secs(5)), 10);
+    }
+
+    #[test]
     fn late_echoes_go_oldest_first_and_cost_no_memory() {
         let mut schedule = schedule(1000.0, Some(1_000_000));
         // A million echoes fell due with no connection free: two numbers.
@@ -1361,8 +1430,14 @@ mod tests {
         assert_eq!(schedule.take_late(), Some(start));
         assert_eq!(schedule.take_late(), Some(start + Duration::from_millis(1)));
         assert!(!schedule.finished());
-        assert_eq!(schedule.drop_late(), 999_998);
+        let mut bounds = RttStats::new();
+        let end = schedule.due(999_999) + Duration::from_millis(1);
+        assert_eq!(schedule.drop_late(end, &mut bounds), 999_998);
         assert!(schedule.finished());
+        // Each counts the wait it had: from 1 ms (the newest) to 1000 s.
+        assert_eq!(bounds.count(), 999_998);
+        assert_eq!(bounds.min(), Some(Duration::from_millis(1)));
+        assert_eq!(bounds.max(), Some(Duration::from_millis(999_998)));
         assert_eq!(schedule.take_late(), None);
     }
 }
