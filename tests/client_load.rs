@@ -487,6 +487,13 @@ fn stalls_late(stream: TcpStream) {
     stalls_each_connection_once(stream, Duration::from_secs(2), Duration::from_secs(1));
 }
 
+/// Echoes on the first connection accepted; closes every other at once.
+fn serves_only_its_first_connection(stream: TcpStream, number: usize) {
+    if number == 0 {
+        common::client::std_echo(stream);
+    }
+}
+
 /// The rate's books balance: every echo due was sent or counted unsent.
 fn assert_due_is_sent_plus_unsent(report: &client::Report) {
     let rate = report.rate.clone().expect("a rate run reports its rate");
@@ -524,6 +531,63 @@ fn a_stop_during_a_stall_counts_the_echoes_due_and_unsent() {
         assert!(
             rate.unsent >= 100 && !rate.kept(),
             "{rate:?}\n{}",
+            report.summary(false)
+        );
+    });
+}
+
+#[test]
+fn a_loop_whose_connections_all_ended_still_owes_its_share_of_the_rate() {
+    with_time_limit(LIMIT, || {
+        // One connection of two is closed at once: its loop has nothing
+        // left to send on for the two seconds of the run.
+        let server = TestServer::start_numbered(serves_only_its_first_connection);
+        let config = ClientConfig {
+            rate: Some(1000),
+            repeat: 0,
+            duration: Some(Duration::from_secs(2)),
+            connections: NonZeroUsize::new(2).expect("not zero"),
+            threads: NonZeroUsize::new(2),
+            ..config_for(server.addr())
+        };
+        let report = client::run(&config, &|_| {}, &StopHandle::new()).expect("valid config");
+        assert_due_is_sent_plus_unsent(&report);
+        let rate = report.rate.clone().expect("a rate run reports its rate");
+        // Half of 2,000 due went nowhere; a slow machine sends less of the
+        // other half, never more.
+        assert!(
+            rate.due >= 1_500 && rate.unsent >= 500 && !rate.kept(),
+            "{rate:?}\n{}",
+            report.summary(false)
+        );
+        assert!(
+            report.summary(false).contains("could not keep --rate 1000"),
+            "{}",
+            report.summary(false)
+        );
+    });
+}
+
+#[test]
+fn a_rate_starts_while_connect_rate_is_still_opening_connections() {
+    with_time_limit(LIMIT, || {
+        let server = server_for(100);
+        // 100 connects at 10 a second take 10 s; the run lasts 2.
+        let config = ClientConfig {
+            rate: Some(100),
+            repeat: 0,
+            duration: Some(Duration::from_secs(2)),
+            connections: NonZeroUsize::new(100).expect("not zero"),
+            connect_rate: Some(10),
+            threads: NonZeroUsize::new(2),
+            ..config_for(server.local_addr())
+        };
+        let report = client::run(&config, &|_| {}, &StopHandle::new()).expect("valid config");
+        assert_due_is_sent_plus_unsent(&report);
+        // About 200 due on the connections open so far.
+        assert!(
+            report.sent >= 50 && report.echoed == report.sent,
+            "{}",
             report.summary(false)
         );
     });

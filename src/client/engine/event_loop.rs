@@ -14,12 +14,14 @@
 //! at its state again and sets its next one.
 //!
 //! With `--rate`, the loop's share of the rate is a fixed schedule that
-//! starts once its connects are done: each due echo goes on the free
+//! starts when its first connection opens: each due echo goes on the free
 //! connection that has waited longest; with none free it waits in a queue
 //! of late echoes for the next connection to come free. The round trip is
 //! timed from when the echo was due (wrk2's answer to coordinated
 //! omission); an echo due and never sent, or still out when its wait ran
-//! out, counts with the time it had waited by then, a lower bound.
+//! out, counts with the time it had waited by then, a lower bound. A loop
+//! whose connections have all ended hands its schedule back (see
+//! [`settle`]), so that its share stays due until the run stops sending.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -123,6 +125,9 @@ pub(in crate::client) struct EventLoop<'p, F> {
     ends: Option<Instant>,
     ended: bool,
     schedule: Option<Schedule>,
+    /// When the loop stopped sending: stopped, `--duration` over, or the
+    /// schedule through.
+    sending_ended: Option<Instant>,
     busy_poll: BusyPoll,
     /// With `--report-every`: this loop's share of the interval counts.
     interval: Option<&'p Mutex<IntervalTally>>,
@@ -200,10 +205,10 @@ impl Alarm {
 /// `start + k / per_second`. Echoes due and not yet sent are the numbers
 /// `sent..issued`, so however far behind the loop falls, they cost nothing
 /// to remember.
-struct Schedule {
+pub(in crate::client) struct Schedule {
     /// Echoes per second on this loop.
     per_second: f64,
-    /// When the first echo is due: once the loop's connects are done.
+    /// When the first echo is due: once the loop's first connection is open.
     start: Option<Instant>,
     /// Echoes made due so far, and sent so far (oldest first).
     issued: u64,
@@ -338,6 +343,7 @@ where
             ends: plan.ends(),
             ended: false,
             schedule,
+            sending_ended: None,
             busy_poll: BusyPoll::new(BUSY_POLL),
             interval: plan.intervals.get(index),
             connected: 0,
@@ -360,7 +366,7 @@ where
     }
 
     /// Runs every connection of the loop to its end.
-    pub fn run(mut self) -> ConnectionTally {
+    pub fn run(mut self) -> LoopEnd {
         let mut events = Events::with_capacity(EVENTS);
         let mut ready = Vec::with_capacity(EVENTS);
         self.tick(Instant::now());
@@ -423,11 +429,20 @@ where
             self.fire_timers(now);
             self.tick(now);
         }
-        if let Some(schedule) = &mut self.schedule {
-            // Due, but every connection had ended.
-            self.tally.unsent += schedule.drop_late(Instant::now(), &mut self.tally.lower_bounds);
+        let now = Instant::now();
+        let sending = !(self.stopped || self.ended)
+            && self
+                .schedule
+                .as_ref()
+                .is_some_and(|schedule| !schedule.finished());
+        LoopEnd {
+            tally: self.tally,
+            schedule: self.schedule,
+            // Every connection ended while the run still sends: its share
+            // stays due until then.
+            orphaned: sending,
+            sending_ended: self.sending_ended.unwrap_or(now),
         }
-        self.tally
     }
 
     /// Fills `events`, spinning first for the busy-poll window and then
@@ -1238,6 +1253,7 @@ where
             self.open -= 1;
         }
         self.next_unstarted = self.connections.len();
+        self.sending_ended.get_or_insert(now);
         if let Some(schedule) = &mut self.schedule {
             // Stopped: what was due and not sent never goes.
             self.tally.unsent += schedule.drop_late(now, &mut self.tally.lower_bounds);
@@ -1264,6 +1280,7 @@ where
             self.open -= 1;
         }
         self.next_unstarted = self.connections.len();
+        self.sending_ended.get_or_insert(now);
         if let Some(schedule) = &mut self.schedule {
             self.tally.unsent += schedule.drop_late(now, &mut self.tally.lower_bounds);
         }
@@ -1281,7 +1298,7 @@ where
     /// With `--rate`: makes due the echoes whose time has come, and sends
     /// the oldest due on free connections while there are any.
     fn send_due(&mut self, now: Instant) {
-        let connects_done = self.connecting == 0 && self.next_unstarted == self.connections.len();
+        let any_open = self.connected > 0;
         let stopped = self.stopped || self.ended;
         let Some(schedule) = &mut self.schedule else {
             return;
@@ -1290,7 +1307,9 @@ where
             return;
         }
         if schedule.start.is_none() {
-            if !connects_done {
+            // Echoes go to open connections: the schedule starts with the
+            // first, and the rest take their share as they open.
+            if !any_open {
                 return;
             }
             schedule.start = Some(now);
@@ -1315,6 +1334,7 @@ where
         }
         // Every echo has gone: the idle connections are done.
         if self.schedule.as_ref().is_some_and(Schedule::finished) {
+            self.sending_ended.get_or_insert(now);
             self.close_idle(now);
         }
     }
@@ -1346,6 +1366,46 @@ fn waited(events: &Events) -> Waited {
     }
 }
 
+/// What a loop leaves when its connections are through.
+pub(in crate::client) struct LoopEnd {
+    pub tally: ConnectionTally,
+    /// Its share of `--rate`.
+    schedule: Option<Schedule>,
+    /// Its connections all ended (or never opened) while the run was still
+    /// sending: its share stays due until the run stops sending.
+    orphaned: bool,
+    /// When it stopped sending: stopped, `--duration` over, its schedule
+    /// through, or its last connection ended.
+    sending_ended: Instant,
+}
+
+/// The loops' tallies once the run is over. A loop whose connections all
+/// ended early (a server that refused or closed them) owed its share of the
+/// rate until the last loop stopped sending: those echoes were due and
+/// never sent, and count so, with the wait each had by then as a lower
+/// bound of its round trip.
+pub(in crate::client) fn settle(ends: Vec<LoopEnd>) -> Vec<ConnectionTally> {
+    let Some(sending_ended) = ends.iter().map(|end| end.sending_ended).max() else {
+        return Vec::new();
+    };
+    // A loop that never opened a connection takes the run's first start.
+    let first_start = ends
+        .iter()
+        .filter_map(|end| end.schedule.as_ref()?.start)
+        .min();
+    ends.into_iter()
+        .map(|end| {
+            let mut tally = end.tally;
+            if let (true, Some(mut schedule)) = (end.orphaned, end.schedule) {
+                schedule.start = schedule.start.or(first_start);
+                tally.scheduled += schedule.make_due(sending_ended);
+                tally.unsent += schedule.drop_late(sending_ended, &mut tally.lower_bounds);
+            }
+            tally
+        })
+        .collect()
+}
+
 /// What an echo's failure message needs, once the echo is taken apart.
 struct EchoFacts {
     seq: u64,
@@ -1360,11 +1420,7 @@ fn numbers<F>(plan: &Plan<'_, F>, index: usize) -> impl Iterator<Item = usize> {
 
 /// The tally of loop `index` when it could not start: each of its
 /// connections fails with `error`.
-pub(in crate::client) fn unstarted<F>(
-    plan: &Plan<'_, F>,
-    index: usize,
-    error: io::Error,
-) -> ConnectionTally
+pub(in crate::client) fn unstarted<F>(plan: &Plan<'_, F>, index: usize, error: io::Error) -> LoopEnd
 where
     F: Fn(&crate::client::Event<'_>) + Sync,
 {
@@ -1380,8 +1436,14 @@ where
         };
         (plan.observer)(&crate::client::Event::Failed(&failure));
     }
-    tally.echoing_ended = Some(Instant::now());
-    tally
+    let now = Instant::now();
+    tally.echoing_ended = Some(now);
+    LoopEnd {
+        tally,
+        schedule: Schedule::for_loop(plan, numbers(plan, index).count()),
+        orphaned: true,
+        sending_ended: now,
+    }
 }
 
 #[cfg(test)]
