@@ -622,3 +622,68 @@ fn a_stall_at_the_end_of_a_run_stays_in_the_percentiles() {
         );
     });
 }
+
+#[test]
+fn connect_rate_does_not_catch_up_in_a_burst_after_the_client_was_held_up() {
+    with_time_limit(LIMIT, || {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind on loopback");
+        let addr = listener.local_addr().expect("bound address");
+        let accepting = std::thread::spawn(move || {
+            let mut accepted = Vec::new();
+            for _ in 0..150 {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        accepted.push(Instant::now());
+                        std::thread::spawn(move || common::client::std_echo(stream));
+                    }
+                    Err(error) => panic!("accept: {error}"),
+                }
+            }
+            accepted
+        });
+        let mut child = Command::new(common::client::CLIENT)
+            .args([
+                &addr.to_string(),
+                "--connections",
+                "150",
+                "--connect-rate",
+                "50",
+                "--threads",
+                "2",
+                "--timeout",
+                "30s",
+                "-q",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the client binary starts");
+        let pid = child.id() as libc::pid_t;
+        // Held up for two seconds a second in: 100 connect slots missed.
+        std::thread::sleep(Duration::from_secs(1));
+        // SAFETY: kill takes no pointers; `pid` is our own child, not yet reaped.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        std::thread::sleep(Duration::from_secs(2));
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+        let status = child.wait().expect("the client ends");
+        assert!(status.success(), "the client ended with {status}");
+        let accepted = accepting.join().expect("the accepting thread");
+        // At 50 a second, a quarter second holds about 13 (and one more per
+        // loop); a catch-up would put the 100 missed slots in one burst.
+        let window = Duration::from_millis(250);
+        let most = (0..accepted.len())
+            .map(|first| {
+                accepted[first..]
+                    .iter()
+                    .take_while(|at| **at - accepted[first] < window)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0);
+        assert!(
+            most < 50,
+            "{most} connects within {window:?} at --connect-rate 50"
+        );
+    });
+}

@@ -113,6 +113,8 @@ pub(in crate::client) struct EventLoop<'p, F> {
     loop_wake: Option<Instant>,
     /// Connections not yet started are `next_unstarted..`.
     next_unstarted: usize,
+    /// With `--connect-rate`, when the next connect may start.
+    next_connect: Option<Instant>,
     connecting: usize,
     /// Connections not yet done; the loop ends at zero.
     open: usize,
@@ -334,6 +336,7 @@ where
             timers: BinaryHeap::new(),
             loop_wake: None,
             next_unstarted: 0,
+            next_connect: None,
             connecting: 0,
             tally: ConnectionTally::default(),
             scratch: vec![0; SCRATCH],
@@ -527,15 +530,25 @@ where
         {
             let index = self.next_unstarted;
             if let Some(rate) = self.plan.config.connect_rate {
-                let number = self.connections[index].number as f64 - 1.0;
-                let at = deadline_after(
-                    self.plan.started,
-                    Duration::from_secs_f64(number / rate as f64),
-                );
+                // Loop i's connects are numbers i+1, i+1+T, …: its share of
+                // the rate, T/rate apart, the first i/rate into the run.
+                let at = *self.next_connect.get_or_insert_with(|| {
+                    let first = self.index as f64 / rate as f64;
+                    deadline_after(self.plan.started, Duration::from_secs_f64(first))
+                });
                 if at > now {
                     self.wake_loop_at(at);
                     return;
                 }
+                let spacing = Duration::from_secs_f64(self.plan.threads as f64 / rate as f64);
+                // Held up for more than a slot (stopped, descheduled): the
+                // missed slots move on rather than go in a burst.
+                let from = if now.saturating_duration_since(at) > spacing {
+                    now
+                } else {
+                    at
+                };
+                self.next_connect = Some(deadline_after(from, spacing));
             }
             if burst == CONNECT_BURST {
                 // Look at the connects so far before starting more.
