@@ -320,9 +320,13 @@ impl Report {
             }
             text.push('\n');
             if !rate.kept() {
+                // Late or unsent echoes mean every connection had one out
+                // (a slow or stalled server, or too few connections for the
+                // rate times the round trip) or the client fell behind (its
+                // CPU): from here the two look alike.
                 let _ = writeln!(
                     text,
-                    "the client could not keep --rate {}, {} of {} echoes went out late or not at all, more --connections (each has one echo out at most) or --threads may help",
+                    "the client could not keep --rate {}: {} of {} echoes went out late or not at all; the server was slow, or the client needs more --connections (each has one echo out at most) or --threads",
                     rate.asked,
                     rate.late + rate.unsent,
                     rate.due
