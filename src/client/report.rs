@@ -264,7 +264,18 @@ impl Report {
             throughput.write(&mut text);
         }
         let mut text = fit_to_terminal(&text);
-        write_histogram(&mut text, &self.rtt, histogram);
+        let bounds = self.rate.as_ref().map_or(0, |rate| rate.lower_bounds);
+        if bounds == 0 {
+            write_histogram(&mut text, &self.rtt, histogram);
+        } else if histogram {
+            // Writing to a String cannot fail.
+            let _ = writeln!(
+                text,
+                "rtt histogram ({}, {bounds} of them lower bounds, log-spaced rows):",
+                counted(self.rtt.count(), "round trip")
+            );
+            text.push_str(&self.rtt.histogram_text());
+        }
         text
     }
 
@@ -326,7 +337,7 @@ impl Report {
                 // CPU): from here the two look alike.
                 let _ = writeln!(
                     text,
-                    "the client could not keep --rate {}: {} of {} echoes went out late or not at all; the server was slow, or the client needs more --connections (each has one echo out at most) or --threads",
+                    "the client could not keep --rate {}: {} of {} echoes went out late or not at all (a slow server, connections it closed, or too few --connections, each with one echo out at most, or --threads)",
                     rate.asked,
                     rate.late + rate.unsent,
                     rate.due
