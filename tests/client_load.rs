@@ -533,6 +533,12 @@ fn a_stop_during_a_stall_counts_the_echoes_due_and_unsent() {
             "{rate:?}\n{}",
             report.summary(false)
         );
+        // The server stalled, not the client: more threads would not help.
+        let summary = report.summary(false);
+        assert!(
+            summary.contains("every connection had an echo out") && !summary.contains("--threads"),
+            "{summary}"
+        );
     });
 }
 

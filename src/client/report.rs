@@ -86,6 +86,10 @@ pub struct RateReport {
     pub unsent: u64,
     /// The lateness of the latest echo sent.
     pub most_late: Duration,
+    /// Of `late`, the echoes that waited for a free connection because
+    /// every one had an echo out (a slow server, or too few connections);
+    /// the rest found one free, and waited for the client itself (its CPU).
+    pub late_for_connection: u64,
     /// Round trips in [`Report::rtt`] that are lower bounds: echoes unsent,
     /// or still out when their wait ran out (timed out, or stopped), each
     /// counted with the time it had waited by then, as wrk2 does, so that
@@ -147,6 +151,7 @@ impl Report {
                 unsent: 0,
                 most_late: Duration::ZERO,
                 lower_bounds: 0,
+                late_for_connection: 0,
             }),
         };
         let mut failures = std::collections::BTreeMap::new();
@@ -161,6 +166,7 @@ impl Report {
                 rate.unsent += tally.unsent;
                 rate.most_late = rate.most_late.max(tally.most_late);
                 rate.lower_bounds += tally.lower_bounds.count();
+                rate.late_for_connection += tally.late_for_connection;
                 report.rtt.merge(&tally.lower_bounds);
             }
             report.sent += tally.sent;
@@ -331,13 +337,19 @@ impl Report {
             }
             text.push('\n');
             if !rate.kept() {
-                // Late or unsent echoes mean every connection had one out
-                // (a slow or stalled server, or too few connections for the
-                // rate times the round trip) or the client fell behind (its
-                // CPU): from here the two look alike.
+                // An echo that waited for a connection (or never found
+                // one) had every connection busy with an echo out; one that
+                // found a connection free and still went late waited for
+                // the client's own loop.
+                let waited = rate.late_for_connection + rate.unsent;
+                let why = if waited.saturating_mul(2) >= rate.late + rate.unsent {
+                    "every connection had an echo out or had ended (a slow or stalled server, connections it closed, or too few --connections for the rate times the round trip)"
+                } else {
+                    "connections were free but the client fell behind (its CPU), more --threads may help"
+                };
                 let _ = writeln!(
                     text,
-                    "the client could not keep --rate {}: {} of {} echoes went out late or not at all (a slow server, connections it closed, or too few --connections, each with one echo out at most, or --threads)",
+                    "the client could not keep --rate {}: {} of {} echoes went out late or not at all; {why}",
                     rate.asked,
                     rate.late + rate.unsent,
                     rate.due

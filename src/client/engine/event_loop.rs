@@ -737,7 +737,13 @@ where
         let connection = &mut self.connections[index];
         if let Some(schedule) = &mut self.schedule {
             match schedule.take_late() {
-                Some(due) => self.start_echo(index, due, now),
+                Some(due) => {
+                    if now.saturating_duration_since(due) > LATE_AFTER {
+                        // It waited for this connection to come free.
+                        self.tally.late_for_connection += 1;
+                    }
+                    self.start_echo(index, due, now);
+                }
                 None => {
                     connection.state = State::Idle { next: None };
                     schedule.free.push_back(index);
