@@ -693,3 +693,40 @@ fn connect_rate_does_not_catch_up_in_a_burst_after_the_client_was_held_up() {
         );
     });
 }
+
+#[test]
+fn a_message_that_memory_cannot_hold_at_a_rate_counts_as_unsent() {
+    with_time_limit(LIMIT, || {
+        let server = server_for(10);
+        let addr = server.local_addr().to_string();
+        let args = [
+            addr.as_str(),
+            "--size",
+            "64MiB",
+            "--rate",
+            "10",
+            "--duration",
+            "1s",
+            "--json",
+        ];
+        let mut command = Command::new(common::client::CLIENT);
+        command.args(args);
+        // Room for the program, not for one 64 MiB message.
+        common::limit_address_space(&mut command, 60 << 20);
+        let output = common::run_command(
+            command,
+            b"",
+            std::process::Stdio::piped(),
+            Duration::from_secs(60),
+        );
+        let context = common::describe(common::client::CLIENT, &args, &output);
+        assert_eq!(output.status.code(), Some(1), "{context}");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let summary = Json::parse(stdout.trim_end()).unwrap_or_else(|e| panic!("{e}\n{context}"));
+        let rate = summary.get("rate").expect("a rate object");
+        // The echo fell due and was taken, but never went.
+        assert_eq!(summary.number("sent"), Some(0.0), "{context}");
+        assert_eq!(rate.number("due"), Some(1.0), "{context}");
+        assert_eq!(rate.number("unsent"), Some(1.0), "{context}");
+    });
+}
