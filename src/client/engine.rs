@@ -42,8 +42,8 @@ pub(super) struct Plan<'a, F> {
     pub stop: &'a StopHandle,
     /// Seeds `--size` payloads: different every run.
     pub seed: u64,
-    /// The run's start: the origin of `--connect-rate`, `--rate` and
-    /// `--duration`.
+    /// The run's start: the origin of `--connect-rate` and `--duration`
+    /// (a loop's `--rate` schedule starts with its first connection).
     pub started: Instant,
     /// Loops in this run: never more than connections.
     pub threads: usize,
