@@ -621,3 +621,280 @@ fn buffers_follow_the_echoes_in_flight_not_the_connections() {
         );
     });
 }
+
+/// Echoes like any server, except that each connection stalls once, for
+/// `stall`, on its first read `after` it was accepted.
+fn stalls_each_connection_once(stream: TcpStream, after: Duration, stall: Duration) {
+    let began = Instant::now();
+    let mut reader = stream.try_clone().expect("clone the accepted socket");
+    let mut writer = stream;
+    let mut buf = [0u8; 4096];
+    let mut stalled = false;
+    loop {
+        let read = match reader.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        if !stalled && began.elapsed() >= after {
+            stalled = true;
+            std::thread::sleep(stall);
+        }
+        if writer.write_all(&buf[..read]).is_err() {
+            return;
+        }
+    }
+}
+
+/// Every connection stalls for a second, half a second in.
+fn stalls_early(stream: TcpStream) {
+    stalls_each_connection_once(stream, Duration::from_millis(500), Duration::from_secs(1));
+}
+
+/// Every connection stalls for a second, two seconds in.
+fn stalls_late(stream: TcpStream) {
+    stalls_each_connection_once(stream, Duration::from_secs(2), Duration::from_secs(1));
+}
+
+/// Echoes on the first connection accepted; closes every other at once.
+fn serves_only_its_first_connection(stream: TcpStream, number: usize) {
+    if number == 0 {
+        common::client::std_echo(stream);
+    }
+}
+
+/// The rate's books balance: every echo due was sent or counted unsent.
+fn assert_due_is_sent_plus_unsent(report: &client::Report) {
+    let rate = report.rate.clone().expect("a rate run reports its rate");
+    assert_eq!(
+        rate.due,
+        report.sent + rate.unsent,
+        "due should be sent + unsent: {rate:?}\n{}",
+        report.summary(false)
+    );
+}
+
+#[test]
+fn a_stop_during_a_stall_counts_the_echoes_due_and_unsent() {
+    with_time_limit(LIMIT, || {
+        let server = TestServer::start(stalls_early);
+        let config = ClientConfig {
+            rate: Some(1000),
+            repeat: 0,
+            duration: Some(Duration::from_secs(5)),
+            connections: NonZeroUsize::new(10).expect("not zero"),
+            ..config_for(server.addr())
+        };
+        let stop = StopHandle::new();
+        let stopper = stop.clone();
+        // Stopped 0.7 s into the second-long stall: some 700 echoes are
+        // due then with every connection's echo out.
+        let stopping = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1200));
+            stopper.stop();
+        });
+        let report = client::run(&config, &|_| {}, &stop).expect("valid config");
+        stopping.join().expect("the stopping thread");
+        assert_due_is_sent_plus_unsent(&report);
+        let rate = report.rate.clone().expect("a rate run reports its rate");
+        assert!(
+            rate.unsent >= 100 && !rate.kept(),
+            "{rate:?}\n{}",
+            report.summary(false)
+        );
+        // The server stalled, not the client: more threads would not help.
+        let summary = report.summary(false);
+        assert!(
+            summary.contains("every connection had an echo out") && !summary.contains("--threads"),
+            "{summary}"
+        );
+    });
+}
+
+#[test]
+fn a_loop_whose_connections_all_ended_still_owes_its_share_of_the_rate() {
+    with_time_limit(LIMIT, || {
+        // One connection of two is closed at once: its loop has nothing
+        // left to send on for the two seconds of the run.
+        let server = TestServer::start_numbered(serves_only_its_first_connection);
+        let config = ClientConfig {
+            rate: Some(1000),
+            repeat: 0,
+            duration: Some(Duration::from_secs(2)),
+            connections: NonZeroUsize::new(2).expect("not zero"),
+            threads: NonZeroUsize::new(2),
+            ..config_for(server.addr())
+        };
+        let report = client::run(&config, &|_| {}, &StopHandle::new()).expect("valid config");
+        assert_due_is_sent_plus_unsent(&report);
+        let rate = report.rate.clone().expect("a rate run reports its rate");
+        // Half of 2,000 due went nowhere; a slow machine sends less of the
+        // other half, never more.
+        assert!(
+            rate.due >= 1_500 && rate.unsent >= 500 && !rate.kept(),
+            "{rate:?}\n{}",
+            report.summary(false)
+        );
+        assert!(
+            report.summary(false).contains("could not keep --rate 1000"),
+            "{}",
+            report.summary(false)
+        );
+    });
+}
+
+#[test]
+fn a_rate_starts_while_connect_rate_is_still_opening_connections() {
+    with_time_limit(LIMIT, || {
+        let server = server_for(100);
+        // 100 connects at 10 a second take 10 s; the run lasts 2.
+        let config = ClientConfig {
+            rate: Some(100),
+            repeat: 0,
+            duration: Some(Duration::from_secs(2)),
+            connections: NonZeroUsize::new(100).expect("not zero"),
+            connect_rate: Some(10),
+            threads: NonZeroUsize::new(2),
+            ..config_for(server.local_addr())
+        };
+        let report = client::run(&config, &|_| {}, &StopHandle::new()).expect("valid config");
+        assert_due_is_sent_plus_unsent(&report);
+        // About 200 due on the connections open so far.
+        assert!(
+            report.sent >= 50 && report.echoed == report.sent,
+            "{}",
+            report.summary(false)
+        );
+    });
+}
+
+#[test]
+fn a_stall_at_the_end_of_a_run_stays_in_the_percentiles() {
+    with_time_limit(LIMIT, || {
+        let server = TestServer::start(stalls_late);
+        let config = ClientConfig {
+            rate: Some(1000),
+            repeat: 0,
+            duration: Some(Duration::from_secs(3)),
+            connections: NonZeroUsize::new(10).expect("not zero"),
+            ..config_for(server.addr())
+        };
+        let report = client::run(&config, &|_| {}, &StopHandle::new()).expect("valid config");
+        assert_due_is_sent_plus_unsent(&report);
+        let rate = report.rate.clone().expect("a rate run reports its rate");
+        // The last second's echoes were due and never sent: a third of the
+        // run, each counted with its wait, so the p99 is most of a second.
+        let p99 = report.rtt.percentile(0.99).expect("echoes came back");
+        assert!(
+            rate.unsent >= 100 && rate.lower_bounds >= rate.unsent,
+            "{rate:?}\n{}",
+            report.summary(false)
+        );
+        assert!(
+            p99 >= Duration::from_millis(300),
+            "p99 {p99:?}\n{}",
+            report.summary(false)
+        );
+    });
+}
+
+#[test]
+fn connect_rate_does_not_catch_up_in_a_burst_after_the_client_was_held_up() {
+    with_time_limit(LIMIT, || {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind on loopback");
+        let addr = listener.local_addr().expect("bound address");
+        let accepting = std::thread::spawn(move || {
+            let mut accepted = Vec::new();
+            for _ in 0..150 {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        accepted.push(Instant::now());
+                        std::thread::spawn(move || common::client::std_echo(stream));
+                    }
+                    Err(error) => panic!("accept: {error}"),
+                }
+            }
+            accepted
+        });
+        let mut child = Command::new(common::client::CLIENT)
+            .args([
+                &addr.to_string(),
+                "--connections",
+                "150",
+                "--connect-rate",
+                "50",
+                "--threads",
+                "2",
+                "--timeout",
+                "30s",
+                "-q",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the client binary starts");
+        let pid = child.id() as libc::pid_t;
+        // Held up for two seconds a second in: 100 connect slots missed.
+        std::thread::sleep(Duration::from_secs(1));
+        // SAFETY: kill takes no pointers; `pid` is our own child, not yet reaped.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        std::thread::sleep(Duration::from_secs(2));
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+        let status = child.wait().expect("the client ends");
+        assert!(status.success(), "the client ended with {status}");
+        let accepted = accepting.join().expect("the accepting thread");
+        // At 50 a second, a quarter second holds about 13 (and one more per
+        // loop); a catch-up would put the 100 missed slots in one burst.
+        let window = Duration::from_millis(250);
+        let most = (0..accepted.len())
+            .map(|first| {
+                accepted[first..]
+                    .iter()
+                    .take_while(|at| **at - accepted[first] < window)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0);
+        assert!(
+            most < 50,
+            "{most} connects within {window:?} at --connect-rate 50"
+        );
+    });
+}
+
+#[test]
+fn a_message_that_memory_cannot_hold_at_a_rate_counts_as_unsent() {
+    with_time_limit(LIMIT, || {
+        let server = server_for(10);
+        let addr = server.local_addr().to_string();
+        let args = [
+            addr.as_str(),
+            "--size",
+            "64MiB",
+            "--rate",
+            "10",
+            "--duration",
+            "1s",
+            "--json",
+        ];
+        let mut command = Command::new(common::client::CLIENT);
+        command.args(args);
+        // Room for the program, not for one 64 MiB message.
+        common::limit_address_space(&mut command, 60 << 20);
+        let output = common::run_command(
+            command,
+            b"",
+            std::process::Stdio::piped(),
+            Duration::from_secs(60),
+        );
+        let context = common::describe(common::client::CLIENT, &args, &output);
+        assert_eq!(output.status.code(), Some(1), "{context}");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let summary = Json::parse(stdout.trim_end()).unwrap_or_else(|e| panic!("{e}\n{context}"));
+        let rate = summary.get("rate").expect("a rate object");
+        // The echo fell due and was taken, but never went.
+        assert_eq!(summary.number("sent"), Some(0.0), "{context}");
+        assert_eq!(rate.number("due"), Some(1.0), "{context}");
+        assert_eq!(rate.number("unsent"), Some(1.0), "{context}");
+    });
+}

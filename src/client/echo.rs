@@ -111,6 +111,14 @@ pub(super) struct ConnectionTally {
     pub late: u64,
     pub most_late: Duration,
     pub unsent: u64,
+    /// Of `late`, the echoes that waited for a free connection (every one
+    /// had an echo out), rather than for the loop itself.
+    pub late_for_connection: u64,
+    /// With `--rate`: the echoes due and never sent, or still out when
+    /// their wait ran out, each with the time it had waited by then (a
+    /// lower bound of its round trip). Kept apart from `rtt`, whose p99
+    /// sets the patience at a stop and at the end.
+    pub lower_bounds: RttStats,
 }
 
 impl ConnectionTally {

@@ -42,8 +42,8 @@ pub(super) struct Plan<'a, F> {
     pub stop: &'a StopHandle,
     /// Seeds `--size` payloads: different every run.
     pub seed: u64,
-    /// The run's start: the origin of `--connect-rate`, `--rate` and
-    /// `--duration`.
+    /// The run's start: the origin of `--connect-rate` and `--duration`
+    /// (a loop's `--rate` schedule starts with its first connection).
     pub started: Instant,
     /// Loops in this run: never more than connections.
     pub threads: usize,
@@ -83,12 +83,12 @@ where
     I: Fn(&Interval) + Sync,
 {
     let mut loops = Vec::with_capacity(plan.threads);
-    let mut tallies = Vec::new();
+    let mut ends = Vec::new();
     for index in 0..plan.threads {
         match EventLoop::new(plan, index) {
             Ok(event_loop) => loops.push(event_loop),
             // No epoll or eventfd left: its connections fail, the rest run.
-            Err(error) => tallies.push(event_loop::unstarted(plan, index, error)),
+            Err(error) => ends.push(event_loop::unstarted(plan, index, error)),
         }
     }
     let wakers: Vec<Arc<Waker>> = loops.iter().map(EventLoop::waker).collect();
@@ -134,11 +134,11 @@ where
                 .spawn_scoped(scope, move || event_loop.run());
             match spawned {
                 Ok(handle) => handles.push(handle),
-                Err(error) => tallies.push(event_loop::unstarted(plan, index, error)),
+                Err(error) => ends.push(event_loop::unstarted(plan, index, error)),
             }
         }
         for handle in handles {
-            tallies.push(
+            ends.push(
                 handle
                     .join()
                     .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
@@ -146,7 +146,7 @@ where
         }
         drop(done);
     });
-    tallies
+    event_loop::settle(ends)
 }
 
 /// Reports an interval every `every` from the start of the run, until

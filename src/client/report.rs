@@ -35,7 +35,10 @@ pub struct Report {
     pub bytes_sent: u64,
     /// Bytes of all complete echoes received.
     pub bytes_echoed: u64,
-    /// Round-trip times of the exact echoes.
+    /// Round-trip times of the exact echoes; with [`rate`](Self::rate),
+    /// also the echoes due and never sent or still out at their end, each
+    /// with the time it had waited by then (a lower bound:
+    /// [`RateReport::lower_bounds`]).
     pub rtt: RttStats,
     /// From the start of the run (before resolving) to its last echo (or
     /// failure); the closing checks after the last echo are not counted.
@@ -78,17 +81,27 @@ pub struct RateReport {
     /// Echoes sent more than 10 ms after they were due: no connection was
     /// free (each has one echo out at most), or the client was too busy.
     pub late: u64,
-    /// Echoes due but never sent, because the run ended first.
+    /// Echoes due but never sent: the run ended or was stopped first, or
+    /// every connection of theirs had ended. `due` is `sent` plus these.
     pub unsent: u64,
-    /// The lateness of the latest echo.
+    /// The lateness of the latest echo sent.
     pub most_late: Duration,
+    /// Of `late`, the echoes that waited for a free connection because
+    /// every one had an echo out (a slow server, or too few connections);
+    /// the rest found one free, and waited for the client itself (its CPU).
+    pub late_for_connection: u64,
+    /// Round trips in [`Report::rtt`] that are lower bounds: echoes unsent,
+    /// or still out when their wait ran out (timed out, or stopped), each
+    /// counted with the time it had waited by then, as wrk2 does, so that
+    /// a stall at the end of a run stays in the percentiles.
+    pub lower_bounds: u64,
 }
 
 impl RateReport {
-    /// True unless more than 1% of the echoes due went out late or not at all.
+    /// True if every echo due was sent and no more than 1% went out late.
     #[must_use]
     pub fn kept(&self) -> bool {
-        (self.late + self.unsent).saturating_mul(100) <= self.due
+        self.unsent == 0 && self.late.saturating_mul(100) <= self.due
     }
 }
 
@@ -137,6 +150,8 @@ impl Report {
                 late: 0,
                 unsent: 0,
                 most_late: Duration::ZERO,
+                lower_bounds: 0,
+                late_for_connection: 0,
             }),
         };
         let mut failures = std::collections::BTreeMap::new();
@@ -150,6 +165,9 @@ impl Report {
                 rate.late += tally.late;
                 rate.unsent += tally.unsent;
                 rate.most_late = rate.most_late.max(tally.most_late);
+                rate.lower_bounds += tally.lower_bounds.count();
+                rate.late_for_connection += tally.late_for_connection;
+                report.rtt.merge(&tally.lower_bounds);
             }
             report.sent += tally.sent;
             report.echoed += tally.echoed;
@@ -252,7 +270,18 @@ impl Report {
             throughput.write(&mut text);
         }
         let mut text = fit_to_terminal(&text);
-        write_histogram(&mut text, &self.rtt, histogram);
+        let bounds = self.rate.as_ref().map_or(0, |rate| rate.lower_bounds);
+        if bounds == 0 {
+            write_histogram(&mut text, &self.rtt, histogram);
+        } else if histogram {
+            // Writing to a String cannot fail.
+            let _ = writeln!(
+                text,
+                "rtt histogram ({}, {bounds} of them lower bounds, log-spaced rows):",
+                counted(self.rtt.count(), "round trip")
+            );
+            text.push_str(&self.rtt.histogram_text());
+        }
         text
     }
 
@@ -288,7 +317,7 @@ impl Report {
             let _ = writeln!(text, "failed connects: {}", causes.join(", "));
         }
         if let Some(rate) = &self.rate {
-            let _ = writeln!(
+            let _ = write!(
                 text,
                 "rate {}/s asked: {} due, {} late (over 10 ms, the latest {}), {} unsent; round trips count from when each echo was due",
                 rate.asked,
@@ -299,10 +328,28 @@ impl Report {
                 )),
                 rate.unsent,
             );
+            if rate.lower_bounds > 0 {
+                let _ = write!(
+                    text,
+                    " ({} unsent or still out count with their wait so far, a lower bound)",
+                    rate.lower_bounds
+                );
+            }
+            text.push('\n');
             if !rate.kept() {
+                // An echo that waited for a connection (or never found
+                // one) had every connection busy with an echo out; one that
+                // found a connection free and still went late waited for
+                // the client's own loop.
+                let waited = rate.late_for_connection + rate.unsent;
+                let why = if waited.saturating_mul(2) >= rate.late + rate.unsent {
+                    "every connection had an echo out or had ended (a slow or stalled server, connections it closed, or too few --connections for the rate times the round trip)"
+                } else {
+                    "connections were free but the client fell behind (its CPU), more --threads may help"
+                };
                 let _ = writeln!(
                     text,
-                    "the client could not keep --rate {}, {} of {} echoes went out late or not at all, more --connections (each has one echo out at most) or --threads may help",
+                    "the client could not keep --rate {}: {} of {} echoes went out late or not at all; {why}",
                     rate.asked,
                     rate.late + rate.unsent,
                     rate.due
@@ -350,13 +397,14 @@ impl Report {
             // Writing to a String cannot fail.
             let _ = write!(
                 extra,
-                ",\"rate\":{{\"asked\":{},\"due\":{},\"late\":{},\"unsent\":{},\"most_late_ms\":{},\"kept\":{}}}",
+                ",\"rate\":{{\"asked\":{},\"due\":{},\"late\":{},\"unsent\":{},\"most_late_ms\":{},\"kept\":{},\"lower_bounds\":{}}}",
                 rate.asked,
                 rate.due,
                 rate.late,
                 rate.unsent,
                 ms(rate.most_late),
-                rate.kept()
+                rate.kept(),
+                rate.lower_bounds
             );
         }
         format!(

@@ -14,11 +14,14 @@
 //! at its state again and sets its next one.
 //!
 //! With `--rate`, the loop's share of the rate is a fixed schedule that
-//! starts once its connects are done: each due echo goes on the free
+//! starts when its first connection opens: each due echo goes on the free
 //! connection that has waited longest; with none free it waits in a queue
 //! of late echoes for the next connection to come free. The round trip is
 //! timed from when the echo was due (wrk2's answer to coordinated
-//! omission).
+//! omission); an echo due and never sent, or still out when its wait ran
+//! out, counts with the time it had waited by then, a lower bound. A loop
+//! whose connections have all ended hands its schedule back (see
+//! [`settle`]), so that its share stays due until the run stops sending.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -38,6 +41,7 @@ use crate::client::echo::{
 };
 use crate::client::failure::{Failure, FailureKind};
 use crate::client::interval::IntervalTally;
+use crate::client::rtt::RttStats;
 use crate::client::{Event, Payload, payload};
 use crate::deadline::deadline_after;
 use crate::error::{interrupted, io_cause, is_peer_gone, would_block};
@@ -109,6 +113,8 @@ pub(in crate::client) struct EventLoop<'p, F> {
     loop_wake: Option<Instant>,
     /// Connections not yet started are `next_unstarted..`.
     next_unstarted: usize,
+    /// With `--connect-rate`, when the next connect may start.
+    next_connect: Option<Instant>,
     connecting: usize,
     /// Connections not yet done; the loop ends at zero.
     open: usize,
@@ -121,6 +127,9 @@ pub(in crate::client) struct EventLoop<'p, F> {
     ends: Option<Instant>,
     ended: bool,
     schedule: Option<Schedule>,
+    /// When the loop stopped sending: stopped, `--duration` over, or the
+    /// schedule through.
+    sending_ended: Option<Instant>,
     busy_poll: BusyPoll,
     /// With `--report-every`: this loop's share of the interval counts.
     interval: Option<&'p Mutex<IntervalTally>>,
@@ -198,10 +207,10 @@ impl Alarm {
 /// `start + k / per_second`. Echoes due and not yet sent are the numbers
 /// `sent..issued`, so however far behind the loop falls, they cost nothing
 /// to remember.
-struct Schedule {
+pub(in crate::client) struct Schedule {
     /// Echoes per second on this loop.
     per_second: f64,
-    /// When the first echo is due: once the loop's connects are done.
+    /// When the first echo is due: once the loop's first connection is open.
     start: Option<Instant>,
     /// Echoes made due so far, and sent so far (oldest first).
     issued: u64,
@@ -214,6 +223,22 @@ struct Schedule {
 }
 
 impl Schedule {
+    /// The share of `--rate` of a loop with `connections` of the run's.
+    fn for_loop<F>(plan: &Plan<'_, F>, connections: usize) -> Option<Schedule> {
+        plan.config.rate.map(|rate| {
+            let share = connections as f64 / plan.config.connections.get() as f64;
+            Schedule {
+                per_second: rate as f64 * share,
+                start: None,
+                issued: 0,
+                sent: 0,
+                limit: (plan.config.repeat != 0)
+                    .then(|| plan.config.repeat.saturating_mul(connections as u64)),
+                free: VecDeque::new(),
+            }
+        })
+    }
+
     fn due(&self, number: u64) -> Instant {
         let start = self
             .start
@@ -241,9 +266,46 @@ impl Schedule {
         })
     }
 
-    /// Forgets the echoes due and not sent; returns how many.
-    fn drop_late(&mut self) -> u64 {
+    /// How many echoes have come due by `now`, within the limit (and never
+    /// fewer than already made due).
+    fn due_by(&self, now: Instant) -> u64 {
+        let Some(start) = self.start else {
+            return self.issued;
+        };
+        let elapsed = now.saturating_duration_since(start).as_secs_f64();
+        // Echo k is due at k / per_second; `due` settles the rounding.
+        let mut count = (elapsed * self.per_second) as u64 + 1;
+        while count > 0 && self.due(count - 1) > now {
+            count -= 1;
+        }
+        while self.due(count) <= now {
+            count += 1;
+        }
+        let count = self.limit.map_or(count, |limit| count.min(limit));
+        count.max(self.issued)
+    }
+
+    /// Makes due every echo whose time has come by `now`, all at once
+    /// however many (a loop held up for a second at a million a second
+    /// owes a million); returns how many.
+    fn make_due(&mut self, now: Instant) -> u64 {
+        let due = self.due_by(now);
+        let added = due - self.issued;
+        self.issued = due;
+        added
+    }
+
+    /// Gives up the echoes due and not sent at `end`, each counted in
+    /// `bounds` with the wait it had by then (a lower bound of its round
+    /// trip, as wrk2 counts them); returns how many.
+    fn drop_late(&mut self, end: Instant, bounds: &mut RttStats) -> u64 {
         let late = self.late();
+        if late > 0 {
+            // The newest waited least; each older one a step more.
+            let lowest = end.saturating_duration_since(self.due(self.issued - 1));
+            let step = Duration::from_secs_f64(1.0 / self.per_second);
+            bounds.record_evenly(lowest, step, late);
+        }
         self.sent = self.issued;
         late
     }
@@ -263,18 +325,7 @@ where
         let connections: Vec<Connection> = numbers(plan, index)
             .map(|number| Connection::new(number, plan.addrs[0]))
             .collect();
-        let schedule = plan.config.rate.map(|rate| {
-            let share = connections.len() as f64 / plan.config.connections.get() as f64;
-            Schedule {
-                per_second: rate as f64 * share,
-                start: None,
-                issued: 0,
-                sent: 0,
-                limit: (plan.config.repeat != 0)
-                    .then(|| plan.config.repeat.saturating_mul(connections.len() as u64)),
-                free: VecDeque::new(),
-            }
-        });
+        let schedule = Schedule::for_loop(plan, connections.len());
         Ok(EventLoop {
             plan,
             index,
@@ -285,6 +336,7 @@ where
             timers: BinaryHeap::new(),
             loop_wake: None,
             next_unstarted: 0,
+            next_connect: None,
             connecting: 0,
             tally: ConnectionTally::default(),
             scratch: vec![0; SCRATCH],
@@ -294,6 +346,7 @@ where
             ends: plan.ends(),
             ended: false,
             schedule,
+            sending_ended: None,
             busy_poll: BusyPoll::new(BUSY_POLL),
             interval: plan.intervals.get(index),
             connected: 0,
@@ -316,7 +369,7 @@ where
     }
 
     /// Runs every connection of the loop to its end.
-    pub fn run(mut self) -> ConnectionTally {
+    pub fn run(mut self) -> LoopEnd {
         let mut events = Events::with_capacity(EVENTS);
         let mut ready = Vec::with_capacity(EVENTS);
         self.tick(Instant::now());
@@ -379,11 +432,20 @@ where
             self.fire_timers(now);
             self.tick(now);
         }
-        if let Some(schedule) = &mut self.schedule {
-            // Due, but every connection had ended.
-            self.tally.unsent += schedule.drop_late();
+        let now = Instant::now();
+        let sending = !(self.stopped || self.ended)
+            && self
+                .schedule
+                .as_ref()
+                .is_some_and(|schedule| !schedule.finished());
+        LoopEnd {
+            tally: self.tally,
+            schedule: self.schedule,
+            // Every connection ended while the run still sends: its share
+            // stays due until then.
+            orphaned: sending,
+            sending_ended: self.sending_ended.unwrap_or(now),
         }
-        self.tally
     }
 
     /// Fills `events`, spinning first for the busy-poll window and then
@@ -468,15 +530,25 @@ where
         {
             let index = self.next_unstarted;
             if let Some(rate) = self.plan.config.connect_rate {
-                let number = self.connections[index].number as f64 - 1.0;
-                let at = deadline_after(
-                    self.plan.started,
-                    Duration::from_secs_f64(number / rate as f64),
-                );
+                // Loop i's connects are numbers i+1, i+1+T, …: its share of
+                // the rate, T/rate apart, the first i/rate into the run.
+                let at = *self.next_connect.get_or_insert_with(|| {
+                    let first = self.index as f64 / rate as f64;
+                    deadline_after(self.plan.started, Duration::from_secs_f64(first))
+                });
                 if at > now {
                     self.wake_loop_at(at);
                     return;
                 }
+                let spacing = Duration::from_secs_f64(self.plan.threads as f64 / rate as f64);
+                // Held up for more than a slot (stopped, descheduled): the
+                // missed slots move on rather than go in a burst.
+                let from = if now.saturating_duration_since(at) > spacing {
+                    now
+                } else {
+                    at
+                };
+                self.next_connect = Some(deadline_after(from, spacing));
             }
             if burst == CONNECT_BURST {
                 // Look at the connects so far before starting more.
@@ -665,7 +737,13 @@ where
         let connection = &mut self.connections[index];
         if let Some(schedule) = &mut self.schedule {
             match schedule.take_late() {
-                Some(due) => self.start_echo(index, due, now),
+                Some(due) => {
+                    if now.saturating_duration_since(due) > LATE_AFTER {
+                        // It waited for this connection to come free.
+                        self.tally.late_for_connection += 1;
+                    }
+                    self.start_echo(index, due, now);
+                }
                 None => {
                     connection.state = State::Idle { next: None };
                     schedule.free.push_back(index);
@@ -711,6 +789,10 @@ where
                 let mut buf = self.pool.pop().unwrap_or_default();
                 let more = len.saturating_sub(buf.len());
                 if buf.try_reserve_exact(more).is_err() {
+                    if self.schedule.is_some() {
+                        // Due and taken, but it never went.
+                        self.tally.unsent += 1;
+                    }
                     self.tally.echoing_ended = Some(now);
                     self.fail(index, FailureKind::OutOfMemory { bytes: len });
                     self.finish(index);
@@ -813,6 +895,11 @@ where
         if now.saturating_duration_since(echo.sent_at) > plan.config.timeout {
             // The poll may wake a little after the deadline; the round
             // trip's own clock decides.
+            if self.schedule.is_some() {
+                self.tally
+                    .lower_bounds
+                    .record(now.saturating_duration_since(echo.due));
+            }
             self.recycle(echo.buf);
             self.echo_failed(
                 index,
@@ -900,6 +987,18 @@ where
             len: echo.len,
             written: echo.written,
         };
+        if self.schedule.is_some()
+            && matches!(
+                error,
+                ExchangeError::TimedOut { .. } | ExchangeError::Stopped { .. }
+            )
+        {
+            // Still out when its wait ran out: what it waited is a lower
+            // bound of its round trip.
+            self.tally
+                .lower_bounds
+                .record(now.saturating_duration_since(echo.due));
+        }
         self.tally.bytes_sent += echo.written as u64;
         self.echo_failed(index, error, &facts, now);
     }
@@ -1173,9 +1272,10 @@ where
             self.open -= 1;
         }
         self.next_unstarted = self.connections.len();
+        self.sending_ended.get_or_insert(now);
         if let Some(schedule) = &mut self.schedule {
-            // Stopped: what was due and not sent is simply not sent.
-            schedule.drop_late();
+            // Stopped: what was due and not sent never goes.
+            self.tally.unsent += schedule.drop_late(now, &mut self.tally.lower_bounds);
         }
         for index in 0..self.connections.len() {
             match &mut self.connections[index].state {
@@ -1199,8 +1299,9 @@ where
             self.open -= 1;
         }
         self.next_unstarted = self.connections.len();
+        self.sending_ended.get_or_insert(now);
         if let Some(schedule) = &mut self.schedule {
-            self.tally.unsent += schedule.drop_late();
+            self.tally.unsent += schedule.drop_late(now, &mut self.tally.lower_bounds);
         }
         self.close_idle(now);
     }
@@ -1216,7 +1317,7 @@ where
     /// With `--rate`: makes due the echoes whose time has come, and sends
     /// the oldest due on free connections while there are any.
     fn send_due(&mut self, now: Instant) {
-        let connects_done = self.connecting == 0 && self.next_unstarted == self.connections.len();
+        let any_open = self.connected > 0;
         let stopped = self.stopped || self.ended;
         let Some(schedule) = &mut self.schedule else {
             return;
@@ -1225,23 +1326,17 @@ where
             return;
         }
         if schedule.start.is_none() {
-            if !connects_done {
+            // Echoes go to open connections: the schedule starts with the
+            // first, and the rest take their share as they open.
+            if !any_open {
                 return;
             }
             schedule.start = Some(now);
         }
-        loop {
-            let limited = schedule.limit.is_some_and(|limit| schedule.issued >= limit);
-            if limited {
-                break;
-            }
+        self.tally.scheduled += schedule.make_due(now);
+        if schedule.limit.is_none_or(|limit| schedule.issued < limit) {
             let due = schedule.due(schedule.issued);
-            if due > now {
-                self.loop_wake = Some(self.loop_wake.map_or(due, |wake| wake.min(due)));
-                break;
-            }
-            schedule.issued += 1;
-            self.tally.scheduled += 1;
+            self.loop_wake = Some(self.loop_wake.map_or(due, |wake| wake.min(due)));
         }
         while let Some(schedule) = &mut self.schedule
             && schedule.late() > 0
@@ -1258,6 +1353,7 @@ where
         }
         // Every echo has gone: the idle connections are done.
         if self.schedule.as_ref().is_some_and(Schedule::finished) {
+            self.sending_ended.get_or_insert(now);
             self.close_idle(now);
         }
     }
@@ -1289,6 +1385,46 @@ fn waited(events: &Events) -> Waited {
     }
 }
 
+/// What a loop leaves when its connections are through.
+pub(in crate::client) struct LoopEnd {
+    pub tally: ConnectionTally,
+    /// Its share of `--rate`.
+    schedule: Option<Schedule>,
+    /// Its connections all ended (or never opened) while the run was still
+    /// sending: its share stays due until the run stops sending.
+    orphaned: bool,
+    /// When it stopped sending: stopped, `--duration` over, its schedule
+    /// through, or its last connection ended.
+    sending_ended: Instant,
+}
+
+/// The loops' tallies once the run is over. A loop whose connections all
+/// ended early (a server that refused or closed them) owed its share of the
+/// rate until the last loop stopped sending: those echoes were due and
+/// never sent, and count so, with the wait each had by then as a lower
+/// bound of its round trip.
+pub(in crate::client) fn settle(ends: Vec<LoopEnd>) -> Vec<ConnectionTally> {
+    let Some(sending_ended) = ends.iter().map(|end| end.sending_ended).max() else {
+        return Vec::new();
+    };
+    // A loop that never opened a connection takes the run's first start.
+    let first_start = ends
+        .iter()
+        .filter_map(|end| end.schedule.as_ref()?.start)
+        .min();
+    ends.into_iter()
+        .map(|end| {
+            let mut tally = end.tally;
+            if let (true, Some(mut schedule)) = (end.orphaned, end.schedule) {
+                schedule.start = schedule.start.or(first_start);
+                tally.scheduled += schedule.make_due(sending_ended);
+                tally.unsent += schedule.drop_late(sending_ended, &mut tally.lower_bounds);
+            }
+            tally
+        })
+        .collect()
+}
+
 /// What an echo's failure message needs, once the echo is taken apart.
 struct EchoFacts {
     seq: u64,
@@ -1303,11 +1439,7 @@ fn numbers<F>(plan: &Plan<'_, F>, index: usize) -> impl Iterator<Item = usize> {
 
 /// The tally of loop `index` when it could not start: each of its
 /// connections fails with `error`.
-pub(in crate::client) fn unstarted<F>(
-    plan: &Plan<'_, F>,
-    index: usize,
-    error: io::Error,
-) -> ConnectionTally
+pub(in crate::client) fn unstarted<F>(plan: &Plan<'_, F>, index: usize, error: io::Error) -> LoopEnd
 where
     F: Fn(&crate::client::Event<'_>) + Sync,
 {
@@ -1323,8 +1455,14 @@ where
         };
         (plan.observer)(&crate::client::Event::Failed(&failure));
     }
-    tally.echoing_ended = Some(Instant::now());
-    tally
+    let now = Instant::now();
+    tally.echoing_ended = Some(now);
+    LoopEnd {
+        tally,
+        schedule: Schedule::for_loop(plan, numbers(plan, index).count()),
+        orphaned: true,
+        sending_ended: now,
+    }
 }
 
 #[cfg(test)]
@@ -1352,6 +1490,18 @@ mod tests {
     }
 
     #[test]
+    fn echoes_held_up_fall_due_all_at_once() {
+        let mut schedule = schedule(1_000_000.0, None);
+        let start = schedule.start.expect("started");
+        // A loop held up for a second at a million a second owes a million
+        // and one (echo 0 is due at the start), made due in one step.
+        assert_eq!(schedule.make_due(start + Duration::from_secs(1)), 1_000_001);
+        assert_eq!(schedule.make_due(start + Duration::from_secs(1)), 0);
+        let mut limited = self::schedule(1000.0, Some(10));
+        assert_eq!(limited.make_due(start + Duration::from_secs(5)), 10);
+    }
+
+    #[test]
     fn late_echoes_go_oldest_first_and_cost_no_memory() {
         let mut schedule = schedule(1000.0, Some(1_000_000));
         // A million echoes fell due with no connection free: two numbers.
@@ -1361,8 +1511,14 @@ mod tests {
         assert_eq!(schedule.take_late(), Some(start));
         assert_eq!(schedule.take_late(), Some(start + Duration::from_millis(1)));
         assert!(!schedule.finished());
-        assert_eq!(schedule.drop_late(), 999_998);
+        let mut bounds = RttStats::new();
+        let end = schedule.due(999_999) + Duration::from_millis(1);
+        assert_eq!(schedule.drop_late(end, &mut bounds), 999_998);
         assert!(schedule.finished());
+        // Each counts the wait it had: from 1 ms (the newest) to 1000 s.
+        assert_eq!(bounds.count(), 999_998);
+        assert_eq!(bounds.min(), Some(Duration::from_millis(1)));
+        assert_eq!(bounds.max(), Some(Duration::from_millis(999_998)));
         assert_eq!(schedule.take_late(), None);
     }
 }
