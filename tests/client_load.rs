@@ -40,6 +40,27 @@ fn server_for(connections: usize) -> echo_chamber::server::Server {
     })
 }
 
+/// Accepts `count` connections on `listener`, echoing each on a thread of
+/// its own, and returns the instants they were accepted at.
+fn echo_and_time_accepts(
+    listener: TcpListener,
+    count: usize,
+) -> std::thread::JoinHandle<Vec<Instant>> {
+    std::thread::spawn(move || {
+        let mut accepted = Vec::new();
+        for _ in 0..count {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    accepted.push(Instant::now());
+                    std::thread::spawn(move || common::client::std_echo(stream));
+                }
+                Err(error) => panic!("accept: {error}"),
+            }
+        }
+        accepted
+    })
+}
+
 #[test]
 fn five_thousand_connections_on_two_threads_all_echo_exactly() {
     with_time_limit(LIMIT, || {
@@ -73,19 +94,7 @@ fn connect_rate_spreads_the_connects_seen_by_the_server() {
     with_time_limit(LIMIT, || {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind on loopback");
         let addr = listener.local_addr().expect("bound address");
-        let accepting = std::thread::spawn(move || {
-            let mut accepted = Vec::new();
-            for _ in 0..40 {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        accepted.push(Instant::now());
-                        std::thread::spawn(move || common::client::std_echo(stream));
-                    }
-                    Err(error) => panic!("accept: {error}"),
-                }
-            }
-            accepted
-        });
+        let accepting = echo_and_time_accepts(listener, 40);
         let config = ClientConfig {
             connections: NonZeroUsize::new(40).expect("not zero"),
             connect_rate: Some(20),
@@ -802,19 +811,7 @@ fn connect_rate_does_not_catch_up_in_a_burst_after_the_client_was_held_up() {
     with_time_limit(LIMIT, || {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind on loopback");
         let addr = listener.local_addr().expect("bound address");
-        let accepting = std::thread::spawn(move || {
-            let mut accepted = Vec::new();
-            for _ in 0..150 {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        accepted.push(Instant::now());
-                        std::thread::spawn(move || common::client::std_echo(stream));
-                    }
-                    Err(error) => panic!("accept: {error}"),
-                }
-            }
-            accepted
-        });
+        let accepting = echo_and_time_accepts(listener, 150);
         let mut child = Command::new(common::client::CLIENT)
             .args([
                 &addr.to_string(),
