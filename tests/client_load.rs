@@ -895,3 +895,29 @@ fn a_message_that_memory_cannot_hold_at_a_rate_counts_as_unsent() {
         assert_eq!(rate.number("unsent"), Some(1.0), "{context}");
     });
 }
+
+#[test]
+fn the_loops_share_of_a_rate_interleaves_instead_of_starting_together() {
+    with_time_limit(LIMIT, || {
+        let server = server_for(2);
+        // 4 echoes at 4 a second on 2 loops: due at 0, 0.25, 0.5 and 0.75 s.
+        // Loops starting together would send two at 0 and two at 0.5 s.
+        let config = ClientConfig {
+            connections: NonZeroUsize::new(2).expect("not zero"),
+            threads: NonZeroUsize::new(2),
+            rate: Some(4),
+            repeat: 2,
+            ..config_for(server.local_addr())
+        };
+        let report = client::run(&config, &|_| {}, &StopHandle::new()).expect("valid config");
+        assert!(report.is_success(), "{}", report.summary(false));
+        assert_eq!(report.echoed, 4, "{}", report.summary(false));
+        // A slow machine only makes the run longer.
+        assert!(
+            report.elapsed >= Duration::from_millis(700),
+            "the last echo went out at {:?}, before its 0.75 s\n{}",
+            report.elapsed,
+            report.summary(false)
+        );
+    });
+}

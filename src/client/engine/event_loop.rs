@@ -1319,6 +1319,12 @@ where
     fn send_due(&mut self, now: Instant) {
         let any_open = self.connected > 0;
         let stopped = self.stopped || self.ended;
+        // Loop i starts i/rate later than the run's rate alone would have
+        // it, so that the loops' echoes interleave evenly instead of each
+        // loop's first echo going out at once.
+        let phase = self.plan.config.rate.map_or(Duration::ZERO, |rate| {
+            Duration::from_secs_f64(self.index as f64 / rate.max(1) as f64)
+        });
         let Some(schedule) = &mut self.schedule else {
             return;
         };
@@ -1331,7 +1337,7 @@ where
             if !any_open {
                 return;
             }
-            schedule.start = Some(now);
+            schedule.start = Some(deadline_after(now, phase));
         }
         self.tally.scheduled += schedule.make_due(now);
         if schedule.limit.is_none_or(|limit| schedule.issued < limit) {
