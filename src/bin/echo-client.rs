@@ -88,7 +88,7 @@ struct Args {
     #[argh(option, from_str_fn(parse_size), arg_name = "bytes")]
     size: Option<SizeArg>,
 
-    /// echoes per connection, 0 for until Ctrl-C (default 1)
+    /// echoes per connection, 0 for until Ctrl-C (default 1; 0 with --rate or --duration)
     #[argh(option, from_str_fn(parse_repeat), arg_name = "n")]
     repeat: Option<u64>,
 
