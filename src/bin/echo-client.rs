@@ -761,6 +761,8 @@ struct Printer {
     chatty: bool,
     /// `--json`: interval reports are JSON Lines.
     json: bool,
+    /// `--report-every`, which sets the interval lines' precision.
+    report_every: Duration,
     multiple: bool,
     /// `--size` payloads are binary: show their length, never their bytes.
     binary: bool,
@@ -783,6 +785,7 @@ impl Printer {
         Printer {
             chatty: !on(args.quiet) && !on(args.json),
             json: on(args.json),
+            report_every: args.report_every.unwrap_or(Duration::from_secs(1)),
             multiple,
             binary: args.size.is_some(),
             echoes: AtomicU64::new(0),
@@ -860,7 +863,7 @@ impl Printer {
     fn on_interval(&self, interval: &Interval) {
         match self.json {
             true => self.say(format_args!("{}", interval.to_json())),
-            false => self.say(format_args!("{}", interval.line())),
+            false => self.say(format_args!("{}", interval.line(self.report_every))),
         }
     }
 

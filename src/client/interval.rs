@@ -70,16 +70,19 @@ impl Interval {
     }
 
     /// One line: `[  1.0-  2.0 s] 19980 echoes/s, 0.220 MB/s, p50 0.608 ms,
-    /// p99 1.307 ms, 200 open, 0 errors`.
+    /// p99 1.307 ms, 200 open, 0 errors`. The times have as many decimals
+    /// as intervals of `every` need to read apart (1 to 3):
+    /// `[  0.25-  0.50 s]` for 250 ms.
     #[must_use]
-    pub fn line(&self) -> String {
+    pub fn line(&self, every: Duration) -> String {
         let p = |q| self.rtt.percentile(q).map_or_else(|| "-".to_owned(), ms);
         let plural = if self.errors == 1 { "" } else { "s" };
+        let decimals = decimals_for(every);
         let mut text = String::new();
         // Writing to a String cannot fail.
         let _ = write!(
             text,
-            "[{:6.1}-{:6.1} s] {:.1} echoes/s, {:.3} MB/s, p50 {} ms, p99 {} ms, {} open, {} error{plural}",
+            "[{:6.decimals$}-{:6.decimals$} s] {:.1} echoes/s, {:.3} MB/s, p50 {} ms, p99 {} ms, {} open, {} error{plural}",
             self.start.as_secs_f64(),
             self.end.as_secs_f64(),
             per_second(self.echoes, self.length()),
@@ -115,5 +118,41 @@ impl Interval {
             self.open,
             self.errors,
         )
+    }
+}
+/// Decimals of seconds that tell the ends of intervals `every` long apart:
+/// 1 for a second or more, 2 down to 10 ms, 3 below.
+fn decimals_for(every: Duration) -> usize {
+    match every.as_millis() {
+        1000.. => 1,
+        10.. => 2,
+        _ => 3,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn interval(start_ms: u64, end_ms: u64) -> Interval {
+        Interval {
+            start: Duration::from_millis(start_ms),
+            end: Duration::from_millis(end_ms),
+            echoes: 0,
+            bytes_echoed: 0,
+            rtt: RttStats::new(),
+            open: 1,
+            errors: 0,
+        }
+    }
+
+    #[test]
+    fn interval_times_have_the_decimals_their_length_needs() {
+        let line = |start, end, every| interval(start, end).line(Duration::from_millis(every));
+        assert!(line(1000, 2000, 1000).starts_with("[   1.0-   2.0 s] "));
+        // At 250 ms, one decimal read [0.2-0.5 s] and [0.8-0.8 s].
+        assert!(line(250, 500, 250).starts_with("[  0.25-  0.50 s] "));
+        assert!(line(750, 1000, 250).starts_with("[  0.75-  1.00 s] "));
+        assert!(line(1, 2, 1).starts_with("[ 0.001- 0.002 s] "));
     }
 }
