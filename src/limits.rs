@@ -235,6 +235,14 @@ fn lowest_on_path(mount: &Path, path: &str, files: &MemoryFiles) -> Option<Memor
         }
         let is_own = own;
         own = false;
+        // cgroup v1 before Linux 6.0: a group above ours without
+        // use_hierarchy neither counts nor limits what the groups under it
+        // use, and neither does any group above it (whose setting it takes).
+        if !is_own
+            && fs::read_to_string(dir.join("memory.use_hierarchy")).is_ok_and(|on| on.trim() == "0")
+        {
+            break;
+        }
         if let Some(left) = left_in(&dir, files)
             && lowest.as_ref().is_none_or(|lowest| left.0 < lowest.left)
         {
@@ -247,11 +255,6 @@ fn lowest_on_path(mount: &Path, path: &str, files: &MemoryFiles) -> Option<Memor
                     file: files.limit,
                 },
             });
-        }
-        // cgroup v1 before Linux 6.0: a parent without use_hierarchy
-        // neither counts nor limits what the groups under it use.
-        if fs::read_to_string(dir.join("memory.use_hierarchy")).is_ok_and(|on| on.trim() == "0") {
-            break;
         }
     }
     lowest
@@ -433,10 +436,14 @@ mod tests {
                 "9223372036854771712\n",
             );
         assert_eq!(left(&tree.0, "4:memory:/a/b/c\n"), Some(1 << 29));
-        // Before Linux 6.0, a v1 parent without use_hierarchy limits
-        // nothing under it.
-        tree.file("memory/a/b/memory.use_hierarchy", "0\n");
+        // Before Linux 6.0, a v1 group above ours without use_hierarchy
+        // limits nothing under it, and no group above it does either; the
+        // setting that counts is the upper group's, not ours.
+        tree.file("memory/a/memory.use_hierarchy", "0\n")
+            .file("memory/a/b/c/memory.use_hierarchy", "0\n");
         assert_eq!(left(&tree.0, "4:memory:/a/b/c\n"), Some(1 << 30));
+        tree.file("memory/a/b/memory.use_hierarchy", "0\n");
+        assert_eq!(left(&tree.0, "4:memory:/a/b/c\n"), None);
     }
 
     #[test]
