@@ -7,7 +7,8 @@
 //! It reads the server through a [`Monitor`], which takes no lock and writes
 //! nothing the workers read, so a scrape costs them nothing. Whatever
 //! arrives on its port is bounded: at most [`MAX_CLIENTS`] connections at
-//! once (more are closed at once), a request head of at most
+//! once (past them, a new one replaces the oldest still waiting for its
+//! request, or is closed at once), a request head of at most
 //! [`http::MAX_HEAD`] bytes (else 431), [`REQUEST_DEADLINE`] for
 //! a connection's whole life (a slow client is cut, with a 408 if the
 //! socket takes it), and only `GET` of three paths (else 405 or 404).
