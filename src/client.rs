@@ -518,7 +518,7 @@ pub struct MemoryNeeded {
 /// [`crate::limits::memory_limit`] before starting: a buffer per message
 /// out (one per connection closed-loop; with a rate, no more than the rate
 /// times the timeout; two per connection with `reconnect`), and
-/// [`CONNECTION_MEMORY`] per connection.
+/// `CONNECTION_MEMORY` per connection.
 #[must_use]
 pub fn memory_needed(config: &ClientConfig) -> MemoryNeeded {
     let connections = config.connections.get() as u64;

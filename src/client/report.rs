@@ -38,7 +38,7 @@ pub struct Report {
     /// Round-trip times of the exact echoes; with [`rate`](Self::rate),
     /// also the echoes due and never sent or still out at their end, each
     /// with the time it had waited by then (a lower bound:
-    /// [`RateReport::lower_bounds`]).
+    /// `RateReport::lower_bounds`).
     pub rtt: RttStats,
     /// From the start of the run (before resolving) to its last echo (or
     /// failure); the closing checks after the last echo are not counted.
@@ -230,7 +230,7 @@ impl Report {
     /// follows the counts. A throughput line follows when more than one echo
     /// was sent or more than one connection was asked for, and a histogram
     /// when `histogram` is true. Lines that would pass 80 columns are
-    /// wrapped ([`fit_to_terminal`]).
+    /// wrapped (`fit_to_terminal`).
     #[must_use]
     pub fn summary(&self, histogram: bool) -> String {
         let mut text = String::new();
