@@ -204,6 +204,43 @@ fn accept(
     placement: Placement,
     stopping: &AtomicBool,
 ) {
+    let load = |share: &Arc<WorkerShare>| share.count.load(Ordering::Relaxed);
+    accept_placed(
+        listener,
+        shares,
+        placement,
+        stopping,
+        load,
+        |share, stream| {
+            if stream.set_nonblocking(true).is_err() {
+                return;
+            }
+            let fd = stream.as_raw_fd();
+            share
+                .open
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(fd, stream);
+            share.count.fetch_add(1, Ordering::Relaxed);
+            if share.watch(fd, fd as u64).is_err() {
+                share.close(fd);
+            }
+        },
+    );
+}
+
+/// The floor peers' acceptor: accepts until stopped (or until `accept`
+/// fails for a reason that is not the client's), and hands each
+/// connection, Nagle off, to the worker `placement` picks: the one with
+/// the least `load` (ties at random), or each in turn.
+pub fn accept_placed<S>(
+    listener: &TcpListener,
+    shares: &[S],
+    placement: Placement,
+    stopping: &AtomicBool,
+    load: impl Fn(&S) -> usize,
+    mut hand_over: impl FnMut(&S, TcpStream),
+) {
     let mut tie_breaker = 0x9e37_79b9_7f4a_7c15_u64 ^ u64::from(std::process::id());
     let mut turn = 0;
     for stream in listener.incoming() {
@@ -229,9 +266,6 @@ fn accept(
         };
         // Nagle off, as on the client side; failure only costs latency.
         let _ = stream.set_nodelay(true);
-        if stream.set_nonblocking(true).is_err() {
-            continue;
-        }
         let share = match placement {
             Placement::Fewest => {
                 tie_breaker ^= tie_breaker << 13;
@@ -240,7 +274,7 @@ fn accept(
                 let start = (tie_breaker % shares.len() as u64) as usize;
                 (0..shares.len())
                     .map(|offset| &shares[(start + offset) % shares.len()])
-                    .min_by_key(|share| share.count.load(Ordering::Relaxed))
+                    .min_by_key(|share| load(share))
                     .expect("the peer has at least one worker")
             }
             Placement::InTurn => {
@@ -248,16 +282,7 @@ fn accept(
                 &shares[turn]
             }
         };
-        let fd = stream.as_raw_fd();
-        share
-            .open
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(fd, stream);
-        share.count.fetch_add(1, Ordering::Relaxed);
-        if share.watch(fd, fd as u64).is_err() {
-            share.close(fd);
-        }
+        hand_over(share, stream);
     }
 }
 

@@ -35,7 +35,7 @@ use std::thread::{self, JoinHandle};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
-use crate::floor::Placement;
+use crate::floor::{Placement, accept_placed};
 
 /// Thread-name prefix of the io_uring floor peer. The kernel's io_uring
 /// worker threads of this process (`iou-wrk-*`, should any be started) are
@@ -227,54 +227,23 @@ fn accept(
     placement: Placement,
     stopping: &AtomicBool,
 ) {
-    let mut tie_breaker = 0x9e37_79b9_7f4a_7c15_u64 ^ u64::from(std::process::id());
-    let mut turn = 0;
-    for stream in listener.incoming() {
-        if stopping.load(Ordering::SeqCst) {
-            return;
-        }
-        let stream = match stream {
-            Ok(stream) => stream,
-            // The client gave up before it was accepted, or a signal came.
-            Err(error)
-                if matches!(
-                    error.kind(),
-                    io::ErrorKind::ConnectionAborted
-                        | io::ErrorKind::ConnectionReset
-                        | io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue;
-            }
-            // Out of descriptors, or the listener was shut down.
-            Err(_) => return,
-        };
-        // Nagle off, as on the client side; failure only costs latency.
-        let _ = stream.set_nodelay(true);
-        let share = match placement {
-            Placement::Fewest => {
-                tie_breaker ^= tie_breaker << 13;
-                tie_breaker ^= tie_breaker >> 7;
-                tie_breaker ^= tie_breaker << 17;
-                let start = (tie_breaker % shares.len() as u64) as usize;
-                (0..shares.len())
-                    .map(|offset| &shares[(start + offset) % shares.len()])
-                    .min_by_key(|share| share.count.load(Ordering::Relaxed))
-                    .expect("the peer has at least one worker")
-            }
-            Placement::InTurn => {
-                turn = (turn + 1) % shares.len();
-                &shares[turn]
-            }
-        };
-        share.count.fetch_add(1, Ordering::Relaxed);
-        share
-            .incoming
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(stream);
-        share.wake();
-    }
+    let load = |share: &Arc<WorkerShare>| share.count.load(Ordering::Relaxed);
+    accept_placed(
+        listener,
+        shares,
+        placement,
+        stopping,
+        load,
+        |share, stream| {
+            share.count.fetch_add(1, Ordering::Relaxed);
+            share
+                .incoming
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(stream);
+            share.wake();
+        },
+    );
 }
 
 /// A ring made on the current thread.
