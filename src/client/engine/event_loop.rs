@@ -1267,16 +1267,7 @@ where
     /// and echoes in progress get their patience, idle connections close.
     fn on_stop(&mut self, now: Instant) {
         self.stopped = true;
-        for index in self.next_unstarted..self.connections.len() {
-            self.connections[index].state = State::Done;
-            self.open -= 1;
-        }
-        self.next_unstarted = self.connections.len();
-        self.sending_ended.get_or_insert(now);
-        if let Some(schedule) = &mut self.schedule {
-            // Stopped: what was due and not sent never goes.
-            self.tally.unsent += schedule.drop_late(now, &mut self.tally.lower_bounds);
-        }
+        self.stop_sending(now);
         for index in 0..self.connections.len() {
             match &mut self.connections[index].state {
                 State::Idle { .. } => self.begin_closing(index, now),
@@ -1294,6 +1285,13 @@ where
     /// `--duration` is over: idle connections close, echoes out finish,
     /// connections not yet started never start, late echoes never go.
     fn end_sending(&mut self, now: Instant) {
+        self.stop_sending(now);
+        self.close_idle(now);
+    }
+
+    /// What a stop and the end of `--duration` share: connections not yet
+    /// started never start, and echoes due and not sent never go.
+    fn stop_sending(&mut self, now: Instant) {
         for index in self.next_unstarted..self.connections.len() {
             self.connections[index].state = State::Done;
             self.open -= 1;
@@ -1303,7 +1301,6 @@ where
         if let Some(schedule) = &mut self.schedule {
             self.tally.unsent += schedule.drop_late(now, &mut self.tally.lower_bounds);
         }
-        self.close_idle(now);
     }
 
     fn close_idle(&mut self, now: Instant) {
@@ -1319,12 +1316,6 @@ where
     fn send_due(&mut self, now: Instant) {
         let any_open = self.connected > 0;
         let stopped = self.stopped || self.ended;
-        // Loop i starts i/rate later than the run's rate alone would have
-        // it, so that the loops' echoes interleave evenly instead of each
-        // loop's first echo going out at once.
-        let phase = self.plan.config.rate.map_or(Duration::ZERO, |rate| {
-            Duration::from_secs_f64(self.index as f64 / rate.max(1) as f64)
-        });
         let Some(schedule) = &mut self.schedule else {
             return;
         };
@@ -1337,6 +1328,11 @@ where
             if !any_open {
                 return;
             }
+            // Loop i starts i/rate later, so that the loops' echoes
+            // interleave evenly instead of each loop's first going out at
+            // once.
+            let rate = self.plan.config.rate.unwrap_or(1).max(1);
+            let phase = Duration::from_secs_f64(self.index as f64 / rate as f64);
             schedule.start = Some(deadline_after(now, phase));
         }
         self.tally.scheduled += schedule.make_due(now);
