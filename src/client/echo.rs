@@ -32,7 +32,7 @@ use super::failure::{Failure, FailureKind};
 use super::reconnect::{Backoff, Idle, Reconnect, idle_state, reconnect};
 use super::rtt::RttStats;
 use super::stop::StopHandle;
-use super::{ClientConfig, Event, MAX_MESSAGE, Payload, payload};
+use super::{Event, MAX_MESSAGE};
 use crate::deadline::deadline_after;
 use crate::error::{interrupted, is_peer_gone, would_block};
 use crate::socket::unread_len;
@@ -148,62 +148,6 @@ pub(super) trait Messages {
     /// Puts message `seq` into `buf` and returns true, or returns false when
     /// there are no more (count reached, end of input, or stopped).
     fn next(&mut self, seq: u64, buf: &mut Vec<u8>) -> Result<bool, FailureKind>;
-}
-
-/// `--repeat` messages of `--message` or `--size`, `--interval` apart.
-pub(super) struct RepeatedMessages<'a> {
-    payload: &'a Payload,
-    repeat: u64,
-    interval: Duration,
-    connection: usize,
-    seed: u64,
-    stop: &'a StopHandle,
-}
-
-impl<'a> RepeatedMessages<'a> {
-    pub fn new(
-        config: &'a ClientConfig,
-        connection: usize,
-        seed: u64,
-        stop: &'a StopHandle,
-    ) -> Self {
-        RepeatedMessages {
-            payload: &config.payload,
-            repeat: config.repeat,
-            interval: config.interval,
-            connection,
-            seed,
-            stop,
-        }
-    }
-}
-
-impl Messages for RepeatedMessages<'_> {
-    fn next(&mut self, seq: u64, buf: &mut Vec<u8>) -> Result<bool, FailureKind> {
-        if self.repeat != 0 && seq > self.repeat {
-            return Ok(false);
-        }
-        let stopped = if seq > 1 && !self.interval.is_zero() {
-            self.stop.sleep(self.interval)
-        } else {
-            self.stop.is_stopped()
-        };
-        if stopped {
-            return Ok(false);
-        }
-        match self.payload {
-            Payload::Text(text) => {
-                if buf.as_slice() != text.as_slice() {
-                    buf.clone_from(text);
-                }
-            }
-            Payload::Generated { size } => {
-                resize(buf, size.get())?;
-                payload::fill(buf, self.seed, self.connection, seq);
-            }
-        }
-        Ok(true)
-    }
 }
 
 /// Lines of input, read on a background thread (see [`read_lines_in_background`]).
@@ -497,7 +441,7 @@ fn ended_while_idle<F>(
 where
     F: Fn(&Event<'_>) + Sync,
 {
-    let kind = match idle_state(socket) {
+    let kind = match idle_state(&socket.stream) {
         Idle::Open => return None,
         Idle::Closed => return Some(Reconnect::Closed),
         Idle::Extra(bytes) => FailureKind::Extra {
@@ -635,19 +579,6 @@ where
             kind,
         };
         (self.observer)(&Event::Failed(&failure));
-    }
-
-    /// Tally for a connection whose thread could not be started.
-    pub fn fail_unstarted(&self, connection: usize, error: io::Error) -> ConnectionTally {
-        let mut tally = ConnectionTally::default();
-        let kind = FailureKind::Spawn { error };
-        tally.count(&kind);
-        let failure = Failure {
-            connection: self.multiple.then_some(connection),
-            kind,
-        };
-        (self.observer)(&Event::Failed(&failure));
-        tally
     }
 }
 
