@@ -733,9 +733,16 @@ where
         let State::Connecting(connecting) = &connection.state else {
             return;
         };
-        self.tally
-            .connect
-            .record(now.saturating_duration_since(connecting.began));
+        // The connections' first connects: a reconnect counts in `reconnects`.
+        if connection
+            .rejoin
+            .as_ref()
+            .is_none_or(|rejoin| !rejoin.opened)
+        {
+            self.tally
+                .connect
+                .record(now.saturating_duration_since(connecting.began));
+        }
         self.connecting -= 1;
         connection.state = State::Idle { next: None };
         self.connected += 1;
