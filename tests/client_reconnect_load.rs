@@ -389,3 +389,66 @@ fn a_refused_reconnect_backs_off_and_gives_up_after_the_timeout_in_few_tries() {
         assert!((2..=10).contains(&tries), "{tries} tries: {failure:?}");
     });
 }
+
+/// Echoes one greeting, then ends the connection cleanly at that echo
+/// boundary: every echo takes a reconnect.
+fn closes_after_one_greeting(stream: TcpStream) {
+    echo_then_close(stream, GREETING_LEN);
+}
+
+#[test]
+fn reconnects_take_connect_rate_slots_so_a_restart_brings_no_flood_of_connects() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = TestServer::start(closes_after_one_greeting);
+        let config = ClientConfig {
+            repeat: 0,
+            connections: NonZeroUsize::new(2).expect("2 is not zero"),
+            connect_rate: Some(20),
+            duration: Some(Duration::from_secs(1)),
+            ..reconnecting(server.addr())
+        };
+        let (report, seen) = run_and_record(&config);
+        assert!(seen.failures.is_empty(), "{seen:?} {report:?}");
+        assert!(report.is_success(), "{report:?}");
+        // A connect a slot, 20 slots a second for one second (the first at
+        // the start): a busy machine makes fewer, never more. Unpaced, a
+        // loopback server ending every connection after one echo would see
+        // hundreds.
+        let connects = report.reconnects + 2;
+        assert!(
+            (3..=22).contains(&connects),
+            "{connects} connects: {report:?}"
+        );
+        assert_eq!(report.echoed, report.sent, "{report:?}");
+    });
+}
+
+#[test]
+fn stdin_with_reconnect_keeps_its_thread_and_goes_on_through_a_close() {
+    with_time_limit(TEST_LIMIT, || {
+        // Lines of exactly a greeting's length, so that the server ends
+        // the connection after the third.
+        let server = TestServer::start(common::client::closes_after_three_greetings);
+        let line = "Hello Echo\n";
+        assert_eq!(line.len(), GREETING_LEN);
+        let input = line.repeat(5);
+        let run = run_client(
+            &[&server.addr().to_string(), "--stdin", "--reconnect"],
+            input.as_bytes(),
+            CLIENT_LIMIT,
+        );
+        assert_eq!(run.code(), Some(0), "{}", run.describe());
+        assert_eq!(
+            run.stdout.matches("Server echoed").count(),
+            5,
+            "{}",
+            run.describe()
+        );
+        assert!(
+            run.stdout.contains("\n5 sent, 5 echoed, ")
+                && run.stdout.contains("\n1 reconnect, 0 resent\n"),
+            "{}",
+            run.describe()
+        );
+    });
+}
