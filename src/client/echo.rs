@@ -1,4 +1,7 @@
-//! One connection's life: connect within the timeout, then for each message
+//! `--stdin`'s connection, on a thread of its own with blocking sockets (the
+//! event loops in [`engine`](super::engine) run every other TCP run), and
+//! the pieces both engines share: the tally, the round trip's errors and
+//! patience. Its life: connect within the timeout, then for each message
 //! send it whole, read back exactly as many bytes (TCP is a stream, so that
 //! takes as many reads as it takes), compare byte for byte and time it.
 //!
@@ -17,8 +20,8 @@
 //! the client shuts down its sending side and reads until the server
 //! closes, for a short while, and counts such bytes too.
 //!
-//! With `--reconnect` the loop lets a connection go when the server ends
-//! it or it breaks, and [`reconnect`](super::reconnect) opens the next.
+//! With `--stdin --reconnect` the loop lets a connection go when the server
+//! ends it or it breaks, and [`reconnect`](super::reconnect) opens the next.
 
 use std::convert::Infallible;
 use std::io::{self, BufRead, Read, Write};
