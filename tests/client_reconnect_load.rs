@@ -452,3 +452,56 @@ fn stdin_with_reconnect_keeps_its_thread_and_goes_on_through_a_close() {
         );
     });
 }
+
+/// Reads the first greeting of its first connection whole and ends that
+/// connection cleanly without echoing any of it; echoes everything else.
+fn declines_the_first_greeting_on_its_first_connection(mut stream: TcpStream, number: usize) {
+    if number > 0 {
+        return common::client::std_echo(stream);
+    }
+    let mut greeting = [0u8; GREETING_LEN];
+    if stream.read_exact(&mut greeting).is_ok() {
+        // Errors here only mean the client is gone already.
+        let _ = stream.shutdown(Shutdown::Write);
+        let _ = io::copy(&mut stream, &mut io::sink());
+    }
+}
+
+#[test]
+fn at_a_rate_a_declined_message_keeps_its_due_time_so_its_round_trip_counts_the_reconnect() {
+    with_time_limit(TEST_LIMIT, || {
+        let server =
+            TestServer::start_numbered(declines_the_first_greeting_on_its_first_connection);
+        let rtts = Mutex::new(Vec::new());
+        let config = ClientConfig {
+            repeat: 1,
+            rate: Some(10),
+            ..reconnecting(server.addr())
+        };
+        let report = client::run(
+            &config,
+            &|event: &Event<'_>| {
+                if let Event::Echoed { seq, rtt, .. } = event {
+                    rtts.lock()
+                        .expect("observer did not panic")
+                        .push((*seq, *rtt));
+                }
+            },
+            &StopHandle::new(),
+        )
+        .expect("valid config");
+        assert_eq!(
+            (report.sent, report.echoed, report.reconnects, report.resent),
+            (1, 1, 1, 1),
+            "{report:?}"
+        );
+        // The connection that declined it echoed nothing, so the reconnect
+        // waited its first pause (10 ms) before the message went again: a
+        // lower bound that a loaded machine only lengthens.
+        let rtts = rtts.into_inner().expect("observer did not panic");
+        let [(1, rtt)] = rtts.as_slice() else {
+            panic!("one echo, number 1, expected: {rtts:?}");
+        };
+        assert!(*rtt >= Duration::from_millis(10), "{rtt:?} {report:?}");
+    });
+}

@@ -111,7 +111,7 @@ impl Rejoin {
 pub(super) struct Pending {
     pub seq: u64,
     /// When it was due: with `--rate`, its round trip counts from here,
-    /// reconnect included.
+    /// reconnect included (closed-loop, from its resend).
     pub due: Instant,
 }
 

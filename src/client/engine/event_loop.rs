@@ -776,7 +776,16 @@ where
             why,
         });
         match pending {
-            Some(pending) => self.start_message(index, pending.seq, pending.due, now, true),
+            // With --rate it keeps its due time, so its round trip counts
+            // the reconnect; closed-loop, the round trip is the resend's.
+            Some(pending) => {
+                let due = if self.schedule.is_some() {
+                    pending.due
+                } else {
+                    now
+                };
+                self.start_message(index, pending.seq, due, now, true);
+            }
             None => self.next_echo(index, now, false),
         }
     }
