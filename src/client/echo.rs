@@ -67,7 +67,7 @@ const STOP_CHECK: Duration = Duration::from_millis(100);
 /// trip, and never more than the timeout.
 pub(super) const MIN_CLOSING_WAIT: Duration = Duration::from_millis(100);
 
-/// Shared by all connection threads of a run.
+/// What a blocking connection (`--stdin`) needs from its run.
 pub(super) struct Context<'a, F> {
     pub addrs: &'a [SocketAddr],
     pub timeout: Duration,
