@@ -456,15 +456,16 @@ pub struct MemoryNeeded {
 pub fn memory_needed(config: &ClientConfig) -> MemoryNeeded {
     let connections = config.connections.get() as u64;
     let message = config.payload.len() as u64;
+    let threads = engine::thread_count(config);
     let in_flight = if let Payload::Generated { .. } = config.payload {
-        config.rate.map_or(connections, |rate| {
-            let most = (rate as f64 * config.timeout.as_secs_f64()).ceil() as u64;
-            connections.min(most.max(1))
-        })
+        // The loops hold to their shares, so the sum bounds the run.
+        (0..threads)
+            .map(|index| engine::loop_buffers(config, threads, index))
+            .sum()
     } else {
         0
     };
-    let threads = engine::thread_count(config) as u64;
+    let threads = threads as u64;
     let bytes = in_flight
         .saturating_mul(message.saturating_add(1))
         .saturating_add(connections.saturating_mul(CONNECTION_MEMORY))

@@ -921,3 +921,84 @@ fn the_loops_share_of_a_rate_interleaves_instead_of_starting_together() {
         );
     });
 }
+
+#[test]
+fn a_client_held_up_under_a_rate_sends_what_it_owes_as_buffers_come_back() {
+    with_time_limit(LIMIT, || {
+        let server = server_for(64);
+        // At 8 echoes a second with a 250 ms timeout, the memory check
+        // counts 2 messages of 2 MiB out at once. Held up for 4 s, the
+        // client owes 32 echoes and has 64 free connections: sent all at
+        // once they would hold 64 MiB.
+        let mut child = Command::new(common::client::CLIENT)
+            .args([
+                &server.local_addr().to_string(),
+                "--connections",
+                "64",
+                "--threads",
+                "2",
+                "--size",
+                "2MiB",
+                "--rate",
+                "8",
+                "--timeout",
+                "250ms",
+                "--duration",
+                "6s",
+                "--json",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the client binary starts");
+        let pid = child.id() as libc::pid_t;
+        std::thread::sleep(Duration::from_secs(1));
+        // SAFETY: kill takes no pointers; `pid` is our own child, not yet reaped.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        std::thread::sleep(Duration::from_secs(4));
+        // Read while it runs: wait4 below reaps it.
+        let status_path = format!("/proc/{pid}/status");
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+        let mut stdout = child.stdout.take().expect("stdout is piped");
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            stdout.read_to_string(&mut text).map(|_| text)
+        });
+        let mut peak_kib = 0u64;
+        // The peak resident set, until the client exits.
+        while let Ok(status) = std::fs::read_to_string(&status_path) {
+            if let Some(kib) = status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmHWM:"))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            {
+                peak_kib = kib;
+            }
+            if child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let status = child.wait().expect("the client ends");
+        let stdout = reader
+            .join()
+            .expect("the reader thread")
+            .expect("read the client's stdout");
+        let peak_mib = peak_kib / 1024;
+        assert!(
+            peak_mib < 32,
+            "late echoes of 2 MiB peaked at {peak_mib} MiB: {stdout}"
+        );
+        // Sent all at once, they also timed out, the server being unable
+        // to echo 64 MiB within 250 ms.
+        assert!(status.success(), "the client ended with {status}: {stdout}");
+        let summary = Json::parse(stdout.trim_end()).unwrap_or_else(|e| panic!("{e}\n{stdout}"));
+        let late = summary
+            .get("rate")
+            .and_then(|rate| rate.number("late"))
+            .unwrap_or(0.0);
+        // Not a vacuous pass: the hold-up left many echoes owed at once.
+        assert!(late >= 16.0, "only {late} echoes were late: {stdout}");
+    });
+}

@@ -76,6 +76,26 @@ pub(super) fn thread_count(config: &ClientConfig) -> usize {
     wanted.min(config.connections.get()).max(1)
 }
 
+/// The most `--size` message buffers loop `index` of `threads` may have
+/// out at once: its share of the run's most, at least one. The run's most
+/// is one per connection, or with `--rate` the echoes that can be out
+/// within a `--timeout` at that rate, if fewer. A loop held up (SIGSTOP, a
+/// descheduled thread) that then owes many echoes sends them as buffers
+/// come back, not all at once, so [`memory_needed`](super::memory_needed)
+/// stays a bound; their lateness counts in their round trips.
+pub(super) fn loop_buffers(config: &ClientConfig, threads: usize, index: usize) -> u64 {
+    let connections = config.connections.get() as u64;
+    let threads = threads.max(1) as u64;
+    let index = index as u64;
+    // Loop `index` runs connections index + 1, index + 1 + threads, ...
+    let mine = connections.saturating_sub(index).div_ceil(threads);
+    let most = config.rate.map_or(connections, |rate| {
+        let most = (rate as f64 * config.timeout.as_secs_f64()).ceil() as u64;
+        connections.min(most.max(1))
+    });
+    (most.saturating_mul(mine).div_ceil(connections)).max(1)
+}
+
 /// Runs the plan on its loops and returns one tally per loop; with
 /// `--report-every`, calls `on_interval` from a reporter thread.
 pub(super) fn run<F, I>(plan: &Plan<'_, F>, on_interval: &I) -> Vec<ConnectionTally>

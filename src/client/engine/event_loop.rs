@@ -133,6 +133,11 @@ pub(in crate::client) struct EventLoop<'p, F> {
     tally: ConnectionTally,
     scratch: Vec<u8>,
     pool: Vec<Vec<u8>>,
+    /// `--size` message buffers out now (in echoes), and the most there
+    /// may be (see [`super::loop_buffers`]): with `--rate`, an echo due
+    /// waits while the loop is at its most.
+    buffers_out: u64,
+    most_buffers: u64,
     stopped: bool,
     stop_watched: bool,
     /// `--duration`'s end, and whether the idle connections were closed then.
@@ -338,6 +343,7 @@ where
             .map(|number| Connection::new(number, plan.addrs[0], plan.config.reconnect))
             .collect();
         let schedule = Schedule::for_loop(plan, connections.len());
+        let most_buffers = super::loop_buffers(plan.config, plan.threads, index);
         Ok(EventLoop {
             plan,
             index,
@@ -354,6 +360,8 @@ where
             tally: ConnectionTally::default(),
             scratch: vec![0; SCRATCH],
             pool: Vec::new(),
+            buffers_out: 0,
+            most_buffers,
             stopped: false,
             stop_watched: true,
             ends: plan.ends(),
@@ -838,9 +846,13 @@ where
             self.begin_closing(index, now);
             return;
         }
+        let room = self.has_buffer_room();
         let connection = &mut self.connections[index];
         if let Some(schedule) = &mut self.schedule {
-            match schedule.take_late() {
+            // At its most buffers out, the loop leaves the echo due to
+            // `send_due`, once one comes back.
+            let late = if room { schedule.take_late() } else { None };
+            match late {
                 Some(due) => {
                     if now.saturating_duration_since(due) > LATE_AFTER {
                         // It waited for this connection to come free.
@@ -915,6 +927,7 @@ where
                 }
                 buf.resize(len, 0);
                 payload::fill(&mut buf, plan.seed, connection.number, seq);
+                self.buffers_out += 1;
                 Some(buf)
             }
         };
@@ -1496,12 +1509,20 @@ where
         self.pool_return(buf);
     }
 
+    /// Every buffer an echo took comes back here, whether or not it is kept.
     fn pool_return(&mut self, buf: Option<Vec<u8>>) {
-        if let Some(buf) = buf
-            && self.pool.len() < POOL
-        {
-            self.pool.push(buf);
+        if let Some(buf) = buf {
+            self.buffers_out -= 1;
+            if self.pool.len() < POOL {
+                self.pool.push(buf);
+            }
         }
+    }
+
+    /// True if one more `--size` echo may go out (a `--message` echo takes
+    /// no buffer of its own).
+    fn has_buffer_room(&self) -> bool {
+        matches!(self.plan.config.payload, Payload::Text(_)) || self.buffers_out < self.most_buffers
     }
 
     /// Adds to this loop's interval counts, with `--report-every`.
@@ -1730,7 +1751,8 @@ where
             let due = schedule.due(schedule.issued);
             self.loop_wake = Some(self.loop_wake.map_or(due, |wake| wake.min(due)));
         }
-        while let Some(schedule) = &mut self.schedule
+        while self.has_buffer_room()
+            && let Some(schedule) = &mut self.schedule
             && schedule.late() > 0
         {
             let Some(index) = schedule.free.pop_front() else {
