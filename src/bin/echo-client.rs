@@ -20,7 +20,7 @@ use stop_signals::{Meaning, StopSignals};
 mod cli;
 #[path = "common/stop_signals.rs"]
 mod stop_signals;
-use echo_chamber::client::udp::{self, MaxLoss, UdpEvent, UdpReport};
+use echo_chamber::client::udp::{self, MaxLoss, UdpEvent, UdpInterval, UdpReport};
 use echo_chamber::client::{
     self, ClientConfig, ConfigError, Event, Interval, MAX_CONNECTIONS, Payload, Reconnect, Report,
     StopHandle, Target,
@@ -233,15 +233,14 @@ fn run() -> Exit {
         report_every: args.report_every,
     };
 
-    if !udp
-        && !on(args.stdin)
-        && let Err(message) = check_memory(&config)
+    if !on(args.stdin)
+        && let Err(message) = check_memory(&config, udp)
     {
         cli::print_err(PROG, &message);
         return Exit::Usage;
     }
     // Every mode holds a socket per connection or flow.
-    warn_if_open_files_fall_short(&config, udp || on(args.stdin));
+    warn_if_open_files_fall_short(&config, udp, on(args.stdin));
     if !udp && !on(args.stdin) {
         warn_if_ports_fall_short(&config);
     }
@@ -265,7 +264,8 @@ fn run() -> Exit {
             }
         }
         let result = if udp {
-            udp::run(&config, &udp_observer, &stop).map(Outcome::Udp)
+            let on_interval = |interval: &UdpInterval| printer.on_udp_interval(interval);
+            udp::run_with_intervals(&config, &udp_observer, &on_interval, &stop).map(Outcome::Udp)
         } else if on(args.stdin) {
             client::run_lines(&config, BufReader::new(io::stdin()), &observer, &stop)
                 .map(Outcome::Tcp)
@@ -364,6 +364,11 @@ fn check_combinations(args: &Args) -> Result<(), String> {
                 .to_owned(),
         );
     }
+    if on(args.udp) && args.connect_rate.is_some() {
+        return Err(
+            "--connect-rate applies only to TCP, not to --udp: UDP has no connect".to_owned(),
+        );
+    }
     let engine_only = [
         ("--threads", args.threads.is_some()),
         ("--connect-rate", args.connect_rate.is_some()),
@@ -374,9 +379,6 @@ fn check_combinations(args: &Args) -> Result<(), String> {
     for (flag, given) in engine_only {
         if !given {
             continue;
-        }
-        if on(args.udp) {
-            return Err(format!("{flag} applies only to TCP, not to --udp"));
         }
         if on(args.stdin) {
             return Err(format!(
@@ -390,10 +392,10 @@ fn check_combinations(args: &Args) -> Result<(), String> {
         }
     }
     if args.rate.is_some() && args.interval.is_some() {
-        return Err(
-            "--interval cannot be combined with --rate: the rate sets when each echo goes"
-                .to_owned(),
-        );
+        let what = if on(args.udp) { "datagram" } else { "echo" };
+        return Err(format!(
+            "--interval cannot be combined with --rate: the rate sets when each {what} goes"
+        ));
     }
     if on(args.reconnect)
         && args
@@ -567,15 +569,29 @@ fn parse_timeout(value: &str) -> Result<Duration, String> {
 /// Refuses a run whose buffers cannot fit in the memory the process may
 /// still use (what is left under its cgroups' limits, or what the machine
 /// has available), instead of being killed halfway with no summary.
-fn check_memory(config: &ClientConfig) -> Result<(), String> {
-    let needed = client::memory_needed(config);
+fn check_memory(config: &ClientConfig, udp: bool) -> Result<(), String> {
+    let needed = if udp {
+        let bytes = udp::memory_needed(config);
+        client::MemoryNeeded {
+            bytes,
+            in_flight: 0,
+            message: config.payload.len() as u64,
+        }
+    } else {
+        client::memory_needed(config)
+    };
     let Some(limit) = echo_chamber::limits::memory_limit() else {
         return Ok(());
     };
     if needed.bytes <= limit.left {
         return Ok(());
     }
-    let what = if needed.in_flight > 0 {
+    let what = if udp {
+        format!(
+            "{} flows, each with its records of the datagrams in flight",
+            config.connections
+        )
+    } else if needed.in_flight > 0 {
         format!(
             "{} messages of {} out at once",
             needed.in_flight,
@@ -605,8 +621,13 @@ fn check_memory(config: &ClientConfig) -> Result<(), String> {
             format!("the {left} the machine has available (MemAvailable in /proc/meminfo)")
         }
     };
+    let advice = if udp {
+        "use fewer --connections, or a longer --interval or lower --rate with a shorter --timeout, which keeps fewer datagrams in flight"
+    } else {
+        "use fewer --connections, a smaller --size, or a --rate that keeps fewer echoes out"
+    };
     Err(format!(
-        "the run needs about {needed_text} ({what}), more than {room}; use fewer --connections, a smaller --size, or a --rate that keeps fewer echoes out"
+        "the run needs about {needed_text} ({what}), more than {room}; {advice}"
     ))
 }
 
@@ -683,13 +704,16 @@ fn warn_if_ports_fall_short(config: &ClientConfig) {
 
 /// Raises the soft open-file limit to the hard one, as the server does,
 /// and says in one line before connecting when even that leaves too few
-/// descriptors for every connection: the rest then fail, counted by cause.
-/// `thread_each`: each connection (a UDP flow, a `--stdin` connection) has
-/// a thread of its own rather than the event loops.
-fn warn_if_open_files_fall_short(config: &ClientConfig, thread_each: bool) {
-    let needed = if thread_each {
+/// descriptors for every connection (every flow, with `udp`): the rest
+/// then fail, counted by cause. With `stdin` the one connection has a
+/// thread of its own; otherwise the connections or flows run on the
+/// event loops, which take a few descriptors each.
+fn warn_if_open_files_fall_short(config: &ClientConfig, udp: bool, stdin: bool) {
+    let needed = if stdin {
         config.connections.get() as u64 + echo_chamber::limits::reserved_descriptors(0)
     } else {
+        // The UDP loops are as many as the TCP ones and take as many
+        // descriptors each (an epoll, a waker).
         client::open_files_needed(config)
     };
     let limit = match echo_chamber::limits::raise_open_file_limit() {
@@ -705,12 +729,17 @@ fn warn_if_open_files_fall_short(config: &ClientConfig, thread_each: bool) {
     if limit >= needed {
         return;
     }
+    let (units, flag) = if udp {
+        ("flows", "--connections (flows)")
+    } else {
+        ("connections", "--connections")
+    };
     let connections = config.connections.get() as u64;
     let fit = connections.saturating_sub(needed - limit);
     cli::print_err(
         PROG,
         format_args!(
-            "only {fit} of {connections} connections fit under the open-file limit of {limit} (RLIMIT_NOFILE, hard); raise it as root with `ulimit -Hn {needed}` (or LimitNOFILE= under systemd), or ask for fewer --connections"
+            "only {fit} of {connections} {units} fit under the open-file limit of {limit} (RLIMIT_NOFILE, hard); raise it as root with `ulimit -Hn {needed}` (or LimitNOFILE= under systemd), or ask for fewer {flag}"
         ),
     );
 }
@@ -861,6 +890,14 @@ impl Printer {
     /// One `--report-every` line, or with `--json` one JSON object, on
     /// stdout, also in quiet runs.
     fn on_interval(&self, interval: &Interval) {
+        match self.json {
+            true => self.say(format_args!("{}", interval.to_json())),
+            false => self.say(format_args!("{}", interval.line(self.report_every))),
+        }
+    }
+
+    /// [`on_interval`](Self::on_interval) for a UDP run.
+    fn on_udp_interval(&self, interval: &UdpInterval) {
         match self.json {
             true => self.say(format_args!("{}", interval.to_json())),
             false => self.say(format_args!("{}", interval.line(self.report_every))),

@@ -186,15 +186,24 @@ impl<'a> Datagrams<'a> {
         Some(unmix(u64::from_le_bytes(header)) ^ self.key)
     }
 
-    /// Compares `echo` with datagram `seq`.
+    /// Compares `echo` with datagram `seq`, rebuilding it (for `--size`)
+    /// in a buffer of this flow's own, made by [`reserve`](Self::reserve).
     pub fn compare(&mut self, seq: u64, echo: &[u8]) -> Comparison {
+        let mut expected = std::mem::take(&mut self.expected);
+        let comparison = self.compare_in(seq, echo, &mut expected);
+        self.expected = expected;
+        comparison
+    }
+
+    /// Compares `echo` with datagram `seq`, rebuilding it (for `--size`)
+    /// in `expected`, [`len`](Self::len) bytes that a caller may share
+    /// between flows: an event loop keeps one for all of its flows.
+    pub fn compare_in(&self, seq: u64, echo: &[u8], expected: &mut [u8]) -> Comparison {
         let sent: &[u8] = match self.payload {
             Payload::Text(text) => text,
             Payload::Generated { .. } => {
-                let mut expected = std::mem::take(&mut self.expected);
-                self.write(seq, &mut expected);
-                self.expected = expected;
-                &self.expected
+                self.write(seq, expected);
+                expected
             }
         };
         if echo.len() != sent.len() {
