@@ -59,7 +59,7 @@ enum Exit {
 /// check that every byte comes back, with ping-style statistics.
 #[derive(FromArgs, Debug)]
 #[argh(
-    note = "TCP connections run on --threads event loops (one per CPU by default); with --reconnect or --stdin, each connection has a thread of its own. A run whose buffers cannot fit in the memory the process may still use (the least left under the limits of its cgroup and every cgroup above it, or what the machine has available) is refused with exit 2 before connecting.\nWith --udp, each of --connections flows sends --repeat datagrams on its own socket, --interval apart whether or not the last came back (default 20ms; 0 sends each when the last is answered or lost), and a datagram whose echo has not come within --timeout counts as lost. --size datagrams carry their sequence number, so many may be in flight; --message and 0-byte datagrams carry none, so their flow keeps one in flight. Jitter is the mean difference between the round trips of consecutive datagrams, as Cisco IP SLA reports it.\nPercentiles come from a histogram accurate to within 0.4%; min/avg/max/mdev are exact (mdev is the population standard deviation, as in ping).\nWith --reconnect, a connection the server ends cleanly is opened again, and one that broke (an echo cut short, a reset, a timeout: each still counts as failed) too. An end of stream before any byte of an echo came back means the server never took that message (the drain guarantee of echo-server; another server may differ): it is sent again and counted as resent. A refused connect is tried again after 10ms, doubling to 500ms, for --timeout from the first failure; the summary and --json count reconnects and resent.\nCtrl-C (or SIGTERM) stops sending and prints the summary; an echo still out may stay silent for twice the p99 round trip (1 s for a first echo) before it counts as failed, and a connect still unanswered for 1 s. A second one, 0.5 s or more later, exits at once.",
+    note = "TCP connections and --udp flows run on --threads event loops (one per CPU by default); with --reconnect or --stdin, each connection has a thread of its own. A run whose buffers cannot fit in the memory the process may still use (the least left under the limits of its cgroup and every cgroup above it, or what the machine has available) is refused with exit 2 before connecting.\nWith --udp, each of --connections flows sends --repeat datagrams on its own socket, --interval apart whether or not the last came back (default 20ms; 0 sends each when the last is answered or lost), or with --rate N every connections/N seconds, the flows phased so that together they send evenly; a datagram whose echo has not come within --timeout counts as lost. UDP round trips are timed from each datagram's send; a --rate the client could not keep (a full window, full send buffers, its CPU) is said in the summary, with the rate asked and sent. --size datagrams carry their sequence number, so many may be in flight; --message and 0-byte datagrams carry none, so their flow keeps one in flight. Jitter is the mean difference between the round trips of consecutive datagrams, as Cisco IP SLA reports it.\nPercentiles come from a histogram accurate to within 0.4%; min/avg/max/mdev are exact (mdev is the population standard deviation, as in ping).\nWith --reconnect, a connection the server ends cleanly is opened again, and one that broke (an echo cut short, a reset, a timeout: each still counts as failed) too. An end of stream before any byte of an echo came back means the server never took that message (the drain guarantee of echo-server; another server may differ): it is sent again and counted as resent. A refused connect is tried again after 10ms, doubling to 500ms, for --timeout from the first failure; the summary and --json count reconnects and resent.\nCtrl-C (or SIGTERM) stops sending and prints the summary; an echo still out may stay silent for twice the p99 round trip (1 s for a first echo) before it counts as failed, and a connect still unanswered for 1 s. A second one, 0.5 s or more later, exits at once.",
     error_code(
         0,
         "every echo came back exact (also when stopped with Ctrl-C or SIGTERM)"
@@ -100,15 +100,15 @@ struct Args {
     #[argh(option, from_str_fn(parse_timeout), arg_name = "dur")]
     timeout: Option<Duration>,
 
-    /// concurrent connections, each doing --repeat echoes, 1 to 100000 (10000 with --reconnect; default 1; with --udp, flows, each with its own socket)
+    /// concurrent connections, each doing --repeat echoes, 1 to 100000 (10000 with --reconnect; default 1; with --udp, flows, each with its own socket, on the event loops)
     #[argh(option, from_str_fn(parse_connections), arg_name = "n")]
     connections: Option<NonZeroUsize>,
 
-    /// open at most N connections per second, e.g. 2000 (default: as fast as they connect, at most 1024 connecting at once per thread)
+    /// open at most N connections per second, e.g. 2000 (default: as fast as they connect, at most 1024 connecting at once per thread; TCP only)
     #[argh(option, from_str_fn(parse_rate), arg_name = "n")]
     connect_rate: Option<u64>,
 
-    /// open loop: send N echoes per second over all connections, each when due on a connection with no echo out, round trips timed from when each was due (default: closed loop, each connection sends when its last echo is back)
+    /// open loop: send N echoes per second over all connections, each when due on a connection with no echo out, round trips timed from when each was due (default: closed loop, each connection sends when its last echo is back); with --udp, N datagrams per second over all flows, instead of --interval
     #[argh(option, from_str_fn(parse_rate), arg_name = "n")]
     rate: Option<u64>,
 
@@ -116,11 +116,11 @@ struct Args {
     #[argh(option, from_str_fn(parse_run_duration), arg_name = "dur")]
     duration: Option<Duration>,
 
-    /// print a line every DUR (echoes/s, MB/s, p50 and p99 of that interval, open connections, errors), e.g. 1s; with --json, one JSON object per line, the summary object last
+    /// print a line every DUR (echoes/s, MB/s, p50 and p99 of that interval, open connections, errors; with --udp sent/s and lost instead of open), e.g. 1s; with --json, one JSON object per line, the summary object last
     #[argh(option, from_str_fn(parse_run_duration), arg_name = "dur")]
     report_every: Option<Duration>,
 
-    /// event-loop threads that run the connections (default: one per CPU, never more than --connections; TCP without --reconnect or --stdin)
+    /// event-loop threads that run the connections or --udp flows (default: one per CPU, never more than --connections; not with --reconnect or --stdin)
     #[argh(option, from_str_fn(parse_threads), arg_name = "n")]
     threads: Option<NonZeroUsize>,
 
