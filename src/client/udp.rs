@@ -372,9 +372,10 @@ fn report_intervals<I>(
     }
 }
 
-/// A flow's own memory besides its ledger: its state in the loop, its
-/// timer, and the kernel's socket while it is idle.
-const FLOW_MEMORY: u64 = 4 * 1024;
+/// A flow's own memory besides its ledger's records: its state in the
+/// loop, its timer, its round-trip histogram (up to about 24 KiB for round
+/// trips of seconds), and the kernel's socket while it is idle.
+const FLOW_MEMORY: u64 = 32 * 1024;
 
 /// A loop's own memory besides its datagram buffers: its events, its
 /// thread's stack as far as it is touched.
