@@ -1,8 +1,9 @@
 //! `echo-client --udp` as a load generator: thousands of flows on a few
 //! event loops (`--threads`) with every echo checked, `--rate` sending the
 //! datagrams it was asked for over every flow, `--duration` ending the
-//! sending, `--report-every` as JSON Lines before the summary, and a rate
-//! the client cannot keep said so in the summary. Counts, never timings: a
+//! sending, `--report-every` as JSON Lines before the summary, a rate the
+//! client cannot keep said so in the summary, and a loop that cannot be
+//! made failing only its own flows. Counts, never timings: a
 //! loaded 2-core machine only makes a run slower, and every bound here
 //! holds however slow it is.
 
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::client::{CLIENT, Json, Run, run_client};
 use common::udp::{Reply, UdpTestServer};
-use common::{ServerProcess, need_open_files, with_time_limit};
+use common::{ServerProcess, limit_open_files, need_open_files, run_command, with_time_limit};
 
 /// The most one client process may run; it is killed after that.
 const LIMIT: Duration = Duration::from_secs(60);
@@ -330,5 +331,55 @@ fn a_rate_the_client_cannot_keep_is_said_with_the_numbers() {
         );
         let achieved = rate.number("achieved").expect("achieved");
         assert!(achieved < 50.0, "achieved {achieved}\n{}", run.describe());
+    });
+}
+
+#[test]
+fn a_loop_that_cannot_be_made_fails_its_flows_and_the_others_run() {
+    with_time_limit(TEST_LIMIT, || {
+        const FLOWS: u64 = 100;
+        let server = UdpTestServer::start(|_, datagram| vec![Reply::now(datagram)]);
+        let addr = server.addr().to_string();
+        let args = [
+            addr.as_str(),
+            "--udp",
+            "--json",
+            "--connections",
+            "100",
+            "--threads",
+            "2",
+        ];
+        let mut command = Command::new(CLIENT);
+        command.args(args);
+        // The first loop's flows take the last descriptors, so the second
+        // loop gets no epoll.
+        limit_open_files(&mut command, 48);
+        let output = run_command(command, b"", Stdio::piped(), LIMIT);
+        let run = Run {
+            command: format!("{CLIENT} {}", args.join(" ")),
+            status: output.status,
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            elapsed: Duration::ZERO,
+        };
+        let json =
+            Json::parse(&run.stdout).unwrap_or_else(|err| panic!("{err}\n{}", run.describe()));
+        let (sent, echoed, errors) = (
+            count(&run, &json, "sent"),
+            count(&run, &json, "echoed"),
+            count(&run, &json, "errors"),
+        );
+        assert!(
+            run.stderr
+                .contains("cannot make an event loop for the flow"),
+            "{}",
+            run.describe()
+        );
+        // Each flow either sent its datagram or failed; those that sent
+        // were echoed.
+        assert!(sent > 0 && errors >= FLOWS / 2, "{}", run.describe());
+        assert_eq!(sent + errors, FLOWS, "{}", run.describe());
+        assert_eq!(echoed, sent, "{}", run.describe());
+        assert_eq!(run.code(), Some(1), "{}", run.describe());
     });
 }
