@@ -126,6 +126,8 @@ where
             )
         })?;
         let total = context.config.connections.get();
+        // Flows that cannot open count in the first interval too.
+        let mut tally = UdpIntervalTally::default();
         let mut flows = Vec::new();
         let mut results = Vec::new();
         for number in numbers(total, threads, index) {
@@ -146,6 +148,7 @@ where
             match opened {
                 Ok(flow) => flows.push(Some(flow)),
                 Err(kind) => {
+                    tally.count(&kind);
                     context.fail(number, kind);
                     results.push(FlowResult::failed());
                 }
@@ -160,7 +163,7 @@ where
             results,
             timers: BinaryHeap::new(),
             buffers,
-            tally: UdpIntervalTally::default(),
+            tally,
             interval,
             send_interval,
             ends: None,
