@@ -1192,7 +1192,7 @@ fn case_client_load(options: &Options, report: &mut Report) {
             ],
         ),
         (
-            "echo-client --reconnect (a thread per connection), 256 conns x 64 B",
+            "echo-client --reconnect (nothing reconnects), 256 conns x 64 B",
             vec![
                 addr.clone(),
                 "--connections".into(),
@@ -1265,8 +1265,8 @@ fn case_client_load(options: &Options, report: &mut Report) {
     report.note(format!(
         "case 10: the client is a child process (CPU and peak RSS from wait4, connects and \
          the closing checks included); the bench load's CPU is its load threads' over a \
-         {:.1} s window; --reconnect runs the thread-per-connection engine (plus \
-         its idle check, one more recv per echo), for {} echoes per connection, its echoes/s over the whole run; the others' echoes/s is \
+         {:.1} s window; --reconnect runs on the same loops (nothing reconnects: \
+         what the flag costs unused), for {} echoes per connection, its echoes/s over the whole run; the others' echoes/s is \
          the median of their whole one-second --report-every intervals (steady state), \
          their CPU per echo over the whole run",
         options.load_window().1.as_secs_f64(),

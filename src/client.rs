@@ -9,10 +9,13 @@
 //! ```
 //!
 //! Connections run on a few mio event loops (`engine`), each owning its
-//! share of them for the whole run, closed-loop or at a fixed `rate`.
-//! `run_lines` and a run with `reconnect` keep a thread per connection with
-//! blocking sockets (`echo`). [`udp`] is the same client
-//! over UDP: flows of datagrams instead of connections, on event loops too. The `echo-client`
+//! share of them for the whole run, closed-loop or at a fixed `rate`, and
+//! with `reconnect` opening them again when the server ends them (the rule
+//! is in `reconnect`). `run_lines`, one interactive connection, keeps a
+//! thread with blocking sockets (`echo`).
+//! [`udp`] is the same client
+//! over UDP: flows of datagrams instead of connections, on event loops too.
+//! The `echo-client`
 //! binary only parses arguments, prints [`Event`]s and the [`Report`], and
 //! picks the exit code; the tests and benchmarks call this module directly.
 //!
@@ -71,7 +74,7 @@ pub use rtt::RttStats;
 pub use stop::StopHandle;
 pub use target::{Target, TargetError};
 
-use echo::{ConnectionTally, RepeatedMessages};
+use echo::ConnectionTally;
 
 /// The largest message: each connection holds two buffers of it (what was
 /// sent and what came back). Also the longest `--stdin` line, newline included.
@@ -81,10 +84,6 @@ pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 /// open to one server port (about 28,000 with Linux's default ephemeral
 /// ports, 64,000 at most), with room for a target of several addresses.
 pub const MAX_CONNECTIONS: usize = 100_000;
-
-/// The most connections with [`ClientConfig::reconnect`], which runs each
-/// connection on a thread of its own.
-pub const MAX_RECONNECTING: usize = 10_000;
 
 /// What to send, where, and how often.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,8 +105,7 @@ pub struct ClientConfig {
     /// Open a connection again when the server ends it, and go on (TCP only;
     /// [`udp::run`] ignores it). A message the server ended the connection
     /// on before echoing any of it is sent again; see [`Reconnect`].
-    /// Such a run keeps a thread per connection, at most
-    /// [`MAX_RECONNECTING`], and takes none of the options below.
+    /// It runs on the event loops like any run, with all the options below.
     pub reconnect: bool,
     /// Event-loop threads; `None` for one per CPU. Never more than
     /// connections.
@@ -188,13 +186,10 @@ pub enum ConfigError {
     ZeroTimeout,
     /// The message is longer than [`MAX_MESSAGE`].
     MessageTooLarge,
-    /// More connections than [`MAX_CONNECTIONS`], or with `reconnect`
-    /// more than [`MAX_RECONNECTING`].
+    /// More connections than [`MAX_CONNECTIONS`].
     TooManyConnections,
     /// A rate of zero.
     ZeroRate,
-    /// `reconnect` with one of `threads`, `connect_rate`, `rate` or `duration`.
-    ReconnectWithLoad,
     /// A UDP datagram larger than UDP carries to the server's address
     /// family ([`udp::MAX_DATAGRAM_V4`], [`udp::MAX_DATAGRAM_V6`]).
     DatagramTooLarge {
@@ -214,15 +209,9 @@ impl std::fmt::Display for ConfigError {
                 write!(f, "the message is longer than {MAX_MESSAGE} bytes")
             }
             ConfigError::TooManyConnections => {
-                write!(
-                    f,
-                    "more than {MAX_CONNECTIONS} connections ({MAX_RECONNECTING} with reconnect)"
-                )
+                write!(f, "more than {MAX_CONNECTIONS} connections")
             }
             ConfigError::ZeroRate => f.write_str("a rate of zero sends nothing"),
-            ConfigError::ReconnectWithLoad => f.write_str(
-                "reconnect runs a thread per connection, without threads, rates or a duration",
-            ),
             ConfigError::DatagramTooLarge { size, limit } => {
                 let family = if *limit == udp::MAX_DATAGRAM_V4 {
                     "IPv4"
@@ -314,8 +303,7 @@ where
 ///
 /// # Errors
 ///
-/// As [`run`]; also [`ConfigError::ReconnectWithLoad`] for `report_every`
-/// with `reconnect`.
+/// As [`run`]; also [`ConfigError::ZeroRate`] for a zero `report_every`.
 pub fn run_with_intervals<F, I>(
     config: &ClientConfig,
     observer: &F,
@@ -330,7 +318,6 @@ where
     let started = Instant::now();
     let seed = payload::run_seed();
     let tallies = match resolve(config, observer) {
-        Some(addrs) if config.reconnect => run_threads(config, &addrs, observer, stop, seed),
         Some(addrs) => {
             let threads = engine::thread_count(config);
             let intervals: Vec<_> = match config.report_every {
@@ -357,56 +344,6 @@ where
         started,
         stop.is_stopped(),
     ))
-}
-
-/// `--reconnect`: a thread per connection, each with the blocking engine.
-fn run_threads<F>(
-    config: &ClientConfig,
-    addrs: &[SocketAddr],
-    observer: &F,
-    stop: &StopHandle,
-    seed: u64,
-) -> Vec<ConnectionTally>
-where
-    F: Fn(&Event<'_>) + Sync,
-{
-    let connections = config.connections.get();
-    let context = echo::Context {
-        addrs,
-        timeout: config.timeout,
-        multiple: connections > 1,
-        observer,
-        stop,
-        reconnect: config.reconnect,
-    };
-    std::thread::scope(|scope| {
-        let mut handles = Vec::with_capacity(connections);
-        let mut tallies = Vec::with_capacity(connections);
-        for connection in 1..=connections {
-            let context = &context;
-            let spawned = std::thread::Builder::new()
-                .name(format!("echo-client-{connection}"))
-                .spawn_scoped(scope, move || {
-                    let mut messages = RepeatedMessages::new(config, connection, seed, stop);
-                    echo::run_connection(context, connection, &mut messages)
-                });
-            match spawned {
-                Ok(handle) => handles.push(handle),
-                Err(error) => {
-                    // Out of threads: count it and let the rest run.
-                    tallies.push(context.fail_unstarted(connection, error));
-                }
-            }
-        }
-        for handle in handles {
-            tallies.push(
-                handle
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-            );
-        }
-        tallies
-    })
 }
 
 /// Interactive mode (`--stdin`): one connection, each line of `input`
@@ -493,11 +430,7 @@ impl echo::Messages for TimedInput<'_> {
 /// ([`crate::limits::raise_open_file_limit`]) before a large run.
 #[must_use]
 pub fn open_files_needed(config: &ClientConfig) -> u64 {
-    let threads = if config.reconnect {
-        0
-    } else {
-        engine::thread_count(config)
-    };
+    let threads = engine::thread_count(config);
     config.connections.get() as u64 + crate::limits::reserved_descriptors(threads)
 }
 
@@ -520,28 +453,24 @@ pub struct MemoryNeeded {
 /// Estimates the memory a [`run`] of `config` needs, to check it against
 /// [`crate::limits::memory_limit`] before starting: a buffer per message
 /// out (one per connection closed-loop; with a rate, no more than the rate
-/// times the timeout; two per connection with `reconnect`), and
-/// `CONNECTION_MEMORY` per connection.
+/// times the timeout; a message declined with `reconnect` is made again
+/// when it goes again, so it holds none), and `CONNECTION_MEMORY` per
+/// connection.
 #[must_use]
 pub fn memory_needed(config: &ClientConfig) -> MemoryNeeded {
     let connections = config.connections.get() as u64;
     let message = config.payload.len() as u64;
-    let (in_flight, buffers) = if config.reconnect {
-        // A message and its echo, one byte longer, per connection thread.
-        (connections, 2)
-    } else if let Payload::Generated { .. } = config.payload {
-        let out = config.rate.map_or(connections, |rate| {
+    let in_flight = if let Payload::Generated { .. } = config.payload {
+        config.rate.map_or(connections, |rate| {
             let most = (rate as f64 * config.timeout.as_secs_f64()).ceil() as u64;
             connections.min(most.max(1))
-        });
-        (out, 1)
+        })
     } else {
-        (0, 1)
+        0
     };
     let threads = engine::thread_count(config) as u64;
     let bytes = in_flight
         .saturating_mul(message.saturating_add(1))
-        .saturating_mul(buffers)
         .saturating_add(connections.saturating_mul(CONNECTION_MEMORY))
         .saturating_add(threads.saturating_mul(64 * 1024))
         .saturating_add(message);
@@ -562,12 +491,7 @@ fn validate(config: &ClientConfig) -> Result<(), ConfigError> {
     if config.payload.len() > MAX_MESSAGE {
         return Err(ConfigError::MessageTooLarge);
     }
-    let most = if config.reconnect {
-        MAX_RECONNECTING
-    } else {
-        MAX_CONNECTIONS
-    };
-    if config.connections.get() > most {
+    if config.connections.get() > MAX_CONNECTIONS {
         return Err(ConfigError::TooManyConnections);
     }
     if config.rate == Some(0)
@@ -575,14 +499,6 @@ fn validate(config: &ClientConfig) -> Result<(), ConfigError> {
         || config.report_every.is_some_and(|every| every.is_zero())
     {
         return Err(ConfigError::ZeroRate);
-    }
-    let load = config.threads.is_some()
-        || config.connect_rate.is_some()
-        || config.rate.is_some()
-        || config.duration.is_some()
-        || config.report_every.is_some();
-    if config.reconnect && load {
-        return Err(ConfigError::ReconnectWithLoad);
     }
     Ok(())
 }

@@ -522,8 +522,7 @@ fn usage_errors_exit_2_with_one_line_naming_the_flag_and_value() {
             (&["--size", "1GiB"], &["--size", "1GiB", "at most 64MiB"]),
             (&["--size", "ten"], &["--size", "ten"]),
             (&["--connections", "0"], &["--connections", "0"]),
-            // The limits of the event-loop engine; --reconnect keeps a
-            // thread per connection and its old limit.
+            // The limits of the event-loop engine, which runs --reconnect too.
             (
                 &["--connections", "100001"],
                 &["--connections", "100001", "100000"],
@@ -533,14 +532,13 @@ fn usage_errors_exit_2_with_one_line_naming_the_flag_and_value() {
                 &["--connections", "100000"],
             ),
             (
-                &["--connections", "10001", "--reconnect"],
-                &["--reconnect", "10000"],
+                &["--connections", "100001", "--reconnect"],
+                &["--connections", "100001", "100000"],
             ),
             (&["--threads", "0"], &["--threads", "0"]),
             (&["--rate", "0"], &["--rate", "0"]),
             (&["--connect-rate", "x"], &["--connect-rate", "x"]),
             (&["--duration", "0s"], &["--duration", "0s"]),
-            (&["--rate", "10", "--reconnect"], &["--rate", "--reconnect"]),
             (&["--duration", "1s", "--stdin"], &["--duration", "--stdin"]),
             (
                 &["--rate", "10", "--interval", "1s"],

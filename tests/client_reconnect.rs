@@ -221,8 +221,8 @@ fn without_reconnect_a_close_before_any_byte_of_the_echo_still_fails_counted_apa
         assert_eq!(
             seen.failures,
             [format!(
-                "{} closed the connection before echo 3 was sent (the server is shutting \
-                 down or closed it)",
+                "{} closed the connection before echo 3 was sent; the server is shutting \
+                 down or closed it",
                 server.addr()
             )]
         );

@@ -358,8 +358,8 @@ fn a_close_between_echoes_reads_as_what_it_is_and_is_counted_apart() {
         assert_eq!(
             run.stderr,
             format!(
-                "echo-client: {addr} closed the connection before echo 4 was sent (the server \
-                 is shutting down or closed it)\n"
+                "echo-client: {addr} closed the connection before echo 4 was sent; the server \
+                 is shutting down or closed it\n"
             ),
             "{}",
             run.describe()

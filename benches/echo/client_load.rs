@@ -4,8 +4,9 @@
 //!
 //! - 256 connections of 64 B closed loop: echoes/s and client CPU per
 //!   echo, next to the bench's own load generator ([`crate::load`]) on the
-//!   same server in the same run, and next to the thread-per-connection
-//!   engine (`--reconnect` runs on it);
+//!   same server in the same run, and next to the same run with
+//!   `--reconnect`, which runs on the loops too (nothing reconnects: what
+//!   the flag costs unused);
 //! - 10,000 connections on 2 client threads, few active at a time
 //!   (`--rate 20000`): echoes/s and the client's peak RSS;
 //! - `--rate 50000` over 256 connections: the rate held, and p50/p99

@@ -59,7 +59,7 @@ enum Exit {
 /// check that every byte comes back, with ping-style statistics.
 #[derive(FromArgs, Debug)]
 #[argh(
-    note = "TCP connections and --udp flows run on --threads event loops (one per CPU by default); with --reconnect or --stdin, each connection has a thread of its own. A run whose buffers cannot fit in the memory the process may still use (the least left under the limits of its cgroup and every cgroup above it, or what the machine has available) is refused with exit 2 before connecting.\nWith --udp, each of --connections flows sends --repeat datagrams on its own socket, --interval apart whether or not the last came back (default 20ms; 0 sends each when the last is answered or lost), or with --rate N every connections/N seconds, the flows phased so that together they send evenly; a datagram whose echo has not come within --timeout counts as lost. UDP round trips are timed from each datagram's send; a --rate the client could not keep (a full window, full send buffers, its CPU) is said in the summary, with the rate asked and sent. --size datagrams carry their sequence number, so many may be in flight; --message and 0-byte datagrams carry none, so their flow keeps one in flight. Jitter is the mean difference between the round trips of consecutive datagrams, as Cisco IP SLA reports it.\nPercentiles come from a histogram accurate to within 0.4%; min/avg/max/mdev are exact (mdev is the population standard deviation, as in ping).\nWith --reconnect, a connection the server ends cleanly is opened again, and one that broke (an echo cut short, a reset, a timeout: each still counts as failed) too. An end of stream before any byte of an echo came back means the server never took that message (the drain guarantee of echo-server; another server may differ): it is sent again and counted as resent. A refused connect is tried again after 10ms, doubling to 500ms, for --timeout from the first failure; the summary and --json count reconnects and resent.\nCtrl-C (or SIGTERM) stops sending and prints the summary; an echo still out may stay silent for twice the p99 round trip (1 s for a first echo) before it counts as failed, and a connect still unanswered for 1 s. A second one, 0.5 s or more later, exits at once.",
+    note = "TCP connections (with or without --reconnect) and --udp flows run on --threads event loops (one per CPU by default); only --stdin, one interactive connection, has a thread of its own. A run whose buffers cannot fit in the memory the process may still use (the least left under the limits of its cgroup and every cgroup above it, or what the machine has available) is refused with exit 2 before connecting.\nWith --udp, each of --connections flows sends --repeat datagrams on its own socket, --interval apart whether or not the last came back (default 20ms; 0 sends each when the last is answered or lost), or with --rate N every connections/N seconds, the flows phased so that together they send evenly; a datagram whose echo has not come within --timeout counts as lost. UDP round trips are timed from each datagram's send; a --rate the client could not keep (a full window, full send buffers, its CPU) is said in the summary, with the rate asked and sent. --size datagrams carry their sequence number, so many may be in flight; --message and 0-byte datagrams carry none, so their flow keeps one in flight. Jitter is the mean difference between the round trips of consecutive datagrams, as Cisco IP SLA reports it.\nPercentiles come from a histogram accurate to within 0.4%; min/avg/max/mdev are exact (mdev is the population standard deviation, as in ping).\nWith --reconnect, a connection the server ends cleanly is opened again, and one that broke (an echo cut short, a reset, a timeout: each still counts as failed) too. An end of stream before any byte of an echo came back means the server never took that message (the drain guarantee of echo-server; another server may differ): it is sent again and counted as resent. A refused connect is tried again after 10ms, doubling to 500ms, for --timeout from the first failure; reconnects take --connect-rate's slots, and with --rate a declined echo's round trip counts from when it was first due, reconnect included. The summary and --json count reconnects and resent.\nCtrl-C (or SIGTERM) stops sending and prints the summary; an echo still out may stay silent for twice the p99 round trip (1 s for a first echo) before it counts as failed, and a connect still unanswered for 1 s. A second one, 0.5 s or more later, exits at once.",
     error_code(
         0,
         "every echo came back exact (also when stopped with Ctrl-C or SIGTERM)"
@@ -100,7 +100,7 @@ struct Args {
     #[argh(option, from_str_fn(parse_timeout), arg_name = "dur")]
     timeout: Option<Duration>,
 
-    /// concurrent connections, each doing --repeat echoes, 1 to 100000 (10000 with --reconnect; default 1; with --udp, flows, each with its own socket, on the event loops)
+    /// concurrent connections, each doing --repeat echoes, 1 to 100000 (default 1; with --udp, flows, each with its own socket, on the event loops)
     #[argh(option, from_str_fn(parse_connections), arg_name = "n")]
     connections: Option<NonZeroUsize>,
 
@@ -120,7 +120,7 @@ struct Args {
     #[argh(option, from_str_fn(parse_run_duration), arg_name = "dur")]
     report_every: Option<Duration>,
 
-    /// event-loop threads that run the connections or --udp flows (default: one per CPU, never more than --connections; not with --reconnect or --stdin)
+    /// event-loop threads that run the connections or --udp flows (default: one per CPU, never more than --connections; not with --stdin)
     #[argh(option, from_str_fn(parse_threads), arg_name = "n")]
     threads: Option<NonZeroUsize>,
 
@@ -385,26 +385,11 @@ fn check_combinations(args: &Args) -> Result<(), String> {
                 "{flag} cannot be combined with --stdin: the lines go over one connection"
             ));
         }
-        if on(args.reconnect) {
-            return Err(format!(
-                "{flag} cannot be combined with --reconnect: reconnecting runs a thread per connection"
-            ));
-        }
     }
     if args.rate.is_some() && args.interval.is_some() {
         let what = if on(args.udp) { "datagram" } else { "echo" };
         return Err(format!(
             "--interval cannot be combined with --rate: the rate sets when each {what} goes"
-        ));
-    }
-    if on(args.reconnect)
-        && args
-            .connections
-            .is_some_and(|connections| connections.get() > client::MAX_RECONNECTING)
-    {
-        return Err(format!(
-            "--reconnect takes at most {} connections, a thread each",
-            client::MAX_RECONNECTING
         ));
     }
     if !on(args.udp) && args.max_loss.is_some() {

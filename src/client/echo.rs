@@ -1,4 +1,7 @@
-//! One connection's life: connect within the timeout, then for each message
+//! `--stdin`'s connection, on a thread of its own with blocking sockets (the
+//! event loops in [`engine`](super::engine) run every other TCP run), and
+//! the pieces both engines share: the tally, the round trip's errors and
+//! patience. Its life: connect within the timeout, then for each message
 //! send it whole, read back exactly as many bytes (TCP is a stream, so that
 //! takes as many reads as it takes), compare byte for byte and time it.
 //!
@@ -17,8 +20,8 @@
 //! the client shuts down its sending side and reads until the server
 //! closes, for a short while, and counts such bytes too.
 //!
-//! With `--reconnect` the loop lets a connection go when the server ends
-//! it or it breaks, and [`reconnect`](super::reconnect) opens the next.
+//! With `--stdin --reconnect` the loop lets a connection go when the server
+//! ends it or it breaks, and [`reconnect`](super::reconnect) opens the next.
 
 use std::convert::Infallible;
 use std::io::{self, BufRead, Read, Write};
@@ -32,7 +35,7 @@ use super::failure::{Failure, FailureKind};
 use super::reconnect::{Backoff, Idle, Reconnect, idle_state, reconnect};
 use super::rtt::RttStats;
 use super::stop::StopHandle;
-use super::{ClientConfig, Event, MAX_MESSAGE, Payload, payload};
+use super::{Event, MAX_MESSAGE};
 use crate::deadline::deadline_after;
 use crate::error::{interrupted, is_peer_gone, would_block};
 use crate::socket::unread_len;
@@ -64,7 +67,7 @@ const STOP_CHECK: Duration = Duration::from_millis(100);
 /// trip, and never more than the timeout.
 pub(super) const MIN_CLOSING_WAIT: Duration = Duration::from_millis(100);
 
-/// Shared by all connection threads of a run.
+/// What a blocking connection (`--stdin`) needs from its run.
 pub(super) struct Context<'a, F> {
     pub addrs: &'a [SocketAddr],
     pub timeout: Duration,
@@ -148,62 +151,6 @@ pub(super) trait Messages {
     /// Puts message `seq` into `buf` and returns true, or returns false when
     /// there are no more (count reached, end of input, or stopped).
     fn next(&mut self, seq: u64, buf: &mut Vec<u8>) -> Result<bool, FailureKind>;
-}
-
-/// `--repeat` messages of `--message` or `--size`, `--interval` apart.
-pub(super) struct RepeatedMessages<'a> {
-    payload: &'a Payload,
-    repeat: u64,
-    interval: Duration,
-    connection: usize,
-    seed: u64,
-    stop: &'a StopHandle,
-}
-
-impl<'a> RepeatedMessages<'a> {
-    pub fn new(
-        config: &'a ClientConfig,
-        connection: usize,
-        seed: u64,
-        stop: &'a StopHandle,
-    ) -> Self {
-        RepeatedMessages {
-            payload: &config.payload,
-            repeat: config.repeat,
-            interval: config.interval,
-            connection,
-            seed,
-            stop,
-        }
-    }
-}
-
-impl Messages for RepeatedMessages<'_> {
-    fn next(&mut self, seq: u64, buf: &mut Vec<u8>) -> Result<bool, FailureKind> {
-        if self.repeat != 0 && seq > self.repeat {
-            return Ok(false);
-        }
-        let stopped = if seq > 1 && !self.interval.is_zero() {
-            self.stop.sleep(self.interval)
-        } else {
-            self.stop.is_stopped()
-        };
-        if stopped {
-            return Ok(false);
-        }
-        match self.payload {
-            Payload::Text(text) => {
-                if buf.as_slice() != text.as_slice() {
-                    buf.clone_from(text);
-                }
-            }
-            Payload::Generated { size } => {
-                resize(buf, size.get())?;
-                payload::fill(buf, self.seed, self.connection, seq);
-            }
-        }
-        Ok(true)
-    }
 }
 
 /// Lines of input, read on a background thread (see [`read_lines_in_background`]).
@@ -497,7 +444,7 @@ fn ended_while_idle<F>(
 where
     F: Fn(&Event<'_>) + Sync,
 {
-    let kind = match idle_state(socket) {
+    let kind = match idle_state(&socket.stream) {
         Idle::Open => return None,
         Idle::Closed => return Some(Reconnect::Closed),
         Idle::Extra(bytes) => FailureKind::Extra {
@@ -635,19 +582,6 @@ where
             kind,
         };
         (self.observer)(&Event::Failed(&failure));
-    }
-
-    /// Tally for a connection whose thread could not be started.
-    pub fn fail_unstarted(&self, connection: usize, error: io::Error) -> ConnectionTally {
-        let mut tally = ConnectionTally::default();
-        let kind = FailureKind::Spawn { error };
-        tally.count(&kind);
-        let failure = Failure {
-            connection: self.multiple.then_some(connection),
-            kind,
-        };
-        (self.observer)(&Event::Failed(&failure));
-        tally
     }
 }
 

@@ -14,8 +14,9 @@
 //! the last echo is back (after `--interval`). Open loop (`--rate`): each
 //! loop sends its share of the rate on a fixed schedule, on whichever of its
 //! connections is free, and times each echo from when it was due (see
-//! [`event_loop`]). `--stdin` and `--reconnect` keep the blocking engine in
-//! [`echo`](super::echo).
+//! [`event_loop`]). With `--reconnect`, a connection the server ends is
+//! opened again on its loop (see [`event_loop`]). `--stdin`, one
+//! interactive connection, keeps the blocking engine in [`echo`](super::echo).
 
 mod connection;
 mod event_loop;

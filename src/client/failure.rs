@@ -248,8 +248,8 @@ impl fmt::Display for Failure {
                 ..
             } => write!(
                 f,
-                "{peer} closed the connection before echo {seq} was sent (the server is \
-                 shutting down or closed it)"
+                "{peer} closed the connection before echo {seq} was sent; the server is \
+                 shutting down or closed it"
             )?,
             FailureKind::Closed {
                 seq,

@@ -1,7 +1,10 @@
-//! `--reconnect`: how a connection's thread opens its connection again when
-//! the server ends it, so that a long run through a load balancer or across
-//! a rolling restart goes on. It sits inside the per-connection loop of
-//! [`echo`](super::echo), between two round trips.
+//! `--reconnect`: how a connection is opened again when the server ends
+//! it, so that a long run through a load balancer or across a rolling
+//! restart goes on. The policy here (the pauses, the look between echoes,
+//! the failure after the last try) is shared by both engines: the event
+//! loops ([`engine`](super::engine)), which run every `--reconnect` run but
+//! `--stdin`, and the blocking per-connection loop of [`echo`](super::echo)
+//! (`--stdin --reconnect`), which also uses [`reconnect`] itself.
 //!
 //! The rule, which relies on the server's drain guarantee (ours echoes every
 //! byte it received before its end of stream, and none after):
@@ -13,8 +16,9 @@
 //!
 //! A connect that fails while reconnecting is tried again after a pause
 //! that doubles from [`FIRST_PAUSE`] to [`LONGEST_PAUSE`], for at most the
-//! timeout from the first failed try. The pauses wait on the stop handle,
-//! so Ctrl-C ends them at once.
+//! timeout from the first failed try. The pauses end at once on a stop:
+//! the blocking engine waits on the stop handle, the event loops keep them
+//! in their timer heap.
 
 use std::io;
 use std::net::SocketAddr;
@@ -89,15 +93,16 @@ pub(super) enum Idle {
 
 /// Looks, without waiting, at whether the server ended `socket`'s
 /// connection since the last echo, so that an end of stream that came
-/// between echoes does not cost a message. One `recv` of one byte.
-pub(super) fn idle_state(socket: &Socket) -> Idle {
+/// between echoes does not cost a message. One `recv` of one byte, which
+/// does not wait whether the socket blocks or not.
+pub(super) fn idle_state(socket: &impl AsRawFd) -> Idle {
     let mut byte = 0u8;
     loop {
         // SAFETY: recv writes at most one byte into `byte`, which outlives
-        // the call; MSG_DONTWAIT keeps the blocking socket from waiting.
+        // the call; MSG_DONTWAIT keeps a blocking socket from waiting.
         let read = unsafe {
             libc::recv(
-                socket.stream.as_raw_fd(),
+                socket.as_raw_fd(),
                 (&raw mut byte).cast(),
                 1,
                 libc::MSG_DONTWAIT,
@@ -107,7 +112,7 @@ pub(super) fn idle_state(socket: &Socket) -> Idle {
             return Idle::Closed;
         }
         if read > 0 {
-            return Idle::Extra(1 + unread_len(&socket.stream).unwrap_or(0));
+            return Idle::Extra(1 + unread_len(socket).unwrap_or(0));
         }
         let error = io::Error::last_os_error();
         match error {
@@ -174,7 +179,7 @@ pub(super) fn reconnect(
 }
 
 /// A connect failure that says how often and how long it was tried.
-fn with_tries(kind: FailureKind, tries: u32, over: Duration) -> FailureKind {
+pub(super) fn with_tries(kind: FailureKind, tries: u32, over: Duration) -> FailureKind {
     if tries < 2 {
         return kind;
     }

@@ -55,8 +55,8 @@ pub struct Report {
     /// Messages sent again because the server ended their connection
     /// before echoing any of them (each still counts once in `sent`).
     pub resent: u64,
-    /// Connect times of the connections that connected (not with
-    /// `reconnect`).
+    /// Connect times of the connections that connected: their first
+    /// connects (with `reconnect`, later ones count in `reconnects`).
     pub connect: RttStats,
     /// Connections that could not connect, by the cause of their last
     /// attempt (`connection refused`, `too many open files`), most first.

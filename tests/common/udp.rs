@@ -112,7 +112,11 @@ impl UdpTestServer {
                             if reply.after.is_zero() {
                                 send(&socket, &other, &reply, from);
                             } else {
-                                delayed.push((now + reply.after, reply, from));
+                                // From the datagram's arrival, not from
+                                // before the wait for it (up to a TICK
+                                // earlier), which would send it early.
+                                let received = Instant::now();
+                                delayed.push((received + reply.after, reply, from));
                             }
                         }
                     }

@@ -1,6 +1,7 @@
 //! One connection of an event loop, as state: not yet started, connecting
-//! (address by address), idle between echoes, echoing one message, or
-//! closing (half-closed, counting what the server still sends). The loop in
+//! (address by address), idle between echoes, echoing one message,
+//! closing (half-closed, counting what the server still sends), or, with
+//! `--reconnect`, waiting to connect again. The loop in
 //! [`event_loop`](super::event_loop) moves it from state to state; this file
 //! holds the states and the nonblocking steps of one echo.
 
@@ -11,6 +12,7 @@ use std::time::Instant;
 use mio::net::TcpStream;
 
 use crate::client::echo::ExchangeError;
+use crate::client::reconnect::{Backoff, Reconnect};
 use crate::error::{interrupted, would_block};
 
 /// A connection and where it is in its life.
@@ -33,10 +35,13 @@ pub(super) struct Connection {
     /// The socket reported a hang-up or an error: read until the read says
     /// which, even after a short read.
     pub hup: bool,
+    /// With `--reconnect`: what carries over from one of its connections
+    /// to the next.
+    pub rejoin: Option<Rejoin>,
 }
 
 impl Connection {
-    pub fn new(number: usize, peer: SocketAddr) -> Self {
+    pub fn new(number: usize, peer: SocketAddr, reconnect: bool) -> Self {
         Connection {
             number,
             stream: None,
@@ -47,8 +52,67 @@ impl Connection {
             readable: false,
             writable: false,
             hup: false,
+            rejoin: reconnect.then(Rejoin::new),
         }
     }
+
+    /// True while a connect of `--reconnect` (not the first) is in progress.
+    pub fn reconnecting(&self) -> bool {
+        matches!(self.state, State::Connecting(_))
+            && self.rejoin.as_ref().is_some_and(|rejoin| rejoin.opened)
+    }
+}
+
+/// With `--reconnect`, a connection's memory across its connections (the
+/// rule is in [`reconnect`](crate::client::reconnect)).
+pub(super) struct Rejoin {
+    pub backoff: Backoff,
+    /// It has been open once: a connect that fails now is a reconnect's,
+    /// tried again within the timeout; the first is not.
+    pub opened: bool,
+    /// The current connection echoed something: the next reconnect goes
+    /// at once, without a pause.
+    pub productive: bool,
+    /// Why the last connection was let go.
+    pub why: Reconnect,
+    /// A message the server ended a connection on before echoing any of
+    /// it: it goes first on the next, with its number and due time.
+    pub pending: Option<Pending>,
+    /// Since when, and over how many connections, the next message has
+    /// waited for a connection that takes it.
+    pub waiting: Option<(Instant, u64)>,
+    /// When this reconnect's first failed try began, and its tries so far.
+    pub first_failure: Option<Instant>,
+    pub tries: u32,
+}
+
+impl Rejoin {
+    fn new() -> Self {
+        Rejoin {
+            backoff: Backoff::new(),
+            opened: false,
+            productive: false,
+            why: Reconnect::Failed,
+            pending: None,
+            waiting: None,
+            first_failure: None,
+            tries: 0,
+        }
+    }
+
+    /// One more connection ended before taking the next message.
+    pub fn waited(&mut self, now: Instant) {
+        self.waiting.get_or_insert((now, 0)).1 += 1;
+    }
+}
+
+/// A message declined by the server (`Reconnect::Declined`), to send again.
+#[derive(Clone, Copy)]
+pub(super) struct Pending {
+    pub seq: u64,
+    /// When it was due: with `--rate`, its round trip counts from here,
+    /// reconnect included (closed-loop, from its resend).
+    pub due: Instant,
 }
 
 /// Where a connection is.
@@ -69,6 +133,11 @@ pub(super) enum State {
         deadline: Instant,
         extra: usize,
     },
+    /// `--reconnect`: let go, pausing until `until` before connecting
+    /// again; `None` once in the loop's queue for a connect slot.
+    Rejoining {
+        until: Option<Instant>,
+    },
     /// Over: closed, counted, and out of the loop's open count.
     Done,
 }
@@ -77,6 +146,9 @@ pub(super) enum State {
 pub(super) struct Connecting {
     /// When the first address was tried: connect times count from here.
     pub began: Instant,
+    /// The whole connect's time: the timeout, or for a reconnect tried
+    /// again what is left of it.
+    pub budget: std::time::Duration,
     /// The whole connect's deadline (`--timeout`).
     pub deadline: Instant,
     /// The address being tried, as an index into the run's addresses.

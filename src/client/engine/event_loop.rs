@@ -22,6 +22,14 @@
 //! out, counts with the time it had waited by then, a lower bound. A loop
 //! whose connections have all ended hands its schedule back (see
 //! [`settle`]), so that its share stays due until the run stops sending.
+//!
+//! With `--reconnect`, a connection the server ends (or that breaks) is let
+//! go and opened again under the same number, by the rule of
+//! [`reconnect`](crate::client::reconnect): its pauses are timers in the
+//! heap, and its connects take the loop's connect slots (`--connect-rate`)
+//! as first connects do, so that a restart does not bring a flood of SYNs.
+//! A connection reconnecting is not free for `--rate`; a message the server
+//! declined goes first on the new connection and keeps its due time.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -33,7 +41,7 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use super::connection::{Connecting, Connection, Echo, State, read_some, write_some};
+use super::connection::{Connecting, Connection, Echo, Pending, State, read_some, write_some};
 use super::{Plan, wait_until};
 use crate::client::echo::{
     ConnectionTally, ExchangeError, FIRST_ECHO_STOP_PATIENCE, MIN_CLOSING_WAIT, MIN_CONNECT_SHARE,
@@ -41,6 +49,7 @@ use crate::client::echo::{
 };
 use crate::client::failure::{Failure, FailureKind};
 use crate::client::interval::IntervalTally;
+use crate::client::reconnect::{Idle, Reconnect, idle_state, with_tries};
 use crate::client::rtt::RttStats;
 use crate::client::{Event, Payload, payload};
 use crate::deadline::deadline_after;
@@ -115,6 +124,9 @@ pub(in crate::client) struct EventLoop<'p, F> {
     next_unstarted: usize,
     /// With `--connect-rate`, when the next connect may start.
     next_connect: Option<Instant>,
+    /// `--reconnect`: connections whose pause is over, waiting for a
+    /// connect slot; ahead of those not yet started.
+    rejoining: VecDeque<usize>,
     connecting: usize,
     /// Connections not yet done; the loop ends at zero.
     open: usize,
@@ -323,7 +335,7 @@ where
         // Without it, timers round up to the poll's milliseconds.
         let alarm = Alarm::new(&poll).ok();
         let connections: Vec<Connection> = numbers(plan, index)
-            .map(|number| Connection::new(number, plan.addrs[0]))
+            .map(|number| Connection::new(number, plan.addrs[0], plan.config.reconnect))
             .collect();
         let schedule = Schedule::for_loop(plan, connections.len());
         Ok(EventLoop {
@@ -337,6 +349,7 @@ where
             loop_wake: None,
             next_unstarted: 0,
             next_connect: None,
+            rejoining: VecDeque::new(),
             connecting: 0,
             tally: ConnectionTally::default(),
             scratch: vec![0; SCRATCH],
@@ -492,8 +505,12 @@ where
             State::Connecting(_) => self.check_connect(index, now),
             State::Echoing(_) => self.progress(index, now),
             State::Closing { .. } => self.read_closing(index),
-            // Between echoes nothing is read: the next echo reads it.
-            State::Unstarted | State::Idle { .. } | State::Done => {}
+            // With --reconnect, an end of stream between echoes is seen now.
+            State::Idle { .. } => {
+                self.check_idle(index, now);
+            }
+            // Between echoes nothing else is read: the next echo reads it.
+            State::Unstarted | State::Rejoining { .. } | State::Done => {}
         }
     }
 
@@ -520,15 +537,30 @@ where
     }
 
     /// Starts connects while fewer than [`MAX_CONNECTING`] are in progress
-    /// and, with `--connect-rate`, their time has come.
+    /// and, with `--connect-rate`, their time has come: reconnects first,
+    /// then connections not yet started.
     fn start_connects(&mut self, now: Instant) {
         let mut burst = 0;
-        while self.next_unstarted < self.connections.len()
-            && self.connecting < MAX_CONNECTING
-            && !self.stopped
-            && !self.ended
-        {
-            let index = self.next_unstarted;
+        loop {
+            // Ended (stopped, say) since it was queued.
+            while let Some(&index) = self.rejoining.front()
+                && !matches!(
+                    self.connections[index].state,
+                    State::Rejoining { until: None }
+                )
+            {
+                self.rejoining.pop_front();
+            }
+            let waiting =
+                !self.rejoining.is_empty() || self.next_unstarted < self.connections.len();
+            if !waiting || self.connecting >= MAX_CONNECTING || self.stopped || self.ended {
+                return;
+            }
+            if burst == CONNECT_BURST {
+                // Look at the connects so far before starting more.
+                self.wake_loop_at(now);
+                return;
+            }
             if let Some(rate) = self.plan.config.connect_rate {
                 // Loop i's connects are numbers i+1, i+1+T, …: its share of
                 // the rate, T/rate apart, the first i/rate into the run.
@@ -550,23 +582,43 @@ where
                 };
                 self.next_connect = Some(deadline_after(from, spacing));
             }
-            if burst == CONNECT_BURST {
-                // Look at the connects so far before starting more.
-                self.wake_loop_at(now);
-                return;
-            }
             burst += 1;
-            self.next_unstarted += 1;
             // Its own clock: a loopback connect takes tens of microseconds,
             // and a burst of them would otherwise count from its start.
-            self.start_connect(index, Instant::now());
+            if let Some(index) = self.rejoining.pop_front() {
+                self.start_reconnect(index, Instant::now());
+            } else {
+                let index = self.next_unstarted;
+                self.next_unstarted += 1;
+                self.start_connect(index, Instant::now(), self.plan.config.timeout);
+            }
         }
     }
 
-    fn start_connect(&mut self, index: usize, now: Instant) {
+    /// A reconnect's connect: the whole timeout, or after a failed try
+    /// what is left of the timeout since the first.
+    fn start_reconnect(&mut self, index: usize, now: Instant) {
+        let timeout = self.plan.config.timeout;
+        let first_failure = self.connections[index]
+            .rejoin
+            .as_ref()
+            .and_then(|rejoin| rejoin.first_failure);
+        let budget = match first_failure {
+            None => timeout,
+            // A pause that ended at the deadline leaves one short try.
+            Some(first) => deadline_after(first, timeout)
+                .saturating_duration_since(now)
+                .max(Duration::from_millis(1)),
+        };
+        self.start_connect(index, now, budget);
+    }
+
+    /// Connects connection `index` within `budget`.
+    fn start_connect(&mut self, index: usize, now: Instant, budget: Duration) {
         self.connections[index].state = State::Connecting(Connecting {
             began: now,
-            deadline: deadline_after(now, self.plan.config.timeout),
+            budget,
+            deadline: deadline_after(now, budget),
             at: 0,
             attempt_deadline: now,
             attempt_began: now,
@@ -584,7 +636,6 @@ where
     /// [`MIN_CONNECT_SHARE`]; the first gets the whole timeout's share.
     fn try_address(&mut self, index: usize, now: Instant) {
         let addrs = self.plan.addrs;
-        let timeout = self.plan.config.timeout;
         loop {
             let connection = &mut self.connections[index];
             let State::Connecting(connecting) = &mut connection.state else {
@@ -595,7 +646,7 @@ where
                 break;
             }
             let left = if at == 0 {
-                timeout
+                connecting.budget
             } else {
                 connecting.deadline.saturating_duration_since(now)
             };
@@ -682,20 +733,61 @@ where
         let State::Connecting(connecting) = &connection.state else {
             return;
         };
-        self.tally
-            .connect
-            .record(now.saturating_duration_since(connecting.began));
+        // The connections' first connects: a reconnect counts in `reconnects`.
+        if connection
+            .rejoin
+            .as_ref()
+            .is_none_or(|rejoin| !rejoin.opened)
+        {
+            self.tally
+                .connect
+                .record(now.saturating_duration_since(connecting.began));
+        }
         self.connecting -= 1;
         connection.state = State::Idle { next: None };
         self.connected += 1;
         let (number, peer) = (connection.number, connection.peer);
         self.count_interval(|interval, connected| interval.open = connected);
         self.tally.echoing_ended = Some(now);
-        (self.plan.observer)(&Event::Connected {
+        let rejoined = match &mut self.connections[index].rejoin {
+            Some(rejoin) if rejoin.opened => {
+                rejoin.first_failure = None;
+                rejoin.tries = 0;
+                Some((rejoin.why, rejoin.pending.take()))
+            }
+            Some(rejoin) => {
+                rejoin.opened = true;
+                None
+            }
+            None => None,
+        };
+        let Some((why, pending)) = rejoined else {
+            (self.plan.observer)(&Event::Connected {
+                connection: number,
+                peer,
+            });
+            self.next_echo(index, now, false);
+            return;
+        };
+        self.tally.reconnects += 1;
+        (self.plan.observer)(&Event::Reconnected {
             connection: number,
             peer,
+            why,
         });
-        self.next_echo(index, now, false);
+        match pending {
+            // With --rate it keeps its due time, so its round trip counts
+            // the reconnect; closed-loop, the round trip is the resend's.
+            Some(pending) => {
+                let due = if self.schedule.is_some() {
+                    pending.due
+                } else {
+                    now
+                };
+                self.start_message(index, pending.seq, due, now, true);
+            }
+            None => self.next_echo(index, now, false),
+        }
     }
 
     /// Every address failed: the connection fails, counted by the cause of
@@ -708,6 +800,15 @@ where
             return;
         };
         self.connecting -= 1;
+        if connection
+            .rejoin
+            .as_ref()
+            .is_some_and(|rejoin| rejoin.opened)
+        {
+            connection.state = State::Rejoining { until: None };
+            self.reconnect_failed(index, connecting, now);
+            return;
+        }
         self.open -= 1;
         if let Some((_, error)) = connecting.attempts.last() {
             *self
@@ -730,6 +831,9 @@ where
     /// it; or, with no more to send, the closing check. `paused` says the
     /// `--interval` pause before it is over.
     fn next_echo(&mut self, index: usize, now: Instant, paused: bool) {
+        if self.check_idle(index, now) {
+            return;
+        }
         if self.sending_over(now) {
             self.begin_closing(index, now);
             return;
@@ -779,10 +883,17 @@ where
 
     /// Sends the next message on connection `index`, due at `due`.
     fn start_echo(&mut self, index: usize, due: Instant, now: Instant) {
+        let seq = self.connections[index].seq + 1;
+        self.start_message(index, seq, due, now, false);
+    }
+
+    /// Sends message `seq` on connection `index`, due at `due`; `again`
+    /// for one the server declined (`--reconnect`), which counts as resent
+    /// rather than sent, and whose lateness was counted when it first went.
+    fn start_message(&mut self, index: usize, seq: u64, due: Instant, now: Instant, again: bool) {
         let plan = self.plan;
         let len = plan.config.payload.len();
         let connection = &mut self.connections[index];
-        let seq = connection.seq + 1;
         let buf = match &plan.config.payload {
             Payload::Text(_) => None,
             Payload::Generated { .. } => {
@@ -792,6 +903,10 @@ where
                     if self.schedule.is_some() {
                         // Due and taken, but it never went.
                         self.tally.unsent += 1;
+                    }
+                    if again {
+                        // Never taken, and now never sent again.
+                        self.tally.sent -= 1;
                     }
                     self.tally.echoing_ended = Some(now);
                     self.fail(index, FailureKind::OutOfMemory { bytes: len });
@@ -803,9 +918,13 @@ where
                 Some(buf)
             }
         };
-        connection.seq = seq;
-        self.tally.sent += 1;
-        if self.schedule.is_some() {
+        connection.seq = connection.seq.max(seq);
+        if again {
+            self.tally.resent += 1;
+        } else {
+            self.tally.sent += 1;
+        }
+        if self.schedule.is_some() && !again {
             let lateness = now.saturating_duration_since(due);
             if lateness > LATE_AFTER {
                 self.tally.late += 1;
@@ -953,6 +1072,11 @@ where
         }
         self.recycle(echo.buf);
         self.tally.echoing_ended = Some(now);
+        if let Some(rejoin) = &mut self.connections[index].rejoin {
+            // Taken, and back whole: the stream is in step unless more came.
+            rejoin.waiting = None;
+            rejoin.productive |= !echo.extra;
+        }
         if echo.extra {
             // Only this echo was due, so a byte that came with it was
             // never sent: the server added it.
@@ -966,7 +1090,7 @@ where
                     bytes,
                 },
             );
-            self.finish(index);
+            self.end_or_reconnect(index, now);
             return;
         }
         self.next_echo(index, now, false);
@@ -982,6 +1106,20 @@ where
             return;
         };
         self.recycle(echo.buf);
+        if let (Some(rejoin), ExchangeError::Closed { received: 0 }) =
+            (&mut self.connections[index].rejoin, &error)
+        {
+            // The drain guarantee: an end of stream before any byte of the
+            // echo means the server never took the message. It goes again.
+            rejoin.pending = Some(Pending {
+                seq: echo.seq,
+                due: echo.due,
+            });
+            rejoin.waited(now);
+            self.tally.bytes_sent += echo.written as u64;
+            self.let_go(index, Reconnect::Declined { seq: echo.seq }, now);
+            return;
+        }
         let facts = EchoFacts {
             seq: echo.seq,
             len: echo.len,
@@ -1004,9 +1142,10 @@ where
     }
 
     /// Counts and reports a failed echo; the connection is out of step, so
-    /// it ends.
+    /// it ends (with `--reconnect`, unless stopped, another is opened).
     fn echo_failed(&mut self, index: usize, error: ExchangeError, facts: &EchoFacts, now: Instant) {
         let peer = self.connections[index].peer;
+        let stopped = matches!(error, ExchangeError::Stopped { .. });
         let kind = error.into_failure(
             facts.seq,
             peer,
@@ -1016,6 +1155,234 @@ where
         );
         self.tally.echoing_ended = Some(now);
         self.fail(index, kind);
+        if stopped {
+            self.finish(index);
+        } else {
+            self.end_or_reconnect(index, now);
+        }
+    }
+
+    /// After a failure that leaves the connection out of step: it ends, or
+    /// with `--reconnect` the message is spent and another is opened.
+    fn end_or_reconnect(&mut self, index: usize, now: Instant) {
+        match &mut self.connections[index].rejoin {
+            Some(rejoin) => {
+                rejoin.waiting = None;
+                self.let_go(index, Reconnect::Failed, now);
+            }
+            None => self.finish(index),
+        }
+    }
+
+    /// With `--reconnect`, between echoes, when something may have come
+    /// (a readiness event not yet used up): lets the connection go if the
+    /// server ended it, broke it or sent bytes on it, reporting the last
+    /// two. True if it was let go. Costs nothing when nothing came.
+    fn check_idle(&mut self, index: usize, now: Instant) -> bool {
+        let connection = &mut self.connections[index];
+        if connection.rejoin.is_none() || !(connection.readable || connection.hup) {
+            return false;
+        }
+        let Some(stream) = &connection.stream else {
+            return false;
+        };
+        let (after_seq, peer) = (connection.seq, connection.peer);
+        let (why, kind) = match idle_state(stream) {
+            Idle::Open => {
+                // Drained: the next bytes bring an event.
+                connection.readable = false;
+                return false;
+            }
+            Idle::Closed => (Reconnect::Closed, None),
+            Idle::Extra(bytes) => (
+                Reconnect::Failed,
+                Some(FailureKind::Extra {
+                    after_seq,
+                    peer,
+                    bytes,
+                }),
+            ),
+            Idle::Broken(error) => (
+                Reconnect::Failed,
+                Some(FailureKind::Dropped {
+                    after_seq,
+                    peer,
+                    error,
+                }),
+            ),
+        };
+        if let Some(rejoin) = &mut connection.rejoin {
+            rejoin.waited(now);
+        }
+        if let Some(kind) = kind {
+            self.tally.echoing_ended = Some(now);
+            self.fail(index, kind);
+        }
+        self.let_go(index, why, now);
+        true
+    }
+
+    /// With `--reconnect`: lets connection `index`'s socket go and opens
+    /// another, at once after a connection that echoed, after the next
+    /// pause otherwise. A message that one connection after another ended
+    /// before taking, for a whole timeout, fails as never taken first; and
+    /// with nothing left to send, or the run stopped, the connection ends.
+    fn let_go(&mut self, index: usize, why: Reconnect, now: Instant) {
+        let timeout = self.plan.config.timeout;
+        let connection = &mut self.connections[index];
+        connection.stream = None;
+        let was_open = matches!(
+            connection.state,
+            State::Idle { .. } | State::Echoing(_) | State::Closing { .. }
+        );
+        if let State::Echoing(echo) =
+            std::mem::replace(&mut connection.state, State::Rejoining { until: None })
+        {
+            self.pool_return(echo.buf);
+        }
+        if was_open {
+            self.connected -= 1;
+            self.count_interval(|interval, connected| interval.open = connected);
+        }
+        let connection = &mut self.connections[index];
+        let rejoin = connection
+            .rejoin
+            .as_mut()
+            .expect("only --reconnect lets a connection go");
+        rejoin.why = why;
+        if let Some((since, connections)) = rejoin.waiting
+            && now.saturating_duration_since(since) >= timeout
+        {
+            // Every connection ended before taking it, for a whole
+            // timeout: it fails, and the next one goes on.
+            rejoin.waiting = None;
+            rejoin.why = Reconnect::Failed;
+            let repeat = self.plan.config.repeat;
+            let seq = match rejoin.pending.take() {
+                Some(pending) => {
+                    if self.schedule.is_some() {
+                        self.tally
+                            .lower_bounds
+                            .record(now.saturating_duration_since(pending.due));
+                    }
+                    Some(pending.seq)
+                }
+                // Closed loop: the connection's next message was the one
+                // waiting (with --rate none is taken until one is free).
+                None if self.schedule.is_none() && (repeat == 0 || connection.seq < repeat) => {
+                    connection.seq += 1;
+                    self.tally.sent += 1;
+                    Some(connection.seq)
+                }
+                None => None,
+            };
+            if let Some(seq) = seq {
+                let peer = connection.peer;
+                self.tally.echoing_ended = Some(now);
+                self.fail(
+                    index,
+                    FailureKind::NeverTaken {
+                        seq,
+                        peer,
+                        connections,
+                        after: timeout,
+                    },
+                );
+            }
+        }
+        let connection = &mut self.connections[index];
+        let rejoin = connection
+            .rejoin
+            .as_mut()
+            .expect("only --reconnect lets a connection go");
+        let repeat = self.plan.config.repeat;
+        let more = rejoin.pending.is_some()
+            || match &self.schedule {
+                Some(schedule) => !schedule.finished(),
+                None => repeat == 0 || connection.seq < repeat,
+            };
+        if !more || self.stopped || self.ended || self.plan.stop.is_stopped() {
+            self.give_up(index, now);
+            return;
+        }
+        if std::mem::take(&mut rejoin.productive) {
+            rejoin.backoff.reset();
+            self.rejoining.push_back(index);
+            self.wake_loop_at(now);
+        } else {
+            let until = deadline_after(now, rejoin.backoff.next());
+            connection.state = State::Rejoining { until: Some(until) };
+            self.arm(index, until);
+        }
+    }
+
+    /// Every address refused or timed out a reconnect's connect: it is
+    /// tried again after the next pause, until the timeout has passed
+    /// since the first failed try began; then it fails as a connect does.
+    fn reconnect_failed(&mut self, index: usize, connecting: Connecting, now: Instant) {
+        if self.stopped || self.ended || self.plan.stop.is_stopped() {
+            // The run is over; a connect it cut short is no failure.
+            self.give_up(index, now);
+            return;
+        }
+        let timeout = self.plan.config.timeout;
+        let connection = &mut self.connections[index];
+        let rejoin = connection
+            .rejoin
+            .as_mut()
+            .expect("only --reconnect reconnects");
+        rejoin.tries += 1;
+        let first = *rejoin.first_failure.get_or_insert(connecting.began);
+        let deadline = deadline_after(first, timeout);
+        if now < deadline {
+            let until = deadline_after(now, rejoin.backoff.next()).min(deadline);
+            connection.state = State::Rejoining { until: Some(until) };
+            self.arm(index, until);
+            return;
+        }
+        let tries = rejoin.tries;
+        if let Some((_, error)) = connecting.attempts.last() {
+            *self
+                .tally
+                .connect_failures
+                .entry(io_cause(error))
+                .or_insert(0) += 1;
+        }
+        let kind = with_tries(
+            FailureKind::Connect {
+                attempts: connecting.attempts,
+            },
+            tries,
+            now.saturating_duration_since(first),
+        );
+        self.give_up(index, now);
+        self.tally.echoing_ended = Some(now);
+        self.fail(index, kind);
+    }
+
+    /// With `--reconnect`, a connection that will not connect again ends.
+    /// A message waiting for it was never taken: it no longer counts as
+    /// sent (with `--rate`, it was due and never sent).
+    fn give_up(&mut self, index: usize, now: Instant) {
+        let pending = self.connections[index]
+            .rejoin
+            .as_mut()
+            .and_then(|rejoin| rejoin.pending.take());
+        if let Some(pending) = pending {
+            self.tally.sent -= 1;
+            if self.schedule.is_some() {
+                self.tally.unsent += 1;
+                self.tally
+                    .lower_bounds
+                    .record(now.saturating_duration_since(pending.due));
+            }
+        }
+        let connection = &mut self.connections[index];
+        if connection.reconnecting() {
+            self.connecting -= 1;
+        }
+        connection.stream = None;
+        connection.state = State::Rejoining { until: None };
         self.finish(index);
     }
 
@@ -1259,7 +1626,20 @@ where
                     self.arm(index, deadline);
                 }
             }
-            State::Unstarted | State::Idle { next: None } | State::Done => {}
+            State::Rejoining { until: Some(until) } => {
+                if now >= *until {
+                    // The pause is over: its connect waits for a slot.
+                    connection.state = State::Rejoining { until: None };
+                    self.rejoining.push_back(index);
+                } else {
+                    let until = *until;
+                    self.arm(index, until);
+                }
+            }
+            State::Unstarted
+            | State::Idle { next: None }
+            | State::Rejoining { until: None }
+            | State::Done => {}
         }
     }
 
@@ -1277,7 +1657,7 @@ where
                     self.arm(index, deadline);
                 }
                 State::Connecting(_) | State::Echoing(_) => self.look_again(index, now),
-                State::Unstarted | State::Done => {}
+                State::Unstarted | State::Rejoining { .. } | State::Done => {}
             }
         }
     }
@@ -1297,6 +1677,16 @@ where
             self.open -= 1;
         }
         self.next_unstarted = self.connections.len();
+        if self.plan.config.reconnect {
+            // Reconnects pausing or connecting have nothing left to send.
+            for index in 0..self.connections.len() {
+                let connection = &self.connections[index];
+                if matches!(connection.state, State::Rejoining { .. }) || connection.reconnecting()
+                {
+                    self.give_up(index, now);
+                }
+            }
+        }
         self.sending_ended.get_or_insert(now);
         if let Some(schedule) = &mut self.schedule {
             self.tally.unsent += schedule.drop_late(now, &mut self.tally.lower_bounds);
