@@ -333,3 +333,25 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flows_send_first_evenly_spread_over_one_interval() {
+        let start = Instant::now();
+        let interval = Duration::from_millis(10);
+        let firsts: Vec<Duration> = (1..=4)
+            .map(|number| first_send(start, interval, number, 4) - start)
+            .collect();
+        let ms = |ms: f64| Duration::from_secs_f64(ms / 1000.0);
+        assert_eq!(firsts, [ms(0.0), ms(2.5), ms(5.0), ms(7.5)]);
+    }
+
+    #[test]
+    fn a_loop_takes_every_threads_th_flow() {
+        assert_eq!(numbers(7, 3, 0).collect::<Vec<_>>(), [1, 4, 7]);
+        assert_eq!(numbers(7, 3, 2).collect::<Vec<_>>(), [3, 6]);
+    }
+}

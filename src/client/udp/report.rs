@@ -76,6 +76,7 @@ impl UdpRate {
     /// The rate line, and the line saying why it was not kept if it was
     /// not, each ending in a newline.
     fn write(&self, text: &mut String, sent: u64) {
+        // Writing to a String cannot fail, here and below.
         let _ = writeln!(
             text,
             "rate {}/s asked, {:.1}/s sent: {} late (over 10 ms, the latest {}), {} unsent; round trips count from each datagram's send",
