@@ -14,7 +14,8 @@
 //! is in `reconnect`). `run_lines`, one interactive connection, keeps a
 //! thread with blocking sockets (`echo`).
 //! [`udp`] is the same client
-//! over UDP: flows of datagrams instead of connections. The `echo-client`
+//! over UDP: flows of datagrams instead of connections, on event loops too.
+//! The `echo-client`
 //! binary only parses arguments, prints [`Event`]s and the [`Report`], and
 //! picks the exit code; the tests and benchmarks call this module directly.
 //!
@@ -109,11 +110,14 @@ pub struct ClientConfig {
     /// Event-loop threads; `None` for one per CPU. Never more than
     /// connections.
     pub threads: Option<NonZeroUsize>,
-    /// Connects started per second at most, over all connections.
+    /// Connects started per second at most, over all connections (TCP
+    /// only: [`udp::run`] ignores it).
     pub connect_rate: Option<u64>,
     /// Open loop: echoes per second over all connections, each sent when
     /// due on a connection with no echo out, and timed from when it was
-    /// due. `repeat` then counts echoes per connection on average.
+    /// due. `repeat` then counts echoes per connection on average. For
+    /// [`udp::run`], datagrams per second over all flows, in place of
+    /// `interval`.
     pub rate: Option<u64>,
     /// Sending ends this long after the start (echoes out still finish).
     pub duration: Option<Duration>,

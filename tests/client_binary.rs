@@ -544,7 +544,10 @@ fn usage_errors_exit_2_with_one_line_naming_the_flag_and_value() {
                 &["--rate", "10", "--interval", "1s"],
                 &["--interval", "--rate"],
             ),
-            (&["--threads", "2", "--udp"], &["--threads", "--udp"]),
+            (
+                &["--connect-rate", "10", "--udp"],
+                &["--connect-rate", "--udp"],
+            ),
             (&["--message", ""], &["--message", "''"]),
             (&["nonsense"], &["addr", "nonsense"]),
             (&["127.0.0.1"], &["addr", "127.0.0.1"]),

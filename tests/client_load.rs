@@ -420,6 +420,41 @@ fn a_run_beyond_its_cgroup_memory_limit_is_refused_with_the_limit_named() {
 }
 
 #[test]
+fn a_udp_run_beyond_its_cgroup_memory_limit_is_refused_naming_its_flows() {
+    with_time_limit(LIMIT, || {
+        let Some(cgroup) = MemoryCgroup::new(64 << 20) else {
+            return;
+        };
+        let closed = common::client::closed_port();
+        // 10,000 numbered flows, each with records for the 1,024 datagrams
+        // it may have in flight and its histogram: far over 64 MiB.
+        let addr = closed.addr().to_string();
+        let args = [
+            &addr,
+            "--udp",
+            "--connections",
+            "10000",
+            "--size",
+            "64",
+            "--interval",
+            "1ms",
+            "-q",
+        ];
+        let output = run_client_in(&cgroup.dir, &args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let describe = describe_in(&cgroup.dir, &args, &output);
+        assert_eq!(output.status.code(), Some(2), "{describe}");
+        assert_eq!(stderr.lines().count(), 1, "{describe}");
+        assert!(
+            stderr.contains("the run needs about")
+                && stderr.contains("10000 flows")
+                && stderr.contains("left of this cgroup's 64 MiB limit (memory."),
+            "{describe}"
+        );
+    });
+}
+
+#[test]
 fn a_memory_limit_on_a_parent_cgroup_refuses_a_run_in_a_group_under_it() {
     with_time_limit(LIMIT, || {
         // A systemd slice with MemoryMax=, the client in a scope under it;

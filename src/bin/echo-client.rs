@@ -20,7 +20,7 @@ use stop_signals::{Meaning, StopSignals};
 mod cli;
 #[path = "common/stop_signals.rs"]
 mod stop_signals;
-use echo_chamber::client::udp::{self, MaxLoss, UdpEvent, UdpReport};
+use echo_chamber::client::udp::{self, MaxLoss, UdpEvent, UdpInterval, UdpReport};
 use echo_chamber::client::{
     self, ClientConfig, ConfigError, Event, Interval, MAX_CONNECTIONS, Payload, Reconnect, Report,
     StopHandle, Target,
@@ -59,7 +59,7 @@ enum Exit {
 /// check that every byte comes back, with ping-style statistics.
 #[derive(FromArgs, Debug)]
 #[argh(
-    note = "TCP connections run on --threads event loops (one per CPU by default), with or without --reconnect; only --stdin, one interactive connection, has a thread of its own. A run whose buffers cannot fit in the memory the process may still use (the least left under the limits of its cgroup and every cgroup above it, or what the machine has available) is refused with exit 2 before connecting.\nWith --udp, each of --connections flows sends --repeat datagrams on its own socket, --interval apart whether or not the last came back (default 20ms; 0 sends each when the last is answered or lost), and a datagram whose echo has not come within --timeout counts as lost. --size datagrams carry their sequence number, so many may be in flight; --message and 0-byte datagrams carry none, so their flow keeps one in flight. Jitter is the mean difference between the round trips of consecutive datagrams, as Cisco IP SLA reports it.\nPercentiles come from a histogram accurate to within 0.4%; min/avg/max/mdev are exact (mdev is the population standard deviation, as in ping).\nWith --reconnect, a connection the server ends cleanly is opened again, and one that broke (an echo cut short, a reset, a timeout: each still counts as failed) too. An end of stream before any byte of an echo came back means the server never took that message (the drain guarantee of echo-server; another server may differ): it is sent again and counted as resent. A refused connect is tried again after 10ms, doubling to 500ms, for --timeout from the first failure; reconnects take --connect-rate's slots, and with --rate a declined echo's round trip counts from when it was first due, reconnect included. The summary and --json count reconnects and resent.\nCtrl-C (or SIGTERM) stops sending and prints the summary; an echo still out may stay silent for twice the p99 round trip (1 s for a first echo) before it counts as failed, and a connect still unanswered for 1 s. A second one, 0.5 s or more later, exits at once.",
+    note = "TCP connections (with or without --reconnect) and --udp flows run on --threads event loops (one per CPU by default); only --stdin, one interactive connection, has a thread of its own. A run whose buffers cannot fit in the memory the process may still use (the least left under the limits of its cgroup and every cgroup above it, or what the machine has available) is refused with exit 2 before connecting.\nWith --udp, each of --connections flows sends --repeat datagrams on its own socket, --interval apart whether or not the last came back (default 20ms; 0 sends each when the last is answered or lost), or with --rate N every connections/N seconds, the flows phased so that together they send evenly; a datagram whose echo has not come within --timeout counts as lost. UDP round trips are timed from each datagram's send; a --rate the client could not keep (a full window, full send buffers, its CPU) is said in the summary, with the rate asked and sent. --size datagrams carry their sequence number, so many may be in flight; --message and 0-byte datagrams carry none, so their flow keeps one in flight. Jitter is the mean difference between the round trips of consecutive datagrams, as Cisco IP SLA reports it.\nPercentiles come from a histogram accurate to within 0.4%; min/avg/max/mdev are exact (mdev is the population standard deviation, as in ping).\nWith --reconnect, a connection the server ends cleanly is opened again, and one that broke (an echo cut short, a reset, a timeout: each still counts as failed) too. An end of stream before any byte of an echo came back means the server never took that message (the drain guarantee of echo-server; another server may differ): it is sent again and counted as resent. A refused connect is tried again after 10ms, doubling to 500ms, for --timeout from the first failure; reconnects take --connect-rate's slots, and with --rate a declined echo's round trip counts from when it was first due, reconnect included. The summary and --json count reconnects and resent.\nCtrl-C (or SIGTERM) stops sending and prints the summary; an echo still out may stay silent for twice the p99 round trip (1 s for a first echo) before it counts as failed, and a connect still unanswered for 1 s. A second one, 0.5 s or more later, exits at once.",
     error_code(
         0,
         "every echo came back exact (also when stopped with Ctrl-C or SIGTERM)"
@@ -100,15 +100,15 @@ struct Args {
     #[argh(option, from_str_fn(parse_timeout), arg_name = "dur")]
     timeout: Option<Duration>,
 
-    /// concurrent connections, each doing --repeat echoes, 1 to 100000 (default 1; with --udp, flows, each with its own socket)
+    /// concurrent connections, each doing --repeat echoes, 1 to 100000 (default 1; with --udp, flows, each with its own socket, on the event loops)
     #[argh(option, from_str_fn(parse_connections), arg_name = "n")]
     connections: Option<NonZeroUsize>,
 
-    /// open at most N connections per second, e.g. 2000 (default: as fast as they connect, at most 1024 connecting at once per thread)
+    /// open at most N connections per second, e.g. 2000 (default: as fast as they connect, at most 1024 connecting at once per thread; TCP only)
     #[argh(option, from_str_fn(parse_rate), arg_name = "n")]
     connect_rate: Option<u64>,
 
-    /// open loop: send N echoes per second over all connections, each when due on a connection with no echo out, round trips timed from when each was due (default: closed loop, each connection sends when its last echo is back)
+    /// open loop: send N echoes per second over all connections, each when due on a connection with no echo out, round trips timed from when each was due (default: closed loop, each connection sends when its last echo is back); with --udp, N datagrams per second over all flows, instead of --interval
     #[argh(option, from_str_fn(parse_rate), arg_name = "n")]
     rate: Option<u64>,
 
@@ -116,11 +116,11 @@ struct Args {
     #[argh(option, from_str_fn(parse_run_duration), arg_name = "dur")]
     duration: Option<Duration>,
 
-    /// print a line every DUR (echoes/s, MB/s, p50 and p99 of that interval, open connections, errors), e.g. 1s; with --json, one JSON object per line, the summary object last
+    /// print a line every DUR (echoes/s, MB/s, p50 and p99 of that interval, open connections, errors; with --udp sent/s and lost instead of open), e.g. 1s; with --json, one JSON object per line, the summary object last
     #[argh(option, from_str_fn(parse_run_duration), arg_name = "dur")]
     report_every: Option<Duration>,
 
-    /// event-loop threads that run the connections (default: one per CPU, never more than --connections; TCP without --stdin)
+    /// event-loop threads that run the connections or --udp flows (default: one per CPU, never more than --connections; not with --stdin)
     #[argh(option, from_str_fn(parse_threads), arg_name = "n")]
     threads: Option<NonZeroUsize>,
 
@@ -233,15 +233,14 @@ fn run() -> Exit {
         report_every: args.report_every,
     };
 
-    if !udp
-        && !on(args.stdin)
-        && let Err(message) = check_memory(&config)
+    if !on(args.stdin)
+        && let Err(message) = check_memory(&config, udp)
     {
         cli::print_err(PROG, &message);
         return Exit::Usage;
     }
     // Every mode holds a socket per connection or flow.
-    warn_if_open_files_fall_short(&config, udp || on(args.stdin));
+    warn_if_open_files_fall_short(&config, udp, on(args.stdin));
     if !udp && !on(args.stdin) {
         warn_if_ports_fall_short(&config);
     }
@@ -265,7 +264,8 @@ fn run() -> Exit {
             }
         }
         let result = if udp {
-            udp::run(&config, &udp_observer, &stop).map(Outcome::Udp)
+            let on_interval = |interval: &UdpInterval| printer.on_udp_interval(interval);
+            udp::run_with_intervals(&config, &udp_observer, &on_interval, &stop).map(Outcome::Udp)
         } else if on(args.stdin) {
             client::run_lines(&config, BufReader::new(io::stdin()), &observer, &stop)
                 .map(Outcome::Tcp)
@@ -364,6 +364,11 @@ fn check_combinations(args: &Args) -> Result<(), String> {
                 .to_owned(),
         );
     }
+    if on(args.udp) && args.connect_rate.is_some() {
+        return Err(
+            "--connect-rate applies only to TCP, not to --udp: UDP has no connect".to_owned(),
+        );
+    }
     let engine_only = [
         ("--threads", args.threads.is_some()),
         ("--connect-rate", args.connect_rate.is_some()),
@@ -375,9 +380,6 @@ fn check_combinations(args: &Args) -> Result<(), String> {
         if !given {
             continue;
         }
-        if on(args.udp) {
-            return Err(format!("{flag} applies only to TCP, not to --udp"));
-        }
         if on(args.stdin) {
             return Err(format!(
                 "{flag} cannot be combined with --stdin: the lines go over one connection"
@@ -385,10 +387,10 @@ fn check_combinations(args: &Args) -> Result<(), String> {
         }
     }
     if args.rate.is_some() && args.interval.is_some() {
-        return Err(
-            "--interval cannot be combined with --rate: the rate sets when each echo goes"
-                .to_owned(),
-        );
+        let what = if on(args.udp) { "datagram" } else { "echo" };
+        return Err(format!(
+            "--interval cannot be combined with --rate: the rate sets when each {what} goes"
+        ));
     }
     if !on(args.udp) && args.max_loss.is_some() {
         return Err("--max-loss applies only to --udp: over TCP nothing may be lost".to_owned());
@@ -552,15 +554,29 @@ fn parse_timeout(value: &str) -> Result<Duration, String> {
 /// Refuses a run whose buffers cannot fit in the memory the process may
 /// still use (what is left under its cgroups' limits, or what the machine
 /// has available), instead of being killed halfway with no summary.
-fn check_memory(config: &ClientConfig) -> Result<(), String> {
-    let needed = client::memory_needed(config);
+fn check_memory(config: &ClientConfig, udp: bool) -> Result<(), String> {
+    let needed = if udp {
+        let bytes = udp::memory_needed(config);
+        client::MemoryNeeded {
+            bytes,
+            in_flight: 0,
+            message: config.payload.len() as u64,
+        }
+    } else {
+        client::memory_needed(config)
+    };
     let Some(limit) = echo_chamber::limits::memory_limit() else {
         return Ok(());
     };
     if needed.bytes <= limit.left {
         return Ok(());
     }
-    let what = if needed.in_flight > 0 {
+    let what = if udp {
+        format!(
+            "{} flows, each with its records of the datagrams in flight",
+            config.connections
+        )
+    } else if needed.in_flight > 0 {
         format!(
             "{} messages of {} out at once",
             needed.in_flight,
@@ -590,8 +606,13 @@ fn check_memory(config: &ClientConfig) -> Result<(), String> {
             format!("the {left} the machine has available (MemAvailable in /proc/meminfo)")
         }
     };
+    let advice = if udp {
+        "use fewer --connections, or a longer --interval or lower --rate with a shorter --timeout, which keeps fewer datagrams in flight"
+    } else {
+        "use fewer --connections, a smaller --size, or a --rate that keeps fewer echoes out"
+    };
     Err(format!(
-        "the run needs about {needed_text} ({what}), more than {room}; use fewer --connections, a smaller --size, or a --rate that keeps fewer echoes out"
+        "the run needs about {needed_text} ({what}), more than {room}; {advice}"
     ))
 }
 
@@ -668,13 +689,16 @@ fn warn_if_ports_fall_short(config: &ClientConfig) {
 
 /// Raises the soft open-file limit to the hard one, as the server does,
 /// and says in one line before connecting when even that leaves too few
-/// descriptors for every connection: the rest then fail, counted by cause.
-/// `thread_each`: each connection (a UDP flow, a `--stdin` connection) has
-/// a thread of its own rather than the event loops.
-fn warn_if_open_files_fall_short(config: &ClientConfig, thread_each: bool) {
-    let needed = if thread_each {
+/// descriptors for every connection (every flow, with `udp`): the rest
+/// then fail, counted by cause. With `stdin` the one connection has a
+/// thread of its own; otherwise the connections or flows run on the
+/// event loops, which take a few descriptors each.
+fn warn_if_open_files_fall_short(config: &ClientConfig, udp: bool, stdin: bool) {
+    let needed = if stdin {
         config.connections.get() as u64 + echo_chamber::limits::reserved_descriptors(0)
     } else {
+        // The UDP loops are as many as the TCP ones and take as many
+        // descriptors each (an epoll, a waker).
         client::open_files_needed(config)
     };
     let limit = match echo_chamber::limits::raise_open_file_limit() {
@@ -690,12 +714,17 @@ fn warn_if_open_files_fall_short(config: &ClientConfig, thread_each: bool) {
     if limit >= needed {
         return;
     }
+    let (units, flag) = if udp {
+        ("flows", "--connections (flows)")
+    } else {
+        ("connections", "--connections")
+    };
     let connections = config.connections.get() as u64;
     let fit = connections.saturating_sub(needed - limit);
     cli::print_err(
         PROG,
         format_args!(
-            "only {fit} of {connections} connections fit under the open-file limit of {limit} (RLIMIT_NOFILE, hard); raise it as root with `ulimit -Hn {needed}` (or LimitNOFILE= under systemd), or ask for fewer --connections"
+            "only {fit} of {connections} {units} fit under the open-file limit of {limit} (RLIMIT_NOFILE, hard); raise it as root with `ulimit -Hn {needed}` (or LimitNOFILE= under systemd), or ask for fewer {flag}"
         ),
     );
 }
@@ -846,6 +875,14 @@ impl Printer {
     /// One `--report-every` line, or with `--json` one JSON object, on
     /// stdout, also in quiet runs.
     fn on_interval(&self, interval: &Interval) {
+        match self.json {
+            true => self.say(format_args!("{}", interval.to_json())),
+            false => self.say(format_args!("{}", interval.line(self.report_every))),
+        }
+    }
+
+    /// [`on_interval`](Self::on_interval) for a UDP run.
+    fn on_udp_interval(&self, interval: &UdpInterval) {
         match self.json {
             true => self.say(format_args!("{}", interval.to_json())),
             false => self.say(format_args!("{}", interval.line(self.report_every))),

@@ -122,7 +122,7 @@ impl Interval {
 }
 /// Decimals of seconds that tell the ends of intervals `every` long apart:
 /// 1 for a second or more, 2 down to 10 ms, 3 below.
-fn decimals_for(every: Duration) -> usize {
+pub(super) fn decimals_for(every: Duration) -> usize {
     match every.as_millis() {
         1000.. => 1,
         10.. => 2,

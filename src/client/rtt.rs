@@ -50,6 +50,9 @@ impl RttStats {
         self.m2 += delta * (ns as f64 - self.mean_ns);
         let bucket = bucket_of(ns);
         if bucket >= self.buckets.len() {
+            // Exactly: a UDP run keeps one of these per flow, and doubling
+            // would leave up to half of each unused.
+            self.buckets.reserve_exact(bucket + 1 - self.buckets.len());
             self.buckets.resize(bucket + 1, 0);
         }
         self.buckets[bucket] += 1;

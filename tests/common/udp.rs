@@ -47,6 +47,9 @@ impl Reply {
 /// The replies to datagram number `index` (from 1, over all clients).
 pub type Respond = dyn FnMut(u64, &[u8]) -> Vec<Reply> + Send;
 
+/// The replies to datagram number `index` from `from`.
+type RespondFrom = dyn FnMut(u64, SocketAddr, &[u8]) -> Vec<Reply> + Send;
+
 /// A UDP server on 127.0.0.1:0 answering as its closure says, on its own
 /// thread until dropped.
 pub struct UdpTestServer {
@@ -61,8 +64,27 @@ impl UdpTestServer {
         Self::start_on("127.0.0.1:0", Box::new(respond)).expect("bind 127.0.0.1:0 for UDP")
     }
 
+    /// Like [`start`](Self::start), its closure told each datagram's
+    /// source address (a client's flow, by its port) instead of its index.
+    pub fn start_seeing(
+        mut respond: impl FnMut(SocketAddr, &[u8]) -> Vec<Reply> + Send + 'static,
+    ) -> UdpTestServer {
+        Self::start_from(
+            "127.0.0.1:0",
+            Box::new(move |_, from, datagram| respond(from, datagram)),
+        )
+        .expect("bind 127.0.0.1:0 for UDP")
+    }
+
     /// Like [`start`](Self::start) on `bind` (such as `[::1]:0`).
     pub fn start_on(bind: &str, mut respond: Box<Respond>) -> std::io::Result<UdpTestServer> {
+        Self::start_from(
+            bind,
+            Box::new(move |index, _, datagram| respond(index, datagram)),
+        )
+    }
+
+    fn start_from(bind: &str, mut respond: Box<RespondFrom>) -> std::io::Result<UdpTestServer> {
         let socket = UdpSocket::bind(bind)?;
         grow_receive_buffer(&socket);
         let other = UdpSocket::bind(bind)?;
@@ -86,7 +108,7 @@ impl UdpTestServer {
                 match socket.recv_from(&mut buf) {
                     Ok((len, from)) => {
                         index += 1;
-                        for reply in respond(index, &buf[..len]) {
+                        for reply in respond(index, from, &buf[..len]) {
                             if reply.after.is_zero() {
                                 send(&socket, &other, &reply, from);
                             } else {

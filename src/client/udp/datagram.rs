@@ -123,7 +123,9 @@ impl<'a> Datagrams<'a> {
     /// `interval` whose echoes may take `timeout`, one of `flows`. A
     /// numbered flow's window holds every datagram sent within a timeout
     /// (so one lost datagram never holds the next ones back), up to a
-    /// memory cap; an unnumbered flow keeps one in flight.
+    /// memory cap; an unnumbered flow keeps one in flight, and needs no
+    /// history: its echoes always answer the newest datagram, never an
+    /// older one (8 KiB a flow saved, 80 MB over 10,000 flows).
     #[must_use]
     pub fn window_and_history(
         &self,
@@ -131,7 +133,10 @@ impl<'a> Datagrams<'a> {
         interval: Duration,
         flows: usize,
     ) -> (usize, usize) {
-        if !self.numbered || interval.is_zero() {
+        if !self.numbered {
+            return (1, 1);
+        }
+        if interval.is_zero() {
             return (1, HISTORY);
         }
         let sends = timeout.as_nanos().div_ceil(interval.as_nanos()) + 2;
@@ -186,15 +191,24 @@ impl<'a> Datagrams<'a> {
         Some(unmix(u64::from_le_bytes(header)) ^ self.key)
     }
 
-    /// Compares `echo` with datagram `seq`.
+    /// Compares `echo` with datagram `seq`, rebuilding it (for `--size`)
+    /// in a buffer of this flow's own, made by [`reserve`](Self::reserve).
     pub fn compare(&mut self, seq: u64, echo: &[u8]) -> Comparison {
+        let mut expected = std::mem::take(&mut self.expected);
+        let comparison = self.compare_in(seq, echo, &mut expected);
+        self.expected = expected;
+        comparison
+    }
+
+    /// Compares `echo` with datagram `seq`, rebuilding it (for `--size`)
+    /// in `expected`, [`len`](Self::len) bytes that a caller may share
+    /// between flows: an event loop keeps one for all of its flows.
+    pub fn compare_in(&self, seq: u64, echo: &[u8], expected: &mut [u8]) -> Comparison {
         let sent: &[u8] = match self.payload {
             Payload::Text(text) => text,
             Payload::Generated { .. } => {
-                let mut expected = std::mem::take(&mut self.expected);
-                self.write(seq, &mut expected);
-                self.expected = expected;
-                &self.expected
+                self.write(seq, expected);
+                expected
             }
         };
         if echo.len() != sent.len() {
@@ -313,6 +327,22 @@ mod tests {
         let mut buf = vec![0; 64];
         theirs.write(5, &mut buf);
         assert_ne!(mine.named(&buf), Some(5));
+    }
+
+    #[test]
+    fn an_unnumbered_flow_keeps_no_history_and_a_numbered_one_does() {
+        let message = Payload::Text(b"Hello Echo!".to_vec());
+        let unnumbered = Datagrams::new(&message, 42, 1);
+        assert_eq!(unnumbered.window_and_history(5 * MS, MS, 1), (1, 1));
+        let sized = Payload::Generated {
+            size: std::num::NonZeroUsize::new(64).expect("64 is not 0"),
+        };
+        let numbered = Datagrams::new(&sized, 42, 1);
+        // Ping-pong with numbers: an old echo may still name its datagram.
+        assert_eq!(
+            numbered.window_and_history(5 * MS, Duration::ZERO, 1),
+            (1, HISTORY)
+        );
     }
 
     #[test]

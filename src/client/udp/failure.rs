@@ -36,9 +36,15 @@ pub enum UdpFailureKind {
         /// The socket's error.
         error: io::Error,
     },
-    /// The operating system would not start another flow thread.
+    /// The operating system would not start another event loop thread.
     Spawn {
         /// The spawn error.
+        error: io::Error,
+    },
+    /// The event loop that was to run the flow could not be made (no
+    /// epoll or eventfd left, or no memory for its buffers).
+    Loop {
+        /// The loop's error.
         error: io::Error,
     },
     /// The datagram buffers could not be allocated.
@@ -152,6 +158,7 @@ impl UdpFailureKind {
             UdpFailureKind::Resolve { .. }
                 | UdpFailureKind::Socket { .. }
                 | UdpFailureKind::Spawn { .. }
+                | UdpFailureKind::Loop { .. }
                 | UdpFailureKind::OutOfMemory { .. }
                 | UdpFailureKind::Send { .. }
                 | UdpFailureKind::Receive { .. }
@@ -170,9 +177,14 @@ impl fmt::Display for UdpFailure {
                 "cannot open a UDP socket for {peer}: {}",
                 crate::error::io_cause(error)
             )?,
+            UdpFailureKind::Loop { error } => write!(
+                f,
+                "cannot make an event loop for the flow: {}",
+                crate::error::io_cause(error)
+            )?,
             UdpFailureKind::Spawn { error } => write!(
                 f,
-                "cannot start a flow thread: {}",
+                "cannot start an event loop thread: {}",
                 crate::error::io_cause(error)
             )?,
             UdpFailureKind::OutOfMemory { bytes } => write!(

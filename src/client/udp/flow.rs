@@ -1,16 +1,20 @@
-//! One UDP flow's life, on its own thread: an unconnected socket, datagrams
-//! sent on a fixed schedule (open loop: the next goes at its time whether
-//! or not the last came back), echoes received with their arrival times
-//! (the `socket` module) and judged by the flow's [`Ledger`], and one poll
-//! that waits for whichever comes first: an echo, room to send, the next
-//! send time, the oldest datagram's timeout, or the stop (the run's stop
-//! pipe hangs up). The socket is drained before any datagram is counted
-//! lost, so an echo that came in time is judged by when it came.
+//! One UDP flow as a state machine that its event loop (`event_loop.rs`)
+//! steps whenever its socket is ready or the instant it asked for comes:
+//! an unconnected socket, datagrams sent on a fixed schedule (open loop:
+//! the next goes at its time whether or not the last came back), echoes
+//! received with their arrival times (the `socket` module) and judged by
+//! the flow's [`Ledger`]. Each step receives what is there, counts lost
+//! what has timed out, sends what is due, and says when it next cares (a
+//! send time, the oldest datagram's timeout, the stop's patience, the end
+//! of the linger) and whether it waits for room to send. The socket is
+//! drained before any datagram is counted lost, so an echo that came in
+//! time is judged by when it came.
 //!
 //! The socket is unconnected so that a datagram from any address reaches
 //! it: a connected one would have the kernel drop echoes from another
-//! address silently, and those must be counted. Nothing is allocated per
-//! datagram: the buffers are made once, at the datagram's size.
+//! address silently, and those must be counted. A flow holds no buffer:
+//! datagrams are written into and echoes read into its loop's [`Buffers`],
+//! so memory follows the loops, not the flows.
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
@@ -18,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use super::datagram::{Comparison, Datagrams};
 use super::failure::{UdpFailure, UdpFailureKind};
+use super::interval::UdpIntervalTally;
 use super::ledger::{Ledger, Verdict};
 use super::socket::{self, Received};
 use super::{Context, UdpEvent};
@@ -28,12 +33,17 @@ use crate::error::{interrupted, would_block};
 /// Datagrams sent back to back before the flow looks for echoes again.
 const SEND_BURST: usize = 64;
 
-/// Datagrams received per wake-up before the flow looks at its schedule.
+/// Datagrams received per step before the flow looks at its schedule.
 const RECEIVE_BATCH: usize = 64;
 
-/// The longest one poll waits. Every wait has its own end (a send time, a
-/// timeout, the stop); this only bounds a wait for room to send.
+/// The longest a flow goes between steps. Every wait has its own end (a
+/// send time, a timeout, the stop); this only bounds a wait for room to
+/// send.
 const LONGEST_WAIT: Duration = Duration::from_secs(1);
+
+/// A datagram sent more than this after its time on the schedule counts
+/// late (`--rate`), as a TCP echo does.
+pub(super) const LATE_AFTER: Duration = Duration::from_millis(10);
 
 /// What one flow did; merged into the report.
 #[derive(Debug)]
@@ -44,6 +54,8 @@ pub(super) struct FlowResult {
     pub bytes_echoed: u64,
     /// When its last datagram was answered or lost (or it failed).
     pub ended: Option<Instant>,
+    /// How it kept its schedule.
+    pub pace: Pace,
 }
 
 impl FlowResult {
@@ -54,13 +66,89 @@ impl FlowResult {
             bytes_sent: 0,
             bytes_echoed: 0,
             ended: Some(Instant::now()),
+            pace: Pace::default(),
         }
     }
 }
 
-/// Runs flow `number` (from 1) to its end: `--repeat` datagrams sent (or
-/// the stop), and each answered or lost.
-pub(super) fn run_flow<F>(context: &Context<'_, F>, number: usize) -> FlowResult
+/// How a flow kept its schedule: what `--rate` reports.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Pace {
+    /// Datagrams whose time came more than [`LATE_AFTER`] before sending
+    /// ended and that were never sent.
+    pub unsent: u64,
+    /// Datagrams sent more than [`LATE_AFTER`] after their time.
+    pub late: u64,
+    /// The latest of those.
+    pub most_late: Duration,
+    /// Sends that came due while the window was full (or the flow kept
+    /// quiet after a loss).
+    pub window_waits: u64,
+    /// Sends that found the socket's send buffer full.
+    pub buffer_waits: u64,
+    /// When the flow stopped sending: its last send, the stop, or the end
+    /// of `--duration`.
+    pub sending_ended: Option<Instant>,
+}
+
+impl Pace {
+    pub fn add(&mut self, other: &Pace) {
+        self.unsent += other.unsent;
+        self.late += other.late;
+        self.most_late = self.most_late.max(other.most_late);
+        self.window_waits += other.window_waits;
+        self.buffer_waits += other.buffer_waits;
+        self.sending_ended = match (self.sending_ended, other.sending_ended) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+/// A loop's buffers, lent to whichever flow it steps.
+pub(super) struct Buffers {
+    /// The datagram being sent.
+    pub sending: Vec<u8>,
+    /// Echoes are read here, one byte longer than a datagram, so that a
+    /// longer echo shows.
+    pub receiving: Vec<u8>,
+    /// A datagram rebuilt to check an echo against (`--size`).
+    pub expected: Vec<u8>,
+}
+
+impl Buffers {
+    /// Buffers for datagrams of `len` bytes, or `None` if memory ran out.
+    pub fn new(len: usize) -> Option<Buffers> {
+        Some(Buffers {
+            sending: buffer(len)?,
+            receiving: buffer(len + 1)?,
+            expected: buffer(len)?,
+        })
+    }
+}
+
+/// When a flow wants its next step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Step {
+    /// At `at` at the latest (sooner if its socket is ready), and whether
+    /// it waits for room to send.
+    Wait { at: Instant, writable: bool },
+    /// The flow is over.
+    Done,
+}
+
+/// Opens flow `number` (from 1): its socket and its ledger, for a send
+/// every `interval` once it [begins](Flow::begin); tells the observer it
+/// started.
+///
+/// # Errors
+///
+/// The failure to report when its socket or its memory could not be had.
+pub(super) fn open_flow<'a, F>(
+    context: &'a Context<'a, F>,
+    number: usize,
+    interval: Duration,
+) -> Result<Flow<'a, F>, UdpFailureKind>
 where
     F: Fn(&UdpEvent<'_>) + Sync,
 {
@@ -69,62 +157,49 @@ where
         SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
         SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
     };
-    let socket = match UdpSocket::bind(unspecified)
+    let socket = UdpSocket::bind(unspecified)
         .and_then(|socket| socket.set_nonblocking(true).map(|()| socket))
         .inspect(crate::socket::grow_udp_buffers)
         .inspect(socket::stamp_arrivals)
-    {
-        Ok(socket) => socket,
-        Err(error) => {
-            context.fail(number, UdpFailureKind::Socket { peer, error });
-            return FlowResult::failed();
-        }
-    };
-    let mut datagrams = Datagrams::new(&context.config.payload, context.seed, number);
-    let len = datagrams.len();
-    // One byte of room past the datagram shows an echo that is longer.
-    let (Some(mut sending), Some(mut receiving)) = (buffer(len), buffer(len + 1)) else {
-        context.fail(number, UdpFailureKind::OutOfMemory { bytes: len });
-        return FlowResult::failed();
-    };
-    if !datagrams.reserve() {
-        context.fail(number, UdpFailureKind::OutOfMemory { bytes: len });
-        return FlowResult::failed();
-    }
-    (context.observer)(&UdpEvent::Started {
-        flow: number,
-        local: socket.local_addr().unwrap_or(unspecified),
-        peer,
-    });
+        .map_err(|error| UdpFailureKind::Socket { peer, error })?;
+    let datagrams = Datagrams::new(&context.config.payload, context.seed, number);
     // No interval: ping-pong (a window of 1), the next datagram goes when
     // the last one is answered or lost. An open loop with no gap would only
     // measure how fast the server's receive buffer overflows.
     let config = context.config;
     let (window, history) =
-        datagrams.window_and_history(config.timeout, config.interval, config.connections.get());
-    let now = Instant::now();
-    let mut flow = Flow {
+        datagrams.window_and_history(config.timeout, interval, config.connections.get());
+    (context.observer)(&UdpEvent::Started {
+        flow: number,
+        local: socket.local_addr().unwrap_or(unspecified),
+        peer,
+    });
+    let first = Instant::now();
+    Ok(Flow {
         context,
         number,
         socket,
-        ledger: Ledger::new(window, history, context.config.timeout),
+        ledger: Ledger::new(window, history, config.timeout),
         bits: datagrams.header_bits(),
         datagrams,
-        epoch: now,
-        drained_at: now,
+        epoch: first,
+        drained_at: first,
         quiet_until: None,
+        interval,
+        attempts: 0,
+        first_send: first,
+        next_send: first,
+        held: false,
+        stopped_at: None,
+        send_blocked: false,
+        settled: None,
+        writable_registered: false,
+        armed: None,
         errors: 0,
         bytes_sent: 0,
         bytes_echoed: 0,
-    };
-    let ended = flow.run(&mut sending, &mut receiving);
-    FlowResult {
-        errors: flow.errors,
-        bytes_sent: flow.bytes_sent,
-        bytes_echoed: flow.bytes_echoed,
-        ended: Some(ended),
-        ledger: Some(flow.ledger),
-    }
+        pace: Pace::default(),
+    })
 }
 
 /// A zeroed buffer of `len` bytes, or `None` if memory ran out.
@@ -145,7 +220,7 @@ enum Drain {
     Failed,
 }
 
-struct Flow<'a, F> {
+pub(super) struct Flow<'a, F> {
     context: &'a Context<'a, F>,
     number: usize,
     socket: UdpSocket,
@@ -162,153 +237,250 @@ struct Flow<'a, F> {
     /// until then, so that a late echo of it is not taken for the next
     /// one's (see `expire`).
     quiet_until: Option<Instant>,
+    /// The gap between two sends (zero: ping-pong).
+    interval: Duration,
+    /// Sends attempted so far (a failed send counts: its turn passed).
+    attempts: u64,
+    /// The schedule as asked, before any slip: send *k* (from 0) is due at
+    /// `first_send + k × interval`.
+    first_send: Instant,
+    /// When the next send goes.
+    next_send: Instant,
+    /// A send came due while the flow could not send (its window full,
+    /// or quiet after a loss): the schedule slips to when it can, rather
+    /// than sending what it owes in a burst.
+    held: bool,
+    stopped_at: Option<Instant>,
+    /// The socket's send buffer was full: wait until it is writable.
+    send_blocked: bool,
+    /// When the last datagram was settled, and when the wait for stray
+    /// echoes after it ends (shortened by a stop).
+    settled: Option<(Instant, Instant)>,
+    /// The loop registered the socket for writability too.
+    pub writable_registered: bool,
+    /// The instant of this flow's entry in its loop's timer heap, if any.
+    pub armed: Option<Instant>,
     errors: u64,
     bytes_sent: u64,
     bytes_echoed: u64,
+    pace: Pace,
 }
 
-impl<F> Flow<'_, F>
+impl<'a, F> Flow<'a, F>
 where
     F: Fn(&UdpEvent<'_>) + Sync,
 {
-    /// The loop; returns when the last datagram was answered or lost.
-    fn run(&mut self, sending: &mut [u8], receiving: &mut [u8]) -> Instant {
+    pub fn socket(&self) -> &UdpSocket {
+        &self.socket
+    }
+
+    /// Flow number, from 1.
+    pub fn number(&self) -> usize {
+        self.number
+    }
+
+    /// Starts the flow's clock at `epoch` (the run's schedules start) and
+    /// its schedule at `first`, its first send.
+    pub fn begin(&mut self, epoch: Instant, first: Instant) {
+        self.epoch = epoch;
+        self.drained_at = epoch;
+        self.first_send = first;
+        self.next_send = first;
+    }
+
+    /// Room to send again: the socket reported writable.
+    pub fn on_writable(&mut self) {
+        self.send_blocked = false;
+    }
+
+    /// What the flow did, once it is [`Step::Done`] (or abandoned, its
+    /// loop broken).
+    pub fn finish(self, ended: Instant) -> FlowResult {
+        FlowResult {
+            errors: self.errors,
+            bytes_sent: self.bytes_sent,
+            bytes_echoed: self.bytes_echoed,
+            ended: Some(self.settled.map_or(ended, |(at, _)| at)),
+            ledger: Some(self.ledger),
+            pace: self.pace,
+        }
+    }
+
+    /// The loop's poll broke: the flow can go on no more; what is out
+    /// counts lost.
+    pub fn abandon(&mut self, error: io::Error, tally: &mut UdpIntervalTally) {
+        self.settled = None;
+        self.fail_receiving(error, tally);
+    }
+
+    /// One step: receive what is there, count lost what timed out, send
+    /// what is due; returns when to step again. `stopped` is when the run
+    /// was stopped, if it was; `ends` is when `--duration` ends sending.
+    pub fn step(
+        &mut self,
+        buffers: &mut Buffers,
+        tally: &mut UdpIntervalTally,
+        stopped: Option<Instant>,
+        ends: Option<Instant>,
+    ) -> Step {
         let config = self.context.config;
-        let mut attempts = 0u64;
-        let mut next_send = self.epoch;
-        // A send came due while the flow could not send (its window full,
-        // or quiet after a loss): the schedule slips to when it can, rather
-        // than sending what it owes in a burst.
-        let mut held = false;
-        let mut stopped_at: Option<Instant> = None;
-        // The socket's send buffer was full: wait until it is writable.
-        let mut send_blocked = false;
-        // When the last datagram was settled, and when the wait for stray
-        // echoes after it ends (shortened by a stop).
-        let mut settled: Option<(Instant, Instant)> = None;
-        loop {
-            // Echoes already here are judged before anything counts lost.
-            let drained = match self.receive(receiving) {
-                Drain::Empty => true,
-                Drain::More => false,
-                Drain::Failed => return Instant::now(),
+        // Echoes already here are judged before anything counts lost.
+        let drained = match self.receive(buffers, tally) {
+            Drain::Empty => true,
+            Drain::More => false,
+            Drain::Failed => {
+                self.settled = None;
+                self.end_sending(Instant::now(), false);
+                return Step::Done;
+            }
+        };
+        let now = Instant::now();
+        if self.stopped_at.is_none()
+            && let Some(at) = stopped
+        {
+            self.stopped_at = Some(at);
+        }
+        if drained {
+            // Not `now`: an echo may have come since the socket was empty.
+            self.expire(self.drained_at, tally);
+        }
+        let stop_patience = self.stopped_at.map(|at| {
+            let patience = patience(self.ledger.rtt(), FIRST_ECHO_STOP_PATIENCE, config.timeout);
+            (deadline_after(at, patience), patience)
+        });
+        if let Some((until, patience)) = stop_patience
+            && drained
+            && now >= until
+        {
+            self.expire_all(patience, tally);
+        }
+        let over = self.stopped_at.is_some() || ends.is_some_and(|ends| now >= ends);
+        if over && self.pace.sending_ended.is_none() {
+            let at = match (self.stopped_at, ends) {
+                (Some(stopped), Some(ends)) => stopped.min(ends),
+                (Some(stopped), None) => stopped,
+                (None, ends) => ends.unwrap_or(now),
             };
-            let now = Instant::now();
-            if stopped_at.is_none() && self.context.stop.is_stopped() {
-                stopped_at = Some(now);
+            self.end_sending(at, true);
+        }
+        let more = |flow: &Self| {
+            flow.pace.sending_ended.is_none()
+                && (config.repeat == 0 || flow.attempts < config.repeat)
+        };
+        let quiet = self.quiet_until.filter(|&until| now < until);
+        let mut burst = 0;
+        while more(self)
+            && !self.send_blocked
+            && burst < SEND_BURST
+            && Instant::now() >= self.next_send
+            && ends.is_none_or(|ends| self.next_send < ends)
+        {
+            if quiet.is_some() || !self.ledger.can_send() {
+                if !self.held {
+                    self.pace.window_waits += 1;
+                }
+                self.held = true;
+                break;
             }
-            if drained {
-                // Not `now`: an echo may have come since the socket was empty.
-                self.expire(self.drained_at);
+            if self.held {
+                self.held = false;
+                self.next_send = Instant::now();
             }
-            let stop_patience = stopped_at.map(|at| {
-                let patience =
-                    patience(self.ledger.rtt(), FIRST_ECHO_STOP_PATIENCE, config.timeout);
-                (deadline_after(at, patience), patience)
-            });
-            if let Some((until, patience)) = stop_patience
-                && drained
-                && now >= until
-            {
-                self.expire_all(patience);
-            }
-            let more = |attempts: u64| {
-                stopped_at.is_none() && (config.repeat == 0 || attempts < config.repeat)
-            };
-            let quiet = self.quiet_until.filter(|&until| now < until);
-            let mut burst = 0;
-            while more(attempts)
-                && !send_blocked
-                && burst < SEND_BURST
-                && Instant::now() >= next_send
-            {
-                if quiet.is_some() || !self.ledger.can_send() {
-                    held = true;
+            match self.send(&mut buffers.sending) {
+                Ok(()) => tally.sent += 1,
+                Err(error) if would_block(&error) => {
+                    self.pace.buffer_waits += 1;
+                    self.send_blocked = true;
                     break;
                 }
-                if held {
-                    held = false;
-                    next_send = Instant::now();
-                }
-                match self.send(sending) {
-                    Ok(()) => {}
-                    Err(error) if would_block(&error) => {
-                        send_blocked = true;
-                        break;
-                    }
-                    // A signal arrived: try again.
-                    Err(error) if interrupted(&error) => continue,
-                    Err(error) => {
-                        let seq = self.ledger.next_seq();
-                        self.errors += 1;
-                        let peer = self.context.peer;
-                        self.context
-                            .fail(self.number, UdpFailureKind::Send { seq, peer, error });
-                    }
-                }
-                attempts += 1;
-                burst += 1;
-                next_send = deadline_after(next_send, config.interval);
-            }
-            if drained && !more(attempts) && self.ledger.is_idle() {
-                let (at, until) = *settled.get_or_insert_with(|| {
-                    let linger = match stopped_at {
-                        Some(_) => MIN_CLOSING_WAIT.min(config.timeout),
-                        None => patience(self.ledger.rtt(), MIN_CLOSING_WAIT, config.timeout),
-                    };
-                    (now, deadline_after(now, linger))
-                });
-                // A stop while listening cuts the listening short.
-                let until = match stopped_at {
-                    Some(stopped) => until.min(deadline_after(at.max(stopped), MIN_CLOSING_WAIT)),
-                    None => until,
-                };
-                settled = Some((at, until));
-                if now >= until {
-                    return at;
-                }
-            }
-            // Wait for whichever comes first.
-            let mut wake = deadline_after(now, LONGEST_WAIT);
-            if !drained {
-                wake = now;
-            }
-            if more(attempts) && !send_blocked {
-                match quiet {
-                    Some(until) => wake = wake.min(until.max(next_send)),
-                    None if self.ledger.can_send() => wake = wake.min(next_send),
-                    None => {}
-                }
-            }
-            if let Some(deadline) = self.ledger.next_deadline() {
-                wake = wake.min(deadline_after(self.epoch, deadline));
-            }
-            if let Some((until, _)) = stop_patience {
-                wake = wake.min(until);
-            }
-            if let Some((_, until)) = settled {
-                wake = wake.min(until);
-            }
-            let stop_fd = stopped_at.is_none().then_some(self.context.stop_fd);
-            let ready = match socket::poll(
-                &self.socket,
-                send_blocked,
-                stop_fd,
-                wake.saturating_duration_since(now),
-            ) {
-                Ok(ready) => ready,
+                // A signal arrived: try again.
+                Err(error) if interrupted(&error) => continue,
                 Err(error) => {
-                    self.fail_receiving(error);
-                    return Instant::now();
+                    let seq = self.ledger.next_seq();
+                    self.errors += 1;
+                    let peer = self.context.peer;
+                    self.fail(tally, UdpFailureKind::Send { seq, peer, error });
                 }
-            };
-            if ready.stop && stopped_at.is_none() {
-                stopped_at = Some(Instant::now());
             }
-            if ready.writable {
-                send_blocked = false;
+            self.attempts += 1;
+            burst += 1;
+            self.next_send = deadline_after(self.next_send, self.interval);
+            if !more(self) {
+                self.end_sending(Instant::now(), false);
             }
         }
+        if drained && !more(self) && self.ledger.is_idle() {
+            let (at, until) = *self.settled.get_or_insert_with(|| {
+                let linger = match self.stopped_at {
+                    Some(_) => MIN_CLOSING_WAIT.min(config.timeout),
+                    None => patience(self.ledger.rtt(), MIN_CLOSING_WAIT, config.timeout),
+                };
+                (now, deadline_after(now, linger))
+            });
+            // A stop while listening cuts the listening short.
+            let until = match self.stopped_at {
+                Some(stopped) => until.min(deadline_after(at.max(stopped), MIN_CLOSING_WAIT)),
+                None => until,
+            };
+            self.settled = Some((at, until));
+            if now >= until {
+                return Step::Done;
+            }
+        }
+        // Step again at whichever comes first.
+        let mut wake = deadline_after(now, LONGEST_WAIT);
+        if !drained {
+            wake = now;
+        }
+        if more(self) && !self.send_blocked {
+            match quiet {
+                Some(until) => wake = wake.min(until.max(self.next_send)),
+                None if self.ledger.can_send() => wake = wake.min(self.next_send),
+                None => {}
+            }
+            if let Some(ends) = ends {
+                wake = wake.min(ends);
+            }
+        }
+        if let Some(deadline) = self.ledger.next_deadline() {
+            wake = wake.min(deadline_after(self.epoch, deadline));
+        }
+        if let Some((until, _)) = stop_patience {
+            wake = wake.min(until);
+        }
+        if let Some((_, until)) = self.settled {
+            wake = wake.min(until);
+        }
+        Step::Wait {
+            at: wake,
+            writable: self.send_blocked && more(self),
+        }
+    }
+
+    /// Sending ends at `at`; with `cut` (a stop, or `--duration` over),
+    /// the sends whose time had come by then, less [`LATE_AFTER`], and
+    /// that never went are counted unsent.
+    fn end_sending(&mut self, at: Instant, cut: bool) {
+        if self.pace.sending_ended.is_some() {
+            return;
+        }
+        self.pace.sending_ended = Some(at);
+        if !cut || self.interval.is_zero() {
+            return;
+        }
+        let Some(span) = at
+            .checked_sub(LATE_AFTER)
+            .and_then(|before| before.checked_duration_since(self.first_send))
+        else {
+            return;
+        };
+        let mut due = u64::try_from(span.as_nanos() / self.interval.as_nanos())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1);
+        if self.context.config.repeat != 0 {
+            due = due.min(self.context.config.repeat);
+        }
+        self.pace.unsent = due.saturating_sub(self.attempts);
     }
 
     /// Sends the next datagram; on success the ledger has it.
@@ -319,18 +491,31 @@ where
         let written = self.socket.send_to(sending, self.context.peer)?;
         self.ledger.sent(sent_at - self.epoch);
         self.bytes_sent += written as u64;
+        if !self.interval.is_zero() {
+            let slot = self
+                .interval
+                .saturating_mul(u32::try_from(self.attempts).unwrap_or(u32::MAX));
+            let behind = sent_at
+                .saturating_duration_since(self.first_send)
+                .saturating_sub(slot);
+            if behind > LATE_AFTER {
+                self.pace.late += 1;
+                self.pace.most_late = self.pace.most_late.max(behind);
+            }
+        }
         Ok(())
     }
 
     /// Takes the echoes waiting, up to a batch.
-    fn receive(&mut self, receiving: &mut [u8]) -> Drain {
+    fn receive(&mut self, buffers: &mut Buffers, tally: &mut UdpIntervalTally) -> Drain {
         for _ in 0..RECEIVE_BATCH {
-            match socket::receive(&self.socket, receiving) {
+            match socket::receive(&self.socket, &mut buffers.receiving) {
                 Ok(received) => {
                     // Nothing read now arrived before the socket was last
                     // found empty (a wall clock step cannot move it there).
                     let at = received.at.max(self.drained_at);
-                    self.judge(&receiving[..received.len], received, at);
+                    let echo = &buffers.receiving[..received.len];
+                    self.judge(echo, &mut buffers.expected, tally, received, at);
                 }
                 // Nothing more for now.
                 Err(error) if would_block(&error) => {
@@ -347,7 +532,7 @@ where
                         io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset
                     ) => {}
                 Err(error) => {
-                    self.fail_receiving(error);
+                    self.fail_receiving(error, tally);
                     return Drain::Failed;
                 }
             }
@@ -357,18 +542,24 @@ where
 
     /// Judges one datagram, `echo` (its first bytes, if it was longer than
     /// the buffer), that arrived at `at`.
-    fn judge(&mut self, echo: &[u8], received: Received, at: Instant) {
+    fn judge(
+        &mut self,
+        echo: &[u8],
+        expected: &mut [u8],
+        tally: &mut UdpIntervalTally,
+        received: Received,
+        at: Instant,
+    ) {
         let peer = self.context.peer;
         let (from, got) = (received.from, received.size);
         if !same_address(from, peer) {
             self.ledger.foreign();
-            self.context
-                .fail(self.number, UdpFailureKind::Foreign { from, peer, got });
+            self.fail(tally, UdpFailureKind::Foreign { from, peer, got });
             return;
         }
-        self.expire(at);
+        self.expire(at, tally);
         let named = (self.datagrams.named(echo)).and_then(|low| self.ledger.locate(low, self.bits));
-        let comparison = named.map(|seq| match self.datagrams.compare(seq, echo) {
+        let comparison = named.map(|seq| match self.datagrams.compare_in(seq, echo, expected) {
             Comparison::Size { .. } => Comparison::Size { got },
             comparison => comparison,
         });
@@ -380,6 +571,7 @@ where
                 reordered,
             } => {
                 self.bytes_echoed += echo.len() as u64;
+                tally.echoed(echo.len(), rtt);
                 (self.context.observer)(&UdpEvent::Echoed {
                     flow: self.number,
                     seq,
@@ -415,7 +607,7 @@ where
             },
             Verdict::Corrupted { seq: None } => UdpFailureKind::Unmatched { peer, got },
         };
-        self.context.fail(self.number, kind);
+        self.fail(tally, kind);
     }
 
     /// Counts as lost the datagrams whose timeout has passed at `now`.
@@ -424,7 +616,7 @@ where
     /// timeout: an echo in that time is the lost datagram's, late, where
     /// after the next send it would be taken for the next one's (a wrong
     /// round trip, then a duplicate).
-    fn expire(&mut self, now: Instant) {
+    fn expire(&mut self, now: Instant, tally: &mut UdpIntervalTally) {
         let (context, number) = (self.context, self.number);
         let after = context.config.timeout;
         let mut lost = false;
@@ -438,6 +630,7 @@ where
                     after,
                     stopped: false,
                 };
+                tally.count(&kind);
                 context.fail(number, kind);
             });
         if lost && self.bits == 0 {
@@ -447,30 +640,34 @@ where
 
     /// Counts every pending datagram as lost: the run was stopped and
     /// `patience` has passed since.
-    fn expire_all(&mut self, patience: Duration) {
+    fn expire_all(&mut self, patience: Duration, tally: &mut UdpIntervalTally) {
         let (context, number) = (self.context, self.number);
         self.ledger.expire_all(|seq| {
             let peer = context.peer;
-            context.fail(
-                number,
-                UdpFailureKind::Lost {
-                    seq,
-                    peer,
-                    after: patience,
-                    stopped: true,
-                },
-            );
+            let kind = UdpFailureKind::Lost {
+                seq,
+                peer,
+                after: patience,
+                stopped: true,
+            };
+            tally.count(&kind);
+            context.fail(number, kind);
         });
     }
 
     /// Receiving broke: report it, and count what is still out as lost.
-    fn fail_receiving(&mut self, error: io::Error) {
+    fn fail_receiving(&mut self, error: io::Error, tally: &mut UdpIntervalTally) {
         self.errors += 1;
         let peer = self.context.peer;
-        self.context
-            .fail(self.number, UdpFailureKind::Receive { peer, error });
+        self.fail(tally, UdpFailureKind::Receive { peer, error });
         let timeout = self.context.config.timeout;
-        self.expire_all(timeout);
+        self.expire_all(timeout, tally);
+    }
+
+    /// Counts a failure of this flow in the interval and tells the observer.
+    fn fail(&self, tally: &mut UdpIntervalTally, kind: UdpFailureKind) {
+        tally.count(&kind);
+        self.context.fail(self.number, kind);
     }
 }
 

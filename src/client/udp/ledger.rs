@@ -215,6 +215,17 @@ impl Ledger {
         }
     }
 
+    /// The bytes a ledger made with [`new`](Self::new)`(window, history,
+    /// _)` holds.
+    #[must_use]
+    pub fn memory(window: usize, history: usize) -> u64 {
+        let window = window.max(1).next_power_of_two();
+        let records = 2 * window;
+        let history = history.max(records).next_power_of_two();
+        let record = 2 * size_of::<u64>() + size_of::<State>();
+        (records * record + history.div_ceil(64) * size_of::<u64>() + size_of::<Ledger>()) as u64
+    }
+
     /// The sequence number the next datagram sent will get.
     #[must_use]
     pub fn next_seq(&self) -> u64 {

@@ -37,6 +37,88 @@ pub struct UdpReport {
     /// True if the run was stopped through its
     /// [`StopHandle`](crate::client::StopHandle).
     pub stopped: bool,
+    /// With `--rate`: how the schedule was kept.
+    pub rate: Option<UdpRate>,
+}
+
+/// How a `--rate` run kept its schedule. A datagram is late when it went
+/// more than 10 ms after its time, and unsent when its time came more than
+/// 10 ms before sending ended (a stop, `--duration`) and it never went.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UdpRate {
+    /// Datagrams per second asked for, over all flows.
+    pub asked: u64,
+    /// Datagrams per second sent, from the start of the schedule to when
+    /// sending ended.
+    pub achieved: f64,
+    /// Datagrams sent more than 10 ms after their time.
+    pub late: u64,
+    /// The latest of those.
+    pub most_late: Duration,
+    /// Datagrams whose time came and that were never sent.
+    pub unsent: u64,
+    /// Times a datagram's time came while its flow's window was full (an
+    /// unnumbered flow's one datagram still out, or its quiet time after a
+    /// loss).
+    pub window_waits: u64,
+    /// Times a send found the socket's send buffer full.
+    pub buffer_waits: u64,
+}
+
+impl UdpRate {
+    /// True unless anything went unsent or more than 1% of the `sent`
+    /// datagrams went late.
+    #[must_use]
+    pub fn kept(&self, sent: u64) -> bool {
+        self.unsent == 0 && self.late.saturating_mul(100) <= sent
+    }
+
+    /// The rate line, and the line saying why it was not kept if it was
+    /// not, each ending in a newline.
+    fn write(&self, text: &mut String, sent: u64) {
+        // Writing to a String cannot fail, here and below.
+        let _ = writeln!(
+            text,
+            "rate {}/s asked, {:.1}/s sent: {} late (over 10 ms, the latest {}), {} unsent; round trips count from each datagram's send",
+            self.asked,
+            self.achieved,
+            self.late,
+            humantime::format_duration(Duration::from_millis(
+                u64::try_from(self.most_late.as_millis()).unwrap_or(u64::MAX)
+            )),
+            self.unsent,
+        );
+        if self.kept(sent) {
+            return;
+        }
+        let why = if self.window_waits > 0 && self.window_waits >= self.buffer_waits {
+            "flows waited with their window full (a --message or --size under 8 flow keeps one datagram in flight, so it sends no faster than one per round trip; more --connections, a faster server or less loss may help)"
+        } else if self.buffer_waits > 0 {
+            "the sockets' send buffers were full (the kernel could not send that fast)"
+        } else {
+            "the client fell behind (its CPU), more --threads may help"
+        };
+        let _ = writeln!(
+            text,
+            "the client could not keep --rate {}: {} of {} datagrams went out late or not at all, {:.1}/s sent; {why}",
+            self.asked,
+            self.late + self.unsent,
+            sent + self.unsent,
+            self.achieved,
+        );
+    }
+
+    fn json(&self, sent: u64) -> String {
+        format!(
+            ",\"rate\":{{\"asked\":{},\"achieved\":{:.3},\"late\":{},\"unsent\":{},\"most_late_ms\":{},\"kept\":{}}}",
+            self.asked,
+            self.achieved,
+            self.late,
+            self.unsent,
+            ms(self.most_late),
+            self.kept(sent),
+        )
+    }
 }
 
 impl UdpReport {
@@ -133,6 +215,9 @@ impl UdpReport {
             };
             throughput.write(&mut text);
         }
+        if let Some(rate) = &self.rate {
+            rate.write(&mut text, counts.sent);
+        }
         let mut text = crate::client::report::fit_to_terminal(&text);
         crate::client::report::write_histogram(&mut text, &self.rtt, histogram);
         text
@@ -142,7 +227,9 @@ impl UdpReport {
     /// `echoed`, `lost`, `late`, `duplicated`, `reordered`, `corrupted`,
     /// `foreign`, `errors`, `loss_pct`, `rtt_ms` (`min`, `avg`, `max`,
     /// `mdev`, `p50`, `p90`, `p99`, `p999`; `null` without echoes),
-    /// `jitter_ms` (`null` without a pair), `elapsed_s` and `echoes_per_s`.
+    /// `jitter_ms` (`null` without a pair), `elapsed_s` and `echoes_per_s`;
+    /// with `--rate`, then `rate` (`asked`, `achieved`, `late`, `unsent`,
+    /// `most_late_ms`, `kept`).
     #[must_use]
     pub fn to_json(&self) -> String {
         let counts = &self.counts;
@@ -154,7 +241,7 @@ impl UdpReport {
                 "\"reordered\":{},\"corrupted\":{},\"foreign\":{},\"errors\":{},\"loss_pct\":{},",
                 "\"rtt_ms\":{{\"min\":{},\"avg\":{},\"max\":{},\"mdev\":{},",
                 "\"p50\":{},\"p90\":{},\"p99\":{},\"p999\":{}}},",
-                "\"jitter_ms\":{},\"elapsed_s\":{:.6},\"echoes_per_s\":{:.3}}}"
+                "\"jitter_ms\":{},\"elapsed_s\":{:.6},\"echoes_per_s\":{:.3}{}}}"
             ),
             counts.sent,
             counts.echoed,
@@ -177,6 +264,8 @@ impl UdpReport {
             rtt(self.jitter.mean()),
             self.elapsed.as_secs_f64(),
             self.echoes_per_second(),
+            self.rate
+                .map_or_else(String::new, |rate| rate.json(counts.sent)),
         )
     }
 }

@@ -1,8 +1,8 @@
 //! A flow's socket calls that std does not offer, with their `unsafe` kept
 //! here behind a safe API: opening the socket with kernel receive
 //! timestamps, receiving an echo with its true size and the time it
-//! arrived, and waiting on the socket and the stop pipe with a timeout
-//! finer than a millisecond. The flow (`flow.rs`) is their only user.
+//! arrived, and waiting with a timeout finer than a millisecond. The flow
+//! (`flow.rs`) and its event loop (`event_loop.rs`) are their users.
 //!
 //! Why arrival times: an echo that came in time must not count lost because
 //! the flow read it late (busy sending, printing, or descheduled), and its
@@ -137,26 +137,22 @@ pub(super) fn receive(socket: &UdpSocket, buf: &mut [u8]) -> io::Result<Received
     })
 }
 
-/// What one poll found.
-#[derive(Debug, Default)]
-pub(super) struct Ready {
-    pub writable: bool,
-    pub stop: bool,
-}
-
-/// Waits up to `left` for the socket to be readable (or writable, if
-/// `write`), or for `stop` to hang up. On Linux the wait is as fine as
+/// Waits up to `left` for `socket` to be readable (or writable, if
+/// `write`), or for `stop` to hang up: a flow's socket, or an event loop's
+/// epoll descriptor, readable when it has events. On Linux the wait is as fine as
 /// the timer (ppoll), so a send interval under a millisecond is kept;
 /// elsewhere it is rounded up to whole milliseconds.
+///
+/// Returns whether anything is ready.
 ///
 /// # Errors
 /// poll's own error; a signal is not one (nothing is ready then).
 pub(super) fn poll(
-    socket: &UdpSocket,
+    socket: &impl AsRawFd,
     write: bool,
     stop: Option<RawFd>,
     left: Duration,
-) -> io::Result<Ready> {
+) -> io::Result<bool> {
     let mut events = libc::POLLIN;
     if write {
         events |= libc::POLLOUT;
@@ -201,17 +197,11 @@ pub(super) fn poll(
     if ready < 0 {
         let error = io::Error::last_os_error();
         if crate::error::interrupted(&error) {
-            return Ok(Ready::default());
+            return Ok(false);
         }
         return Err(error);
     }
-    let socket = fds[0].revents;
-    Ok(Ready {
-        // Echoes, and an error (sorted by receive), are taken at the top
-        // of the flow's loop whatever poll says.
-        writable: socket & (libc::POLLOUT | libc::POLLERR) != 0,
-        stop: count == 2 && fds[1].revents != 0,
-    })
+    Ok(ready > 0)
 }
 
 #[cfg(test)]

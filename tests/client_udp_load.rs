@@ -1,0 +1,385 @@
+//! `echo-client --udp` as a load generator: thousands of flows on a few
+//! event loops (`--threads`) with every echo checked, `--rate` sending the
+//! datagrams it was asked for over every flow, `--duration` ending the
+//! sending, `--report-every` as JSON Lines before the summary, a rate the
+//! client cannot keep said so in the summary, and a loop that cannot be
+//! made failing only its own flows. Counts, never timings: a
+//! loaded 2-core machine only makes a run slower, and every bound here
+//! holds however slow it is.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::client::{CLIENT, Json, Run, run_client};
+use common::udp::{Reply, UdpTestServer};
+use common::{ServerProcess, limit_open_files, need_open_files, run_command, with_time_limit};
+
+/// The most one client process may run; it is killed after that.
+const LIMIT: Duration = Duration::from_secs(60);
+/// The most one test may take.
+const TEST_LIMIT: Duration = Duration::from_secs(120);
+
+/// Runs the client with `--udp --json` and `args` against `addr`; the
+/// summary is the last line of stdout.
+fn run_json(addr: &str, args: &[&str]) -> (Run, Json) {
+    let mut all = vec![addr, "--udp", "--json"];
+    all.extend_from_slice(args);
+    let run = run_client(&all, b"", LIMIT);
+    let last = run.stdout.lines().last().unwrap_or_default();
+    let json = Json::parse(last).unwrap_or_else(|err| {
+        panic!(
+            "the last line is not one JSON object ({err})\n{}",
+            run.describe()
+        )
+    });
+    (run, json)
+}
+
+fn count(run: &Run, json: &Json, key: &str) -> u64 {
+    json.number(key)
+        .unwrap_or_else(|| panic!("no number {key:?}\n{}", run.describe())) as u64
+}
+
+/// Threads of process `pid` now, from /proc; `None` once it is gone.
+fn threads_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Threads:"))
+        .and_then(|rest| rest.trim().parse().ok())
+}
+
+#[test]
+fn two_thousand_flows_on_two_threads_all_echo_exactly_with_a_handful_of_threads() {
+    with_time_limit(TEST_LIMIT, || {
+        const FLOWS: u64 = 2000;
+        const REPEAT: u64 = 3;
+        need_open_files(FLOWS + 200);
+        let server = ServerProcess::start(&["--udp", "--workers", "2"]);
+        let addr = server.addr.to_string();
+        let mut child = Command::new(CLIENT)
+            .args([&addr, "--udp", "--json", "--size", "64"])
+            .args(["--connections", &FLOWS.to_string(), "--threads", "2"])
+            .args(["--repeat", &REPEAT.to_string(), "--interval", "500ms"])
+            // A slow machine may be slow to echo; nothing may count lost.
+            .args(["--timeout", "20s"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the client binary starts");
+        let pid = child.id();
+        // Sample the client's threads until it exits (or the test limit).
+        let mut most = 0;
+        let mut samples = 0;
+        let began = Instant::now();
+        while child.try_wait().expect("waiting for the client").is_none() {
+            if let Some(threads) = threads_of(pid) {
+                most = most.max(threads);
+                samples += 1;
+            }
+            assert!(began.elapsed() < LIMIT, "the client ran past {LIMIT:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let status = child.wait().expect("waiting for the client");
+        let mut stdout = String::new();
+        let mut stderr = String::new();
+        child
+            .stdout
+            .take()
+            .expect("stdout is piped")
+            .read_to_string(&mut stdout)
+            .expect("reading stdout");
+        child
+            .stderr
+            .take()
+            .expect("stderr is piped")
+            .read_to_string(&mut stderr)
+            .expect("reading stderr");
+        let describe = format!(
+            "status {status}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}\n--- server ---\n{}",
+            server.log()
+        );
+        let json = Json::parse(&stdout).unwrap_or_else(|err| panic!("{err}\n{describe}"));
+        for (key, value) in [
+            ("sent", FLOWS * REPEAT),
+            ("echoed", FLOWS * REPEAT),
+            ("lost", 0),
+            ("corrupted", 0),
+            ("duplicated", 0),
+            ("foreign", 0),
+            ("errors", 0),
+        ] {
+            assert_eq!(json.number(key), Some(value as f64), "{key}\n{describe}");
+        }
+        assert_eq!(status.code(), Some(0), "{describe}");
+        // Two loops, the main thread, the stop watcher and the signal
+        // threads: a handful, where a thread per flow made 2,000.
+        assert!(samples > 0, "the client was never seen running\n{describe}");
+        assert!(
+            most <= 12,
+            "the client ran {most} threads for {FLOWS} flows on 2 loops\n{describe}"
+        );
+    });
+}
+
+#[test]
+fn rate_sends_about_rate_times_duration_over_every_flow() {
+    with_time_limit(TEST_LIMIT, || {
+        const FLOWS: usize = 20;
+        const RATE: u64 = 2000;
+        let per_port = Arc::new(Mutex::new(HashMap::<u16, u64>::new()));
+        let seen = Arc::clone(&per_port);
+        let server = UdpTestServer::start_seeing(move |from, datagram| {
+            *seen.lock().expect("ports").entry(from.port()).or_default() += 1;
+            vec![Reply::now(datagram)]
+        });
+        let (run, json) = run_json(
+            &server.addr().to_string(),
+            &[
+                "--size",
+                "64",
+                "--rate",
+                &RATE.to_string(),
+                "--duration",
+                "1s",
+                "--connections",
+                &FLOWS.to_string(),
+                "--max-loss",
+                "100%",
+            ],
+        );
+        assert_eq!(run.code(), Some(0), "{}", run.describe());
+        let sent = count(&run, &json, "sent");
+        // The schedule makes at most the rate times the duration due, and
+        // each flow at most one more; a slow machine sends fewer, but not
+        // half as many at this modest rate.
+        assert!(
+            sent <= RATE + FLOWS as u64 && sent >= RATE / 2,
+            "sent {sent} at --rate {RATE} for 1s\n{}",
+            run.describe()
+        );
+        let rate = json.get("rate").expect("a rate object");
+        assert_eq!(
+            rate.number("asked"),
+            Some(RATE as f64),
+            "{}",
+            run.describe()
+        );
+        let per_port = per_port.lock().expect("ports");
+        assert_eq!(
+            per_port.len(),
+            FLOWS,
+            "every flow sends: {per_port:?}\n{}",
+            run.describe()
+        );
+        // Each flow's share is a twentieth of the rate.
+        let most = per_port.values().max().copied().unwrap_or(0);
+        assert!(
+            most <= RATE / FLOWS as u64 + 1,
+            "one flow sent {most}: {per_port:?}\n{}",
+            run.describe()
+        );
+    });
+}
+
+#[test]
+fn duration_ends_an_unlimited_run() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = UdpTestServer::start(|_, datagram| vec![Reply::now(datagram)]);
+        let (run, json) = run_json(
+            &server.addr().to_string(),
+            &["--duration", "300ms", "--interval", "10ms"],
+        );
+        assert_eq!(run.code(), Some(0), "{}", run.describe());
+        let sent = count(&run, &json, "sent");
+        // 300 ms at 10 ms apart: at most 30, and a few at least.
+        assert!((1..=30).contains(&sent), "sent {sent}\n{}", run.describe());
+        assert_eq!(count(&run, &json, "echoed"), sent, "{}", run.describe());
+    });
+}
+
+#[test]
+fn report_every_with_json_gives_json_lines_then_the_summary() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = UdpTestServer::start(|_, datagram| vec![Reply::now(datagram)]);
+        let (run, summary) = run_json(
+            &server.addr().to_string(),
+            &[
+                "--size",
+                "64",
+                "--rate",
+                "500",
+                "--duration",
+                "1s",
+                "--connections",
+                "4",
+                "--report-every",
+                "200ms",
+            ],
+        );
+        assert_eq!(run.code(), Some(0), "{}", run.describe());
+        let lines: Vec<&str> = run.stdout.lines().collect();
+        assert!(lines.len() >= 3, "{}", run.describe());
+        let (intervals, _) = lines.split_at(lines.len() - 1);
+        let (mut sent, mut echoes) = (0, 0);
+        for line in intervals {
+            let interval = Json::parse(line)
+                .unwrap_or_else(|err| panic!("{err}: {line:?} is not JSON\n{}", run.describe()));
+            assert_eq!(
+                interval.keys(),
+                [
+                    "start_s",
+                    "end_s",
+                    "sent",
+                    "echoes",
+                    "echoes_per_s",
+                    "bytes_echoed",
+                    "mb_per_s",
+                    "p50_ms",
+                    "p99_ms",
+                    "lost",
+                    "errors"
+                ],
+                "{}",
+                run.describe()
+            );
+            sent += count(&run, &interval, "sent");
+            echoes += count(&run, &interval, "echoes");
+        }
+        // The intervals add up to the summary, which comes last.
+        assert_eq!(sent, count(&run, &summary, "sent"), "{}", run.describe());
+        assert_eq!(
+            echoes,
+            count(&run, &summary, "echoed"),
+            "{}",
+            run.describe()
+        );
+    });
+}
+
+#[test]
+fn rate_with_interval_is_refused_naming_both() {
+    with_time_limit(TEST_LIMIT, || {
+        let run = run_client(
+            &[
+                "127.0.0.1:9",
+                "--udp",
+                "--rate",
+                "100",
+                "--interval",
+                "10ms",
+            ],
+            b"",
+            LIMIT,
+        );
+        assert_eq!(run.code(), Some(2), "{}", run.describe());
+        assert_eq!(run.stdout, "", "{}", run.describe());
+        assert!(
+            run.stderr.starts_with("echo-client: ")
+                && run.stderr.lines().count() == 1
+                && run.stderr.contains("--rate")
+                && run.stderr.contains("--interval"),
+            "{}",
+            run.describe()
+        );
+    });
+}
+
+#[test]
+fn a_rate_the_client_cannot_keep_is_said_with_the_numbers() {
+    with_time_limit(TEST_LIMIT, || {
+        // One --message flow keeps one datagram in flight, and each echo
+        // takes 100 ms: ten a second at most, of the hundred asked.
+        let server = UdpTestServer::start(|_, datagram| {
+            vec![Reply::later(Duration::from_millis(100), datagram)]
+        });
+        let addr = server.addr().to_string();
+        let args = [
+            "--message",
+            "slow",
+            "--rate",
+            "100",
+            "--duration",
+            "1s",
+            "--timeout",
+            "5s",
+        ];
+        let mut all = vec![addr.as_str(), "--udp", "-q"];
+        all.extend_from_slice(&args);
+        let run = run_client(&all, b"", LIMIT);
+        assert_eq!(run.code(), Some(0), "{}", run.describe());
+        assert!(
+            run.stdout.contains("rate 100/s asked")
+                && run.stdout.contains("the client could not keep --rate 100")
+                && run.stdout.contains("window full"),
+            "{}",
+            run.describe()
+        );
+        let (run, json) = run_json(&addr, &args);
+        let rate = json.get("rate").expect("a rate object");
+        assert_eq!(
+            rate.get("kept"),
+            Some(&Json::Bool(false)),
+            "{}",
+            run.describe()
+        );
+        let achieved = rate.number("achieved").expect("achieved");
+        assert!(achieved < 50.0, "achieved {achieved}\n{}", run.describe());
+    });
+}
+
+#[test]
+fn a_loop_that_cannot_be_made_fails_its_flows_and_the_others_run() {
+    with_time_limit(TEST_LIMIT, || {
+        const FLOWS: u64 = 100;
+        let server = UdpTestServer::start(|_, datagram| vec![Reply::now(datagram)]);
+        let addr = server.addr().to_string();
+        let args = [
+            addr.as_str(),
+            "--udp",
+            "--json",
+            "--connections",
+            "100",
+            "--threads",
+            "2",
+        ];
+        let mut command = Command::new(CLIENT);
+        command.args(args);
+        // The first loop's flows take the last descriptors, so the second
+        // loop gets no epoll.
+        limit_open_files(&mut command, 48);
+        let output = run_command(command, b"", Stdio::piped(), LIMIT);
+        let run = Run {
+            command: format!("{CLIENT} {}", args.join(" ")),
+            status: output.status,
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            elapsed: Duration::ZERO,
+        };
+        let json =
+            Json::parse(&run.stdout).unwrap_or_else(|err| panic!("{err}\n{}", run.describe()));
+        let (sent, echoed, errors) = (
+            count(&run, &json, "sent"),
+            count(&run, &json, "echoed"),
+            count(&run, &json, "errors"),
+        );
+        assert!(
+            run.stderr
+                .contains("cannot make an event loop for the flow"),
+            "{}",
+            run.describe()
+        );
+        // Each flow either sent its datagram or failed; those that sent
+        // were echoed.
+        assert!(sent > 0 && errors >= FLOWS / 2, "{}", run.describe());
+        assert_eq!(sent + errors, FLOWS, "{}", run.describe());
+        assert_eq!(echoed, sent, "{}", run.describe());
+        assert_eq!(run.code(), Some(1), "{}", run.describe());
+    });
+}
