@@ -230,7 +230,8 @@ impl std::fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Something that happened during a run, reported to the observer as it
-/// happens, from the connection's own thread.
+/// happens, from the event loop that runs the connection (with `--stdin`,
+/// from the connection's own thread).
 #[derive(Debug)]
 pub enum Event<'a> {
     /// Connection `connection` (numbered from 1) is open to `peer`.
@@ -279,7 +280,8 @@ pub enum Event<'a> {
 /// [`FailureKind::Extra`] failure. The report's
 /// time ends at the last echo, before that wait.
 ///
-/// `observer` is called from the connection threads, once per [`Event`].
+/// `observer` is called from the event loops, once per [`Event`]; events
+/// of one connection come in order, from one loop.
 ///
 /// Network failures (refused, timed out, mismatched, cut short) do not make
 /// this return `Err`: they are counted in the [`Report`] and passed to the
