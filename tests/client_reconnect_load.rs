@@ -164,6 +164,49 @@ fn at_a_rate_a_message_the_server_closed_on_unechoed_is_sent_again() {
     });
 }
 
+/// Echoes for 200 ms, then ends the connection cleanly between echoes.
+fn echoes_for_200ms(stream: TcpStream) {
+    let Ok(reader) = stream.try_clone() else {
+        return;
+    };
+    // The read ends at the timeout (or when the client closes): either way
+    // the echoing is over.
+    let _ = reader.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut reader = reader;
+    let mut writer = stream;
+    // As above: a timeout or the client's end stops the copy.
+    let _ = io::copy(&mut reader, &mut writer);
+    let _ = writer.shutdown(Shutdown::Write);
+}
+
+/// With `--rate`, a connection waiting for the schedule has no message of
+/// its own: a server that ends it while idle, again and again for longer
+/// than `--timeout`, fails nothing, and each reconnect is after a close,
+/// never "after a failure" that was not reported.
+#[test]
+fn at_a_rate_idle_ends_longer_than_the_timeout_are_closes_not_failures() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = TestServer::start(echoes_for_200ms);
+        let config = ClientConfig {
+            repeat: 0,
+            rate: Some(1),
+            duration: Some(Duration::from_secs(3)),
+            timeout: Duration::from_millis(500),
+            ..reconnecting(server.addr())
+        };
+        let (report, seen) = run_and_record(&config);
+        assert!(seen.failures.is_empty(), "{seen:?} {report:?}");
+        assert!(report.is_success(), "{report:?}");
+        assert!(report.reconnects >= 3, "an end every 200 ms: {report:?}");
+        assert!(
+            seen.reconnected
+                .iter()
+                .all(|why| matches!(why, Reconnect::Closed | Reconnect::Declined { .. })),
+            "{seen:?}"
+        );
+    });
+}
+
 /// Threads of process `pid` now.
 fn threads_of(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))

@@ -514,8 +514,9 @@ where
             State::Echoing(_) => self.progress(index, now),
             State::Closing { .. } => self.read_closing(index),
             // With --reconnect, an end of stream between echoes is seen now.
-            State::Idle { .. } => {
-                self.check_idle(index, now);
+            State::Idle { next } => {
+                let due = self.schedule.is_none() && next.is_some_and(|next| now >= next);
+                self.check_idle(index, now, due);
             }
             // Between echoes nothing else is read: the next echo reads it.
             State::Unstarted | State::Rejoining { .. } | State::Done => {}
@@ -794,7 +795,22 @@ where
                 };
                 self.start_message(index, pending.seq, due, now, true);
             }
-            None => self.next_echo(index, now, false),
+            None => {
+                // With --interval, the next message keeps its time: the
+                // reconnect waits for it, or it goes at once if it is due.
+                let next = self.connections[index]
+                    .rejoin
+                    .as_mut()
+                    .and_then(|rejoin| rejoin.next.take());
+                match next {
+                    Some(next) if next > now => {
+                        self.connections[index].state = State::Idle { next: Some(next) };
+                        self.arm(index, next);
+                    }
+                    Some(_) => self.next_echo(index, now, true),
+                    None => self.next_echo(index, now, false),
+                }
+            }
         }
     }
 
@@ -839,7 +855,11 @@ where
     /// it; or, with no more to send, the closing check. `paused` says the
     /// `--interval` pause before it is over.
     fn next_echo(&mut self, index: usize, now: Instant, paused: bool) {
-        if self.check_idle(index, now) {
+        // Closed-loop, a message is due now unless `--interval` pauses
+        // first; with `--rate` none is this connection's until it is free.
+        let due = self.schedule.is_none()
+            && (self.connections[index].seq == 0 || self.plan.config.interval.is_zero() || paused);
+        if self.check_idle(index, now, due) {
             return;
         }
         if self.sending_over(now) {
@@ -1191,7 +1211,9 @@ where
     /// (a readiness event not yet used up): lets the connection go if the
     /// server ended it, broke it or sent bytes on it, reporting the last
     /// two. True if it was let go. Costs nothing when nothing came.
-    fn check_idle(&mut self, index: usize, now: Instant) -> bool {
+    /// `due` says the connection's next message is due now: only then
+    /// does an end count as one more connection that did not take it.
+    fn check_idle(&mut self, index: usize, now: Instant, due: bool) -> bool {
         let connection = &mut self.connections[index];
         if connection.rejoin.is_none() || !(connection.readable || connection.hup) {
             return false;
@@ -1224,7 +1246,9 @@ where
                 }),
             ),
         };
-        if let Some(rejoin) = &mut connection.rejoin {
+        if let Some(rejoin) = &mut connection.rejoin
+            && due
+        {
             rejoin.waited(now);
         }
         if let Some(kind) = kind {
@@ -1248,6 +1272,10 @@ where
             connection.state,
             State::Idle { .. } | State::Echoing(_) | State::Closing { .. }
         );
+        let next = match connection.state {
+            State::Idle { next } => next,
+            _ => None,
+        };
         if let State::Echoing(echo) =
             std::mem::replace(&mut connection.state, State::Rejoining { until: None })
         {
@@ -1263,13 +1291,13 @@ where
             .as_mut()
             .expect("only --reconnect lets a connection go");
         rejoin.why = why;
+        rejoin.next = next;
         if let Some((since, connections)) = rejoin.waiting
             && now.saturating_duration_since(since) >= timeout
         {
             // Every connection ended before taking it, for a whole
             // timeout: it fails, and the next one goes on.
             rejoin.waiting = None;
-            rejoin.why = Reconnect::Failed;
             let repeat = self.plan.config.repeat;
             let seq = match rejoin.pending.take() {
                 Some(pending) => {
@@ -1290,6 +1318,8 @@ where
                 None => None,
             };
             if let Some(seq) = seq {
+                // Reported: the reconnect is after a failure.
+                rejoin.why = Reconnect::Failed;
                 let peer = connection.peer;
                 self.tally.echoing_ended = Some(now);
                 self.fail(
