@@ -19,7 +19,7 @@ use std::thread;
 use std::time::Duration;
 
 use common::client::{
-    CLIENT, GREETING_LEN, JSON_KEYS, Json, Run, TestServer, echo_then_close, run_client,
+    CLIENT, GREETING_LEN, JSON_KEYS, Json, Run, TestServer, echo_then_close, run_client, std_echo,
 };
 use common::{SERVER_BIN, ServerProcess, with_time_limit};
 use echo_chamber::client::{self, ClientConfig, Event, Reconnect, Report, StopHandle};
@@ -203,6 +203,53 @@ fn at_a_rate_idle_ends_longer_than_the_timeout_are_closes_not_failures() {
                 .iter()
                 .all(|why| matches!(why, Reconnect::Closed | Reconnect::Declined { .. })),
             "{seen:?}"
+        );
+    });
+}
+
+/// Echoes everything on the first connection it accepts; on the second,
+/// stops listening, then echoes one greeting corked with a clean end of
+/// stream: that connection's reconnect is refused from then on.
+fn refuses_the_second_connections_reconnect() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    let addr = listener.local_addr().expect("bound address");
+    thread::spawn(move || {
+        let Ok((first, _)) = listener.accept() else {
+            return;
+        };
+        thread::spawn(move || std_echo(first));
+        let Ok((second, _)) = listener.accept() else {
+            return;
+        };
+        drop(listener);
+        echo_then_close(second, GREETING_LEN);
+    });
+    addr
+}
+
+/// With `--rate` and `--repeat`, a connection reconnecting when the last
+/// echo of the schedule has gone has nothing left to send: it ends then,
+/// rather than going on trying a server that refuses it until `--timeout`
+/// and failing.
+#[test]
+fn at_a_rate_a_reconnect_with_nothing_left_to_send_ends_when_the_schedule_does() {
+    with_time_limit(TEST_LIMIT, || {
+        let addr = refuses_the_second_connections_reconnect();
+        let config = ClientConfig {
+            repeat: 5,
+            connections: NonZeroUsize::new(2).expect("2 is not zero"),
+            threads: NonZeroUsize::new(1),
+            rate: Some(20),
+            timeout: Duration::from_secs(5),
+            ..reconnecting(addr)
+        };
+        let (report, seen) = run_and_record(&config);
+        assert!(seen.failures.is_empty(), "{seen:?} {report:?}");
+        assert!(report.is_success(), "{report:?}");
+        assert_eq!((report.sent, report.echoed), (10, 10), "{report:?}");
+        assert_eq!(
+            report.reconnects, 0,
+            "every reconnect was refused: {report:?}"
         );
     });
 }

@@ -1333,21 +1333,15 @@ where
                 );
             }
         }
+        if !self.has_more(index) || self.stopped || self.ended || self.plan.stop.is_stopped() {
+            self.give_up(index, now);
+            return;
+        }
         let connection = &mut self.connections[index];
         let rejoin = connection
             .rejoin
             .as_mut()
             .expect("only --reconnect lets a connection go");
-        let repeat = self.plan.config.repeat;
-        let more = rejoin.pending.is_some()
-            || match &self.schedule {
-                Some(schedule) => !schedule.finished(),
-                None => repeat == 0 || connection.seq < repeat,
-            };
-        if !more || self.stopped || self.ended || self.plan.stop.is_stopped() {
-            self.give_up(index, now);
-            return;
-        }
         if std::mem::take(&mut rejoin.productive) {
             rejoin.backoff.reset();
             self.rejoining.push_back(index);
@@ -1359,12 +1353,29 @@ where
         }
     }
 
+    /// With `--reconnect`: whether connection `index` has something left to
+    /// send: a declined message, or more of the rate's schedule (closed
+    /// loop, of its `--repeat`).
+    fn has_more(&self, index: usize) -> bool {
+        let connection = &self.connections[index];
+        let repeat = self.plan.config.repeat;
+        connection
+            .rejoin
+            .as_ref()
+            .is_some_and(|rejoin| rejoin.pending.is_some())
+            || match &self.schedule {
+                Some(schedule) => !schedule.finished(),
+                None => repeat == 0 || connection.seq < repeat,
+            }
+    }
+
     /// Every address refused or timed out a reconnect's connect: it is
     /// tried again after the next pause, until the timeout has passed
     /// since the first failed try began; then it fails as a connect does.
     fn reconnect_failed(&mut self, index: usize, connecting: Connecting, now: Instant) {
-        if self.stopped || self.ended || self.plan.stop.is_stopped() {
-            // The run is over; a connect it cut short is no failure.
+        if self.stopped || self.ended || self.plan.stop.is_stopped() || !self.has_more(index) {
+            // The run is over, or this connection's part of it: a connect
+            // it cut short, or that nothing would go on, is no failure.
             self.give_up(index, now);
             return;
         }
@@ -1679,8 +1690,13 @@ where
             }
             State::Rejoining { until: Some(until) } => {
                 if now >= *until {
+                    if !self.has_more(index) {
+                        // Nothing left to send: no connect.
+                        self.give_up(index, now);
+                        return;
+                    }
                     // The pause is over: its connect waits for a slot.
-                    connection.state = State::Rejoining { until: None };
+                    self.connections[index].state = State::Rejoining { until: None };
                     self.rejoining.push_back(index);
                 } else {
                     let until = *until;
@@ -1760,7 +1776,11 @@ where
         let Some(schedule) = &mut self.schedule else {
             return;
         };
-        if stopped || schedule.finished() {
+        if stopped {
+            return;
+        }
+        if schedule.finished() {
+            self.schedule_through(now);
             return;
         }
         if schedule.start.is_none() {
@@ -1795,10 +1815,31 @@ where
             let due = schedule.take_late().expect("an echo is due");
             self.start_echo(index, due, now);
         }
-        // Every echo has gone: the idle connections are done.
         if self.schedule.as_ref().is_some_and(Schedule::finished) {
-            self.sending_ended.get_or_insert(now);
-            self.close_idle(now);
+            self.schedule_through(now);
+        }
+    }
+
+    /// With `--rate`, once every echo of a finite schedule has gone (here,
+    /// or on a connection that came free): the idle connections are done,
+    /// and so are those pausing or reconnecting with no declined message
+    /// of their own to send. Once.
+    fn schedule_through(&mut self, now: Instant) {
+        if self.sending_ended.is_some() {
+            return;
+        }
+        self.sending_ended = Some(now);
+        self.close_idle(now);
+        if self.plan.config.reconnect {
+            for index in 0..self.connections.len() {
+                let connection = &self.connections[index];
+                if (matches!(connection.state, State::Rejoining { .. })
+                    || connection.reconnecting())
+                    && !self.has_more(index)
+                {
+                    self.give_up(index, now);
+                }
+            }
         }
     }
 
