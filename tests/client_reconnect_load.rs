@@ -69,6 +69,8 @@ fn reconnecting(addr: SocketAddr) -> ClientConfig {
 /// What the observer saw.
 #[derive(Debug, Default)]
 struct Seen {
+    /// First connects.
+    connected: usize,
     reconnected: Vec<Reconnect>,
     failures: Vec<String>,
 }
@@ -82,7 +84,8 @@ fn run_and_record(config: &ClientConfig) -> (Report, Seen) {
             match event {
                 Event::Reconnected { why, .. } => seen.reconnected.push(*why),
                 Event::Failed(failure) => seen.failures.push(failure.to_string()),
-                Event::Connected { .. } | Event::Echoed { .. } => {}
+                Event::Connected { .. } => seen.connected += 1,
+                Event::Echoed { .. } => {}
             }
         },
         &StopHandle::new(),
@@ -251,6 +254,35 @@ fn at_a_rate_a_reconnect_with_nothing_left_to_send_ends_when_the_schedule_does()
             report.reconnects, 0,
             "every reconnect was refused: {report:?}"
         );
+    });
+}
+
+/// Echoes one greeting, corked with a clean end of stream.
+fn closes_after_each_greeting(stream: TcpStream) {
+    echo_then_close(stream, GREETING_LEN);
+}
+
+/// With `--connect-rate`, reconnects and first connects share the slots:
+/// a connection the server ends after every echo is back for a slot each
+/// time, yet the connections not yet started still start.
+#[test]
+fn with_connect_rate_reconnects_do_not_starve_connections_not_yet_started() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = TestServer::start(closes_after_each_greeting);
+        let config = ClientConfig {
+            repeat: 0,
+            connections: NonZeroUsize::new(10).expect("10 is not zero"),
+            threads: NonZeroUsize::new(1),
+            connect_rate: Some(20),
+            // Ten connections take turns with reconnects: about twenty
+            // slots, a second at 20/s; three times that, and more, here.
+            duration: Some(Duration::from_secs(4)),
+            ..reconnecting(server.addr())
+        };
+        let (report, seen) = run_and_record(&config);
+        assert!(seen.failures.is_empty(), "{seen:?} {report:?}");
+        assert_eq!(seen.connected, 10, "{seen:?} {report:?}");
+        assert!(report.reconnects > 0, "{report:?}");
     });
 }
 

@@ -125,8 +125,11 @@ pub(in crate::client) struct EventLoop<'p, F> {
     /// With `--connect-rate`, when the next connect may start.
     next_connect: Option<Instant>,
     /// `--reconnect`: connections whose pause is over, waiting for a
-    /// connect slot; ahead of those not yet started.
+    /// connect slot.
     rejoining: VecDeque<usize>,
+    /// While both reconnects and connections not yet started wait for a
+    /// slot, they take turns: this says whose turn it is.
+    reconnect_turn: bool,
     connecting: usize,
     /// Connections not yet done; the loop ends at zero.
     open: usize,
@@ -356,6 +359,7 @@ where
             next_unstarted: 0,
             next_connect: None,
             rejoining: VecDeque::new(),
+            reconnect_turn: true,
             connecting: 0,
             tally: ConnectionTally::default(),
             scratch: vec![0; SCRATCH],
@@ -546,8 +550,10 @@ where
     }
 
     /// Starts connects while fewer than [`MAX_CONNECTING`] are in progress
-    /// and, with `--connect-rate`, their time has come: reconnects first,
-    /// then connections not yet started.
+    /// and, with `--connect-rate`, their time has come. Reconnects and
+    /// connections not yet started take turns while both wait, so that
+    /// neither starves the other: a connection the server ends after each
+    /// echo would otherwise take every slot.
     fn start_connects(&mut self, now: Instant) {
         let mut burst = 0;
         loop {
@@ -560,8 +566,8 @@ where
             {
                 self.rejoining.pop_front();
             }
-            let waiting =
-                !self.rejoining.is_empty() || self.next_unstarted < self.connections.len();
+            let unstarted = self.next_unstarted < self.connections.len();
+            let waiting = !self.rejoining.is_empty() || unstarted;
             if !waiting || self.connecting >= MAX_CONNECTING || self.stopped || self.ended {
                 return;
             }
@@ -594,7 +600,11 @@ where
             burst += 1;
             // Its own clock: a loopback connect takes tens of microseconds,
             // and a burst of them would otherwise count from its start.
-            if let Some(index) = self.rejoining.pop_front() {
+            let reconnect = !self.rejoining.is_empty() && (!unstarted || self.reconnect_turn);
+            if !self.rejoining.is_empty() && unstarted {
+                self.reconnect_turn = !self.reconnect_turn;
+            }
+            if reconnect && let Some(index) = self.rejoining.pop_front() {
                 self.start_reconnect(index, Instant::now());
             } else {
                 let index = self.next_unstarted;
