@@ -71,6 +71,8 @@ fn reconnecting(addr: SocketAddr) -> ClientConfig {
 struct Seen {
     /// First connects.
     connected: usize,
+    /// Echoes, by connection number.
+    echoed_on: Vec<usize>,
     reconnected: Vec<Reconnect>,
     failures: Vec<String>,
 }
@@ -85,7 +87,7 @@ fn run_and_record(config: &ClientConfig) -> (Report, Seen) {
                 Event::Reconnected { why, .. } => seen.reconnected.push(*why),
                 Event::Failed(failure) => seen.failures.push(failure.to_string()),
                 Event::Connected { .. } => seen.connected += 1,
-                Event::Echoed { .. } => {}
+                Event::Echoed { connection, .. } => seen.echoed_on.push(*connection),
             }
         },
         &StopHandle::new(),
@@ -283,6 +285,70 @@ fn with_connect_rate_reconnects_do_not_starve_connections_not_yet_started() {
         assert!(seen.failures.is_empty(), "{seen:?} {report:?}");
         assert_eq!(seen.connected, 10, "{seen:?} {report:?}");
         assert!(report.reconnects > 0, "{report:?}");
+    });
+}
+
+/// Echoes everything on the first connection it accepts; on every later
+/// one, ends the connection cleanly once it has been idle for 20 ms after
+/// its first echo (an idle timeout far shorter than the client's pace,
+/// which spares a connection that has not yet had a message).
+fn idle_times_out_all_but_the_first(stream: TcpStream, number: usize) {
+    if number == 0 {
+        return std_echo(stream);
+    }
+    let Ok(mut reader) = stream.try_clone() else {
+        return;
+    };
+    let mut writer = stream;
+    let mut buf = [0u8; 4096];
+    // A timeout or the client's end stops the echoing.
+    while let Ok(read) = reader.read(&mut buf) {
+        if read == 0 || writer.write_all(&buf[..read]).is_err() {
+            return;
+        }
+        // Without the timeout the idle end never comes; the test then fails.
+        let _ = reader.set_read_timeout(Some(Duration::from_millis(20)));
+    }
+    // As in `end_cleanly`: errors only mean the client is gone already.
+    let _ = writer.shutdown(Shutdown::Write);
+    let _ = reader.set_read_timeout(None);
+    let _ = io::copy(&mut reader, &mut io::sink());
+}
+
+/// With `--rate`, the next due echo goes on the connection that has been
+/// free longest, whatever the others did meanwhile: a connection the
+/// server ends after each echo comes free again on its new connection,
+/// once, and does not take the turns of one that stayed open (nor leave
+/// a stale place behind for each reconnect, a queue that only grew).
+#[test]
+fn at_a_rate_a_connection_that_reconnects_after_each_echo_takes_only_its_turns() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = TestServer::start_numbered(idle_times_out_all_but_the_first);
+        let config = ClientConfig {
+            repeat: 0,
+            connections: NonZeroUsize::new(2).expect("2 is not zero"),
+            threads: NonZeroUsize::new(1),
+            rate: Some(20),
+            duration: Some(Duration::from_secs(4)),
+            ..reconnecting(server.addr())
+        };
+        let (report, seen) = run_and_record(&config);
+        assert!(seen.failures.is_empty(), "{seen:?} {report:?}");
+        assert!(report.is_success(), "{report:?}");
+        assert!(report.reconnects >= 5, "{report:?}");
+        // Taking turns, each gets about half; a third is a wide margin.
+        let total = seen.echoed_on.len();
+        for connection in [1, 2] {
+            let mine = seen
+                .echoed_on
+                .iter()
+                .filter(|&&on| on == connection)
+                .count();
+            assert!(
+                3 * mine >= total,
+                "connection {connection} echoed {mine} of {total}: {seen:?} {report:?}"
+            );
+        }
     });
 }
 

@@ -38,6 +38,10 @@ pub(super) struct Connection {
     /// With `--reconnect`: what carries over from one of its connections
     /// to the next.
     pub rejoin: Option<Rejoin>,
+    /// With `--rate`: the ticket of its entry in the loop's queue of free
+    /// connections. An entry with another ticket is stale: the connection
+    /// was let go and came free again since.
+    pub free_ticket: Option<u64>,
 }
 
 impl Connection {
@@ -53,6 +57,7 @@ impl Connection {
             writable: false,
             hup: false,
             rejoin: reconnect.then(Rejoin::new),
+            free_ticket: None,
         }
     }
 

@@ -237,9 +237,14 @@ pub(in crate::client) struct Schedule {
     sent: u64,
     /// The most to make due (`--repeat` × connections), if any.
     limit: Option<u64>,
-    /// Connections free for the next echo, longest waiting first; some may
-    /// have ended since, and are skipped.
-    free: VecDeque<usize>,
+    /// Connections free for the next echo, longest waiting first, with
+    /// their tickets; some may have ended, or been let go and come free
+    /// again, since (stale), and are skipped. Stale entries are swept out
+    /// when they outnumber the connections, so the queue stays within
+    /// twice the loop's connections however often they reconnect.
+    free: VecDeque<(usize, u64)>,
+    /// The next ticket for [`free`](Self::free).
+    tickets: u64,
 }
 
 impl Schedule {
@@ -255,8 +260,17 @@ impl Schedule {
                 limit: (plan.config.repeat != 0)
                     .then(|| plan.config.repeat.saturating_mul(connections as u64)),
                 free: VecDeque::new(),
+                tickets: 0,
             }
         })
+    }
+
+    /// Queues connection `index` as free, with a new ticket.
+    fn push_free(&mut self, index: usize, connection: &mut Connection) {
+        let ticket = self.tickets;
+        self.tickets += 1;
+        connection.free_ticket = Some(ticket);
+        self.free.push_back((index, ticket));
     }
 
     fn due(&self, number: u64) -> Instant {
@@ -892,7 +906,13 @@ where
                 }
                 None => {
                     connection.state = State::Idle { next: None };
-                    schedule.free.push_back(index);
+                    schedule.push_free(index, connection);
+                    if schedule.free.len() > 2 * self.connections.len() {
+                        let connections = &self.connections;
+                        schedule
+                            .free
+                            .retain(|&(index, ticket)| is_free(&connections[index], ticket));
+                    }
                 }
             }
             return;
@@ -1815,13 +1835,14 @@ where
             && let Some(schedule) = &mut self.schedule
             && schedule.late() > 0
         {
-            let Some(index) = schedule.free.pop_front() else {
+            let Some((index, ticket)) = schedule.free.pop_front() else {
                 break;
             };
-            // Ended since it came free.
-            if !matches!(self.connections[index].state, State::Idle { next: None }) {
+            // Ended, or let go, since it came free.
+            if !is_free(&self.connections[index], ticket) {
                 continue;
             }
+            self.connections[index].free_ticket = None;
             let due = schedule.take_late().expect("an echo is due");
             self.start_echo(index, due, now);
         }
@@ -1920,6 +1941,12 @@ pub(in crate::client) fn settle(ends: Vec<LoopEnd>) -> Vec<ConnectionTally> {
         .collect()
 }
 
+/// Whether `connection` is still free by its entry with `ticket` in the
+/// schedule's queue: not ended, not let go and queued again since.
+fn is_free(connection: &Connection, ticket: u64) -> bool {
+    connection.free_ticket == Some(ticket) && matches!(connection.state, State::Idle { next: None })
+}
+
 /// What an echo's failure message needs, once the echo is taken apart.
 struct EchoFacts {
     seq: u64,
@@ -1972,6 +1999,7 @@ mod tests {
             sent: 0,
             limit,
             free: VecDeque::new(),
+            tickets: 0,
         }
     }
 
