@@ -24,6 +24,7 @@ use common::client::{
 };
 use common::{SERVER_BIN, ServerProcess, with_time_limit};
 use echo_chamber::client::{self, ClientConfig, Event, Reconnect, Report, StopHandle};
+use echo_chamber::server::config::ServerConfig;
 
 /// The most one client process may run; it is killed after that.
 const LIMIT: Duration = Duration::from_secs(60);
@@ -160,6 +161,39 @@ fn a_message_no_connection_takes_fails_after_the_timeout_instead_of_going_foreve
             "{seen:?}"
         );
         assert!(took < Duration::from_secs(5), "took {took:?}");
+    });
+}
+
+/// Our server with an idle timeout shorter than the client's `--interval`
+/// ends every connection while the client waits for its next message: the
+/// message is not yet due, so the end costs nothing; the reconnect waits
+/// for the message's time and sends it then.
+#[test]
+fn an_idle_timeout_shorter_than_the_interval_costs_no_echo() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = common::start_server(ServerConfig {
+            idle_timeout: Some(Duration::from_millis(300)),
+            shutdown_timeout: Duration::from_secs(2),
+            ..common::quiet_config(1)
+        });
+        let config = ClientConfig {
+            interval: Duration::from_millis(900),
+            timeout: Duration::from_secs(2),
+            ..reconnecting(server.local_addr(), 4)
+        };
+        let (report, seen) = run_and_record(&config);
+        assert!(seen.failures.is_empty(), "{seen:?} {report:?}");
+        assert_eq!((report.sent, report.echoed), (4, 4), "{report:?}");
+        assert_eq!(seen.echoed, [1, 2, 3, 4], "{seen:?}");
+        // At least one idle end before each of messages 2 to 4, each a
+        // clean end (or, if it crossed the message, a decline).
+        assert!(report.reconnects >= 3, "{report:?}");
+        assert!(
+            seen.reconnected
+                .iter()
+                .all(|why| matches!(why, Reconnect::Closed | Reconnect::Declined { .. })),
+            "{seen:?}"
+        );
     });
 }
 

@@ -19,7 +19,7 @@ use std::thread;
 use std::time::Duration;
 
 use common::client::{
-    CLIENT, GREETING_LEN, JSON_KEYS, Json, Run, TestServer, echo_then_close, run_client,
+    CLIENT, GREETING_LEN, JSON_KEYS, Json, Run, TestServer, echo_then_close, run_client, std_echo,
 };
 use common::{SERVER_BIN, ServerProcess, with_time_limit};
 use echo_chamber::client::{self, ClientConfig, Event, Reconnect, Report, StopHandle};
@@ -69,6 +69,10 @@ fn reconnecting(addr: SocketAddr) -> ClientConfig {
 /// What the observer saw.
 #[derive(Debug, Default)]
 struct Seen {
+    /// First connects.
+    connected: usize,
+    /// Echoes, by connection number.
+    echoed_on: Vec<usize>,
     reconnected: Vec<Reconnect>,
     failures: Vec<String>,
 }
@@ -82,7 +86,8 @@ fn run_and_record(config: &ClientConfig) -> (Report, Seen) {
             match event {
                 Event::Reconnected { why, .. } => seen.reconnected.push(*why),
                 Event::Failed(failure) => seen.failures.push(failure.to_string()),
-                Event::Connected { .. } | Event::Echoed { .. } => {}
+                Event::Connected { .. } => seen.connected += 1,
+                Event::Echoed { connection, .. } => seen.echoed_on.push(*connection),
             }
         },
         &StopHandle::new(),
@@ -161,6 +166,189 @@ fn at_a_rate_a_message_the_server_closed_on_unechoed_is_sent_again() {
             report.reconnects >= connections_used.saturating_sub(4),
             "{report:?}"
         );
+    });
+}
+
+/// Echoes for 200 ms, then ends the connection cleanly between echoes.
+fn echoes_for_200ms(stream: TcpStream) {
+    let Ok(reader) = stream.try_clone() else {
+        return;
+    };
+    // The read ends at the timeout (or when the client closes): either way
+    // the echoing is over.
+    let _ = reader.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut reader = reader;
+    let mut writer = stream;
+    // As above: a timeout or the client's end stops the copy.
+    let _ = io::copy(&mut reader, &mut writer);
+    let _ = writer.shutdown(Shutdown::Write);
+}
+
+/// With `--rate`, a connection waiting for the schedule has no message of
+/// its own: a server that ends it while idle, again and again for longer
+/// than `--timeout`, fails nothing, and each reconnect is after a close,
+/// never "after a failure" that was not reported.
+#[test]
+fn at_a_rate_idle_ends_longer_than_the_timeout_are_closes_not_failures() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = TestServer::start(echoes_for_200ms);
+        let config = ClientConfig {
+            repeat: 0,
+            rate: Some(1),
+            duration: Some(Duration::from_secs(3)),
+            timeout: Duration::from_millis(500),
+            ..reconnecting(server.addr())
+        };
+        let (report, seen) = run_and_record(&config);
+        assert!(seen.failures.is_empty(), "{seen:?} {report:?}");
+        assert!(report.is_success(), "{report:?}");
+        assert!(report.reconnects >= 3, "an end every 200 ms: {report:?}");
+        assert!(
+            seen.reconnected
+                .iter()
+                .all(|why| matches!(why, Reconnect::Closed | Reconnect::Declined { .. })),
+            "{seen:?}"
+        );
+    });
+}
+
+/// Echoes everything on the first connection it accepts; on the second,
+/// stops listening, then echoes one greeting corked with a clean end of
+/// stream: that connection's reconnect is refused from then on.
+fn refuses_the_second_connections_reconnect() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    let addr = listener.local_addr().expect("bound address");
+    thread::spawn(move || {
+        let Ok((first, _)) = listener.accept() else {
+            return;
+        };
+        thread::spawn(move || std_echo(first));
+        let Ok((second, _)) = listener.accept() else {
+            return;
+        };
+        drop(listener);
+        echo_then_close(second, GREETING_LEN);
+    });
+    addr
+}
+
+/// With `--rate` and `--repeat`, a connection reconnecting when the last
+/// echo of the schedule has gone has nothing left to send: it ends then,
+/// rather than going on trying a server that refuses it until `--timeout`
+/// and failing.
+#[test]
+fn at_a_rate_a_reconnect_with_nothing_left_to_send_ends_when_the_schedule_does() {
+    with_time_limit(TEST_LIMIT, || {
+        let addr = refuses_the_second_connections_reconnect();
+        let config = ClientConfig {
+            repeat: 5,
+            connections: NonZeroUsize::new(2).expect("2 is not zero"),
+            threads: NonZeroUsize::new(1),
+            rate: Some(20),
+            timeout: Duration::from_secs(5),
+            ..reconnecting(addr)
+        };
+        let (report, seen) = run_and_record(&config);
+        assert!(seen.failures.is_empty(), "{seen:?} {report:?}");
+        assert!(report.is_success(), "{report:?}");
+        assert_eq!((report.sent, report.echoed), (10, 10), "{report:?}");
+        assert_eq!(
+            report.reconnects, 0,
+            "every reconnect was refused: {report:?}"
+        );
+    });
+}
+
+/// Echoes one greeting, corked with a clean end of stream.
+fn closes_after_each_greeting(stream: TcpStream) {
+    echo_then_close(stream, GREETING_LEN);
+}
+
+/// With `--connect-rate`, reconnects and first connects share the slots:
+/// a connection the server ends after every echo is back for a slot each
+/// time, yet the connections not yet started still start.
+#[test]
+fn with_connect_rate_reconnects_do_not_starve_connections_not_yet_started() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = TestServer::start(closes_after_each_greeting);
+        let config = ClientConfig {
+            repeat: 0,
+            connections: NonZeroUsize::new(10).expect("10 is not zero"),
+            threads: NonZeroUsize::new(1),
+            connect_rate: Some(20),
+            // Ten connections take turns with reconnects: about twenty
+            // slots, a second at 20/s; three times that, and more, here.
+            duration: Some(Duration::from_secs(4)),
+            ..reconnecting(server.addr())
+        };
+        let (report, seen) = run_and_record(&config);
+        assert!(seen.failures.is_empty(), "{seen:?} {report:?}");
+        assert_eq!(seen.connected, 10, "{seen:?} {report:?}");
+        assert!(report.reconnects > 0, "{report:?}");
+    });
+}
+
+/// Echoes everything on the first connection it accepts; on every later
+/// one, ends the connection cleanly once it has been idle for 20 ms after
+/// its first echo (an idle timeout far shorter than the client's pace,
+/// which spares a connection that has not yet had a message).
+fn idle_times_out_all_but_the_first(stream: TcpStream, number: usize) {
+    if number == 0 {
+        return std_echo(stream);
+    }
+    let Ok(mut reader) = stream.try_clone() else {
+        return;
+    };
+    let mut writer = stream;
+    let mut buf = [0u8; 4096];
+    // A timeout or the client's end stops the echoing.
+    while let Ok(read) = reader.read(&mut buf) {
+        if read == 0 || writer.write_all(&buf[..read]).is_err() {
+            return;
+        }
+        // Without the timeout the idle end never comes; the test then fails.
+        let _ = reader.set_read_timeout(Some(Duration::from_millis(20)));
+    }
+    // As in `end_cleanly`: errors only mean the client is gone already.
+    let _ = writer.shutdown(Shutdown::Write);
+    let _ = reader.set_read_timeout(None);
+    let _ = io::copy(&mut reader, &mut io::sink());
+}
+
+/// With `--rate`, the next due echo goes on the connection that has been
+/// free longest, whatever the others did meanwhile: a connection the
+/// server ends after each echo comes free again on its new connection,
+/// once, and does not take the turns of one that stayed open (nor leave
+/// a stale place behind for each reconnect, a queue that only grew).
+#[test]
+fn at_a_rate_a_connection_that_reconnects_after_each_echo_takes_only_its_turns() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = TestServer::start_numbered(idle_times_out_all_but_the_first);
+        let config = ClientConfig {
+            repeat: 0,
+            connections: NonZeroUsize::new(2).expect("2 is not zero"),
+            threads: NonZeroUsize::new(1),
+            rate: Some(20),
+            duration: Some(Duration::from_secs(4)),
+            ..reconnecting(server.addr())
+        };
+        let (report, seen) = run_and_record(&config);
+        assert!(seen.failures.is_empty(), "{seen:?} {report:?}");
+        assert!(report.is_success(), "{report:?}");
+        assert!(report.reconnects >= 5, "{report:?}");
+        // Taking turns, each gets about half; a third is a wide margin.
+        let total = seen.echoed_on.len();
+        for connection in [1, 2] {
+            let mine = seen
+                .echoed_on
+                .iter()
+                .filter(|&&on| on == connection)
+                .count();
+            assert!(
+                3 * mine >= total,
+                "connection {connection} echoed {mine} of {total}: {seen:?} {report:?}"
+            );
+        }
     });
 }
 

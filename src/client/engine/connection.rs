@@ -38,6 +38,10 @@ pub(super) struct Connection {
     /// With `--reconnect`: what carries over from one of its connections
     /// to the next.
     pub rejoin: Option<Rejoin>,
+    /// With `--rate`: the ticket of its entry in the loop's queue of free
+    /// connections. An entry with another ticket is stale: the connection
+    /// was let go and came free again since.
+    pub free_ticket: Option<u64>,
 }
 
 impl Connection {
@@ -53,6 +57,7 @@ impl Connection {
             writable: false,
             hup: false,
             rejoin: reconnect.then(Rejoin::new),
+            free_ticket: None,
         }
     }
 
@@ -79,8 +84,13 @@ pub(super) struct Rejoin {
     /// it: it goes first on the next, with its number and due time.
     pub pending: Option<Pending>,
     /// Since when, and over how many connections, the next message has
-    /// waited for a connection that takes it.
+    /// waited for a connection that takes it: from when it was due, not
+    /// from an end that came while it was not yet due.
     pub waiting: Option<(Instant, u64)>,
+    /// With `--interval`: when the next message is due, kept while the
+    /// connection reconnects, so that a server's idle timeout shorter than
+    /// the interval neither costs a message nor moves it later.
+    pub next: Option<Instant>,
     /// When this reconnect's first failed try began, and its tries so far.
     pub first_failure: Option<Instant>,
     pub tries: u32,
@@ -95,6 +105,7 @@ impl Rejoin {
             why: Reconnect::Failed,
             pending: None,
             waiting: None,
+            next: None,
             first_failure: None,
             tries: 0,
         }

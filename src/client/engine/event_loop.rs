@@ -125,8 +125,11 @@ pub(in crate::client) struct EventLoop<'p, F> {
     /// With `--connect-rate`, when the next connect may start.
     next_connect: Option<Instant>,
     /// `--reconnect`: connections whose pause is over, waiting for a
-    /// connect slot; ahead of those not yet started.
+    /// connect slot.
     rejoining: VecDeque<usize>,
+    /// While both reconnects and connections not yet started wait for a
+    /// slot, they take turns: this says whose turn it is.
+    reconnect_turn: bool,
     connecting: usize,
     /// Connections not yet done; the loop ends at zero.
     open: usize,
@@ -234,9 +237,14 @@ pub(in crate::client) struct Schedule {
     sent: u64,
     /// The most to make due (`--repeat` × connections), if any.
     limit: Option<u64>,
-    /// Connections free for the next echo, longest waiting first; some may
-    /// have ended since, and are skipped.
-    free: VecDeque<usize>,
+    /// Connections free for the next echo, longest waiting first, with
+    /// their tickets; some may have ended, or been let go and come free
+    /// again, since (stale), and are skipped. Stale entries are swept out
+    /// when they outnumber the connections, so the queue stays within
+    /// twice the loop's connections however often they reconnect.
+    free: VecDeque<(usize, u64)>,
+    /// The next ticket for [`free`](Self::free).
+    tickets: u64,
 }
 
 impl Schedule {
@@ -252,8 +260,17 @@ impl Schedule {
                 limit: (plan.config.repeat != 0)
                     .then(|| plan.config.repeat.saturating_mul(connections as u64)),
                 free: VecDeque::new(),
+                tickets: 0,
             }
         })
+    }
+
+    /// Queues connection `index` as free, with a new ticket.
+    fn push_free(&mut self, index: usize, connection: &mut Connection) {
+        let ticket = self.tickets;
+        self.tickets += 1;
+        connection.free_ticket = Some(ticket);
+        self.free.push_back((index, ticket));
     }
 
     fn due(&self, number: u64) -> Instant {
@@ -356,6 +373,7 @@ where
             next_unstarted: 0,
             next_connect: None,
             rejoining: VecDeque::new(),
+            reconnect_turn: true,
             connecting: 0,
             tally: ConnectionTally::default(),
             scratch: vec![0; SCRATCH],
@@ -514,8 +532,9 @@ where
             State::Echoing(_) => self.progress(index, now),
             State::Closing { .. } => self.read_closing(index),
             // With --reconnect, an end of stream between echoes is seen now.
-            State::Idle { .. } => {
-                self.check_idle(index, now);
+            State::Idle { next } => {
+                let due = self.schedule.is_none() && next.is_some_and(|next| now >= next);
+                self.check_idle(index, now, due);
             }
             // Between echoes nothing else is read: the next echo reads it.
             State::Unstarted | State::Rejoining { .. } | State::Done => {}
@@ -545,8 +564,10 @@ where
     }
 
     /// Starts connects while fewer than [`MAX_CONNECTING`] are in progress
-    /// and, with `--connect-rate`, their time has come: reconnects first,
-    /// then connections not yet started.
+    /// and, with `--connect-rate`, their time has come. Reconnects and
+    /// connections not yet started take turns while both wait, so that
+    /// neither starves the other: a connection the server ends after each
+    /// echo would otherwise take every slot.
     fn start_connects(&mut self, now: Instant) {
         let mut burst = 0;
         loop {
@@ -559,8 +580,8 @@ where
             {
                 self.rejoining.pop_front();
             }
-            let waiting =
-                !self.rejoining.is_empty() || self.next_unstarted < self.connections.len();
+            let unstarted = self.next_unstarted < self.connections.len();
+            let waiting = !self.rejoining.is_empty() || unstarted;
             if !waiting || self.connecting >= MAX_CONNECTING || self.stopped || self.ended {
                 return;
             }
@@ -593,7 +614,11 @@ where
             burst += 1;
             // Its own clock: a loopback connect takes tens of microseconds,
             // and a burst of them would otherwise count from its start.
-            if let Some(index) = self.rejoining.pop_front() {
+            let reconnect = !self.rejoining.is_empty() && (!unstarted || self.reconnect_turn);
+            if !self.rejoining.is_empty() && unstarted {
+                self.reconnect_turn = !self.reconnect_turn;
+            }
+            if reconnect && let Some(index) = self.rejoining.pop_front() {
                 self.start_reconnect(index, Instant::now());
             } else {
                 let index = self.next_unstarted;
@@ -794,7 +819,22 @@ where
                 };
                 self.start_message(index, pending.seq, due, now, true);
             }
-            None => self.next_echo(index, now, false),
+            None => {
+                // With --interval, the next message keeps its time: the
+                // reconnect waits for it, or it goes at once if it is due.
+                let next = self.connections[index]
+                    .rejoin
+                    .as_mut()
+                    .and_then(|rejoin| rejoin.next.take());
+                match next {
+                    Some(next) if next > now => {
+                        self.connections[index].state = State::Idle { next: Some(next) };
+                        self.arm(index, next);
+                    }
+                    Some(_) => self.next_echo(index, now, true),
+                    None => self.next_echo(index, now, false),
+                }
+            }
         }
     }
 
@@ -839,7 +879,11 @@ where
     /// it; or, with no more to send, the closing check. `paused` says the
     /// `--interval` pause before it is over.
     fn next_echo(&mut self, index: usize, now: Instant, paused: bool) {
-        if self.check_idle(index, now) {
+        // Closed-loop, a message is due now unless `--interval` pauses
+        // first; with `--rate` none is this connection's until it is free.
+        let due = self.schedule.is_none()
+            && (self.connections[index].seq == 0 || self.plan.config.interval.is_zero() || paused);
+        if self.check_idle(index, now, due) {
             return;
         }
         if self.sending_over(now) {
@@ -862,7 +906,13 @@ where
                 }
                 None => {
                     connection.state = State::Idle { next: None };
-                    schedule.free.push_back(index);
+                    schedule.push_free(index, connection);
+                    if schedule.free.len() > 2 * self.connections.len() {
+                        let connections = &self.connections;
+                        schedule
+                            .free
+                            .retain(|&(index, ticket)| is_free(&connections[index], ticket));
+                    }
                 }
             }
             return;
@@ -1191,7 +1241,9 @@ where
     /// (a readiness event not yet used up): lets the connection go if the
     /// server ended it, broke it or sent bytes on it, reporting the last
     /// two. True if it was let go. Costs nothing when nothing came.
-    fn check_idle(&mut self, index: usize, now: Instant) -> bool {
+    /// `due` says the connection's next message is due now: only then
+    /// does an end count as one more connection that did not take it.
+    fn check_idle(&mut self, index: usize, now: Instant, due: bool) -> bool {
         let connection = &mut self.connections[index];
         if connection.rejoin.is_none() || !(connection.readable || connection.hup) {
             return false;
@@ -1224,7 +1276,9 @@ where
                 }),
             ),
         };
-        if let Some(rejoin) = &mut connection.rejoin {
+        if let Some(rejoin) = &mut connection.rejoin
+            && due
+        {
             rejoin.waited(now);
         }
         if let Some(kind) = kind {
@@ -1248,6 +1302,10 @@ where
             connection.state,
             State::Idle { .. } | State::Echoing(_) | State::Closing { .. }
         );
+        let next = match connection.state {
+            State::Idle { next } => next,
+            _ => None,
+        };
         if let State::Echoing(echo) =
             std::mem::replace(&mut connection.state, State::Rejoining { until: None })
         {
@@ -1263,13 +1321,13 @@ where
             .as_mut()
             .expect("only --reconnect lets a connection go");
         rejoin.why = why;
+        rejoin.next = next;
         if let Some((since, connections)) = rejoin.waiting
             && now.saturating_duration_since(since) >= timeout
         {
             // Every connection ended before taking it, for a whole
             // timeout: it fails, and the next one goes on.
             rejoin.waiting = None;
-            rejoin.why = Reconnect::Failed;
             let repeat = self.plan.config.repeat;
             let seq = match rejoin.pending.take() {
                 Some(pending) => {
@@ -1290,6 +1348,8 @@ where
                 None => None,
             };
             if let Some(seq) = seq {
+                // Reported: the reconnect is after a failure.
+                rejoin.why = Reconnect::Failed;
                 let peer = connection.peer;
                 self.tally.echoing_ended = Some(now);
                 self.fail(
@@ -1303,21 +1363,15 @@ where
                 );
             }
         }
+        if !self.has_more(index) || self.stopped || self.ended || self.plan.stop.is_stopped() {
+            self.give_up(index, now);
+            return;
+        }
         let connection = &mut self.connections[index];
         let rejoin = connection
             .rejoin
             .as_mut()
             .expect("only --reconnect lets a connection go");
-        let repeat = self.plan.config.repeat;
-        let more = rejoin.pending.is_some()
-            || match &self.schedule {
-                Some(schedule) => !schedule.finished(),
-                None => repeat == 0 || connection.seq < repeat,
-            };
-        if !more || self.stopped || self.ended || self.plan.stop.is_stopped() {
-            self.give_up(index, now);
-            return;
-        }
         if std::mem::take(&mut rejoin.productive) {
             rejoin.backoff.reset();
             self.rejoining.push_back(index);
@@ -1329,12 +1383,29 @@ where
         }
     }
 
+    /// With `--reconnect`: whether connection `index` has something left to
+    /// send: a declined message, or more of the rate's schedule (closed
+    /// loop, of its `--repeat`).
+    fn has_more(&self, index: usize) -> bool {
+        let connection = &self.connections[index];
+        let repeat = self.plan.config.repeat;
+        connection
+            .rejoin
+            .as_ref()
+            .is_some_and(|rejoin| rejoin.pending.is_some())
+            || match &self.schedule {
+                Some(schedule) => !schedule.finished(),
+                None => repeat == 0 || connection.seq < repeat,
+            }
+    }
+
     /// Every address refused or timed out a reconnect's connect: it is
     /// tried again after the next pause, until the timeout has passed
     /// since the first failed try began; then it fails as a connect does.
     fn reconnect_failed(&mut self, index: usize, connecting: Connecting, now: Instant) {
-        if self.stopped || self.ended || self.plan.stop.is_stopped() {
-            // The run is over; a connect it cut short is no failure.
+        if self.stopped || self.ended || self.plan.stop.is_stopped() || !self.has_more(index) {
+            // The run is over, or this connection's part of it: a connect
+            // it cut short, or that nothing would go on, is no failure.
             self.give_up(index, now);
             return;
         }
@@ -1649,8 +1720,13 @@ where
             }
             State::Rejoining { until: Some(until) } => {
                 if now >= *until {
+                    if !self.has_more(index) {
+                        // Nothing left to send: no connect.
+                        self.give_up(index, now);
+                        return;
+                    }
                     // The pause is over: its connect waits for a slot.
-                    connection.state = State::Rejoining { until: None };
+                    self.connections[index].state = State::Rejoining { until: None };
                     self.rejoining.push_back(index);
                 } else {
                     let until = *until;
@@ -1730,7 +1806,11 @@ where
         let Some(schedule) = &mut self.schedule else {
             return;
         };
-        if stopped || schedule.finished() {
+        if stopped {
+            return;
+        }
+        if schedule.finished() {
+            self.schedule_through(now);
             return;
         }
         if schedule.start.is_none() {
@@ -1755,20 +1835,42 @@ where
             && let Some(schedule) = &mut self.schedule
             && schedule.late() > 0
         {
-            let Some(index) = schedule.free.pop_front() else {
+            let Some((index, ticket)) = schedule.free.pop_front() else {
                 break;
             };
-            // Ended since it came free.
-            if !matches!(self.connections[index].state, State::Idle { next: None }) {
+            // Ended, or let go, since it came free.
+            if !is_free(&self.connections[index], ticket) {
                 continue;
             }
+            self.connections[index].free_ticket = None;
             let due = schedule.take_late().expect("an echo is due");
             self.start_echo(index, due, now);
         }
-        // Every echo has gone: the idle connections are done.
         if self.schedule.as_ref().is_some_and(Schedule::finished) {
-            self.sending_ended.get_or_insert(now);
-            self.close_idle(now);
+            self.schedule_through(now);
+        }
+    }
+
+    /// With `--rate`, once every echo of a finite schedule has gone (here,
+    /// or on a connection that came free): the idle connections are done,
+    /// and so are those pausing or reconnecting with no declined message
+    /// of their own to send. Once.
+    fn schedule_through(&mut self, now: Instant) {
+        if self.sending_ended.is_some() {
+            return;
+        }
+        self.sending_ended = Some(now);
+        self.close_idle(now);
+        if self.plan.config.reconnect {
+            for index in 0..self.connections.len() {
+                let connection = &self.connections[index];
+                if (matches!(connection.state, State::Rejoining { .. })
+                    || connection.reconnecting())
+                    && !self.has_more(index)
+                {
+                    self.give_up(index, now);
+                }
+            }
         }
     }
 
@@ -1839,6 +1941,12 @@ pub(in crate::client) fn settle(ends: Vec<LoopEnd>) -> Vec<ConnectionTally> {
         .collect()
 }
 
+/// Whether `connection` is still free by its entry with `ticket` in the
+/// schedule's queue: not ended, not let go and queued again since.
+fn is_free(connection: &Connection, ticket: u64) -> bool {
+    connection.free_ticket == Some(ticket) && matches!(connection.state, State::Idle { next: None })
+}
+
 /// What an echo's failure message needs, once the echo is taken apart.
 struct EchoFacts {
     seq: u64,
@@ -1891,6 +1999,7 @@ mod tests {
             sent: 0,
             limit,
             free: VecDeque::new(),
+            tickets: 0,
         }
     }
 
