@@ -48,12 +48,17 @@ impl UdpIntervalTally {
         }
         // A loop that panicked holding the lock left whole counts.
         let mut shared = shared.lock().unwrap_or_else(PoisonError::into_inner);
-        shared.sent += std::mem::take(&mut self.sent);
-        shared.echoes += std::mem::take(&mut self.echoes);
-        shared.bytes_echoed += std::mem::take(&mut self.bytes_echoed);
-        shared.lost += std::mem::take(&mut self.lost);
-        shared.errors += std::mem::take(&mut self.errors);
-        shared.rtt.merge(&std::mem::take(&mut self.rtt));
+        shared.absorb(self);
+    }
+
+    /// Adds `other` to this tally, leaving `other` at nothing.
+    fn absorb(&mut self, other: &mut UdpIntervalTally) {
+        self.sent += std::mem::take(&mut other.sent);
+        self.echoes += std::mem::take(&mut other.echoes);
+        self.bytes_echoed += std::mem::take(&mut other.bytes_echoed);
+        self.lost += std::mem::take(&mut other.lost);
+        self.errors += std::mem::take(&mut other.errors);
+        self.rtt.merge(&std::mem::take(&mut other.rtt));
     }
 }
 
@@ -90,12 +95,7 @@ impl UdpInterval {
         for tally in tallies {
             // A loop that panicked holding the lock left whole counts.
             let mut tally = tally.lock().unwrap_or_else(PoisonError::into_inner);
-            sum.sent += std::mem::take(&mut tally.sent);
-            sum.echoes += std::mem::take(&mut tally.echoes);
-            sum.bytes_echoed += std::mem::take(&mut tally.bytes_echoed);
-            sum.lost += std::mem::take(&mut tally.lost);
-            sum.errors += std::mem::take(&mut tally.errors);
-            sum.rtt.merge(&std::mem::take(&mut tally.rtt));
+            sum.absorb(&mut tally);
         }
         UdpInterval {
             start,
