@@ -126,25 +126,9 @@ where
             // Without it the run goes on and only the summary is reported.
             drop(reporter);
         }
-        let stop = plan.stop.receiver().clone();
-        let watcher = std::thread::Builder::new()
-            .name("echo-client-stop".into())
-            .spawn_scoped(scope, move || {
-                select! {
-                    // Only ever a disconnection: the run was stopped.
-                    recv(stop) -> _ => {
-                        for waker in &wakers {
-                            // A loop that has ended needs no wake-up.
-                            let _ = waker.wake();
-                        }
-                    }
-                    // Only ever a disconnection: the run is over.
-                    recv(finished) -> _ => {}
-                }
-            });
         // Without a watcher the loops look at the stop handle every
         // STOP_CHECK instead of being woken.
-        let watched = watcher.is_ok();
+        let watched = watch_stop(scope, "echo-client-stop", plan.stop, finished, wakers);
         let mut handles = Vec::with_capacity(loops.len());
         for mut event_loop in loops {
             event_loop.set_stop_watched(watched);
@@ -168,6 +152,36 @@ where
         drop(done);
     });
     event_loop::settle(ends)
+}
+
+/// Starts the thread that wakes every loop (`wakers`) when `stop` fires,
+/// and ends when `finished` disconnects (the loops are through); false if
+/// it could not start, and the loops must then look at `stop` themselves.
+/// The TCP and the UDP loops share it.
+pub(in crate::client) fn watch_stop<'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    name: &str,
+    stop: &StopHandle,
+    finished: crossbeam_channel::Receiver<Infallible>,
+    wakers: Vec<Arc<Waker>>,
+) -> bool {
+    let stopping = stop.receiver().clone();
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn_scoped(scope, move || {
+            select! {
+                // Only ever a disconnection: the run was stopped.
+                recv(stopping) -> _ => {
+                    for waker in &wakers {
+                        // A loop that has ended needs no wake-up.
+                        let _ = waker.wake();
+                    }
+                }
+                // Only ever a disconnection: the run is over.
+                recv(finished) -> _ => {}
+            }
+        })
+        .is_ok()
 }
 
 /// Reports an interval every `every` from the start of the run, until

@@ -65,7 +65,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::select;
 use mio::Waker;
 
 pub use failure::{UdpFailure, UdpFailureKind};
@@ -73,7 +72,7 @@ pub use interval::UdpInterval;
 pub use ledger::{Counts, Jitter, Ledger, Verdict};
 pub use report::{MaxLoss, UdpRate, UdpReport};
 
-use super::engine::thread_count;
+use super::engine::{self, thread_count};
 use super::rtt::RttStats;
 use super::{ClientConfig, ConfigError, MAX_CONNECTIONS, StopHandle, payload};
 use event_loop::EventLoop;
@@ -287,25 +286,9 @@ where
             // Without it the run goes on and only the summary is reported.
             drop(reporter);
         }
-        let stopping = stop.receiver().clone();
-        let watcher = std::thread::Builder::new()
-            .name("echo-client-udp-stop".into())
-            .spawn_scoped(scope, move || {
-                select! {
-                    // Only ever a disconnection: the run was stopped.
-                    recv(stopping) -> _ => {
-                        for waker in &wakers {
-                            // A loop that has ended needs no wake-up.
-                            let _ = waker.wake();
-                        }
-                    }
-                    // Only ever a disconnection: the run is over.
-                    recv(finished) -> _ => {}
-                }
-            });
         // Without a watcher the loops look at the stop handle every 100 ms
         // instead of being woken.
-        let watched = watcher.is_ok();
+        let watched = engine::watch_stop(scope, "echo-client-udp-stop", stop, finished, wakers);
         let mut handles = Vec::with_capacity(loops.len());
         for (index, mut event_loop) in loops.into_iter().enumerate() {
             event_loop.set_stop_watched(watched);
