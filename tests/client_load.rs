@@ -1037,3 +1037,121 @@ fn a_client_held_up_under_a_rate_sends_what_it_owes_as_buffers_come_back() {
         assert!(late >= 16.0, "only {late} echoes were late: {stdout}");
     });
 }
+
+/// Accepts on `listener` until `stop`, echoing each connection on a thread
+/// of its own; returns how many it accepted.
+fn count_accepts(
+    listener: TcpListener,
+    stop: std::sync::Arc<AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    listener
+        .set_nonblocking(true)
+        .expect("a nonblocking listener");
+    std::thread::spawn(move || {
+        let mut accepted = 0;
+        while !stop.load(Ordering::SeqCst) {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    accepted += 1;
+                    stream.set_nonblocking(false).expect("a blocking stream");
+                    std::thread::spawn(move || common::client::std_echo(stream));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        accepted
+    })
+}
+
+#[test]
+fn connections_not_yet_started_when_the_schedule_is_through_never_start() {
+    with_time_limit(LIMIT, || {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind on loopback");
+        let addr = listener.local_addr().expect("bound address").to_string();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let accepting = count_accepts(listener, std::sync::Arc::clone(&stop));
+        // Ten echoes at 100 a second are through in a tenth of a second,
+        // on the first connection; the next would open half a second in.
+        let run = run_client(
+            &[
+                &addr,
+                "--rate",
+                "100",
+                "--repeat",
+                "1",
+                "--connections",
+                "10",
+                "--connect-rate",
+                "2",
+                "--threads",
+                "1",
+                "-q",
+            ],
+            b"",
+            Duration::from_secs(60),
+        );
+        stop.store(true, Ordering::SeqCst);
+        let accepted = accepting.join().expect("the accepting thread");
+        assert_eq!(run.code(), Some(0), "{}", run.describe());
+        assert!(
+            accepted <= 5,
+            "{accepted} connections opened for a schedule through on the first\n{}",
+            run.describe()
+        );
+    });
+}
+
+/// Echoes each message 40 ms after it came whole (11-byte greetings are
+/// not used here: `--size 1000`).
+fn echoes_1000_bytes_40ms_late(mut stream: TcpStream) {
+    let mut message = [0u8; 1000];
+    while stream.read_exact(&mut message).is_ok() {
+        std::thread::sleep(Duration::from_millis(40));
+        if stream.write_all(&message).is_err() {
+            return;
+        }
+    }
+}
+
+#[test]
+fn a_rate_held_back_by_its_message_buffers_says_so_not_too_few_connections() {
+    with_time_limit(LIMIT, || {
+        let server = TestServer::start(echoes_1000_bytes_40ms_late);
+        // 100 a second with a 100 ms timeout: 10 messages counted. Held up
+        // for a second, the client owes 100 echoes with 40 connections
+        // free: the buffers hold it back, not the connections.
+        let child = Command::new(common::client::CLIENT)
+            .args([
+                &server.addr().to_string(),
+                "--size",
+                "1000",
+                "--connections",
+                "40",
+                "--threads",
+                "1",
+                "--rate",
+                "100",
+                "--timeout",
+                "100ms",
+                "--duration",
+                "3s",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the client binary starts");
+        let pid = child.id() as libc::pid_t;
+        std::thread::sleep(Duration::from_millis(1000));
+        // SAFETY: kill takes no pointers; `pid` is our own child, not yet reaped.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        std::thread::sleep(Duration::from_secs(1));
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+        let output = child.wait_with_output().expect("the client ends");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            stdout.contains("as many --size messages were out as the memory check counted"),
+            "{stdout}"
+        );
+    });
+}

@@ -164,6 +164,27 @@ fn a_message_no_connection_takes_fails_after_the_timeout_instead_of_going_foreve
     });
 }
 
+#[test]
+fn after_a_message_no_connection_took_the_next_still_waits_for_its_interval() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = TestServer::start(declines_every_greeting);
+        let config = ClientConfig {
+            timeout: Duration::from_millis(300),
+            interval: Duration::from_secs(4),
+            ..reconnecting(server.addr(), 2)
+        };
+        let began = Instant::now();
+        let (report, seen) = run_and_record(&config);
+        let took = began.elapsed();
+        assert_eq!((report.sent, report.errors), (2, 2), "{report:?} {seen:?}");
+        // Message 1 fails after 300 ms; message 2 goes 4 s later and fails
+        // 300 ms after that: at least 4.6 s (a slow machine only adds).
+        // (A review read the code as sending it at once, at about 2 s: 300
+        // ms each and the pauses between connections that echoed nothing.)
+        assert!(took >= Duration::from_millis(4500), "took {took:?}");
+    });
+}
+
 /// Our server with an idle timeout shorter than the client's `--interval`
 /// ends every connection while the client waits for its next message: the
 /// message is not yet due, so the end costs nothing; the reconnect waits

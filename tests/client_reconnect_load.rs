@@ -693,3 +693,73 @@ fn at_a_rate_a_declined_message_keeps_its_due_time_so_its_round_trip_counts_the_
         assert!(*rtt >= Duration::from_millis(10), "{rtt:?} {report:?}");
     });
 }
+
+/// Connections numbered odd read one 1 MiB message whole and end without
+/// echoing it (declined); the others echo each message 300 ms late.
+fn declines_on_odd_connections_echoes_late_on_even(mut stream: TcpStream, number: usize) {
+    let mut message = vec![0u8; 1 << 20];
+    if number % 2 == 1 {
+        if stream.read_exact(&mut message).is_ok() {
+            // Errors here only mean the client is gone already.
+            let _ = stream.shutdown(Shutdown::Write);
+            let _ = io::copy(&mut stream, &mut io::sink());
+        }
+        return;
+    }
+    while stream.read_exact(&mut message).is_ok() {
+        thread::sleep(Duration::from_millis(300));
+        if stream.write_all(&message).is_err() {
+            return;
+        }
+    }
+}
+
+#[test]
+fn a_declined_message_resent_stays_within_the_buffers_the_memory_check_counted() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = TestServer::start_numbered(declines_on_odd_connections_echoes_late_on_even);
+        // 8 a second with a 2 s timeout: 16 messages of 1 MiB counted. The
+        // client is held up so that it owes more than that at once, while
+        // declined messages wait to go again. The test binary's client is
+        // a debug build, whose loop asserts the bound on every buffer it
+        // takes (a panic exits 101).
+        let child = Command::new(CLIENT)
+            .args([
+                &server.addr().to_string(),
+                "--size",
+                "1MiB",
+                "--connections",
+                "64",
+                "--threads",
+                "1",
+                "--rate",
+                "8",
+                "--timeout",
+                "2s",
+                "--reconnect",
+                "--duration",
+                "6s",
+                "-q",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the client binary starts");
+        let pid = child.id() as libc::pid_t;
+        thread::sleep(Duration::from_secs(1));
+        // SAFETY: kill takes no pointers; `pid` is our own child, not yet reaped.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        thread::sleep(Duration::from_secs(3));
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+        let output = child.wait_with_output().expect("the client ends");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        // A message declined on every try for a whole timeout may fail
+        // (exit 1); going past the bound panics.
+        assert!(
+            !stderr.contains("panicked") && output.status.code() != Some(101),
+            "{}: {stderr}",
+            output.status
+        );
+    });
+}

@@ -117,6 +117,10 @@ pub(super) struct ConnectionTally {
     /// Of `late`, the echoes that waited for a free connection (every one
     /// had an echo out), rather than for the loop itself.
     pub late_for_connection: u64,
+    /// Of `late`, the echoes that found a connection free but waited for a
+    /// buffer: the loop had as many `--size` messages out as the memory
+    /// check counted.
+    pub late_for_buffer: u64,
     /// With `--rate`: the echoes due and never sent, or still out when
     /// their wait ran out, each with the time it had waited by then (a
     /// lower bound of its round trip). Kept apart from `rtt`, whose p99

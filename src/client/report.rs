@@ -90,6 +90,10 @@ pub struct RateReport {
     /// every one had an echo out (a slow server, or too few connections);
     /// the rest found one free, and waited for the client itself (its CPU).
     pub late_for_connection: u64,
+    /// Of `late`, the echoes that found a connection free but waited for a
+    /// message buffer: with `--size`, the client keeps no more messages out
+    /// than its memory check counted (the rate times `--timeout`).
+    pub late_for_buffer: u64,
     /// Round trips in [`Report::rtt`] that are lower bounds: echoes unsent,
     /// or still out when their wait ran out (timed out, or stopped), each
     /// counted with the time it had waited by then, as wrk2 does, so that
@@ -152,6 +156,7 @@ impl Report {
                 most_late: Duration::ZERO,
                 lower_bounds: 0,
                 late_for_connection: 0,
+                late_for_buffer: 0,
             }),
         };
         let mut failures = std::collections::BTreeMap::new();
@@ -167,6 +172,7 @@ impl Report {
                 rate.most_late = rate.most_late.max(tally.most_late);
                 rate.lower_bounds += tally.lower_bounds.count();
                 rate.late_for_connection += tally.late_for_connection;
+                rate.late_for_buffer += tally.late_for_buffer;
                 report.rtt.merge(&tally.lower_bounds);
             }
             report.sent += tally.sent;
@@ -342,7 +348,9 @@ impl Report {
                 // found a connection free and still went late waited for
                 // the client's own loop.
                 let waited = rate.late_for_connection + rate.unsent;
-                let why = if waited.saturating_mul(2) >= rate.late + rate.unsent {
+                let why = if rate.late_for_buffer.saturating_mul(2) >= rate.late + rate.unsent {
+                    "as many --size messages were out as the memory check counted (the rate times --timeout: a slow or stalled server, or the client held up)"
+                } else if waited.saturating_mul(2) >= rate.late + rate.unsent {
                     "every connection had an echo out or had ended (a slow or stalled server, connections it closed, or too few --connections for the rate times the round trip)"
                 } else {
                     "connections were free but the client fell behind (its CPU), more --threads may help"

@@ -141,6 +141,13 @@ pub(in crate::client) struct EventLoop<'p, F> {
     /// waits while the loop is at its most.
     buffers_out: u64,
     most_buffers: u64,
+    /// Declined messages waiting to be sent again (`--reconnect`): each
+    /// keeps its place under `most_buffers`, so that its resend never
+    /// goes past it.
+    declined_waiting: u64,
+    /// With `--rate`: an echo due waited while a connection was free,
+    /// because the loop was at its most buffers out.
+    held_for_buffer: bool,
     stopped: bool,
     stop_watched: bool,
     /// `--duration`'s end, and whether the idle connections were closed then.
@@ -380,6 +387,8 @@ where
             pool: Vec::new(),
             buffers_out: 0,
             most_buffers,
+            declined_waiting: 0,
+            held_for_buffer: false,
             stopped: false,
             stop_watched: true,
             ends: plan.ends(),
@@ -893,9 +902,14 @@ where
         let room = self.has_buffer_room();
         let connection = &mut self.connections[index];
         if let Some(schedule) = &mut self.schedule {
-            // At its most buffers out, the loop leaves the echo due to
-            // `send_due`, once one comes back.
-            let late = if room { schedule.take_late() } else { None };
+            // Connections already free (at the loop's most buffers out)
+            // go first; `send_due` hands them the echoes due, oldest first,
+            // as buffers come back.
+            let late = if room && schedule.free.is_empty() {
+                schedule.take_late()
+            } else {
+                None
+            };
             match late {
                 Some(due) => {
                     if now.saturating_duration_since(due) > LATE_AFTER {
@@ -953,6 +967,10 @@ where
     /// for one the server declined (`--reconnect`), which counts as resent
     /// rather than sent, and whose lateness was counted when it first went.
     fn start_message(&mut self, index: usize, seq: u64, due: Instant, now: Instant, again: bool) {
+        if again {
+            // Its place under the cap becomes the buffer it takes now.
+            self.declined_waiting -= 1;
+        }
         let plan = self.plan;
         let len = plan.config.payload.len();
         let connection = &mut self.connections[index];
@@ -978,6 +996,15 @@ where
                 buf.resize(len, 0);
                 payload::fill(&mut buf, plan.seed, connection.number, seq);
                 self.buffers_out += 1;
+                // The bound the memory check counted on (a resend takes
+                // the place its declined message kept).
+                debug_assert!(
+                    self.buffers_out + self.declined_waiting <= self.most_buffers,
+                    "{} buffers out and {} declined, over the loop's {}",
+                    self.buffers_out,
+                    self.declined_waiting,
+                    self.most_buffers
+                );
                 Some(buf)
             }
         };
@@ -1178,6 +1205,7 @@ where
                 seq: echo.seq,
                 due: echo.due,
             });
+            self.declined_waiting += 1;
             rejoin.waited(now);
             self.tally.bytes_sent += echo.written as u64;
             self.let_go(index, Reconnect::Declined { seq: echo.seq }, now);
@@ -1331,6 +1359,7 @@ where
             let repeat = self.plan.config.repeat;
             let seq = match rejoin.pending.take() {
                 Some(pending) => {
+                    self.declined_waiting -= 1;
                     if self.schedule.is_some() {
                         self.tally
                             .lower_bounds
@@ -1453,6 +1482,7 @@ where
             .as_mut()
             .and_then(|rejoin| rejoin.pending.take());
         if let Some(pending) = pending {
+            self.declined_waiting -= 1;
             self.tally.sent -= 1;
             if self.schedule.is_some() {
                 self.tally.unsent += 1;
@@ -1593,7 +1623,8 @@ where
     /// True if one more `--size` echo may go out (a `--message` echo takes
     /// no buffer of its own).
     fn has_buffer_room(&self) -> bool {
-        matches!(self.plan.config.payload, Payload::Text(_)) || self.buffers_out < self.most_buffers
+        matches!(self.plan.config.payload, Payload::Text(_))
+            || self.buffers_out + self.declined_waiting < self.most_buffers
     }
 
     /// Adds to this loop's interval counts, with `--report-every`.
@@ -1769,11 +1800,7 @@ where
     /// What a stop and the end of `--duration` share: connections not yet
     /// started never start, and echoes due and not sent never go.
     fn stop_sending(&mut self, now: Instant) {
-        for index in self.next_unstarted..self.connections.len() {
-            self.connections[index].state = State::Done;
-            self.open -= 1;
-        }
-        self.next_unstarted = self.connections.len();
+        self.never_start_the_rest();
         if self.plan.config.reconnect {
             // Reconnects pausing or connecting have nothing left to send.
             for index in 0..self.connections.len() {
@@ -1831,20 +1858,41 @@ where
             let due = schedule.due(schedule.issued);
             self.loop_wake = Some(self.loop_wake.map_or(due, |wake| wake.min(due)));
         }
-        while self.has_buffer_room()
-            && let Some(schedule) = &mut self.schedule
-            && schedule.late() > 0
-        {
-            let Some((index, ticket)) = schedule.free.pop_front() else {
+        loop {
+            let room = self.has_buffer_room();
+            let Some(schedule) = &mut self.schedule else {
+                break;
+            };
+            if schedule.late() == 0 {
+                break;
+            }
+            let Some(&(index, ticket)) = schedule.free.front() else {
                 break;
             };
             // Ended, or let go, since it came free.
             if !is_free(&self.connections[index], ticket) {
+                schedule.free.pop_front();
                 continue;
             }
+            if !room {
+                // A connection is free, but not a buffer.
+                self.held_for_buffer = true;
+                break;
+            }
+            schedule.free.pop_front();
             self.connections[index].free_ticket = None;
             let due = schedule.take_late().expect("an echo is due");
+            if self.held_for_buffer && now.saturating_duration_since(due) > LATE_AFTER {
+                self.tally.late_for_buffer += 1;
+            }
             self.start_echo(index, due, now);
+        }
+        if self
+            .schedule
+            .as_ref()
+            .is_some_and(|schedule| schedule.late() == 0)
+        {
+            self.held_for_buffer = false;
         }
         if self.schedule.as_ref().is_some_and(Schedule::finished) {
             self.schedule_through(now);
@@ -1860,6 +1908,8 @@ where
             return;
         }
         self.sending_ended = Some(now);
+        // Nothing is left for connections not yet started.
+        self.never_start_the_rest();
         self.close_idle(now);
         if self.plan.config.reconnect {
             for index in 0..self.connections.len() {
@@ -1872,6 +1922,15 @@ where
                 }
             }
         }
+    }
+
+    /// Connections not yet started are done without starting.
+    fn never_start_the_rest(&mut self) {
+        for index in self.next_unstarted..self.connections.len() {
+            self.connections[index].state = State::Done;
+            self.open -= 1;
+        }
+        self.next_unstarted = self.connections.len();
     }
 
     /// The loop's poll failed: every connection still open fails with it.
