@@ -2,16 +2,19 @@
 //! event loops (`--threads`) with every echo checked, `--rate` sending the
 //! datagrams it was asked for over every flow, `--duration` ending the
 //! sending, `--report-every` as JSON Lines before the summary, a rate the
-//! client cannot keep said so in the summary, and a loop that cannot be
-//! made failing only its own flows. Counts, never timings: a
-//! loaded 2-core machine only makes a run slower, and every bound here
-//! holds however slow it is.
+//! client cannot keep said so in the summary, a stop ending a hundred
+//! flows of one loop together, and a loop that cannot be made failing
+//! only its own flows. Counts, not timings: a loaded 2-core machine only
+//! makes a run slower, and every bound here holds however slow it is; the
+//! one time bound, on the stop, leaves five times what it needs and half
+//! what the flows took ending one after another.
 
 mod common;
 
 use std::collections::HashMap;
 use std::io::Read;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -331,6 +334,69 @@ fn a_rate_the_client_cannot_keep_is_said_with_the_numbers() {
         );
         let achieved = rate.number("achieved").expect("achieved");
         assert!(achieved < 50.0, "achieved {achieved}\n{}", run.describe());
+    });
+}
+
+#[test]
+fn a_stop_with_datagrams_out_on_a_hundred_flows_of_one_loop_ends_them_together() {
+    with_time_limit(TEST_LIMIT, || {
+        const FLOWS: u64 = 100;
+        // A server that never answers: every flow has datagrams out at the
+        // stop, and no ICMP error comes back for them.
+        let received = Arc::new(AtomicU64::new(0));
+        let seen = Arc::clone(&received);
+        let server = UdpTestServer::start(move |_, _| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            Vec::new()
+        });
+        let addr = server.addr().to_string();
+        let mut child = Command::new(CLIENT)
+            .args([addr.as_str(), "--udp", "--json", "--size", "64"])
+            .args(["--connections", &FLOWS.to_string(), "--threads", "1"])
+            .args(["--repeat", "0", "--interval", "100ms", "--max-loss", "100%"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the client binary starts");
+        // Every flow has sent (so the client is up and its signals are
+        // handled) before the stop.
+        let began = Instant::now();
+        while received.load(Ordering::SeqCst) < FLOWS {
+            assert!(
+                began.elapsed() < LIMIT,
+                "the server saw {} datagrams in {LIMIT:?}",
+                received.load(Ordering::SeqCst)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+        let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+        assert_eq!(sent, 0, "kill(SIGINT) failed");
+        let stopped = Instant::now();
+        let mut stdout = String::new();
+        child
+            .stdout
+            .take()
+            .expect("stdout is piped")
+            .read_to_string(&mut stdout)
+            .expect("reading the client's stdout");
+        let status = child.wait().expect("waiting for the client");
+        let took = stopped.elapsed();
+        let json = Json::parse(&stdout).unwrap_or_else(|err| panic!("{err}: {stdout}"));
+        let (sent, lost) = (json.number("sent"), json.number("lost"));
+        assert!(
+            sent.is_some_and(|sent| sent >= FLOWS as f64) && sent == lost,
+            "every datagram sent is lost: {stdout}"
+        );
+        assert_eq!(status.code(), Some(0), "{stdout}");
+        // One second of patience before any echo, then 100 ms of listening,
+        // for every flow at once: about 1.1 s. Flows that took their
+        // listening one after another took 1 s + 100 × 0.1 s.
+        assert!(
+            took < Duration::from_secs(6),
+            "the stop of {FLOWS} flows on one loop took {took:?}: {stdout}"
+        );
     });
 }
 

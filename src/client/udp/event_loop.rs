@@ -60,6 +60,9 @@ pub(super) struct EventLoop<'a, F> {
     results: Vec<FlowResult>,
     /// (instant, flow index), earliest first; see [`Flow::armed`].
     timers: BinaryHeap<Reverse<(Instant, usize)>>,
+    /// The flows [`fire_timers`](Self::fire_timers) steps in one pass,
+    /// kept to reuse its memory.
+    due: Vec<usize>,
     buffers: Buffers,
     /// What the flows did since the last flush to `interval`.
     tally: UdpIntervalTally,
@@ -162,6 +165,7 @@ where
             flows,
             results,
             timers: BinaryHeap::new(),
+            due: Vec::new(),
             buffers,
             tally,
             interval,
@@ -250,10 +254,13 @@ where
         self.poll.poll(events, timeout)
     }
 
-    /// Steps the flows whose instant has come by `now`. A flow that asks to
-    /// go on at once asks for an instant after `now`, so it is stepped
-    /// again after the next poll, not in this pass.
+    /// Steps the flows whose instant has come by `now`, each once: the
+    /// entries due are taken before any flow is stepped, so a flow that
+    /// asks again for an instant already come (to go on at once) is
+    /// stepped after the next poll, never over and over in this pass
+    /// while the loop's other flows wait.
     fn fire_timers(&mut self, now: Instant) {
+        let mut due = std::mem::take(&mut self.due);
         while let Some(&Reverse((at, index))) = self.timers.peek() {
             if at > now {
                 break;
@@ -267,8 +274,13 @@ where
                 continue;
             }
             flow.armed = None;
+            due.push(index);
+        }
+        for &index in &due {
             self.step(index);
         }
+        due.clear();
+        self.due = due;
     }
 
     /// Steps flow `index` and sets what it waits for next.

@@ -445,7 +445,11 @@ where
         if let Some(deadline) = self.ledger.next_deadline() {
             wake = wake.min(deadline_after(self.epoch, deadline));
         }
-        if let Some((until, _)) = stop_patience {
+        // Once nothing is out the patience is spent: its instant, passed,
+        // would only wake the flow again at once.
+        if let Some((until, _)) = stop_patience
+            && !self.ledger.is_idle()
+        {
             wake = wake.min(until);
         }
         if let Some((_, until)) = self.settled {
