@@ -1,7 +1,7 @@
 //! `echo-client --udp` as a load generator: thousands of flows on a few
 //! event loops (`--threads`) with every echo checked, `--rate` sending the
 //! datagrams it was asked for over every flow, `--duration` ending the
-//! sending, `--report-every` as JSON Lines before the summary, a rate the
+//! sending (counted from when the sockets are open), `--report-every` as JSON Lines before the summary, a rate the
 //! client cannot keep said so in the summary, a stop ending a hundred
 //! flows of one loop together, and a loop that cannot be made failing
 //! only its own flows. Counts, not timings: a loaded 2-core machine only
@@ -13,6 +13,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::Read;
+use std::num::NonZeroUsize;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,6 +22,8 @@ use std::time::{Duration, Instant};
 use common::client::{CLIENT, Json, Run, run_client};
 use common::udp::{Reply, UdpTestServer};
 use common::{ServerProcess, limit_open_files, need_open_files, run_command, with_time_limit};
+use echo_chamber::client::udp::{self, UdpEvent};
+use echo_chamber::client::{ClientConfig, Payload, StopHandle};
 
 /// The most one client process may run; it is killed after that.
 const LIMIT: Duration = Duration::from_secs(60);
@@ -188,6 +191,36 @@ fn rate_sends_about_rate_times_duration_over_every_flow() {
             "one flow sent {most}: {per_port:?}\n{}",
             run.describe()
         );
+    });
+}
+
+#[test]
+fn duration_counts_from_when_every_socket_is_open() {
+    with_time_limit(TEST_LIMIT, || {
+        const RATE: u64 = 20;
+        let server = UdpTestServer::echo();
+        let config = ClientConfig {
+            target: server.addr().to_string().parse().expect("a target"),
+            payload: Payload::Generated {
+                size: NonZeroUsize::new(64).expect("64 is not 0"),
+            },
+            repeat: 0,
+            rate: Some(RATE),
+            duration: Some(Duration::from_secs(1)),
+            ..ClientConfig::default()
+        };
+        // The flow is told of as its socket opens: opening it takes 800 ms.
+        let observer = |event: &UdpEvent<'_>| {
+            if matches!(event, UdpEvent::Started { .. }) {
+                std::thread::sleep(Duration::from_millis(800));
+            }
+        };
+        let report = udp::run(&config, &observer, &StopHandle::new()).expect("a valid config");
+        let rate = report.rate.expect("a --rate run reports its rate");
+        // A second of schedule at 20 a second: 20 datagrams due, each sent
+        // or (on a slow machine) counted unsent. Counting the second from
+        // before the socket opened left 200 ms of it: 4 due.
+        assert_eq!(report.counts.sent + rate.unsent, RATE, "{report:?}");
     });
 }
 

@@ -169,8 +169,9 @@ struct Context<'a, F> {
 /// When `stop` fires, flows send no more; a datagram still out may stay
 /// unanswered for twice the flow's p99 round trip (at least 0.1 s, 1 s
 /// before any echo, at most the timeout) before it counts as lost. When
-/// `duration` is over, flows send no more and the datagrams out get their
-/// whole timeout.
+/// `duration` is over, counted from when the schedules start (once every
+/// flow's socket is open), flows send no more and the datagrams out get
+/// their whole timeout.
 ///
 /// Network failures do not make this return `Err`: they are counted in the
 /// [`UdpReport`] and passed to the observer.
@@ -265,11 +266,12 @@ where
         }
     }
     // The schedules start once every flow is open, so that opening
-    // thousands of sockets does not make the first sends late.
+    // thousands of sockets does not make the first sends late; `--duration`
+    // counts from there too, as opening them is no time to send in.
     let start = Instant::now();
     let ends = config
         .duration
-        .map(|duration| crate::deadline::deadline_after(started, duration));
+        .map(|duration| crate::deadline::deadline_after(start, duration));
     let wakers: Vec<Arc<Waker>> = loops.iter().map(EventLoop::waker).collect();
     std::thread::scope(|scope| {
         // Dropping `done` ends the watcher and the reporter when the loops
