@@ -1,13 +1,14 @@
 //! `echo-client --udp` as a load generator: thousands of flows on a few
 //! event loops (`--threads`) with every echo checked, `--rate` sending the
-//! datagrams it was asked for over every flow, `--duration` ending the
-//! sending (counted from when the sockets are open), `--report-every` as JSON Lines before the summary, a rate the
-//! client cannot keep said so in the summary, a stop ending a hundred
-//! flows of one loop together, and a loop that cannot be made failing
-//! only its own flows. Counts, not timings: a loaded 2-core machine only
-//! makes a run slower, and every bound here holds however slow it is; the
-//! one time bound, on the stop, leaves five times what it needs and half
-//! what the flows took ending one after another.
+//! datagrams it was asked for over every flow (and saying no more than it
+//! sent when `--repeat` ends it), `--duration` ending the sending (counted
+//! from when the sockets are open), `--report-every` as JSON Lines before
+//! the summary, a rate the client cannot keep said so in the summary, a
+//! stop ending a hundred flows of one loop together, and a loop that cannot
+//! be made failing only its own flows. Counts, not timings: a loaded
+//! 2-core machine only makes a run slower, and every bound here holds
+//! however slow it is; the one time bound, on the stop, leaves five times
+//! what it needs and half what the flows took ending one after another.
 
 mod common;
 
@@ -221,6 +222,38 @@ fn duration_counts_from_when_every_socket_is_open() {
         // or (on a slow machine) counted unsent. Counting the second from
         // before the socket opened left 200 ms of it: 4 due.
         assert_eq!(report.counts.sent + rate.unsent, RATE, "{report:?}");
+    });
+}
+
+#[test]
+fn the_rate_sent_by_a_run_that_repeat_ends_is_at_most_the_rate_asked() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = UdpTestServer::echo();
+        // (rate, flows, datagrams per flow): 2 datagrams of one flow 50 ms
+        // apart, or 4 flows' one each 12.5 ms apart, take 100 ms of turns.
+        for (rate, flows, repeat) in [(20, 1, 2), (40, 4, 1)] {
+            let config = ClientConfig {
+                target: server.addr().to_string().parse().expect("a target"),
+                payload: Payload::Generated {
+                    size: NonZeroUsize::new(64).expect("64 is not 0"),
+                },
+                repeat,
+                rate: Some(rate),
+                connections: NonZeroUsize::new(flows).expect("flows are not 0"),
+                ..ClientConfig::default()
+            };
+            let report = udp::run(&config, &|_: &UdpEvent<'_>| {}, &StopHandle::new())
+                .expect("a valid config");
+            let rate_line = report.rate.expect("a --rate run reports its rate");
+            assert_eq!(report.counts.sent, flows as u64 * repeat, "{report:?}");
+            // No datagram goes before its time, so a slow machine only
+            // makes the rate sent lower. Counting the gaps between sends
+            // rather than the turns said 40/s and 53/s.
+            assert!(
+                rate_line.achieved > 0.0 && rate_line.achieved <= rate as f64 * 1.01,
+                "--rate {rate} over {flows} flows, {repeat} each: {rate_line:?}"
+            );
+        }
     });
 }
 

@@ -465,7 +465,8 @@ fn merge(
     }
     report.rate = config.rate.map(|asked| {
         // From the start of the schedules to when the last flow stopped
-        // sending.
+        // sending: the stop, the end of --duration, or the end of the last
+        // datagram's turn.
         let span = match (start, pace.sending_ended) {
             (Some(start), Some(ended)) => ended.saturating_duration_since(start),
             _ => Duration::ZERO,

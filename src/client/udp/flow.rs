@@ -86,8 +86,9 @@ pub(super) struct Pace {
     pub window_waits: u64,
     /// Sends that found the socket's send buffer full.
     pub buffer_waits: u64,
-    /// When the flow stopped sending: its last send, the stop, or the end
-    /// of `--duration`.
+    /// When the flow stopped sending: the end of its last datagram's turn
+    /// in the run's schedule (its send, plus the gap between two sends of
+    /// the run, `interval / flows`), the stop, or the end of `--duration`.
     pub sending_ended: Option<Instant>,
 }
 
@@ -406,7 +407,9 @@ where
             burst += 1;
             self.next_send = deadline_after(self.next_send, self.interval);
             if !more(self) {
-                self.end_sending(Instant::now(), false);
+                // N sends take N turns, not the N − 1 gaps between them.
+                let turn = self.interval.div_f64(config.connections.get() as f64);
+                self.end_sending(deadline_after(Instant::now(), turn), false);
             }
         }
         if drained && !more(self) && self.ledger.is_idle() {
