@@ -3,12 +3,13 @@
 //! datagrams it was asked for over every flow (and saying no more than it
 //! sent when `--repeat` ends it), `--duration` ending the sending (counted
 //! from when the sockets are open), `--report-every` as JSON Lines before
-//! the summary, a rate the client cannot keep said so in the summary, a
-//! stop ending a hundred flows of one loop together, and a loop that cannot
-//! be made failing only its own flows. Counts, not timings: a loaded
-//! 2-core machine only makes a run slower, and every bound here holds
-//! however slow it is; the one time bound, on the stop, leaves five times
-//! what it needs and half what the flows took ending one after another.
+//! the summary (its bytes echoed counted as the summary's), a rate the
+//! client cannot keep said so in the summary, a stop ending a hundred flows
+//! of one loop together, and a loop that cannot be made failing only its
+//! own flows. Counts, not timings: a loaded 2-core machine only makes a run
+//! slower, and every bound here holds however slow it is; the one time
+//! bound, on the stop, leaves five times what it needs and half what the
+//! flows took ending one after another.
 
 mod common;
 
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 use common::client::{CLIENT, Json, Run, run_client};
 use common::udp::{Reply, UdpTestServer};
 use common::{ServerProcess, limit_open_files, need_open_files, run_command, with_time_limit};
-use echo_chamber::client::udp::{self, UdpEvent};
+use echo_chamber::client::udp::{self, UdpEvent, UdpInterval};
 use echo_chamber::client::{ClientConfig, Payload, StopHandle};
 
 /// The most one client process may run; it is killed after that.
@@ -329,6 +330,56 @@ fn report_every_with_json_gives_json_lines_then_the_summary() {
             "{}",
             run.describe()
         );
+    });
+}
+
+#[test]
+fn intervals_count_the_bytes_of_late_echoes_as_the_summary_does() {
+    with_time_limit(TEST_LIMIT, || {
+        const SIZE: u64 = 64;
+        // The first datagram comes back 300 ms late for its 200 ms timeout,
+        // while the flow still sends; the others at once.
+        let server = UdpTestServer::start(|index, datagram| {
+            if index == 1 {
+                vec![Reply::later(Duration::from_millis(300), datagram)]
+            } else {
+                vec![Reply::now(datagram)]
+            }
+        });
+        let config = ClientConfig {
+            target: server.addr().to_string().parse().expect("a target"),
+            payload: Payload::Generated {
+                size: NonZeroUsize::new(SIZE as usize).expect("not 0"),
+            },
+            repeat: 20,
+            interval: Duration::from_millis(50),
+            timeout: Duration::from_millis(200),
+            report_every: Some(Duration::from_millis(100)),
+            ..ClientConfig::default()
+        };
+        let intervals = Mutex::new(Vec::new());
+        let report = udp::run_with_intervals(
+            &config,
+            &|_: &UdpEvent<'_>| {},
+            &|interval: &UdpInterval| intervals.lock().expect("intervals").push(interval.clone()),
+            &StopHandle::new(),
+        )
+        .expect("a valid config");
+        let intervals = intervals.into_inner().expect("intervals");
+        let (echoes, bytes) = intervals.iter().fold((0, 0), |(echoes, bytes), interval| {
+            (echoes + interval.echoes, bytes + interval.bytes_echoed)
+        });
+        let counts = report.counts;
+        assert_eq!(
+            (counts.sent, counts.echoed, counts.lost, counts.late),
+            (20, 19, 1, 1),
+            "{report:?}"
+        );
+        assert_eq!(echoes, counts.echoed, "{intervals:?}");
+        // 19 echoes in time and the late one, in the summary and the
+        // intervals alike; the intervals once left the late one out.
+        assert_eq!(report.bytes_echoed, 20 * SIZE, "{report:?}");
+        assert_eq!(bytes, report.bytes_echoed, "{intervals:?}\n{report:?}");
     });
 }
 

@@ -589,7 +589,10 @@ where
                 return;
             }
             Verdict::Late { seq, rtt } => {
+                // Its bytes came back, late: they count in MB/s echoed, in
+                // the summary and in the interval alike.
                 self.bytes_echoed += echo.len() as u64;
+                tally.bytes_echoed += echo.len() as u64;
                 UdpFailureKind::Late { seq, peer, rtt }
             }
             Verdict::Duplicated { seq } => UdpFailureKind::Duplicated { seq, peer },
