@@ -11,10 +11,10 @@
 //! heap, the earliest instant it cares about; an entry it no longer wants
 //! is skipped when it comes up.
 //!
-//! The wait itself is a `ppoll` on the loop's epoll descriptor (see
-//! `socket::poll`), whose timeout is as fine as the timer, so that sends
-//! under a millisecond apart keep their schedule; mio's own timeout counts
-//! whole milliseconds.
+//! mio's own wait counts whole milliseconds: a loop waits with it for the
+//! whole milliseconds of a wait, then the rest (under a millisecond) with a
+//! `ppoll` on its epoll descriptor (see `socket::poll`), as fine as the
+//! timer, so that sends under a millisecond apart keep their schedule.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -37,6 +37,9 @@ const WAKE: Token = Token(0);
 
 /// Events taken from one poll.
 const EVENTS: usize = 1024;
+
+/// mio's waits count whole milliseconds; a shorter one is a `ppoll`.
+const MILLISECOND: Duration = Duration::from_millis(1);
 
 /// Without the stop watcher thread, how often a loop looks at the stop
 /// handle.
@@ -242,16 +245,26 @@ where
     }
 
     /// Waits for events up to `timeout` (`None`: until one comes), finer
-    /// than a millisecond.
+    /// than a millisecond, in one system call unless events come from a
+    /// wait under a millisecond: a wait of a millisecond or more is mio's
+    /// own for its whole milliseconds (never late; the loop waits out the
+    /// rest next), a shorter one a `ppoll` on the epoll descriptor, then
+    /// mio's to take the events only if it found some.
     fn wait(&mut self, events: &mut Events, timeout: Option<Duration>) -> io::Result<()> {
-        if let Some(left) = timeout
-            && !left.is_zero()
-        {
-            // The epoll descriptor is readable when it has events.
-            super::socket::poll(&self.poll, false, None, left)?;
+        let Some(left) = timeout.filter(|left| !left.is_zero()) else {
+            return self.poll.poll(events, timeout);
+        };
+        if left >= MILLISECOND {
+            let whole = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+            return self.poll.poll(events, Some(Duration::from_millis(whole)));
+        }
+        // The epoll descriptor is readable when it has events.
+        if super::socket::poll(&self.poll, false, None, left)? {
             return self.poll.poll(events, Some(Duration::ZERO));
         }
-        self.poll.poll(events, timeout)
+        // None came in time (or a signal did).
+        events.clear();
+        Ok(())
     }
 
     /// Steps the flows whose instant has come by `now`, each once: the
