@@ -5,11 +5,11 @@
 //! from when the sockets are open), `--report-every` as JSON Lines before
 //! the summary (its bytes echoed counted as the summary's), a rate the
 //! client cannot keep said so in the summary, a stop ending a hundred flows
-//! of one loop together, and a loop that cannot be made failing only its
-//! own flows. Counts, not timings: a loaded 2-core machine only makes a run
-//! slower, and every bound here holds however slow it is; the one time
-//! bound, on the stop, leaves five times what it needs and half what the
-//! flows took ending one after another.
+//! of one loop together, and a loop that cannot be made failing only its own
+//! flows (in the intervals too). Counts, not timings: a loaded 2-core
+//! machine only makes a run slower, and every bound here holds however slow
+//! it is; the one time bound, on the stop, leaves five times what it needs
+//! and half what the flows took ending one after another.
 
 mod common;
 
@@ -564,5 +564,66 @@ fn a_loop_that_cannot_be_made_fails_its_flows_and_the_others_run() {
         assert_eq!(sent + errors, FLOWS, "{}", run.describe());
         assert_eq!(echoed, sent, "{}", run.describe());
         assert_eq!(run.code(), Some(1), "{}", run.describe());
+    });
+}
+
+#[test]
+fn the_flows_of_a_loop_that_cannot_be_made_count_in_the_intervals_too() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = UdpTestServer::start(|_, datagram| vec![Reply::now(datagram)]);
+        let addr = server.addr().to_string();
+        let args = [
+            addr.as_str(),
+            "--udp",
+            "--json",
+            "--connections",
+            "100",
+            "--threads",
+            "2",
+            "--report-every",
+            "100ms",
+        ];
+        let mut command = Command::new(CLIENT);
+        command.args(args);
+        // As above: the second loop gets no epoll.
+        limit_open_files(&mut command, 48);
+        let output = run_command(command, b"", Stdio::piped(), LIMIT);
+        let run = Run {
+            command: format!("{CLIENT} {}", args.join(" ")),
+            status: output.status,
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            elapsed: Duration::ZERO,
+        };
+        let lines: Vec<Json> = run
+            .stdout
+            .lines()
+            .map(|line| Json::parse(line).unwrap_or_else(|err| panic!("{err}\n{}", run.describe())))
+            .collect();
+        let Some((summary, intervals)) = lines.split_last() else {
+            panic!("no output\n{}", run.describe());
+        };
+        let sum = |key: &str| -> u64 {
+            intervals
+                .iter()
+                .map(|interval| count(&run, interval, key))
+                .sum()
+        };
+        assert!(
+            run.stderr
+                .contains("cannot make an event loop for the flow"),
+            "{}",
+            run.describe()
+        );
+        let errors = count(&run, summary, "errors");
+        assert!(errors >= 50, "{}", run.describe());
+        // Every flow that failed is in an interval, the loop's too.
+        assert_eq!(sum("errors"), errors, "{}", run.describe());
+        assert_eq!(
+            sum("sent"),
+            count(&run, summary, "sent"),
+            "{}",
+            run.describe()
+        );
     });
 }

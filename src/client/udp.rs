@@ -262,7 +262,13 @@ where
         ) {
             Ok(event_loop) => loops.push(event_loop),
             // No epoll, eventfd or memory left: its flows fail, the rest run.
-            Err(error) => results.extend(event_loop::unstarted(&context, threads, index, &error)),
+            Err(error) => results.extend(event_loop::unstarted(
+                &context,
+                threads,
+                index,
+                &error,
+                intervals.get(index),
+            )),
         }
     }
     // The schedules start once every flow is open, so that opening
@@ -299,7 +305,13 @@ where
                 .spawn_scoped(scope, move || event_loop.run(start, ends));
             if let Err(error) = spawned {
                 // Out of threads: its flows are counted failed, the rest run.
-                results.extend(event_loop::unstarted(&context, threads, index, &error));
+                results.extend(event_loop::unstarted(
+                    &context,
+                    threads,
+                    index,
+                    &error,
+                    intervals.get(index),
+                ));
                 continue;
             }
             handles.extend(spawned.ok());

@@ -83,24 +83,33 @@ pub(super) fn numbers(flows: usize, threads: usize, index: usize) -> impl Iterat
     (index + 1..=flows).step_by(threads)
 }
 
-/// What a loop that could not be made reports: each of its flows failed,
-/// with the loop's error.
+/// What a loop that could not be made (or run) reports: each of its flows
+/// failed, with the loop's error, counted in `interval` too, as a flow
+/// that cannot open is.
 pub(super) fn unstarted<F>(
     context: &Context<'_, F>,
     threads: usize,
     index: usize,
     error: &io::Error,
+    interval: Option<&Mutex<UdpIntervalTally>>,
 ) -> Vec<FlowResult>
 where
     F: Fn(&UdpEvent<'_>) + Sync,
 {
-    numbers(context.config.connections.get(), threads, index)
+    let mut tally = UdpIntervalTally::default();
+    let results = numbers(context.config.connections.get(), threads, index)
         .map(|number| {
             let error = io::Error::new(error.kind(), error.to_string());
-            context.fail(number, UdpFailureKind::Loop { error });
+            let kind = UdpFailureKind::Loop { error };
+            tally.count(&kind);
+            context.fail(number, kind);
             FlowResult::failed()
         })
-        .collect()
+        .collect();
+    if let Some(shared) = interval {
+        tally.flush_into(shared);
+    }
+    results
 }
 
 impl<'a, F> EventLoop<'a, F>
