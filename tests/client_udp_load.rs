@@ -1,23 +1,31 @@
 //! `echo-client --udp` as a load generator: thousands of flows on a few
 //! event loops (`--threads`) with every echo checked, `--rate` sending the
-//! datagrams it was asked for over every flow, `--duration` ending the
-//! sending, `--report-every` as JSON Lines before the summary, a rate the
-//! client cannot keep said so in the summary, and a loop that cannot be
-//! made failing only its own flows. Counts, never timings: a
-//! loaded 2-core machine only makes a run slower, and every bound here
-//! holds however slow it is.
+//! datagrams it was asked for over every flow (and saying no more than it
+//! sent when `--repeat` ends it), `--duration` ending the sending (counted
+//! from when the sockets are open), `--report-every` as JSON Lines before
+//! the summary (its bytes echoed counted as the summary's), a rate the
+//! client cannot keep said so in the summary, a stop ending a hundred flows
+//! of one loop together, and a loop that cannot be made failing only its own
+//! flows (in the intervals too). Counts, not timings: a loaded 2-core
+//! machine only makes a run slower, and every bound here holds however slow
+//! it is; the one time bound, on the stop, leaves five times what it needs
+//! and half what the flows took ending one after another.
 
 mod common;
 
 use std::collections::HashMap;
 use std::io::Read;
+use std::num::NonZeroUsize;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::client::{CLIENT, Json, Run, run_client};
 use common::udp::{Reply, UdpTestServer};
 use common::{ServerProcess, limit_open_files, need_open_files, run_command, with_time_limit};
+use echo_chamber::client::udp::{self, UdpEvent, UdpInterval};
+use echo_chamber::client::{ClientConfig, Payload, StopHandle};
 
 /// The most one client process may run; it is killed after that.
 const LIMIT: Duration = Duration::from_secs(60);
@@ -189,6 +197,68 @@ fn rate_sends_about_rate_times_duration_over_every_flow() {
 }
 
 #[test]
+fn duration_counts_from_when_every_socket_is_open() {
+    with_time_limit(TEST_LIMIT, || {
+        const RATE: u64 = 20;
+        let server = UdpTestServer::echo();
+        let config = ClientConfig {
+            target: server.addr().to_string().parse().expect("a target"),
+            payload: Payload::Generated {
+                size: NonZeroUsize::new(64).expect("64 is not 0"),
+            },
+            repeat: 0,
+            rate: Some(RATE),
+            duration: Some(Duration::from_secs(1)),
+            ..ClientConfig::default()
+        };
+        // The flow is told of as its socket opens: opening it takes 800 ms.
+        let observer = |event: &UdpEvent<'_>| {
+            if matches!(event, UdpEvent::Started { .. }) {
+                std::thread::sleep(Duration::from_millis(800));
+            }
+        };
+        let report = udp::run(&config, &observer, &StopHandle::new()).expect("a valid config");
+        let rate = report.rate.expect("a --rate run reports its rate");
+        // A second of schedule at 20 a second: 20 datagrams due, each sent
+        // or (on a slow machine) counted unsent. Counting the second from
+        // before the socket opened left 200 ms of it: 4 due.
+        assert_eq!(report.counts.sent + rate.unsent, RATE, "{report:?}");
+    });
+}
+
+#[test]
+fn the_rate_sent_by_a_run_that_repeat_ends_is_at_most_the_rate_asked() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = UdpTestServer::echo();
+        // (rate, flows, datagrams per flow): 2 datagrams of one flow 50 ms
+        // apart, or 4 flows' one each 12.5 ms apart, take 100 ms of turns.
+        for (rate, flows, repeat) in [(20, 1, 2), (40, 4, 1)] {
+            let config = ClientConfig {
+                target: server.addr().to_string().parse().expect("a target"),
+                payload: Payload::Generated {
+                    size: NonZeroUsize::new(64).expect("64 is not 0"),
+                },
+                repeat,
+                rate: Some(rate),
+                connections: NonZeroUsize::new(flows).expect("flows are not 0"),
+                ..ClientConfig::default()
+            };
+            let report = udp::run(&config, &|_: &UdpEvent<'_>| {}, &StopHandle::new())
+                .expect("a valid config");
+            let rate_line = report.rate.expect("a --rate run reports its rate");
+            assert_eq!(report.counts.sent, flows as u64 * repeat, "{report:?}");
+            // No datagram goes before its time, so a slow machine only
+            // makes the rate sent lower. Counting the gaps between sends
+            // rather than the turns said 40/s and 53/s.
+            assert!(
+                rate_line.achieved > 0.0 && rate_line.achieved <= rate as f64 * 1.01,
+                "--rate {rate} over {flows} flows, {repeat} each: {rate_line:?}"
+            );
+        }
+    });
+}
+
+#[test]
 fn duration_ends_an_unlimited_run() {
     with_time_limit(TEST_LIMIT, || {
         let server = UdpTestServer::start(|_, datagram| vec![Reply::now(datagram)]);
@@ -264,6 +334,56 @@ fn report_every_with_json_gives_json_lines_then_the_summary() {
 }
 
 #[test]
+fn intervals_count_the_bytes_of_late_echoes_as_the_summary_does() {
+    with_time_limit(TEST_LIMIT, || {
+        const SIZE: u64 = 64;
+        // The first datagram comes back 300 ms late for its 200 ms timeout,
+        // while the flow still sends; the others at once.
+        let server = UdpTestServer::start(|index, datagram| {
+            if index == 1 {
+                vec![Reply::later(Duration::from_millis(300), datagram)]
+            } else {
+                vec![Reply::now(datagram)]
+            }
+        });
+        let config = ClientConfig {
+            target: server.addr().to_string().parse().expect("a target"),
+            payload: Payload::Generated {
+                size: NonZeroUsize::new(SIZE as usize).expect("not 0"),
+            },
+            repeat: 20,
+            interval: Duration::from_millis(50),
+            timeout: Duration::from_millis(200),
+            report_every: Some(Duration::from_millis(100)),
+            ..ClientConfig::default()
+        };
+        let intervals = Mutex::new(Vec::new());
+        let report = udp::run_with_intervals(
+            &config,
+            &|_: &UdpEvent<'_>| {},
+            &|interval: &UdpInterval| intervals.lock().expect("intervals").push(interval.clone()),
+            &StopHandle::new(),
+        )
+        .expect("a valid config");
+        let intervals = intervals.into_inner().expect("intervals");
+        let (echoes, bytes) = intervals.iter().fold((0, 0), |(echoes, bytes), interval| {
+            (echoes + interval.echoes, bytes + interval.bytes_echoed)
+        });
+        let counts = report.counts;
+        assert_eq!(
+            (counts.sent, counts.echoed, counts.lost, counts.late),
+            (20, 19, 1, 1),
+            "{report:?}"
+        );
+        assert_eq!(echoes, counts.echoed, "{intervals:?}");
+        // 19 echoes in time and the late one, in the summary and the
+        // intervals alike; the intervals once left the late one out.
+        assert_eq!(report.bytes_echoed, 20 * SIZE, "{report:?}");
+        assert_eq!(bytes, report.bytes_echoed, "{intervals:?}\n{report:?}");
+    });
+}
+
+#[test]
 fn rate_with_interval_is_refused_naming_both() {
     with_time_limit(TEST_LIMIT, || {
         let run = run_client(
@@ -335,6 +455,69 @@ fn a_rate_the_client_cannot_keep_is_said_with_the_numbers() {
 }
 
 #[test]
+fn a_stop_with_datagrams_out_on_a_hundred_flows_of_one_loop_ends_them_together() {
+    with_time_limit(TEST_LIMIT, || {
+        const FLOWS: u64 = 100;
+        // A server that never answers: every flow has datagrams out at the
+        // stop, and no ICMP error comes back for them.
+        let received = Arc::new(AtomicU64::new(0));
+        let seen = Arc::clone(&received);
+        let server = UdpTestServer::start(move |_, _| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            Vec::new()
+        });
+        let addr = server.addr().to_string();
+        let mut child = Command::new(CLIENT)
+            .args([addr.as_str(), "--udp", "--json", "--size", "64"])
+            .args(["--connections", &FLOWS.to_string(), "--threads", "1"])
+            .args(["--repeat", "0", "--interval", "100ms", "--max-loss", "100%"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the client binary starts");
+        // Every flow has sent (so the client is up and its signals are
+        // handled) before the stop.
+        let began = Instant::now();
+        while received.load(Ordering::SeqCst) < FLOWS {
+            assert!(
+                began.elapsed() < LIMIT,
+                "the server saw {} datagrams in {LIMIT:?}",
+                received.load(Ordering::SeqCst)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+        let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+        assert_eq!(sent, 0, "kill(SIGINT) failed");
+        let stopped = Instant::now();
+        let mut stdout = String::new();
+        child
+            .stdout
+            .take()
+            .expect("stdout is piped")
+            .read_to_string(&mut stdout)
+            .expect("reading the client's stdout");
+        let status = child.wait().expect("waiting for the client");
+        let took = stopped.elapsed();
+        let json = Json::parse(&stdout).unwrap_or_else(|err| panic!("{err}: {stdout}"));
+        let (sent, lost) = (json.number("sent"), json.number("lost"));
+        assert!(
+            sent.is_some_and(|sent| sent >= FLOWS as f64) && sent == lost,
+            "every datagram sent is lost: {stdout}"
+        );
+        assert_eq!(status.code(), Some(0), "{stdout}");
+        // One second of patience before any echo, then 100 ms of listening,
+        // for every flow at once: about 1.1 s. Flows that took their
+        // listening one after another took 1 s + 100 × 0.1 s.
+        assert!(
+            took < Duration::from_secs(6),
+            "the stop of {FLOWS} flows on one loop took {took:?}: {stdout}"
+        );
+    });
+}
+
+#[test]
 fn a_loop_that_cannot_be_made_fails_its_flows_and_the_others_run() {
     with_time_limit(TEST_LIMIT, || {
         const FLOWS: u64 = 100;
@@ -381,5 +564,66 @@ fn a_loop_that_cannot_be_made_fails_its_flows_and_the_others_run() {
         assert_eq!(sent + errors, FLOWS, "{}", run.describe());
         assert_eq!(echoed, sent, "{}", run.describe());
         assert_eq!(run.code(), Some(1), "{}", run.describe());
+    });
+}
+
+#[test]
+fn the_flows_of_a_loop_that_cannot_be_made_count_in_the_intervals_too() {
+    with_time_limit(TEST_LIMIT, || {
+        let server = UdpTestServer::start(|_, datagram| vec![Reply::now(datagram)]);
+        let addr = server.addr().to_string();
+        let args = [
+            addr.as_str(),
+            "--udp",
+            "--json",
+            "--connections",
+            "100",
+            "--threads",
+            "2",
+            "--report-every",
+            "100ms",
+        ];
+        let mut command = Command::new(CLIENT);
+        command.args(args);
+        // As above: the second loop gets no epoll.
+        limit_open_files(&mut command, 48);
+        let output = run_command(command, b"", Stdio::piped(), LIMIT);
+        let run = Run {
+            command: format!("{CLIENT} {}", args.join(" ")),
+            status: output.status,
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            elapsed: Duration::ZERO,
+        };
+        let lines: Vec<Json> = run
+            .stdout
+            .lines()
+            .map(|line| Json::parse(line).unwrap_or_else(|err| panic!("{err}\n{}", run.describe())))
+            .collect();
+        let Some((summary, intervals)) = lines.split_last() else {
+            panic!("no output\n{}", run.describe());
+        };
+        let sum = |key: &str| -> u64 {
+            intervals
+                .iter()
+                .map(|interval| count(&run, interval, key))
+                .sum()
+        };
+        assert!(
+            run.stderr
+                .contains("cannot make an event loop for the flow"),
+            "{}",
+            run.describe()
+        );
+        let errors = count(&run, summary, "errors");
+        assert!(errors >= 50, "{}", run.describe());
+        // Every flow that failed is in an interval, the loop's too.
+        assert_eq!(sum("errors"), errors, "{}", run.describe());
+        assert_eq!(
+            sum("sent"),
+            count(&run, summary, "sent"),
+            "{}",
+            run.describe()
+        );
     });
 }

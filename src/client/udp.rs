@@ -169,8 +169,9 @@ struct Context<'a, F> {
 /// When `stop` fires, flows send no more; a datagram still out may stay
 /// unanswered for twice the flow's p99 round trip (at least 0.1 s, 1 s
 /// before any echo, at most the timeout) before it counts as lost. When
-/// `duration` is over, flows send no more and the datagrams out get their
-/// whole timeout.
+/// `duration` is over, counted from when the schedules start (once every
+/// flow's socket is open), flows send no more and the datagrams out get
+/// their whole timeout.
 ///
 /// Network failures do not make this return `Err`: they are counted in the
 /// [`UdpReport`] and passed to the observer.
@@ -261,15 +262,22 @@ where
         ) {
             Ok(event_loop) => loops.push(event_loop),
             // No epoll, eventfd or memory left: its flows fail, the rest run.
-            Err(error) => results.extend(event_loop::unstarted(&context, threads, index, &error)),
+            Err(error) => results.extend(event_loop::unstarted(
+                &context,
+                threads,
+                index,
+                &error,
+                intervals.get(index),
+            )),
         }
     }
     // The schedules start once every flow is open, so that opening
-    // thousands of sockets does not make the first sends late.
+    // thousands of sockets does not make the first sends late; `--duration`
+    // counts from there too, as opening them is no time to send in.
     let start = Instant::now();
     let ends = config
         .duration
-        .map(|duration| crate::deadline::deadline_after(started, duration));
+        .map(|duration| crate::deadline::deadline_after(start, duration));
     let wakers: Vec<Arc<Waker>> = loops.iter().map(EventLoop::waker).collect();
     std::thread::scope(|scope| {
         // Dropping `done` ends the watcher and the reporter when the loops
@@ -297,7 +305,13 @@ where
                 .spawn_scoped(scope, move || event_loop.run(start, ends));
             if let Err(error) = spawned {
                 // Out of threads: its flows are counted failed, the rest run.
-                results.extend(event_loop::unstarted(&context, threads, index, &error));
+                results.extend(event_loop::unstarted(
+                    &context,
+                    threads,
+                    index,
+                    &error,
+                    intervals.get(index),
+                ));
                 continue;
             }
             handles.extend(spawned.ok());
@@ -463,7 +477,8 @@ fn merge(
     }
     report.rate = config.rate.map(|asked| {
         // From the start of the schedules to when the last flow stopped
-        // sending.
+        // sending: the stop, the end of --duration, or the end of the last
+        // datagram's turn.
         let span = match (start, pace.sending_ended) {
             (Some(start), Some(ended)) => ended.saturating_duration_since(start),
             _ => Duration::ZERO,

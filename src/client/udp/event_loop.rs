@@ -11,10 +11,10 @@
 //! heap, the earliest instant it cares about; an entry it no longer wants
 //! is skipped when it comes up.
 //!
-//! The wait itself is a `ppoll` on the loop's epoll descriptor (see
-//! `socket::poll`), whose timeout is as fine as the timer, so that sends
-//! under a millisecond apart keep their schedule; mio's own timeout counts
-//! whole milliseconds.
+//! mio's own wait counts whole milliseconds: a loop waits with it for the
+//! whole milliseconds of a wait, then the rest (under a millisecond) with a
+//! `ppoll` on its epoll descriptor (see `socket::poll`), as fine as the
+//! timer, so that sends under a millisecond apart keep their schedule.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -38,6 +38,9 @@ const WAKE: Token = Token(0);
 /// Events taken from one poll.
 const EVENTS: usize = 1024;
 
+/// mio's waits count whole milliseconds; a shorter one is a `ppoll`.
+const MILLISECOND: Duration = Duration::from_millis(1);
+
 /// Without the stop watcher thread, how often a loop looks at the stop
 /// handle.
 const STOP_CHECK: Duration = Duration::from_millis(100);
@@ -60,6 +63,9 @@ pub(super) struct EventLoop<'a, F> {
     results: Vec<FlowResult>,
     /// (instant, flow index), earliest first; see [`Flow::armed`].
     timers: BinaryHeap<Reverse<(Instant, usize)>>,
+    /// The flows [`fire_timers`](Self::fire_timers) steps in one pass,
+    /// kept to reuse its memory.
+    due: Vec<usize>,
     buffers: Buffers,
     /// What the flows did since the last flush to `interval`.
     tally: UdpIntervalTally,
@@ -77,24 +83,33 @@ pub(super) fn numbers(flows: usize, threads: usize, index: usize) -> impl Iterat
     (index + 1..=flows).step_by(threads)
 }
 
-/// What a loop that could not be made reports: each of its flows failed,
-/// with the loop's error.
+/// What a loop that could not be made (or run) reports: each of its flows
+/// failed, with the loop's error, counted in `interval` too, as a flow
+/// that cannot open is.
 pub(super) fn unstarted<F>(
     context: &Context<'_, F>,
     threads: usize,
     index: usize,
     error: &io::Error,
+    interval: Option<&Mutex<UdpIntervalTally>>,
 ) -> Vec<FlowResult>
 where
     F: Fn(&UdpEvent<'_>) + Sync,
 {
-    numbers(context.config.connections.get(), threads, index)
+    let mut tally = UdpIntervalTally::default();
+    let results = numbers(context.config.connections.get(), threads, index)
         .map(|number| {
             let error = io::Error::new(error.kind(), error.to_string());
-            context.fail(number, UdpFailureKind::Loop { error });
+            let kind = UdpFailureKind::Loop { error };
+            tally.count(&kind);
+            context.fail(number, kind);
             FlowResult::failed()
         })
-        .collect()
+        .collect();
+    if let Some(shared) = interval {
+        tally.flush_into(shared);
+    }
+    results
 }
 
 impl<'a, F> EventLoop<'a, F>
@@ -162,6 +177,7 @@ where
             flows,
             results,
             timers: BinaryHeap::new(),
+            due: Vec::new(),
             buffers,
             tally,
             interval,
@@ -238,22 +254,35 @@ where
     }
 
     /// Waits for events up to `timeout` (`None`: until one comes), finer
-    /// than a millisecond.
+    /// than a millisecond, in one system call unless events come from a
+    /// wait under a millisecond: a wait of a millisecond or more is mio's
+    /// own for its whole milliseconds (never late; the loop waits out the
+    /// rest next), a shorter one a `ppoll` on the epoll descriptor, then
+    /// mio's to take the events only if it found some.
     fn wait(&mut self, events: &mut Events, timeout: Option<Duration>) -> io::Result<()> {
-        if let Some(left) = timeout
-            && !left.is_zero()
-        {
-            // The epoll descriptor is readable when it has events.
-            super::socket::poll(&self.poll, false, None, left)?;
+        let Some(left) = timeout.filter(|left| !left.is_zero()) else {
+            return self.poll.poll(events, timeout);
+        };
+        if left >= MILLISECOND {
+            let whole = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+            return self.poll.poll(events, Some(Duration::from_millis(whole)));
+        }
+        // The epoll descriptor is readable when it has events.
+        if super::socket::poll(&self.poll, false, None, left)? {
             return self.poll.poll(events, Some(Duration::ZERO));
         }
-        self.poll.poll(events, timeout)
+        // None came in time (or a signal did).
+        events.clear();
+        Ok(())
     }
 
-    /// Steps the flows whose instant has come by `now`. A flow that asks to
-    /// go on at once asks for an instant after `now`, so it is stepped
-    /// again after the next poll, not in this pass.
+    /// Steps the flows whose instant has come by `now`, each once: the
+    /// entries due are taken before any flow is stepped, so a flow that
+    /// asks again for an instant already come (to go on at once) is
+    /// stepped after the next poll, never over and over in this pass
+    /// while the loop's other flows wait.
     fn fire_timers(&mut self, now: Instant) {
+        let mut due = std::mem::take(&mut self.due);
         while let Some(&Reverse((at, index))) = self.timers.peek() {
             if at > now {
                 break;
@@ -267,8 +296,13 @@ where
                 continue;
             }
             flow.armed = None;
+            due.push(index);
+        }
+        for &index in &due {
             self.step(index);
         }
+        due.clear();
+        self.due = due;
     }
 
     /// Steps flow `index` and sets what it waits for next.

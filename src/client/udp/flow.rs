@@ -86,8 +86,9 @@ pub(super) struct Pace {
     pub window_waits: u64,
     /// Sends that found the socket's send buffer full.
     pub buffer_waits: u64,
-    /// When the flow stopped sending: its last send, the stop, or the end
-    /// of `--duration`.
+    /// When the flow stopped sending: the end of its last datagram's turn
+    /// in the run's schedule (its send, plus the gap between two sends of
+    /// the run, `interval / flows`), the stop, or the end of `--duration`.
     pub sending_ended: Option<Instant>,
 }
 
@@ -406,7 +407,9 @@ where
             burst += 1;
             self.next_send = deadline_after(self.next_send, self.interval);
             if !more(self) {
-                self.end_sending(Instant::now(), false);
+                // N sends take N turns, not the N − 1 gaps between them.
+                let turn = self.interval.div_f64(config.connections.get() as f64);
+                self.end_sending(deadline_after(Instant::now(), turn), false);
             }
         }
         if drained && !more(self) && self.ledger.is_idle() {
@@ -445,7 +448,11 @@ where
         if let Some(deadline) = self.ledger.next_deadline() {
             wake = wake.min(deadline_after(self.epoch, deadline));
         }
-        if let Some((until, _)) = stop_patience {
+        // Once nothing is out the patience is spent: its instant, passed,
+        // would only wake the flow again at once.
+        if let Some((until, _)) = stop_patience
+            && !self.ledger.is_idle()
+        {
             wake = wake.min(until);
         }
         if let Some((_, until)) = self.settled {
@@ -582,7 +589,10 @@ where
                 return;
             }
             Verdict::Late { seq, rtt } => {
+                // Its bytes came back, late: they count in MB/s echoed, in
+                // the summary and in the interval alike.
                 self.bytes_echoed += echo.len() as u64;
+                tally.bytes_echoed += echo.len() as u64;
                 UdpFailureKind::Late { seq, peer, rtt }
             }
             Verdict::Duplicated { seq } => UdpFailureKind::Duplicated { seq, peer },

@@ -73,9 +73,11 @@ pub struct UdpInterval {
     pub sent: u64,
     /// Datagrams echoed exact and in time in it.
     pub echoes: u64,
-    /// Their bytes.
+    /// The bytes of every exact echo in it, in time or late, as the
+    /// summary's [`bytes_echoed`](super::UdpReport::bytes_echoed) counts
+    /// them.
     pub bytes_echoed: u64,
-    /// Their round trips.
+    /// The round trips of the echoes in time.
     pub rtt: RttStats,
     /// Datagrams counted lost in it (their timeout ran out in it).
     pub lost: u64,
@@ -147,8 +149,9 @@ impl UdpInterval {
     }
 
     /// One JSON object on one line, with the keys `start_s`, `end_s`,
-    /// `sent`, `echoes`, `echoes_per_s`, `bytes_echoed`, `mb_per_s`,
-    /// `p50_ms`, `p99_ms` (`null` without echoes), `lost` and `errors`.
+    /// `sent`, `echoes`, `echoes_per_s`, `bytes_echoed` and `mb_per_s`
+    /// (every exact echo, in time or late), `p50_ms`, `p99_ms` (`null`
+    /// without echoes), `lost` and `errors`.
     #[must_use]
     pub fn to_json(&self) -> String {
         let p = |q| self.rtt.percentile(q).map_or_else(|| "null".to_owned(), ms);

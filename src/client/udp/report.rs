@@ -49,7 +49,9 @@ pub struct UdpRate {
     /// Datagrams per second asked for, over all flows.
     pub asked: u64,
     /// Datagrams per second sent, from the start of the schedule to when
-    /// sending ended.
+    /// sending ended (a stop, `--duration`), or with `--repeat` to the end
+    /// of the last datagram's turn (N datagrams take N turns of
+    /// 1/`asked` s, not the N − 1 gaps between them).
     pub achieved: f64,
     /// Datagrams sent more than 10 ms after their time.
     pub late: u64,
