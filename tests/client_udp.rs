@@ -1059,8 +1059,10 @@ fn a_stop_while_listening_for_stray_echoes_ends_the_run_at_once() {
         let status = child.wait().expect("waiting for the client");
         let took = stopped.elapsed();
         assert_eq!(status.code(), Some(0), "{seen}");
+        // It ends about 0.1 s after the stop; 2 s leaves a loaded machine
+        // room and is still a second short of the listening it cut.
         assert!(
-            took < Duration::from_secs(1),
+            took < Duration::from_secs(2),
             "the client listened {took:?} after the stop\n{seen}"
         );
     });
