@@ -256,7 +256,7 @@ where
     /// Waits for events up to `timeout` (`None`: until one comes), finer
     /// than a millisecond, in one system call unless events come from a
     /// wait under a millisecond: a wait of a millisecond or more is mio's
-    /// own for its whole milliseconds (never late; the loop waits out the
+    /// own for its whole milliseconds (never later than the kernel's timer slack; the loop waits out the
     /// rest next), a shorter one a `ppoll` on the epoll descriptor, then
     /// mio's to take the events only if it found some.
     fn wait(&mut self, events: &mut Events, timeout: Option<Duration>) -> io::Result<()> {

@@ -405,11 +405,13 @@ where
             }
             self.attempts += 1;
             burst += 1;
+            let slot = self.next_send;
             self.next_send = deadline_after(self.next_send, self.interval);
             if !more(self) {
-                // N sends take N turns, not the N − 1 gaps between them.
+                // N sends take N turns, not the N − 1 gaps between them,
+                // from the last one's slot (its lateness counts apart).
                 let turn = self.interval.div_f64(config.connections.get() as f64);
-                self.end_sending(deadline_after(Instant::now(), turn), false);
+                self.end_sending(deadline_after(slot, turn), false);
             }
         }
         if drained && !more(self) && self.ledger.is_idle() {
