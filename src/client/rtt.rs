@@ -23,7 +23,11 @@ pub struct RttStats {
     /// Welford's running mean and sum of squared deviations, in ns.
     mean_ns: f64,
     m2: f64,
-    /// Counts per log-linear bucket, grown on demand.
+    /// Counts per log-linear bucket from bucket `first` on, grown on
+    /// demand either way: a flow's round trips span a few octaves, and
+    /// buckets from zero up to them would cost a UDP run about 20 KiB a
+    /// flow (it keeps one of these per flow).
+    first: usize,
     buckets: Vec<u64>,
 }
 
@@ -48,14 +52,7 @@ impl RttStats {
         let delta = ns as f64 - self.mean_ns;
         self.mean_ns += delta / self.count as f64;
         self.m2 += delta * (ns as f64 - self.mean_ns);
-        let bucket = bucket_of(ns);
-        if bucket >= self.buckets.len() {
-            // Exactly: a UDP run keeps one of these per flow, and doubling
-            // would leave up to half of each unused.
-            self.buckets.reserve_exact(bucket + 1 - self.buckets.len());
-            self.buckets.resize(bucket + 1, 0);
-        }
-        self.buckets[bucket] += 1;
+        self.add(bucket_of(ns), 1);
     }
 
     /// Adds `count` round trips evenly spaced: `lowest`, `lowest + step`,
@@ -77,6 +74,7 @@ impl RttStats {
             mean_ns: low as f64 + step as f64 * (n - 1.0) / 2.0,
             // The variance of 0, 1, …, n-1 is (n² - 1) / 12.
             m2: (step as f64).powi(2) * n * (n * n - 1.0) / 12.0,
+            first: 0,
             buckets: Vec::new(),
         };
         let mut j = 0;
@@ -89,10 +87,7 @@ impl RttStats {
             } else {
                 (next_low - low).div_ceil(step).clamp(j + 1, count)
             };
-            if bucket >= even.buckets.len() {
-                even.buckets.resize(bucket + 1, 0);
-            }
-            even.buckets[bucket] += end - j;
+            even.add(bucket, end - j);
             j = end;
         }
         self.merge(&even);
@@ -115,12 +110,39 @@ impl RttStats {
         self.count = count;
         self.min_ns = self.min_ns.min(other.min_ns);
         self.max_ns = self.max_ns.max(other.max_ns);
-        if other.buckets.len() > self.buckets.len() {
-            self.buckets.resize(other.buckets.len(), 0);
+        for (bucket, count) in other.counts() {
+            self.add(bucket, count);
         }
-        for (mine, theirs) in self.buckets.iter_mut().zip(&other.buckets) {
-            *mine += theirs;
+    }
+
+    /// Adds `count` samples to `bucket`, growing the buckets kept to reach
+    /// it: exactly, since doubling would leave up to half of each unused.
+    fn add(&mut self, bucket: usize, count: u64) {
+        if count == 0 {
+            return;
         }
+        if self.buckets.is_empty() {
+            self.first = bucket;
+        }
+        if bucket < self.first {
+            let below = self.first - bucket;
+            let mut grown = Vec::with_capacity(below + self.buckets.len());
+            grown.resize(below, 0);
+            grown.extend_from_slice(&self.buckets);
+            self.buckets = grown;
+            self.first = bucket;
+        }
+        let at = bucket - self.first;
+        if at >= self.buckets.len() {
+            self.buckets.reserve_exact(at + 1 - self.buckets.len());
+            self.buckets.resize(at + 1, 0);
+        }
+        self.buckets[at] += count;
+    }
+
+    /// (bucket, count) of every bucket kept, lowest first.
+    fn counts(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        (self.first..).zip(self.buckets.iter().copied())
     }
 
     /// Number of samples.
@@ -165,7 +187,7 @@ impl RttStats {
         }
         let rank = ((quantile.clamp(0.0, 1.0) * self.count as f64).ceil() as u64).max(1);
         let mut seen = 0;
-        for (bucket, &count) in self.buckets.iter().enumerate() {
+        for (bucket, count) in self.counts() {
             seen += count;
             if seen >= rank {
                 let ns = bucket_middle(bucket).clamp(self.min_ns, self.max_ns);
@@ -198,7 +220,7 @@ impl RttStats {
             }
         };
         let mut counts = vec![0u64; rows];
-        for (bucket, &count) in self.buckets.iter().enumerate().filter(|(_, c)| **c > 0) {
+        for (bucket, count) in self.counts().filter(|&(_, count)| count > 0) {
             let ns = bucket_middle(bucket).clamp(self.min_ns, self.max_ns).max(1) as f64;
             let row = if step > 0.0 {
                 ((ns / low).ln() / step) as usize
@@ -303,7 +325,10 @@ mod tests {
         }
         let mut even = RttStats::new();
         even.record_evenly(lowest, step, 100_000);
-        assert_eq!(even.buckets, each.buckets);
+        assert_eq!(
+            even.counts().collect::<Vec<_>>(),
+            each.counts().collect::<Vec<_>>()
+        );
         assert_eq!(
             (even.count(), even.min(), even.max()),
             (each.count(), each.min(), each.max())
@@ -336,7 +361,10 @@ mod tests {
         }
         left.merge(&right);
         assert_eq!(left.count(), all.count());
-        assert_eq!(left.buckets, all.buckets);
+        assert_eq!(
+            left.counts().collect::<Vec<_>>(),
+            all.counts().collect::<Vec<_>>()
+        );
         assert_eq!(left.mdev(), all.mdev());
         assert_eq!(left.percentile(0.99), all.percentile(0.99));
     }
@@ -354,5 +382,32 @@ mod tests {
             let error = got.abs_diff(exact) as f64 / exact as f64;
             assert!(error < 0.005, "p{quantile}: exact {exact} ns, got {got} ns");
         }
+    }
+
+    #[test]
+    fn buckets_span_the_samples_not_zero_up_to_them() {
+        let mut stats = RttStats::new();
+        // 1 ms to 4 ms: two octaves, so at most 2 × 128 + 1 buckets, where
+        // buckets from zero up to 4 ms would be about 2,700.
+        for us in [4000, 1000, 2000, 3000] {
+            stats.record(Duration::from_micros(us));
+        }
+        assert!(
+            stats.buckets.len() <= 2 * SUB as usize + 1,
+            "{}",
+            stats.buckets.len()
+        );
+        assert_eq!(
+            stats.percentile(0.25).map(|p| p.as_micros() / 10),
+            Some(100)
+        );
+        assert_eq!(stats.percentile(1.0).map(|p| p.as_micros() / 10), Some(400));
+        // A lower sample afterwards, and a merge of a lower one, grow it down.
+        stats.record(Duration::from_micros(500));
+        let mut lower = RttStats::new();
+        lower.record(Duration::from_micros(250));
+        stats.merge(&lower);
+        assert_eq!(stats.percentile(0.0).map(|p| p.as_micros() / 10), Some(25));
+        assert_eq!(stats.count(), 6);
     }
 }
