@@ -864,14 +864,8 @@ fn connect_rate_does_not_catch_up_in_a_burst_after_the_client_was_held_up() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("the client binary starts");
-        let pid = child.id() as libc::pid_t;
         // Held up for two seconds a second in: 100 connect slots missed.
-        std::thread::sleep(Duration::from_secs(1));
-        // SAFETY: kill takes no pointers; `pid` is our own child, not yet reaped.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
-        std::thread::sleep(Duration::from_secs(2));
-        // SAFETY: as above.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+        common::client::hold_up(&child, Duration::from_secs(1), Duration::from_secs(2));
         let status = child.wait().expect("the client ends");
         assert!(status.success(), "the client ended with {status}");
         let accepted = accepting.join().expect("the accepting thread");
@@ -986,15 +980,9 @@ fn a_client_held_up_under_a_rate_sends_what_it_owes_as_buffers_come_back() {
             .stderr(Stdio::null())
             .spawn()
             .expect("the client binary starts");
-        let pid = child.id() as libc::pid_t;
-        std::thread::sleep(Duration::from_secs(1));
-        // SAFETY: kill takes no pointers; `pid` is our own child, not yet reaped.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
-        std::thread::sleep(Duration::from_secs(4));
-        // Read while it runs: wait4 below reaps it.
-        let status_path = format!("/proc/{pid}/status");
-        // SAFETY: as above.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+        // Read while it runs.
+        let status_path = format!("/proc/{}/status", child.id());
+        common::client::hold_up(&child, Duration::from_secs(1), Duration::from_secs(4));
         let mut stdout = child.stdout.take().expect("stdout is piped");
         let reader = std::thread::spawn(move || {
             let mut text = String::new();
@@ -1140,13 +1128,7 @@ fn a_rate_held_back_by_its_message_buffers_says_so_not_too_few_connections() {
             .stderr(Stdio::null())
             .spawn()
             .expect("the client binary starts");
-        let pid = child.id() as libc::pid_t;
-        std::thread::sleep(Duration::from_millis(1000));
-        // SAFETY: kill takes no pointers; `pid` is our own child, not yet reaped.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
-        std::thread::sleep(Duration::from_secs(1));
-        // SAFETY: as above.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+        common::client::hold_up(&child, Duration::from_secs(1), Duration::from_secs(1));
         let output = child.wait_with_output().expect("the client ends");
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(

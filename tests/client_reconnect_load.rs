@@ -750,13 +750,7 @@ fn a_declined_message_resent_stays_within_the_buffers_the_memory_check_counted()
             .stderr(Stdio::piped())
             .spawn()
             .expect("the client binary starts");
-        let pid = child.id() as libc::pid_t;
-        thread::sleep(Duration::from_secs(1));
-        // SAFETY: kill takes no pointers; `pid` is our own child, not yet reaped.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
-        thread::sleep(Duration::from_secs(3));
-        // SAFETY: as above.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+        common::client::hold_up(&child, Duration::from_secs(1), Duration::from_secs(3));
         let output = child.wait_with_output().expect("the client ends");
         let stderr = String::from_utf8_lossy(&output.stderr);
         // A message declined on every try for a whole timeout may fail

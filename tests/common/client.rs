@@ -633,3 +633,15 @@ impl JsonParser<'_> {
             .map_err(|_| format!("bad number {text:?}"))
     }
 }
+
+/// Holds up the client process `child`, `after` from now, for `held`
+/// (SIGSTOP, then SIGCONT), as a descheduled or suspended client would be.
+pub fn hold_up(child: &std::process::Child, after: Duration, held: Duration) {
+    let pid = child.id() as libc::pid_t;
+    thread::sleep(after);
+    // SAFETY: kill takes no pointers; `pid` is the caller's child, not yet reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP");
+    thread::sleep(held);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0, "SIGCONT");
+}
