@@ -9,7 +9,7 @@
 mod common;
 
 use std::io::Read;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -17,13 +17,8 @@ use std::time::{Duration, Instant};
 use common::client::Json;
 use common::{ServerProcess, with_time_limit};
 
-/// A TCP port free on loopback a moment ago (HAProxy and a restarted
-/// backend need fixed ports).
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").port()
-}
-
+/// A backend on fixed ports (HAProxy's configuration names them, and a
+/// restarted backend takes them again): see [`common::unused_port`].
 struct Backend {
     port: u16,
     metrics: u16,
@@ -124,12 +119,12 @@ fn start_haproxy(front: u16, backends: &[Backend], version: Version) -> Haproxy 
 fn start_cluster(version: Version) -> (Vec<Backend>, Vec<ServerProcess>, Haproxy, SocketAddr) {
     let backends: Vec<Backend> = (0..3)
         .map(|_| Backend {
-            port: free_port(),
-            metrics: free_port(),
+            port: common::unused_port(),
+            metrics: common::unused_port(),
         })
         .collect();
     let servers: Vec<ServerProcess> = backends.iter().map(Backend::start).collect();
-    let front = free_port();
+    let front = common::unused_port();
     let haproxy = start_haproxy(front, &backends, version);
     let front_addr: SocketAddr = format!("127.0.0.1:{front}").parse().expect("addr");
     // HAProxy marks a backend up after two good checks (1 s).

@@ -60,18 +60,6 @@ fn activated(fds: &[RawFd], names: &str, listen_pid: Option<&str>) -> Command {
     command
 }
 
-/// A port free on 127.0.0.1 for TCP and UDP a moment ago, for tools that
-/// cannot take port 0.
-fn free_port() -> u16 {
-    loop {
-        let tcp = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = tcp.local_addr().expect("addr").port();
-        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
 /// Connects to `addr` until it answers (the service manager may not have
 /// bound yet), then checks one echo.
 fn echo_when_listening(addr: SocketAddr) -> thread::JoinHandle<()> {
@@ -93,7 +81,9 @@ fn systemd_socket_activate_starts_the_server_on_its_tcp_socket() {
         if !common::have_program("systemd-socket-activate", "--version") {
             return;
         }
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let addr: SocketAddr = format!("127.0.0.1:{}", common::unused_port())
+            .parse()
+            .expect("addr");
         // The manager binds, waits for the first client, then starts us.
         let client = echo_when_listening(addr);
         let mut command = Command::new("systemd-socket-activate");
@@ -112,7 +102,9 @@ fn systemd_socket_activate_starts_the_server_on_its_udp_socket() {
         if !common::have_program("systemd-socket-activate", "--version") {
             return;
         }
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let addr: SocketAddr = format!("127.0.0.1:{}", common::unused_port())
+            .parse()
+            .expect("addr");
         let client = thread::spawn(move || {
             let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
             socket

@@ -843,3 +843,43 @@ pub fn have_program(program: &str, version_flag: &str) -> bool {
     }
     found
 }
+
+/// A port free on 127.0.0.1 for TCP and UDP a moment ago, for tools that
+/// cannot take port 0 (HAProxy's configuration, a service manager's
+/// socket). It comes from below the ephemeral range
+/// (`net.ipv4.ip_local_port_range`) where there is room: a port that
+/// `bind(0)` hands out is one an outgoing connection of a test running
+/// meanwhile may take as its local port before the tool binds it (seen
+/// once: HAProxy's backend found its port in use).
+pub fn unused_port() -> u16 {
+    use std::net::{TcpListener, UdpSocket};
+    const LOWEST: u16 = 10_000;
+    let first_ephemeral =
+        echo_chamber::limits::ephemeral_ports().map_or(32_768, |(first, _)| first);
+    if first_ephemeral > LOWEST + 1_000 {
+        let span = u32::from(first_ephemeral - LOWEST);
+        // A different start per test and per run, so that tests running
+        // at once do not try the same ports in the same order.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.subsec_nanos());
+        let start = nanos ^ std::process::id().wrapping_mul(2_654_435_761);
+        for step in 0..span {
+            // 7,919 is prime, so the steps visit every port of the span.
+            let port =
+                LOWEST + u16::try_from((start.wrapping_add(step * 7_919)) % span).unwrap_or(0);
+            if TcpListener::bind(("127.0.0.1", port)).is_ok()
+                && UdpSocket::bind(("127.0.0.1", port)).is_ok()
+            {
+                return port;
+            }
+        }
+    }
+    loop {
+        let tcp = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = tcp.local_addr().expect("a bound address").port();
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
