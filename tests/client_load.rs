@@ -562,13 +562,7 @@ fn report_every_with_json_prints_json_lines_then_the_summary_object() {
             Duration::from_secs(60),
         );
         assert_eq!(run.code(), Some(0), "{}", run.describe());
-        let lines: Vec<Json> = run
-            .stdout
-            .lines()
-            .map(|line| {
-                Json::parse(line).unwrap_or_else(|e| panic!("{e}: {line}\n{}", run.describe()))
-            })
-            .collect();
+        let lines = run.json_lines();
         let (summary, intervals) = lines.split_last().expect("at least the summary");
         assert_eq!(
             summary.keys()[..JSON_KEYS.len()],

@@ -557,13 +557,7 @@ fn a_restart_with_reuse_port_costs_a_reconnecting_client_no_echo() {
         let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
         assert_eq!(sent, 0, "kill(SIGINT) failed");
         let output = child.wait_with_output().expect("waiting for the client");
-        let run = Run {
-            command: format!("{CLIENT} {}", args.join(" ")),
-            status: output.status,
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-            elapsed: started.elapsed(),
-        };
+        let run = Run::from_output(&args, &output, started.elapsed());
         let new_summary = new.stop_cleanly();
         let context = format!(
             "{}\n--- old server ---\n{}\n--- new server ---\n{}",

@@ -419,13 +419,7 @@ fn hundreds_of_connections_reconnect_across_a_restart_on_two_threads() {
         let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
         assert_eq!(sent, 0, "kill(SIGINT) failed");
         let output = child.wait_with_output().expect("waiting for the client");
-        let run = Run {
-            command: format!("{CLIENT} {}", args.join(" ")),
-            status: output.status,
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-            elapsed: started.elapsed(),
-        };
+        let run = Run::from_output(&args, &output, started.elapsed());
         let new_summary = new.stop_cleanly();
         let context = format!(
             "most threads {most_threads}\n{}\n--- old server ---\n{}\n--- new server ---\n{}",
@@ -479,13 +473,7 @@ fn report_every_with_reconnect_and_json_prints_json_lines_then_the_summary() {
             CLIENT_LIMIT,
         );
         assert_eq!(run.code(), Some(0), "{}", run.describe());
-        let lines: Vec<Json> = run
-            .stdout
-            .lines()
-            .map(|line| {
-                Json::parse(line).unwrap_or_else(|e| panic!("{e}: {line}\n{}", run.describe()))
-            })
-            .collect();
+        let lines = run.json_lines();
         let (summary, intervals) = lines.split_last().expect("at least the summary");
         assert_eq!(
             summary.keys()[..JSON_KEYS.len()],

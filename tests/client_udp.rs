@@ -260,10 +260,7 @@ fn more_flows_than_the_soft_open_file_limit_all_echo() {
         let output = common::run_command(command, b"", Stdio::piped(), LIMIT);
         let run = Run {
             command: format!("(ulimit -Sn 256; {CLIENT} {})", args.join(" ")),
-            status: output.status,
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-            elapsed: started.elapsed(),
+            ..Run::from_output(&args, &output, started.elapsed())
         };
         let json = Json::parse(&run.stdout).unwrap_or_else(|err| {
             panic!(

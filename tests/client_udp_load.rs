@@ -538,13 +538,7 @@ fn a_loop_that_cannot_be_made_fails_its_flows_and_the_others_run() {
         // loop gets no epoll.
         limit_open_files(&mut command, 48);
         let output = run_command(command, b"", Stdio::piped(), LIMIT);
-        let run = Run {
-            command: format!("{CLIENT} {}", args.join(" ")),
-            status: output.status,
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-            elapsed: Duration::ZERO,
-        };
+        let run = Run::from_output(&args, &output, Duration::ZERO);
         let json =
             Json::parse(&run.stdout).unwrap_or_else(|err| panic!("{err}\n{}", run.describe()));
         let (sent, echoed, errors) = (
@@ -588,18 +582,8 @@ fn the_flows_of_a_loop_that_cannot_be_made_count_in_the_intervals_too() {
         // As above: the second loop gets no epoll.
         limit_open_files(&mut command, 48);
         let output = run_command(command, b"", Stdio::piped(), LIMIT);
-        let run = Run {
-            command: format!("{CLIENT} {}", args.join(" ")),
-            status: output.status,
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-            elapsed: Duration::ZERO,
-        };
-        let lines: Vec<Json> = run
-            .stdout
-            .lines()
-            .map(|line| Json::parse(line).unwrap_or_else(|err| panic!("{err}\n{}", run.describe())))
-            .collect();
+        let run = Run::from_output(&args, &output, Duration::ZERO);
+        let lines = run.json_lines();
         let Some((summary, intervals)) = lines.split_last() else {
             panic!("no output\n{}", run.describe());
         };

@@ -9,7 +9,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::process::ExitStatus;
+use std::process::{ExitStatus, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
@@ -442,6 +442,31 @@ pub struct Run {
 }
 
 impl Run {
+    /// The client's run with `args` that ended with `output`, `elapsed`
+    /// after it started.
+    pub fn from_output(args: &[&str], output: &Output, elapsed: Duration) -> Run {
+        Run {
+            command: format!("{CLIENT} {}", args.join(" ")),
+            status: output.status,
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            elapsed,
+        }
+    }
+
+    /// Every line of stdout as one JSON object (`--json` with
+    /// `--report-every`: the intervals, then the summary); a line that is
+    /// not one fails the test.
+    pub fn json_lines(&self) -> Vec<Json> {
+        self.stdout
+            .lines()
+            .map(|line| {
+                Json::parse(line)
+                    .unwrap_or_else(|error| panic!("{error}: {line:?}\n{}", self.describe()))
+            })
+            .collect()
+    }
+
     pub fn code(&self) -> Option<i32> {
         self.status.code()
     }
@@ -462,13 +487,7 @@ pub const CLIENT: &str = env!("CARGO_BIN_EXE_echo-client");
 pub fn run_client(args: &[&str], stdin: &[u8], limit: Duration) -> Run {
     let started = Instant::now();
     let output = super::run_with_input(CLIENT, args, stdin, limit);
-    Run {
-        command: format!("{CLIENT} {}", args.join(" ")),
-        status: output.status,
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        elapsed: started.elapsed(),
-    }
+    Run::from_output(args, &output, started.elapsed())
 }
 
 /// The top-level keys of `--json`, in order, as docs/client.md documents them.
